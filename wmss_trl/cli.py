@@ -1,0 +1,81 @@
+"""The ``wmss`` command: ``wmss <command> [--config run.yaml] [--flags ...]``.
+
+Each command is a readable recipe in ``wmss_trl/recipes/`` exposing ``main(argv)``; flags and YAML configs are
+parsed by TRL's ``TrlParser`` (same keys as ``trl sft|grpo|dpo``). Run it under ``accelerate launch``
+(``accelerate launch --config_file ds_configs/zero3.yaml -m wmss_trl.cli sft --config run.yaml``), or let the
+command relaunch itself: ``wmss sft --config run.yaml --accelerate_config zero3`` (a name from
+``wmss_trl/accelerate_configs`` (ddp, zero2, zero3) or a path; ``--num_processes N`` overrides the config's).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
+}
+
+CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
+
+
+def resolve_accelerate_config(value: str) -> str:
+    if Path(value).is_file():
+        return value
+    candidate = CONFIG_DIR / f"{value}.yaml"
+    if not candidate.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise SystemExit(f"--accelerate_config {value!r} is neither a file nor one of: {names}.")
+    return str(candidate)
+
+
+def _pop_flag(argv: list[str], name: str) -> str | None:
+    if name not in argv:
+        return None
+    i = argv.index(name)
+    if i + 1 >= len(argv):
+        raise SystemExit(f"{name} needs a value.")
+    value = argv[i + 1]
+    del argv[i : i + 2]
+    return value
+
+
+def relaunch(command: str, argv: list[str], config: str, num_processes: str | None) -> int:
+    """Re-run ``wmss <command> argv`` under ``accelerate launch --config_file config``."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", resolve_accelerate_config(config)]
+    if num_processes is not None:
+        launch += ["--num_processes", num_processes]
+    launch += ["-m", "wmss_trl.cli", command, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(launch, env=env)
+
+
+def usage() -> str:
+    lines = ["usage: wmss <command> [--config run.yaml] [--accelerate_config ddp|zero2|zero3|PATH] [flags]", "", "commands:"]
+    lines += [f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`wmss <command> --help` lists the flags of a command (TRL's config fields plus the WMSS ones)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
+        return 2
+    config = _pop_flag(rest, "--accelerate_config")
+    num_processes = _pop_flag(rest, "--num_processes") if config is not None else None
+    if config is not None and "LOCAL_RANK" not in os.environ:
+        return relaunch(command, rest, config, num_processes)
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Small helpers shared by the recipes: CPU defaults, tokenizer and dataset loading, teardown."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from (a subset of TRL's ``ScriptArguments``, plus local files)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A local .json/.jsonl/.parquet file, a folder saved with `save_to_disk`, a hub dataset "
+                  "name, or `wmss:arith` for the embedded arithmetic task."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+
+
+def apply_cpu_defaults(training_args) -> None:
+    """With no GPU: ``use_cpu=True`` (without it 2 launched processes silently run as two world-size-1 jobs, and
+    DeepSpeed's batch check fails) and no bf16 unless asked."""
+    if not torch.cuda.is_available():
+        training_args.use_cpu = True
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Load a tokenizer faithfully: the generic fast class when ``tokenizer.json`` exists (AutoTokenizer may swap in a
+    model-specific class that re-wires the pre-tokenizer), AutoTokenizer otherwise."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_dataset_splits(data_args: DataArguments):
+    """Return a ``DatasetDict`` from a local file, a ``save_to_disk`` folder, the embedded task or the hub."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    name = data_args.dataset_name
+    if name is None:
+        raise ValueError("no dataset: pass --dataset_name (a local file, a saved folder, or wmss:arith).")
+    if name.startswith("wmss:"):
+        from .. import tasks
+
+        return tasks.load_embedded(name.split(":", 1)[1])
+    if os.path.isdir(name):
+        ds = load_from_disk(name)
+        return ds if isinstance(ds, DatasetDict) else DatasetDict({data_args.dataset_train_split: ds})
+    ext = os.path.splitext(name)[1].lstrip(".")
+    if ext in ("json", "jsonl", "parquet", "csv"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"dataset file {name!r} does not exist.")
+        builder = "json" if ext in ("json", "jsonl") else ext
+        return load_dataset(builder, data_files={data_args.dataset_train_split: name})
+    return load_dataset(name, name=data_args.dataset_config)
+
+
+def teardown() -> None:
+    """Destroy the process group explicitly: avoids a rare SIGABRT at interpreter exit under gloo."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,47 @@
+"""``wmss sft``: WD-JT supervised fine-tuning.
+
+    wmss sft --model_name_or_path STRONG --weak_model_name_or_path WEAK --dataset_name data.jsonl \
+             --output_dir out --mixing_lambda 0.5 [--use_peft] [--accelerate_config zero3]
+
+Same flags and YAML keys as ``trl sft`` (``SFTConfig`` + ``ModelConfig``), plus the WMSS ones of ``WMSSSFTConfig``.
+"""
+
+from __future__ import annotations
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from ..sft import WMSSSFTConfig, WMSSSFTTrainer
+from .common import DataArguments, apply_cpu_defaults, load_dataset_splits, load_tokenizer, teardown
+
+
+def make_parser(prog: str = "wmss sft") -> TrlParser:
+    return TrlParser((DataArguments, WMSSSFTConfig, ModelConfig), prog=prog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    data_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    apply_cpu_defaults(training_args)
+
+    # 1. Model and tokenizer: the strong model is whatever `model_name_or_path` holds (e.g. the phase-1 SFT output).
+    training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+
+    # 2. Data.
+    splits = load_dataset_splits(data_args)
+    train = splits[data_args.dataset_train_split]
+    evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+
+    # 3. Train with the weak model mixed into the logits; only the strong model is saved.
+    trainer = WMSSSFTTrainer(
+        model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"WD-JT model saved to {training_args.output_dir}")
+    teardown()
+    return 0
