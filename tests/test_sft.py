@@ -1,0 +1,193 @@
+"""WMSSSFTTrainer: reduction to SFT, frozen weak model, saving/resuming, PEFT, and bad input."""
+
+import os
+
+import pytest
+import torch
+from conftest import arithmetic_prompt_completion, cpu_args
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
+from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def manual_mixed_loss(strong, weak, batch, lam):
+    """Independent check: full logits of both models, plain fp64 CE on the mixed logits over the trained tokens."""
+    with torch.no_grad():
+        zs = strong(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        zw = weak(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    z = lam * zs[:, :-1] + (1 - lam) * zw[:, :-1]
+    y = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=-100).item()
+
+
+def test_lambda_one_equals_sft_trainer_loss(tiny, sft_dataset, tmp_path):
+    sft = SFTTrainer(tiny["strong"], args=cpu_args(SFTConfig, tmp_path / "a"), train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    wmss = WMSSSFTTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSSFTConfig, tmp_path / "b", mixing_lambda=1.0, weak_model_name_or_path=tiny["weak"]),
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+    )
+    batch = first_batch(sft)
+    torch.testing.assert_close(first_batch(wmss)["input_ids"], batch["input_ids"])
+    sft_loss = sft.compute_loss(sft.model, dict(batch))
+    wmss_loss = wmss.compute_loss(wmss.model, dict(batch))
+    torch.testing.assert_close(wmss_loss, sft_loss, rtol=1e-5, atol=1e-6)
+    # and the gradients agree too
+    sft_loss.backward()
+    wmss_loss.backward()
+    for (name, p), q in zip(sft.model.named_parameters(), wmss.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mixed_loss_matches_manual_computation(tiny, sft_dataset, tmp_path):
+    lam = 0.3
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=lam, weak_model_name_or_path=tiny["weak"], mixing_chunk_size=3),
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+    )
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    weak = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    assert loss == pytest.approx(manual_mixed_loss(trainer.model, weak, batch, lam), rel=1e-5)
+    # ...and differs from plain SFT, so the weak model is really in the loss
+    plain = manual_mixed_loss(trainer.model, trainer.model, batch, 1.0)
+    assert abs(loss - plain) > 1e-3
+
+
+def test_weak_model_frozen_and_strong_trained(tiny, sft_dataset, tmp_path):
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], max_steps=3, learning_rate=1e-2),
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+    )
+    weak_before = {k: v.clone() for k, v in trainer.weak_model.state_dict().items()}
+    strong_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert not trainer.weak_model.training
+    assert all(not p.requires_grad for p in trainer.weak_model.parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in trainer.weak_model.parameters()}
+    for k, v in trainer.weak_model.state_dict().items():
+        torch.testing.assert_close(v, weak_before[k], rtol=0, atol=0)
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, strong_before[k])]
+    assert len(changed) > 0.9 * len(strong_before)
+    logged = [h for h in trainer.state.log_history if "wmss/mixed_loss" in h]
+    assert len(logged) == 3
+    for key in ("wmss/strong_nll", "wmss/weak_nll", "wmss/strong_entropy", "wmss/weak_entropy"):
+        assert all(key in h and h[key] > 0 for h in logged)
+
+
+def test_save_reload_and_resume(tiny, sft_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = cpu_args(WMSSSFTConfig, out, weak_model_name_or_path=tiny["weak"], max_steps=2, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+
+    # only the strong model, as safetensors, loadable without wmss_trl
+    files = os.listdir(out / "final")
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) and "model" in f for f in files)
+    state = load_file(str(out / "final" / "model.safetensors"))
+    assert set(state) == set(trainer.model.state_dict())
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    ids = torch.tensor([[4, 8, 70, 9, 74, 6, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trainer.model(ids).logits)
+        weak_logits = trainer.weak_model(ids).logits
+    assert not torch.allclose(reloaded(ids).logits, weak_logits)
+    assert os.path.isfile(out / "checkpoint-1" / "model.safetensors")
+
+    # resume from step 1 and finish at step 3
+    args2 = cpu_args(WMSSSFTConfig, out, weak_model_name_or_path=tiny["weak"], max_steps=3, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    resumed = WMSSSFTTrainer(tiny["strong"], args=args2, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert resumed.state.global_step == 3
+    assert any(h.get("step") == 3 and "wmss/mixed_loss" in h for h in resumed.state.log_history)
+
+
+def test_peft_weak_model_is_the_adapter_disabled_base(tiny, sft_dataset, tmp_path):
+    from peft import LoraConfig
+
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSSFTConfig, tmp_path, max_steps=2, learning_rate=5e-2),
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert trainer.weak_model is None  # no second copy of the weights
+    batch = first_batch(trainer)
+    # LoRA's B starts at zero: strong == weak, so the mixed loss equals plain SFT before training
+    base = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    loss0 = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert loss0 == pytest.approx(manual_mixed_loss(base, base, batch, 1.0), rel=1e-5)
+    trainer.train()
+    # after training the adapters moved the strong model; the weak logits are still the base model's
+    model = trainer.model
+    ids = batch["input_ids"][:1]
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_bad_input_errors(tiny, sft_dataset, tmp_path):
+    tok = tiny["tokenizer"]
+    # a weak model with another vocabulary
+    small_tok = build_char_tokenizer("0123456789+=")
+    other = save_model_and_tokenizer(build_tiny_model(small_tok, seed=3), small_tok, str(tmp_path / "other_vocab"))
+    with pytest.raises(ValueError, match=rf"strong vocab_size={len(tok)}, weak vocab_size={len(small_tok)}"):
+        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "o", weak_model_name_or_path=other), train_dataset=sft_dataset, processing_class=tok)
+
+    # same size, different token -> id map
+    shuffled_chars = "".join(reversed(build_char_tokenizer().convert_ids_to_tokens(list(range(7, len(tok))))))
+    shuffled = build_char_tokenizer(shuffled_chars)
+    assert len(shuffled) == len(tok)
+    path = save_model_and_tokenizer(build_tiny_model(shuffled, seed=4), shuffled, str(tmp_path / "shuffled"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "s", weak_model_name_or_path=path), train_dataset=sft_dataset, processing_class=tok)
+
+    # a weak path that does not exist
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "m", weak_model_name_or_path=str(tmp_path / "nope")), train_dataset=sft_dataset, processing_class=tok)
+
+    # no weak model at all, and not PEFT
+    with pytest.raises(ValueError, match="weak_model_name_or_path"):
+        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "n"), train_dataset=sft_dataset, processing_class=tok)
+
+    # lambda out of range, at config time
+    with pytest.raises(ValueError, match="0 < mixing_lambda <= 1"):
+        cpu_args(WMSSSFTConfig, tmp_path / "l", mixing_lambda=1.2)
+
+    # a dataset with no trainable tokens: every completion truncated away
+    with pytest.raises(ValueError, match="no trainable tokens|empty"):
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSSFTConfig, tmp_path / "t", weak_model_name_or_path=tiny["weak"], max_length=3),
+            train_dataset=arithmetic_prompt_completion(8),
+            processing_class=tok,
+        )
+
+
+def test_weak_model_init_kwargs_accepts_json(tiny, sft_dataset, tmp_path):
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], weak_model_init_kwargs='{"dtype": "bfloat16"}'),
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+    )
+    assert next(trainer.weak_model.parameters()).dtype == torch.bfloat16
+    loss = trainer.compute_loss(trainer.model, first_batch(trainer))
+    assert torch.isfinite(loss)
