@@ -22,11 +22,16 @@ class DataArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
 
 
-def apply_cpu_defaults(training_args) -> None:
-    """With no GPU: ``use_cpu=True`` (without it 2 launched processes silently run as two world-size-1 jobs, and
-    DeepSpeed's batch check fails) and no bf16 unless asked."""
-    if not torch.cuda.is_available():
-        training_args.use_cpu = True
+def cpu_default_argv(argv: list[str] | None) -> list[str]:
+    """With no GPU, add ``--use_cpu true`` to the command line unless given. It must be known when the training
+    arguments are *parsed*: without it, 2 launched processes silently run as two world-size-1 jobs (DDP) or fail
+    DeepSpeed's batch-size check. Setting ``args.use_cpu`` after parsing is too late."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        argv += ["--use_cpu", "true"]
+    return argv
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..sft import WMSSSFTConfig, WMSSSFTTrainer
-from .common import DataArguments, apply_cpu_defaults, load_dataset_splits, load_tokenizer, teardown
+from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
 
 
 def make_parser(prog: str = "wmss sft") -> TrlParser:
@@ -19,8 +19,7 @@ def make_parser(prog: str = "wmss sft") -> TrlParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    apply_cpu_defaults(training_args)
+    data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
 
     # 1. Model and tokenizer: the strong model is whatever `model_name_or_path` holds (e.g. the phase-1 SFT output).
     training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
@@ -40,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    state = trainer.accelerator.state
+    trainer.accelerator.print(f"wmss sft: {state.num_processes} process(es), {state.distributed_type.value}, lambda={training_args.mixing_lambda}")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"WD-JT model saved to {training_args.output_dir}")
