@@ -72,7 +72,15 @@ def load_weak_model(path: str, init_kwargs: dict | str | None = None) -> PreTrai
 
 
 def vocab_size_of(model) -> int:
-    """Vocabulary size of a causal LM's output layer (config-based, so it works on ZeRO-3 shards)."""
+    """Vocabulary size of a causal LM's output layer (config-based, so it works on ZeRO-3 shards).
+
+    ``model`` may also be a local checkpoint folder or a hub id (only its ``config.json`` is read, without remote
+    code), so a trainer can check a model it has not loaded yet.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(model, trust_remote_code=False).get_text_config().vocab_size)
     base = model.get_base_model() if is_peft_model(model) else model
     base = getattr(base, "module", base)  # DDP / DeepSpeed wrappers
     return int(base.config.get_text_config().vocab_size)
