@@ -17,6 +17,7 @@ from pathlib import Path
 
 COMMANDS = {
     "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
+    "entropy": ("wmss_trl.recipes.entropy", "WD-DS: per-sample mean token entropy of a model on a dataset (resumable)"),
 }
 
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"

@@ -1,0 +1,448 @@
+"""WD-DS (Weak-Driven Discrepancy Selection): sampling weights from weak/strong entropies, and ways to use them.
+
+The paper's data activation step (official code: ``compute_adaboost_sampling_weights`` + ``build_weighted_dataset``):
+
+    dH_i = H1_i - H0_i                              (H0: weak model, H1: strong model, per-sample mean entropy)
+    Z1 = sum_j H0_j,   Z2 = sum_j max(0, -dH_j),   Z3 = sum_j max(0, dH_j)      (a zero total becomes 1e-12)
+    p_i = alpha * H0_i / Z1 + beta * max(0, -dH_i) / Z2 + gamma * max(0, dH_i) / Z3
+    p_i <- max(p_i, 0) / sum_j max(p_j, 0)
+
+Three ways to train on ``p`` (``WMSSSFTConfig.selection_mode``):
+
+* ``resample`` (the official behaviour): ``floor(N * multiplier)`` i.i.d. draws with replacement, numpy
+  ``default_rng(seed)``; the drawn rows (duplicates kept) become the training set. See :func:`resample_indices`.
+* ``weighted_sampler``: the dataset is kept once and a :class:`WeightedEpochSampler` redraws the rows each epoch
+  (epoch ``e`` uses ``default_rng(seed + e)``, so epoch 0 draws exactly the ``resample`` rows and a resumed run
+  replays the same order).
+* ``top_fraction``: keep the ``ceil(fraction * N)`` highest-weight rows once each (a subset, as v2 of the paper
+  seems to describe). See :func:`top_fraction_indices`.
+
+Everything here is pure numpy (plus a ``torch`` sampler), float64, and independent of the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+ZERO_TOTAL = 1e-12  # what the official code puts in place of a zero normaliser
+SELECTION_MODES = ("resample", "weighted_sampler", "top_fraction")
+WEIGHT_COLUMN = "_wmss_weight"  # carries the per-row weight through TRL's dataset preparation (weighted_sampler)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+def _as_entropies(values, name: str) -> np.ndarray:
+    """1-D float64 array of finite, non-negative entropies, or a clear ValueError."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers: {e}.") from e
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (one entropy per sample), got shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: WD-DS needs at least one sample.")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        where = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(
+            f"{name} has {int(bad.sum())} NaN or infinite entropies (first positions {where}). Entropies must be "
+            "finite: a NaN usually marks a sample with no trained token; drop it before computing the weights."
+        )
+    if (arr < 0).any():
+        where = np.flatnonzero(arr < 0)[:5].tolist()
+        raise ValueError(
+            f"{name} has negative entropies (first positions {where}, min {arr.min():.6g}); a token entropy is >= 0."
+        )
+    return arr
+
+
+def _check_same_length(**arrays: np.ndarray) -> None:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"entropy arrays have mismatched lengths: {lengths}; they must describe the same samples.")
+
+
+def _as_weights(weights, name: str = "weights") -> np.ndarray:
+    """1-D float64, finite, non-negative, with a positive sum; returned normalised to sum to 1."""
+    arr = np.asarray(weights, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}.")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative.")
+    total = arr.sum()
+    if total <= 0:
+        raise ValueError(f"{name} sum to zero: nothing can be drawn.")
+    return arr / total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------
+def wd_ds_weights(h_weak, h_strong, alpha: float = 0.1, beta: float = 0.8, gamma: float = 0.1) -> np.ndarray:
+    r"""WD-DS sampling distribution of the official code (``compute_adaboost_sampling_weights``).
+
+        dH_i = H1_i - H0_i
+        p_i  = alpha * H0_i / Z1  +  beta * max(0, -dH_i) / Z2  +  gamma * max(0, dH_i) / Z3
+        Z1 = sum H0,  Z2 = sum max(0, -dH),  Z3 = sum max(0, dH)         (each zero total replaced by 1e-12)
+        p_i <- max(p_i, 0) / sum_j max(p_j, 0)
+
+    ``alpha`` ("base difficulty", the weak model's uncertainty), ``beta`` ("consolidation": entropy drops from weak to
+    strong) and ``gamma`` ("regression repair": entropy rises) are the shares of the mass given to each signal; the
+    defaults 0.1 / 0.8 / 0.1 are the official script's. A signal with zero total (e.g. no entropy rose) contributes
+    nothing and the final renormalisation gives its share to the others. If every ``p_i`` is 0 (all entropies 0 and
+    unchanged) the official pipeline falls back to uniform sampling, and so does this function (with a warning).
+
+    Args:
+        h_weak: ``H0``, per-sample mean token entropy of the weak model (nats, finite, >= 0).
+        h_strong: ``H1``, the same for the strong model, same length and order.
+
+    Returns:
+        float64 array of the same length that sums to 1.
+    """
+    h0 = _as_entropies(h_weak, "h_weak")
+    h1 = _as_entropies(h_strong, "h_strong")
+    _check_same_length(h_weak=h0, h_strong=h1)
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}.")
+
+    dh = h1 - h0
+    z1 = h0.sum()
+    z2 = (-dh[dh < 0]).sum()
+    z3 = dh[dh > 0].sum()
+    z1, z2, z3 = (z if z != 0 else ZERO_TOTAL for z in (z1, z2, z3))
+
+    p = alpha * (h0 / z1) + beta * ((-dh) / z2) * (dh < 0) + gamma * (dh / z3) * (dh > 0)
+    p = np.maximum(p, 0.0)
+    total = p.sum()
+    if total <= 0:
+        logger.warning("WD-DS: every sampling weight is zero (no entropy signal); falling back to uniform weights.")
+        return np.full(p.shape, 1.0 / p.size)
+    return p / total
+
+
+def brownboost_weights(
+    e0,
+    e1,
+    e2,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    easy_quantile: float = 0.2,
+    hard_quantile: float = 0.8,
+    patience: int = 2,
+    easy_patience: int = 2,
+    lambda_time: float = 1.0,
+    lambda_easy: float = 1.0,
+    k_trend: float = 0.5,
+) -> np.ndarray:
+    r"""The official code's BrownBoost-style weights (``compute_sampling_weights_brownboost_style``).
+
+    **Unused by the paper's pipeline** (the official script always calls the AdaBoost-style formula,
+    :func:`wd_ds_weights`, despite naming its output folders "brownboost"); provided for completeness. Needs three
+    entropy rounds ``e0, e1, e2`` (e.g. base, first and second SFT checkpoint):
+
+        q_e, q_h       = quantile(e2, easy_quantile), quantile(e2, hard_quantile)
+        difficulty_i   = clip((e2_i - q_e) / (q_h - q_e + 1e-8), 0, 1) + 1e-8
+        trend_i        = clip(1 + k_trend * (e0_i - e2_i) / (std(e0 - e2) + 1e-8), 0.1, 10)
+        time_pen_i     = exp(-lambda_time * max(0, #{t: e_t,i > q_h} - patience))
+        easy_pen_i     = exp(-lambda_easy * max(0, #{t: e_t,i < q_e} - easy_patience))
+        w_i            = max(difficulty_i^alpha * trend_i^beta * time_pen_i^gamma * easy_pen_i, 1e-8),  normalised
+
+    Returns a float64 array that sums to 1.
+    """
+    e0, e1, e2 = (_as_entropies(e, name) for e, name in ((e0, "e0"), (e1, "e1"), (e2, "e2")))
+    _check_same_length(e0=e0, e1=e1, e2=e2)
+    eps = 1e-8
+    easy_th = np.quantile(e2, easy_quantile)
+    hard_th = np.quantile(e2, hard_quantile)
+    difficulty = np.clip((e2 - easy_th) / (hard_th - easy_th + eps), 0.0, 1.0) + eps
+    improve = e0 - e2
+    trend = np.clip(1.0 + k_trend * (improve / (np.std(improve) + eps)), 0.1, 10.0)
+    hard_rounds = (e0 > hard_th).astype(int) + (e1 > hard_th).astype(int) + (e2 > hard_th).astype(int)
+    time_penalty = np.exp(-lambda_time * np.maximum(0, hard_rounds - patience))
+    easy_rounds = (e0 < easy_th).astype(int) + (e1 < easy_th).astype(int) + (e2 < easy_th).astype(int)
+    easy_penalty = np.exp(-lambda_easy * np.maximum(0, easy_rounds - easy_patience))
+    w = np.maximum((difficulty**alpha) * (trend**beta) * (time_penalty**gamma) * easy_penalty, eps)
+    return w / w.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------------------------
+def resample_indices(weights, multiplier: float = 1.0, seed: int = 42) -> np.ndarray:
+    """The official ``build_weighted_dataset`` draw: ``floor(N * multiplier)`` indices i.i.d. from ``weights``, with
+    replacement, ``numpy.random.default_rng(seed).choice``. Duplicates are kept (expect ~37% of rows unused even
+    under uniform weights). Returns int64 indices in draw order."""
+    p = _as_weights(weights)
+    n_new = int(len(p) * multiplier)
+    if n_new <= 0:
+        raise ValueError(f"selection multiplier {multiplier} gives {n_new} draws for {len(p)} rows; it must give >= 1.")
+    rng = np.random.default_rng(seed)
+    return rng.choice(len(p), size=n_new, replace=True, p=p).astype(np.int64)
+
+
+def top_fraction_indices(weights, fraction: float) -> np.ndarray:
+    """Indices of the ``ceil(fraction * N)`` highest-weight rows (ties broken by lower index), each once, returned in
+    ascending (dataset) order. Rows with weight 0 are never kept, so fewer rows come back if fewer are positive."""
+    if not (0.0 < fraction <= 1.0):
+        raise ValueError(f"selection fraction must be in (0, 1], got {fraction}.")
+    w = np.asarray(weights, dtype=np.float64)
+    _as_weights(w)
+    k = min(math.ceil(fraction * len(w)), int((w > 0).sum()))
+    order = np.argsort(-w, kind="stable")  # descending weight, ties keep the lower index first
+    return np.sort(order[:k]).astype(np.int64)
+
+
+def unique_count(indices) -> int:
+    return int(np.unique(np.asarray(indices)).size)
+
+
+class WeightedEpochSampler(torch.utils.data.Sampler[int]):
+    """Draws ``num_samples`` row indices i.i.d. from ``weights`` (with replacement) every epoch.
+
+    Epoch ``e`` draws with ``numpy.random.default_rng(seed + e)``: epoch 0 is exactly :func:`resample_indices`, every
+    epoch gets a fresh draw, and the order is a pure function of ``(weights, seed, epoch)``, so every process of a
+    distributed run agrees and a resumed run replays the same order (the Trainer then skips the batches already seen).
+    ``set_epoch`` is called by the Trainer / accelerate at the start of each epoch.
+    """
+
+    def __init__(self, weights, num_samples: int | None = None, seed: int = 42):
+        self.weights = _as_weights(weights)
+        self.num_samples = len(self.weights) if num_samples is None else int(num_samples)
+        if self.num_samples <= 0:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng(self.seed + epoch)
+        return rng.choice(len(self.weights), size=self.num_samples, replace=True, p=self.weights).astype(np.int64)
+
+    def __iter__(self):
+        draw = self.indices()
+        logger.info(f"WD-DS weighted sampler, epoch {self.epoch}: {len(draw)} draws, {unique_count(draw)} unique rows.")
+        return iter(draw.tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entropy files -> per-row weights of a training dataset
+# ----------------------------------------------------------------------------------------------------------------
+def read_entropy_file(path: str) -> dict[str, np.ndarray]:
+    """Read a ``wmss entropy`` output (jsonl / json lines, or parquet) into ``{column: array}``; null -> NaN."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"entropy file {path!r} does not exist (write it with `wmss entropy`).")
+    table = pq.read_table(path) if path.endswith(".parquet") else pj.read_json(path)
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if name == "idx":
+            if col.null_count:
+                raise ValueError(f"entropy file {path!r} has rows without an idx.")
+            out[name] = np.asarray(col.to_pylist(), dtype=np.int64)
+        else:
+            out[name] = np.asarray([np.nan if v is None else v for v in col.to_pylist()], dtype=np.float64)
+    if "idx" not in out:
+        raise ValueError(f"entropy file {path!r} has no `idx` column (columns: {table.column_names}).")
+    return out
+
+
+def merge_entropy_files(paths: Sequence[str], columns: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Join entropy files on ``idx`` and return ``(idx, {column: values})`` for the requested columns.
+
+    Each column must come from exactly one file; every file must hold the same idx set (they describe one dataset).
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no entropy file given: set `entropy_files` (the outputs of `wmss entropy`).")
+    idx_ref, found = None, {}
+    for path in paths:
+        data = read_entropy_file(path)
+        idx = data["idx"]
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError(f"entropy file {path!r} has duplicate idx values.")
+        order = np.argsort(idx)
+        if idx_ref is None:
+            idx_ref = idx[order]
+        elif not np.array_equal(idx_ref, idx[order]):
+            raise ValueError(f"entropy files {paths[0]!r} and {path!r} cover different samples (idx sets differ).")
+        for col in columns:
+            if col in data:
+                if col in found:
+                    raise ValueError(f"entropy column {col!r} appears in more than one file: {paths}.")
+                found[col] = data[col][order]
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise ValueError(f"entropy column(s) {missing} not found in {list(paths)}.")
+    return idx_ref, found
+
+
+def dataset_keys(dataset, idx_column: str = "idx") -> np.ndarray:
+    """The stable sample index of each row: the ``idx`` column if the dataset has one, else the row number."""
+    if idx_column in (dataset.column_names or []):
+        return np.asarray(dataset[idx_column], dtype=np.int64)
+    return np.arange(len(dataset), dtype=np.int64)
+
+
+def dataset_wd_ds_weights(
+    dataset,
+    entropy_files: Sequence[str],
+    weak_column: str = "entropy_0",
+    strong_column: str = "entropy_1",
+    alpha: float = 0.1,
+    beta: float = 0.8,
+    gamma: float = 0.1,
+    idx_column: str = "idx",
+) -> np.ndarray:
+    """WD-DS weight of every row of ``dataset`` (float64, sums to 1), looked up by idx in the entropy file(s).
+
+    Rows whose entropies are null in both columns (``wmss entropy`` writes null for samples with no trained token,
+    which TRL drops anyway) get weight 0. Raises ValueError when the files do not cover every row's idx, or when a
+    row has one entropy but not the other.
+    """
+    keys = dataset_keys(dataset, idx_column)
+    idx, cols = merge_entropy_files(entropy_files, [weak_column, strong_column])
+    pos = np.searchsorted(idx, keys)
+    pos_clipped = np.minimum(pos, len(idx) - 1)
+    covered = idx[pos_clipped] == keys
+    if not covered.all():
+        missing = keys[~covered]
+        raise ValueError(
+            f"the entropy file(s) {list(entropy_files)} do not cover the training dataset: {len(missing)} of "
+            f"{len(keys)} rows have no entropy (first missing idx: {missing[:5].tolist()}). Compute the entropies on "
+            "the same dataset (`wmss entropy --dataset ...`), keyed by its `idx` column or row number."
+        )
+    h0, h1 = cols[weak_column][pos], cols[strong_column][pos]
+    n0, n1 = np.isnan(h0), np.isnan(h1)
+    if (n0 != n1).any():
+        bad = keys[n0 != n1][:5].tolist()
+        raise ValueError(
+            f"rows {bad} have an entropy in one of {weak_column!r} / {strong_column!r} but not the other: the two "
+            "entropy passes used different masks or max_length."
+        )
+    valid = ~n0
+    if not valid.any():
+        raise ValueError("no row of the training dataset has a finite entropy (every sample had no trained token).")
+    if (~valid).any():
+        logger.warning(f"WD-DS: {int((~valid).sum())} rows have no trained token (null entropy) and get weight 0.")
+    weights = np.zeros(len(keys), dtype=np.float64)
+    weights[valid] = wd_ds_weights(h0[valid], h1[valid], alpha, beta, gamma)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer glue (used by WMSSSFTTrainer; kept here so the trainer stays thin)
+# ----------------------------------------------------------------------------------------------------------------
+def check_selection_config(args) -> None:
+    """Validate the ``selection_*`` fields of a ``WMSSSFTConfig``."""
+    mode = getattr(args, "selection_mode", None)
+    if mode is None:
+        return
+    if mode not in SELECTION_MODES:
+        raise ValueError(f"selection_mode must be one of {SELECTION_MODES} or None, got {mode!r}.")
+    if not args.entropy_files:
+        raise ValueError(f"selection_mode={mode!r} needs `entropy_files` (the outputs of `wmss entropy`).")
+    if isinstance(args.entropy_files, str):
+        args.entropy_files = [args.entropy_files]
+    if args.selection_multiplier <= 0:
+        raise ValueError(f"selection_multiplier must be > 0, got {args.selection_multiplier}.")
+    if not (0.0 < args.selection_fraction <= 1.0):
+        raise ValueError(f"selection_fraction must be in (0, 1], got {args.selection_fraction}.")
+    if mode == "weighted_sampler" and args.packing:
+        raise ValueError(
+            "selection_mode='weighted_sampler' needs one row per sample, but packing=True merges rows. Use "
+            "selection_mode='resample' (selection happens before packing) or disable packing."
+        )
+
+
+def select_train_dataset(dataset, args):
+    """Apply ``args.selection_mode`` to the raw training dataset, before TRL prepares it.
+
+    Returns ``(dataset, stats)``: ``resample`` / ``top_fraction`` return the selected rows; ``weighted_sampler``
+    returns the dataset with a ``_wmss_weight`` column that TRL's preparation carries along (so the weights stay
+    aligned even if TRL drops or shuffles rows) and the trainer's sampler reads.
+    """
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"WD-DS selection needs a map-style `datasets.Dataset` (got {type(dataset).__name__}): the weights are "
+            "looked up by row."
+        )
+    weights = dataset_wd_ds_weights(
+        dataset,
+        args.entropy_files,
+        args.weak_entropy_column,
+        args.strong_entropy_column,
+        args.selection_alpha,
+        args.selection_beta,
+        args.selection_gamma,
+    )
+    mode, n = args.selection_mode, len(dataset)
+    stats = {"mode": mode, "num_rows": n}
+    if mode == "resample":
+        indices = resample_indices(weights, args.selection_multiplier, args.selection_seed)
+        dataset = dataset.select(indices.tolist())
+        stats.update(num_selected=len(indices), unique_samples=unique_count(indices))
+    elif mode == "top_fraction":
+        indices = top_fraction_indices(weights, args.selection_fraction)
+        dataset = dataset.select(indices.tolist())
+        stats.update(num_selected=len(indices), unique_samples=len(indices))
+    else:  # weighted_sampler
+        if WEIGHT_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(WEIGHT_COLUMN)
+        dataset = dataset.add_column(WEIGHT_COLUMN, weights.tolist())
+        draws = int(n * args.selection_multiplier)
+        stats.update(num_selected=draws)
+    return dataset, stats
+
+
+def weighted_sampler_for(train_dataset, args) -> WeightedEpochSampler:
+    """The epoch sampler over the *prepared* training dataset, from its ``_wmss_weight`` column."""
+    columns = getattr(train_dataset, "column_names", None) or []
+    if WEIGHT_COLUMN not in columns:
+        raise ValueError(
+            "selection_mode='weighted_sampler' lost the per-row weights during dataset preparation (packing or a "
+            "custom preparation drops extra columns). Use selection_mode='resample' instead."
+        )
+    weights = np.asarray(train_dataset[WEIGHT_COLUMN], dtype=np.float64)
+    num_samples = max(1, int(len(weights) * args.selection_multiplier))
+    return WeightedEpochSampler(weights, num_samples=num_samples, seed=args.selection_seed)
+
+
+def train_dataset_argument(pargs: tuple, kwargs: dict):
+    """Find ``train_dataset`` in ``SFTTrainer(model, args, data_collator, train_dataset, ...)`` arguments."""
+    if "train_dataset" in kwargs:
+        return kwargs["train_dataset"]
+    return pargs[1] if len(pargs) > 1 else None
+
+
+def replace_train_dataset_argument(pargs: tuple, kwargs: dict, dataset) -> tuple[tuple, dict]:
+    if "train_dataset" in kwargs or len(pargs) <= 1:
+        return pargs, {**kwargs, "train_dataset": dataset}
+    return (pargs[0], dataset, *pargs[2:]), kwargs
+
+
+def format_stats(stats: dict) -> str:
+    return json.dumps(stats, sort_keys=True)
