@@ -102,3 +102,40 @@ def test_shape_mismatch_names_the_fix():
 def test_lambda_out_of_range(bad):
     with pytest.raises(ValueError, match="0 < mixing_lambda <= 1"):
         check_lambda(bad)
+
+
+@pytest.mark.parametrize("lam,chunk_size,bias", [(0.5, 4, False), (0.3, 1024, True), (1.0, 3, False)])
+def test_fused_head_matches_naive_autograd(lam, chunk_size, bias):
+    """mixed_head_logprobs (hidden states + LM heads, never building the logits) vs the plain formula on logits."""
+    from wmss_trl.mixing import mixed_head_logprobs
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 11, 6, 13
+    head_s = torch.nn.Linear(hidden, vocab, bias=bias).double()
+    head_w = torch.nn.Linear(hidden, vocab, bias=bias).double().requires_grad_(False)
+    h_s = torch.randn(n, hidden, dtype=torch.float64, requires_grad=True)
+    h_w = torch.randn(n, hidden, dtype=torch.float64)
+    y = torch.randint(0, vocab, (n,))
+    upstream = torch.rand(n, dtype=torch.float64)  # arbitrary per-token weights, as GRPO would use
+
+    logp, stats = mixed_head_logprobs(h_s, head_s, h_w, head_w, y, lam, chunk_size)
+    (logp.double() * upstream).sum().backward()
+    got = (h_s.grad.clone(), head_s.weight.grad.clone(), None if not bias else head_s.bias.grad.clone())
+    h_s.grad = None
+    head_s.zero_grad()
+
+    zs, zw = head_s(h_s), head_w(h_w)
+    ref = torch.log_softmax(lam * zs + (1 - lam) * zw, -1).gather(-1, y[:, None]).squeeze(-1)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(logp.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0], h_s.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], head_s.weight.grad, rtol=1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(got[2], head_s.bias.grad, rtol=1e-5, atol=1e-6)
+    assert head_w.weight.grad is None
+    # logging stats: NLL and entropy of each model on its own
+    with torch.no_grad():
+        for col, z in ((0, zs), (1, zw)):
+            lp = torch.log_softmax(z, -1)
+            torch.testing.assert_close(stats[:, col].double(), -lp.gather(-1, y[:, None]).squeeze(-1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats[:, col + 2].double(), -(lp.exp() * lp).sum(-1), rtol=1e-5, atol=1e-6)

@@ -191,3 +191,34 @@ def test_weak_model_init_kwargs_accepts_json(tiny, sft_dataset, tmp_path):
     assert next(trainer.weak_model.parameters()).dtype == torch.bfloat16
     loss = trainer.compute_loss(trainer.model, first_batch(trainer))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_fused_head_and_logits_paths_agree(tiny, sft_dataset, tmp_path, peft):
+    """The default path (hidden states + LM heads, no logits) and the fallback (the models' own logits) give the
+    same loss and gradients."""
+    from peft import LoraConfig
+
+    kwargs = {}
+    if peft:
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+        args = cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=0.4)
+    else:
+        args = cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=0.4, weak_model_name_or_path=tiny["weak"])
+    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"], **kwargs)
+    assert trainer._fused_head
+    batch = first_batch(trainer)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    results = []
+    for fused in (True, False):
+        trainer._fused_head = fused
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    assert metrics["wmss/weak_nll"][0] == pytest.approx(metrics["wmss/weak_nll"][1], rel=1e-5)
+    assert metrics["wmss/strong_entropy"][0] == pytest.approx(metrics["wmss/strong_entropy"][1], rel=1e-5)

@@ -10,16 +10,23 @@ the strong logits receive a gradient:
     d(-log p_mix[y]) / d z_strong = lam * (p_mix - onehot(y))
 
 Every function here works on *chunks* of positions so that no full ``(batch, seq, vocab)`` fp32 tensor of
-mixed logits ever exists: :class:`_MixedTokenLogProbs` computes ``log p_mix[y]`` chunk by chunk in fp32 in the
-forward pass and recomputes ``p_mix`` chunk by chunk in the backward pass (nothing but the inputs is saved).
+mixed logits ever exists. Two entry points:
+
+* :func:`mixed_token_logprobs` takes logits the caller already has (``(..., V)``), computes ``log p_mix[y]``
+  chunk by chunk in fp32 and recomputes ``p_mix`` chunk by chunk in the backward pass.
+* :func:`mixed_head_logprobs` takes the two models' *hidden states* and LM-head weights and never builds the
+  logits at all, not even the strong model's: each chunk of positions is projected, mixed, reduced and dropped,
+  in the forward and again in the backward (the pattern of TRL's chunked distillation loss, including the ZeRO-3
+  gather of the LM heads). This is what the trainers use: its memory does not grow with the vocabulary.
 """
 
 from __future__ import annotations
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 256
 
 
 def check_lambda(lam: float) -> float:
@@ -117,3 +124,110 @@ def mixed_cross_entropy(
     safe = labels.masked_fill(~mask, 0)
     logp = mixed_token_logprobs(strong_logits, weak_logits, safe, lam, chunk_size)
     return -(logp * mask).sum(), mask.sum()
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of a chunk of positions, in fp32: hidden @ weight.T (+ bias), in the weight's dtype, then upcast."""
+    z = hidden.to(weight.dtype) @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.float()
+
+
+class _ChunkedMixedHead(torch.autograd.Function):
+    """Per-position log p_mix[y] from hidden states and LM heads, chunked; gradient to the strong side only.
+
+    Forward, per chunk of positions: z_s = h_s W_s^T, z_w = h_w W_w^T, z = lam z_s + (1-lam) z_w,
+    log p_mix[y] = z[y] - logsumexp(z); also (no gradient) the strong/weak NLL and entropies for logging.
+    Backward, per chunk: g_z = lam * g * (onehot(y) - p_mix); dL/dh_s = g_z W_s; dL/dW_s = sum g_z^T h_s.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_w, w_w, b_w, targets, lam, chunk_size):
+        ctx.set_materialize_grads(False)
+        n = h_s.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=h_s.device)
+        stats = torch.empty(n, 4, dtype=torch.float32, device=h_s.device)  # strong nll, weak nll, H_strong, H_weak
+        with maybe_gather_lm_head_ctx(w_s, b_s), maybe_gather_lm_head_ctx(w_w, b_w), torch.no_grad():
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                y = targets[sl, None]
+                z_s, z_w = _project(h_s[sl], w_s, b_s), _project(h_w[sl], w_w, b_w)
+                z = lam * z_s + (1.0 - lam) * z_w
+                logp[sl] = z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, -1)
+                for col, zz in ((0, z_s), (1, z_w)):
+                    lse = torch.logsumexp(zz, -1)
+                    stats[sl, col] = lse - zz.gather(-1, y).squeeze(-1)
+                    stats[sl, col + 2] = lse - (torch.softmax(zz, -1) * zz).sum(-1)
+        ctx.save_for_backward(h_s, w_s, b_s, h_w, w_w, b_w, targets)
+        ctx.lam, ctx.chunk_size = lam, chunk_size
+        ctx.mark_non_differentiable(stats)
+        return logp, stats
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):
+        h_s, w_s, b_s, h_w, w_w, b_w, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None or not (need_h or need_w or need_b):
+            return (None,) * 9
+        lam, chunk_size = ctx.lam, ctx.chunk_size
+        grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+        grad_w = grad_b = None
+        with maybe_gather_lm_head_ctx(w_s, b_s), maybe_gather_lm_head_ctx(w_w, b_w):
+            if need_w:
+                grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+            if need_b:
+                grad_b = torch.zeros(b_s.shape, dtype=torch.float32, device=b_s.device)
+            for start in range(0, h_s.shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                z = lam * _project(h_s[sl], w_s, b_s) + (1.0 - lam) * _project(h_w[sl], w_w, b_w)
+                g_z = -torch.softmax(z, -1)
+                g_z.scatter_add_(-1, targets[sl, None], torch.ones_like(g_z[:, :1]))
+                g_z.mul_(lam * grad_logp[sl, None].float())
+                if need_h:
+                    grad_h[sl] = (g_z.to(w_s.dtype) @ w_s).float()
+                if need_w:
+                    grad_w += g_z.t() @ h_s[sl].float()
+                if need_b:
+                    grad_b += g_z.sum(0)
+        return (
+            None if grad_h is None else grad_h.to(h_s.dtype),
+            None if grad_w is None else grad_w.to(w_s.dtype),
+            None if grad_b is None else grad_b.to(b_s.dtype),
+            None, None, None, None, None, None,
+        )
+
+
+def mixed_head_logprobs(
+    strong_hidden: torch.Tensor,
+    strong_head: torch.nn.Module,
+    weak_hidden: torch.Tensor,
+    weak_head: torch.nn.Module,
+    targets: torch.Tensor,
+    lam: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_mix[target] for ``N`` positions, from the final hidden states ``(N, H)`` and the LM heads.
+
+    Returns ``(logp, stats)``: ``logp`` is ``(N,)`` fp32, differentiable w.r.t. the strong hidden states and LM head;
+    ``stats`` is ``(N, 4)`` (no gradient): strong NLL, weak NLL, strong entropy, weak entropy, per position.
+    The weak side is a constant. The heads must have no logit scaling or soft-capping (see :func:`plain_lm_head`).
+    """
+    # (vocabulary sizes are checked when the weak model is loaded; ZeRO-3 shards have no usable shape here)
+    return _ChunkedMixedHead.apply(
+        strong_hidden, strong_head.weight, strong_head.bias,
+        weak_hidden.detach(), weak_head.weight, weak_head.bias,  # frozen parameters: no gradient is computed
+        targets, float(lam), int(chunk_size),
+    )
+
+
+def plain_lm_head(model) -> bool:
+    """True when the model's logits are exactly ``hidden @ lm_head.weight.T + bias`` (no logit scale, no
+    soft-capping), i.e. when :func:`mixed_head_logprobs` reproduces its logits."""
+    config = model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return False
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return False
+    return True

@@ -190,6 +190,20 @@ def weak_forward_context(weak_model, policy):
                 yield policy
 
 
+def backbone_of(model):
+    """The transformer body of a causal LM (no LM head): ``model.base_model``, looking through PEFT."""
+    if is_peft_model(model):
+        model = model.base_model.model
+    return model.base_model
+
+
+def lm_head_of(model):
+    """The output projection (LM head) of a causal LM, looking through PEFT."""
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model.get_output_embeddings()
+
+
 def is_zero3_partitioned(model) -> bool:
     """True when every parameter of ``model`` is a DeepSpeed ZeRO-3 shard."""
     params = list(model.parameters())
