@@ -1,0 +1,522 @@
+"""DPO against the weak checkpoint: ``WMSSDPOConfig`` / ``WMSSDPOTrainer`` (a drop-in TRL ``DPOTrainer``).
+
+The reference policy of DPO is the weak model M_w (an earlier checkpoint of the strong model; with a PEFT policy and
+no weak model, the adapter-disabled base). With every option off the loss is TRL's, with ref = M_w:
+
+    L = mean_i loss_type( beta * [ (log pi(y+|x) - log M_w(y+|x)) - (log pi(y-|x) - log M_w(y-|x)) ] )
+
+Two optional WMSS pieces:
+
+* WD-JT (``mixing_lambda < 1``): the policy's token log-probs come from the mixed logits,
+      log pi_mix(y_t) = log softmax(lam * z_strong + (1 - lam) * z_weak)[y_t],
+  so every TRL loss type is evaluated on pi_mix; only the strong model is trained and saved.
+* Entropy-gap pair weights (``entropy_pair_weights=True``): with H_w(i), H_s(i) the mean token entropy (nats) of the
+  weak and of the current strong model on the rejected answer of pair i, and dH_i = H_s(i) - H_w(i) (strong minus
+  weak, as in WD-DS),
+      u_i = a * H_w(i) / mean(H_w) + b * max(0, -dH_i) / mean(max(0, -dH)) + c * max(0, dH_i) / mean(max(0, dH))
+      w_i = u_i / (a + b * [mean(max(0, -dH)) > 0] + c * [mean(max(0, dH)) > 0])          (so mean_i w_i = 1)
+  (a, b, c) = (pair_weight_alpha, pair_weight_beta, pair_weight_gamma), WD-DS's 0.1 / 0.8 / 0.1 by default: most of
+  the weight goes to the pairs whose wrong answer the strong model has become *more* certain about than the weak one.
+  Means are over the global batch (all processes). A term whose mean is 0 is left out. The weights scale the
+  gradient of each pair, grad L = (1/B) * sum_i w_i * grad l_i; the ``loss`` TRL logs stays the unweighted mean.
+
+Metrics (namespace ``wmss/``): ``weak_logps/{chosen,rejected}``; with WD-JT ``strong_logps/{chosen,rejected}``
+(the strong model alone); with pair weights ``weak_entropy/rejected``, ``strong_entropy/rejected``,
+``entropy_gap/rejected`` (mean dH) and ``pair_weight/{min,max,std}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_module
+
+from .entropy import token_entropy, token_nll, trained_positions
+from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mix_logits, mixed_token_logprobs
+from .sft import WMSS_PAPER
+from .weak import check_weak_compatible, freeze, is_peft_model, resolve_weak_model, weak_forward_context
+
+logger = logging.getLogger(__name__)
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_SORTING_LOSSES = {"aot", "aot_unpaired"}
+
+
+@dataclass
+class WMSSDPOConfig(DPOConfig):
+    r"""
+    Configuration for [`WMSSDPOTrainer`]: everything of [`~trl.DPOConfig`], plus the weak model and the WMSS options.
+
+    Parameters:
+        weak_model_name_or_path (`str`, *optional*):
+            Local folder of the weak checkpoint, the DPO reference (an earlier checkpoint of the same model, same
+            tokenizer). Overridden by the trainer's `weak_model` argument. Not needed for a `PeftModel` whose adapter
+            holds the strong model's training: its adapter-disabled base is then the weak model.
+        weak_model_init_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments for `from_pretrained` of the weak model (dict or JSON string).
+        mixing_lambda (`float`, defaults to `1.0`):
+            WD-JT: the policy log-probs come from z_mix = lambda * z_strong + (1 - lambda) * z_weak. 1.0 is off (plain
+            DPO log-probs); the WMSS paper's value is 0.5. Must satisfy 0 < lambda <= 1.
+        mixing_chunk_size (`int`, defaults to `1024`):
+            Positions per chunk of the fp32 mixed log-softmax.
+        entropy_pair_weights (`bool`, defaults to `False`):
+            Weight each pair by the weak/strong entropy gap on its rejected answer (formula in the module docstring).
+        pair_weight_alpha, pair_weight_beta, pair_weight_gamma (`float`, defaults to `0.1`, `0.8`, `0.1`):
+            Shares of the three WD-DS signals: weak entropy, entropy drop (strong more certain), entropy rise.
+        drop_identical_pairs (`bool`, defaults to `False`):
+            Pairs whose chosen equals rejected carry no preference: by default they raise an error; with this set
+            they are dropped and their number is logged.
+    """
+
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
+
+    weak_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local folder of the weak checkpoint, used as the DPO reference model. Not needed for a "
+                  "PeftModel policy: its adapter-disabled base is the weak model."},
+    )
+    weak_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
+    )
+    mixing_lambda: float = field(
+        default=1.0,
+        metadata={"help": "WD-JT: policy log-probs from lambda*z_strong + (1-lambda)*z_weak. 1.0 = off (plain DPO); "
+                  "the paper uses 0.5."},
+    )
+    mixing_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Positions per chunk of the fp32 mixed log-softmax."}
+    )
+    entropy_pair_weights: bool = field(
+        default=False,
+        metadata={"help": "Weight each pair by the weak/strong entropy gap on its rejected answer (mean 1)."},
+    )
+    pair_weight_alpha: float = field(default=0.1, metadata={"help": "Share of the weak-entropy signal."})
+    pair_weight_beta: float = field(
+        default=0.8, metadata={"help": "Share of the entropy-drop signal (strong more certain than weak)."}
+    )
+    pair_weight_gamma: float = field(
+        default=0.1, metadata={"help": "Share of the entropy-rise signal (strong less certain than weak)."}
+    )
+    drop_identical_pairs: bool = field(
+        default=False,
+        metadata={"help": "Drop (and count) pairs whose chosen equals rejected instead of raising an error."},
+    )
+
+    def __post_init__(self):
+        check_lambda(self.mixing_lambda)
+        if self.mixing_chunk_size < 1:
+            raise ValueError(f"mixing_chunk_size must be >= 1, got {self.mixing_chunk_size}.")
+        shares = (self.pair_weight_alpha, self.pair_weight_beta, self.pair_weight_gamma)
+        if min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"pair_weight_alpha/beta/gamma must be >= 0 with a positive sum, got {shares}.")
+        super().__post_init__()
+        if self.entropy_pair_weights and _SORTING_LOSSES & set(self.loss_type):
+            raise ValueError(
+                f"entropy_pair_weights cannot be combined with loss_type {sorted(_SORTING_LOSSES & set(self.loss_type))}: "
+                "those losses sort the pairs of a batch, which breaks per-pair weights."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure functions
+
+
+def sequence_logps(per_token_logps: torch.Tensor, shift_completion_mask: torch.Tensor, ld_alpha: float | None = None):
+    """Sequence log-prob of each row, exactly as TRL's DPO builds it from per-token log-probs (zero off-completion).
+
+        log p(y|x) = sum_t log p(y_t | x, y_<t)
+        LD-DPO (ld_alpha): sum over the first min(|y+|, |y-|) tokens + ld_alpha * sum over the rest
+    """
+    if ld_alpha is None:
+        return per_token_logps.sum(dim=1)
+    comp_pos = shift_completion_mask.cumsum(dim=1)
+    chosen_lens, rejected_lens = shift_completion_mask.sum(dim=1).long().chunk(2, dim=0)
+    shared = torch.minimum(chosen_lens, rejected_lens)
+    shared = torch.cat([shared, shared], dim=0).to(per_token_logps.device).unsqueeze(1)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared)
+    tail_mask = comp_pos > shared
+    return (per_token_logps * shared_mask).sum(dim=1) + ld_alpha * (per_token_logps * tail_mask).sum(dim=1)
+
+
+def masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_t values[i, t] over mask[i, t]; 0 for an empty row."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def entropy_pair_weights(h_weak, h_strong, alpha=0.1, beta=0.8, gamma=0.1, all_reduce_sum=None) -> torch.Tensor:
+    """Per-pair weights with mean 1 from the weak/strong entropy of the rejected answers (WD-DS's three signals).
+
+        dH_i = H_s(i) - H_w(i)
+        u_i  = a H_w(i)/mean(H_w) + b [-dH_i]_+ / mean([-dH]_+) + c [dH_i]_+ / mean([dH]_+)
+        w_i  = u_i / (a + b 1[mean([-dH]_+) > 0] + c 1[mean([dH]_+) > 0])
+
+    ``all_reduce_sum`` sums a tensor over processes, so the means are over the global batch. A term whose mean is 0
+    (or whose share is 0) is left out; with no term left every weight is 1.
+    """
+    h_weak, h_strong = h_weak.float(), h_strong.float()
+    gap = h_strong - h_weak
+    signals = torch.stack([h_weak.clamp(min=0), (-gap).clamp(min=0), gap.clamp(min=0)])  # (3, B)
+    totals = torch.cat([signals.sum(-1), torch.tensor([h_weak.numel()], dtype=torch.float32, device=h_weak.device)])
+    if all_reduce_sum is not None:
+        totals = all_reduce_sum(totals)
+    means = totals[:3] / totals[3].clamp(min=1)
+    shares = torch.tensor([alpha, beta, gamma], dtype=torch.float32, device=h_weak.device)
+    active = (means > 0) & (shares > 0)
+    if not bool(active.any()):
+        return torch.ones_like(h_weak)
+    u = (shares[active, None] * signals[active] / means[active, None]).sum(0)
+    return u / shares[active].sum()
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient of row i by ``scale[i]`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), None
+
+
+def scale_grad(x: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """y = x, dL/dx_i = row_scale_i * dL/dy_i. Weighting every per-token log-prob of pair i by w_i this way turns the
+    gradient of any per-pair DPO loss (1/B) sum_i l_i into (1/B) sum_i w_i grad l_i."""
+    return _ScaleGrad.apply(x, row_scale.detach())
+
+
+def _scatter_columns(values: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+    """A ``(rows, width)`` tensor of zeros with ``values[:, k]`` placed at column ``columns[k]`` (differentiable)."""
+    out = values.new_zeros((values.shape[0], width))
+    return out.index_copy(1, columns.to(values.device), values)
+
+
+@torch.no_grad()
+def _mixed_log_sum_sq_probs(strong, weak, lam, chunk_size):
+    """log sum_v p_mix(v)^2 per position (WPO's weights), chunked, fp32."""
+    vocab = strong.shape[-1]
+    flat_s, flat_w = strong.reshape(-1, vocab), weak.reshape(-1, vocab)
+    out = torch.empty(flat_s.shape[0], dtype=torch.float32, device=strong.device)
+    for start in range(0, flat_s.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logp = torch.log_softmax(mix_logits(flat_s[sl], flat_w[sl], lam), dim=-1)
+        out[sl] = torch.logsumexp(2 * logp, dim=-1)
+    return out.view(strong.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy forward, as DPOTrainer._compute_loss sees it
+
+
+@dataclass
+class _WeakOutputs:
+    per_token_logps: torch.Tensor  # (2B, T-1), zero off-completion
+    entropy: torch.Tensor | None  # (2B, T-1) or None
+    logits: torch.Tensor | None  # (2B, K, V) at `keep` positions (WD-JT only)
+    keep: torch.Tensor | None
+
+
+class _WMSSPolicy:
+    """Stands in for the policy inside ``DPOTrainer._compute_loss``: a call with ``fused_lm_head=True`` returns a
+    ``FusedCausalLMOutput`` whose ``log_probs`` are the mixed ones (WD-JT) and/or carry the per-pair gradient weights;
+    every other call goes to the model unchanged."""
+
+    def __init__(self, model, trainer: WMSSDPOTrainer, weak: _WeakOutputs, shift_mask: torch.Tensor):
+        self.model, self.trainer, self.weak, self.shift_mask = model, trainer, weak, shift_mask
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        if not kwargs.get("fused_lm_head", False):
+            return self.model(*args, **kwargs)
+        trainer = self.trainer
+        if trainer.mixing_lambda < 1.0:
+            out = self._mixed_forward(kwargs)
+        else:
+            out = self.model(*args, **kwargs)
+        if trainer.args.entropy_pair_weights:
+            _, rejected_mask = self.shift_mask.chunk(2, dim=0)
+            _, h_strong = masked_row_mean(out.entropy.detach().float(), self.shift_mask).chunk(2, dim=0)
+            _, h_weak = masked_row_mean(self.weak.entropy.float(), self.shift_mask).chunk(2, dim=0)
+            args_ = trainer.args
+            w = entropy_pair_weights(
+                h_weak, h_strong, args_.pair_weight_alpha, args_.pair_weight_beta, args_.pair_weight_gamma,
+                all_reduce_sum=lambda t: trainer.accelerator.reduce(t, reduction="sum"),
+            )
+            out.log_probs = scale_grad(out.log_probs, torch.cat([w, w]))
+            self.stats.update(weights=w, h_weak=h_weak, h_strong=h_strong)
+        return out
+
+    def _mixed_forward(self, kwargs):
+        trainer = self.trainer
+        kwargs = dict(kwargs)
+        kwargs.pop("fused_lm_head")
+        labels = kwargs.pop("labels")
+        keep, targets = trained_positions(labels)
+        if self.weak.keep is None or not torch.equal(keep, self.weak.keep):
+            raise RuntimeError("internal error: the weak and strong forwards scored different positions.")
+        outputs = self.model(**kwargs, logits_to_keep=keep)  # the original forward: logits at `keep` only
+        strong = outputs.logits
+        width = labels.shape[1] - 1
+        mask_k = targets != -100
+        safe = targets.clamp(min=0)
+        lam, chunk = trainer.mixing_lambda, trainer.args.mixing_chunk_size
+        log_probs = mixed_token_logprobs(strong, self.weak.logits, safe, lam, chunk) * mask_k
+        with torch.no_grad():
+            strong_lp = -token_nll(strong, safe, chunk) * mask_k
+            self.stats["strong_logps"] = _scatter_columns(strong_lp, keep, width).sum(1)
+            entropy = token_entropy(strong, chunk) * mask_k
+            mean_logits = strong.float().mean(-1) * mask_k
+            is_top1 = (strong.argmax(-1) == targets) & mask_k
+            log_sum_sq = None
+            if trainer.use_weighting:
+                log_sum_sq = _scatter_columns(_mixed_log_sum_sq_probs(strong, self.weak.logits, lam, chunk) * mask_k, keep, width)
+        return FusedCausalLMOutput(
+            loss=None,
+            log_probs=_scatter_columns(log_probs, keep, width),
+            entropy=_scatter_columns(entropy, keep, width),
+            log_sum_sq_probs=log_sum_sq,
+            mean_logits=_scatter_columns(mean_logits, keep, width),
+            is_top1=_scatter_columns(is_top1.long(), keep, width).bool(),
+            label_mask=labels[:, 1:] != -100,
+            aux_loss=getattr(outputs, "aux_loss", None),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class WMSSDPOTrainer(DPOTrainer):
+    """[`~trl.DPOTrainer`] whose reference model is the weak checkpoint, with optional WD-JT and entropy-gap weights.
+
+    Args:
+        model, ref_model, args, ...: as [`~trl.DPOTrainer`]. `ref_model`, if given, is the weak model.
+        weak_model (`PreTrainedModel` or `str`, *optional*):
+            The weak model or its local folder; overrides `args.weak_model_name_or_path`. With a `PeftModel` policy
+            and no weak model, the same network with adapters disabled is the weak model (no second copy). With a new
+            adapter (`peft_config`) a weak model is required, since the disabled adapter gives the strong model back.
+
+    Every TRL `loss_type` works (the sorting `aot` losses not with `entropy_pair_weights`), and so does
+    `precompute_ref_log_probs` (the weak log-probs are then cached; WD-JT and pair weights still run a weak forward
+    per batch, for the logits and entropies).
+    """
+
+    _tag_names = ["trl", "dpo", "wmss"]
+    _name = "WMSS-DPO"
+    _paper = WMSS_PAPER
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: WMSSDPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        *,
+        weak_model=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = WMSSDPOConfig(f"{str(name).split('/')[-1]}-WMSS-DPO")
+        elif not isinstance(args, WMSSDPOConfig):
+            raise TypeError(f"args must be a WMSSDPOConfig, got {type(args).__name__}.")
+        if ref_model is not None:
+            if weak_model is not None and weak_model is not ref_model:
+                raise ValueError("pass the weak model once: as `weak_model=` (or `ref_model=`, which means the same).")
+            weak_model = ref_model
+        peft_base_allowed = is_peft_model(model)
+        if peft_config is not None and weak_model is None and not args.weak_model_name_or_path:
+            raise ValueError(
+                "no weak model: with a new PEFT adapter (`peft_config`) the adapter-disabled model is the strong model "
+                "itself, so it cannot serve as the weak reference. Pass `weak_model=` / `weak_model_name_or_path` (an "
+                "earlier checkpoint), or pass a PeftModel whose adapter holds the strong model's training (its base is "
+                "then the weak model)."
+            )
+        weak, weak_path = resolve_weak_model(
+            weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, model, required=not peft_base_allowed
+        )
+        if weak is not None:
+            check_weak_compatible(model, weak, processing_class, weak_path)
+            freeze(weak)
+
+        # With the PEFT base as weak model, TRL would precompute against a copy of the adapter ("ref"): defer it.
+        defer_precompute = weak is None and args.precompute_ref_log_probs
+        if defer_precompute:
+            args.precompute_ref_log_probs = False
+        try:
+            super().__init__(
+                model, ref_model=weak, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            if defer_precompute:
+                args.precompute_ref_log_probs = True
+
+        self.weak_model = self.ref_model  # None: the PEFT policy with adapters disabled
+        if weak is None:
+            self._use_peft_base_as_weak(defer_precompute)
+        self.mixing_lambda = args.mixing_lambda
+        self._wmss_active = args.mixing_lambda < 1.0 or args.entropy_pair_weights
+        if args.entropy_pair_weights and args.mixing_lambda == 1.0 and self.ref_model is not None:
+            # The weak forward reads its entropy from TRL's fused LM head: add it to the outputs (outermost patch)
+            add_fused_lm_head(getattr(self.ref_model, "module", self.ref_model), outputs=("log_probs", "entropy"))
+
+    def _use_peft_base_as_weak(self, run_precompute: bool):
+        """Reference = adapters disabled: remove the frozen copy of the adapter ("ref") that TRL adds to a PeftModel."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if "ref" in unwrapped.peft_config:
+            unwrapped.delete_adapter("ref")
+        if run_precompute:  # what DPOTrainer.__init__ does with precompute_ref_log_probs, now against the base
+            self.precompute_ref_logps = True
+            self._precompute_model_hash = hash_module(self.model)
+            bs_train = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", bs_train)
+            if self.eval_dataset is not None:
+                bs_eval = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+                if isinstance(self.eval_dataset, dict):
+                    self.eval_dataset = {
+                        k: self._precompute_ref_logps(d, k, bs_eval) for k, d in self.eval_dataset.items()
+                    }
+                else:
+                    self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", bs_eval)
+
+    # -- data ------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = self._handle_identical_pairs(dataset, args, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _handle_identical_pairs(self, dataset, args, dataset_name):
+        """Pairs with chosen == rejected give DPO no signal (their loss is constant): raise, or drop and count."""
+        names = getattr(dataset, "column_names", None) or []
+        if not {"chosen", "rejected"} <= set(names):
+            return dataset
+        drop = getattr(args, "drop_identical_pairs", False)
+        if isinstance(dataset, IterableDataset):
+            if drop:
+                logger.warning("%s: pairs whose chosen equals rejected are dropped on the fly (not counted).", dataset_name)
+                return dataset.filter(lambda ex: ex["chosen"] != ex["rejected"])
+
+            def check(ex):
+                if ex["chosen"] == ex["rejected"]:
+                    raise ValueError(
+                        f"{dataset_name} dataset: a pair has chosen == rejected ({ex['chosen']!r}); set "
+                        "drop_identical_pairs=True to drop such pairs."
+                    )
+                return ex
+
+            return dataset.map(check)
+        same = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"], strict=True)) if c == r]
+        if not hasattr(self, "identical_pairs_dropped"):
+            self.identical_pairs_dropped = {}
+        if not same:
+            self.identical_pairs_dropped[dataset_name] = 0
+            return dataset
+        if not drop:
+            raise ValueError(
+                f"{dataset_name} dataset: {len(same)} of {len(dataset)} pairs have chosen == rejected (first rows: "
+                f"{same[:5]}); they carry no preference. Fix the data, or set drop_identical_pairs=True to drop them."
+            )
+        if len(same) == len(dataset):
+            raise ValueError(f"{dataset_name} dataset: every pair has chosen == rejected; nothing to train on.")
+        logger.warning("%s dataset: dropped %d of %d pairs whose chosen equals rejected.", dataset_name, len(same), len(dataset))
+        self.identical_pairs_dropped[dataset_name] = len(same)
+        drop_set = set(same)
+        return dataset.select([i for i in range(len(dataset)) if i not in drop_set])
+
+    # -- loss ------------------------------------------------------------------------------------------------------
+
+    def _weak_forward(self, model_kwargs: dict, labels: torch.Tensor) -> _WeakOutputs:
+        """One no-grad forward of the weak model on the [chosen; rejected] batch: full logits at the completion
+        positions with WD-JT, else TRL's fused log-probs and entropies."""
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            weak_forward_context(self.ref_model, self.model) as weak,
+        ):
+            if self.mixing_lambda < 1.0:
+                keep, targets = trained_positions(labels)
+                logits = weak(**model_kwargs, logits_to_keep=keep).logits
+                mask = targets != -100
+                chunk = self.args.mixing_chunk_size
+                width = labels.shape[1] - 1
+                per_token = _scatter_columns(-token_nll(logits, targets.clamp(min=0), chunk) * mask, keep, width)
+                entropy = None
+                if self.args.entropy_pair_weights:
+                    entropy = _scatter_columns(token_entropy(logits, chunk) * mask, keep, width)
+                return _WeakOutputs(per_token, entropy, logits, keep)
+            out = weak(**model_kwargs, labels=labels, fused_lm_head=True)
+            if self.args.entropy_pair_weights and out.entropy is None:
+                raise RuntimeError("internal error: the weak model's fused LM head does not return entropies.")
+            seq_len = labels.shape[1] - 1
+            entropy = None if out.entropy is None else out.entropy[:, -seq_len:]
+            return _WeakOutputs(out.log_probs[:, -seq_len:], entropy, None, None)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self._wmss_active:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[:, 1:]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        weak = self._weak_forward(model_kwargs, labels)
+
+        inputs = dict(inputs)
+        if not self.precompute_ref_logps:
+            ref = sequence_logps(weak.per_token_logps, shift_mask, self.ld_alpha)
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref.chunk(2, dim=0)
+        policy = _WMSSPolicy(model, self, weak, shift_mask)
+        # Hand the weak log-probs to DPOTrainer through its own precomputed-reference input path (no second forward)
+        precompute = self.precompute_ref_logps
+        self.precompute_ref_logps = True
+        try:
+            result = super()._compute_loss(policy, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = precompute
+        self._log_wmss_metrics(mode, weak, policy, shift_mask)
+        return result
+
+    @torch.no_grad()
+    def _log_wmss_metrics(self, mode, weak: _WeakOutputs, policy: _WMSSPolicy, shift_mask):
+        metrics = self._metrics[mode]
+        gather = self.accelerator.gather
+        weak_chosen, weak_rejected = sequence_logps(weak.per_token_logps.float(), shift_mask).chunk(2, dim=0)
+        metrics["wmss/weak_logps/chosen"].append(gather(weak_chosen).mean().item())
+        metrics["wmss/weak_logps/rejected"].append(gather(weak_rejected).mean().item())
+        if "strong_logps" in policy.stats:
+            strong_chosen, strong_rejected = policy.stats["strong_logps"].chunk(2, dim=0)
+            metrics["wmss/strong_logps/chosen"].append(gather(strong_chosen).mean().item())
+            metrics["wmss/strong_logps/rejected"].append(gather(strong_rejected).mean().item())
+        if "weights" in policy.stats:
+            w = gather(policy.stats["weights"])
+            h_weak, h_strong = gather(policy.stats["h_weak"]), gather(policy.stats["h_strong"])
+            metrics["wmss/weak_entropy/rejected"].append(h_weak.mean().item())
+            metrics["wmss/strong_entropy/rejected"].append(h_strong.mean().item())
+            metrics["wmss/entropy_gap/rejected"].append((h_strong - h_weak).mean().item())
+            metrics["wmss/pair_weight/min"].append(w.min().item())
+            metrics["wmss/pair_weight/max"].append(w.max().item())
+            metrics["wmss/pair_weight/std"].append(w.std(unbiased=False).item())
