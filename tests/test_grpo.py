@@ -1,0 +1,525 @@
+"""WMSS-GRPO: advantage math vs naive formulas, reduction to vanilla GRPO, weak negatives, WD-JT in RL, LoRA, errors."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+from grpo_common import digit_fraction, grpo_args, has_digit, prompt_dataset  # noqa: E402
+
+from wmss_trl.advantages import (  # noqa: E402
+    advantages_with_weak_negatives,
+    entropy_advantage_weights,
+    select_weak_negatives,
+    truncated_importance_weights,
+)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pure math
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def naive_entropy_weights(hw, hp, mask, a, b, c, lo=None, hi=None):
+    """The WD-DS-style weight written out token by token, with plain Python floats."""
+    toks = [(i, j) for i in range(hw.shape[0]) for j in range(hw.shape[1]) if mask[i, j]]
+    w_terms = [float(hw[t]) for t in toks]
+    drop = [max(0.0, float(hw[t] - hp[t])) for t in toks]
+    rise = [max(0.0, float(hp[t] - hw[t])) for t in toks]
+    means = [sum(x) / len(toks) for x in (w_terms, drop, rise)]
+    raw = []
+    for k in range(len(toks)):
+        v = 0.0
+        for coef, vals, mean in zip((a, b, c), (w_terms, drop, rise), means):
+            if mean > 0:
+                v += coef * vals[k] / mean
+        raw.append(v)
+    mean_raw = sum(raw) / len(raw)
+    out = torch.zeros(hw.shape, dtype=torch.float64)
+    for k, t in enumerate(toks):
+        w = raw[k] / mean_raw
+        if lo is not None:
+            w = max(lo, w)
+        if hi is not None:
+            w = min(hi, w)
+        out[t] = w
+    return out
+
+
+@pytest.mark.parametrize("coefs", [(0.1, 0.8, 0.1), (1.0, 0.0, 0.0), (0.2, 0.3, 0.5)])
+def test_entropy_weights_match_naive_formula(coefs):
+    g = torch.Generator().manual_seed(0)
+    hw, hp = torch.rand(5, 7, generator=g) * 3, torch.rand(5, 7, generator=g) * 3
+    mask = torch.rand(5, 7, generator=g) > 0.3
+    w = entropy_advantage_weights(hw, hp, mask, *coefs)
+    expected = naive_entropy_weights(hw, hp, mask, *coefs)
+    torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=1e-6)
+    assert w[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert (w[~mask] == 0).all()
+    # clipping after normalisation
+    wc = entropy_advantage_weights(hw, hp, mask, *coefs, min_weight=0.5, max_weight=1.5)
+    torch.testing.assert_close(wc.double(), naive_entropy_weights(hw, hp, mask, *coefs, 0.5, 1.5), rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_weights_degenerate_cases():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    h = torch.full((2, 3), 2.0)
+    # policy entropy == weak entropy: only the base term is active, weights = H_w / mean(H_w) = 1
+    torch.testing.assert_close(entropy_advantage_weights(h, h, mask), torch.ones(2, 3))
+    # all zero: weights fall back to 1
+    z = torch.zeros(2, 3)
+    torch.testing.assert_close(entropy_advantage_weights(z, z, mask), torch.ones(2, 3))
+    # the global statistics: splitting the batch with a summing reducer gives the full-batch weights
+    g = torch.Generator().manual_seed(1)
+    hw, hp, m = torch.rand(6, 4, generator=g), torch.rand(6, 4, generator=g), torch.rand(6, 4, generator=g) > 0.2
+    full = entropy_advantage_weights(hw, hp, m)
+    from wmss_trl.advantages import entropy_weight_sums
+
+    other = {0: entropy_weight_sums(hw[3:], hp[3:], m[3:]), 1: entropy_weight_sums(hw[:3], hp[:3], m[:3])}
+    part0 = entropy_advantage_weights(hw[:3], hp[:3], m[:3], reduce_sum=lambda t: t + other[0])
+    part1 = entropy_advantage_weights(hw[3:], hp[3:], m[3:], reduce_sum=lambda t: t + other[1])
+    torch.testing.assert_close(torch.cat([part0, part1]), full)
+
+
+def test_select_weak_negatives():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, float("nan"), 0.2, 0.0]])
+    plaus = torch.tensor([[-1.0, -0.5, -0.1, -3.0], [-1.0, -1.0, -1.0, -1.0], [-2.0, -0.1, -0.3, -1.0]])
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    sel = select_weak_negatives(rewards, plaus, threshold=0.5, max_negatives=2, valid=valid)
+    expected = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]]).bool()
+    assert torch.equal(sel, expected)  # the 2 most plausible wrong ones; never right, NaN or invalid
+    assert torch.equal(select_weak_negatives(rewards, plaus, 0.5, 1, valid).sum(1), torch.tensor([1, 0, 1]))
+
+
+def trl_group_advantages(rewards, scale="group"):
+    """TRL 1.16's inline formula (sum_then_normalize), written out."""
+    from trl.trainer.utils import nanstd
+
+    g = rewards.shape[1]
+    mean = torch.nanmean(rewards, dim=1, keepdim=True)
+    if scale == "group":
+        std = nanstd(rewards, dim=1).unsqueeze(1)
+    elif scale == "batch":
+        std = nanstd(rewards.flatten()).expand(rewards.shape[0], 1)
+    adv = rewards - mean
+    if scale != "none":
+        adv = adv / (std + 1e-4)
+    assert adv.shape[1] == g
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_with_weak_negatives(scale):
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 1.0, float("nan"), 0.5]])
+    weak = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.4, 0.0]])
+    selected = torch.tensor([[1, 0], [1, 1], [0, 0]]).bool()
+    from trl.trainer.utils import nanstd
+
+    batch_std = nanstd(rewards.flatten())
+    adv, wadv, touched = advantages_with_weak_negatives(rewards, weak, selected, scale, batch_std)
+    assert touched.tolist() == [True, True, False]
+    # untouched group: exactly TRL's advantages
+    torch.testing.assert_close(adv[2], trl_group_advantages(rewards, scale)[2])
+    # touched groups: statistics over policy rewards + selected negatives
+    for i in (0, 1):
+        pooled = torch.cat([rewards[i], weak[i][selected[i]]])
+        mean = pooled.mean()
+        div = {"group": pooled.std() + 1e-4, "batch": batch_std + 1e-4, "none": 1.0}[scale]
+        torch.testing.assert_close(adv[i], (rewards[i] - mean) / div)
+        expected_w = torch.where(selected[i], ((weak[i] - mean) / div).clamp(max=0), torch.zeros(2))
+        torch.testing.assert_close(wadv[i], expected_w)
+    assert (wadv <= 0).all() and (wadv[~selected] == 0).all()
+    # an all-correct group gets a learning signal from its negatives
+    assert (adv[1] > 0).all()
+
+
+def test_weak_negative_advantage_never_positive():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rewards = torch.rand(8, 4, generator=g).round()
+        weak = torch.rand(8, 3, generator=g)
+        sel = select_weak_negatives(weak, torch.rand(8, 3, generator=g), 0.9, 2)
+        for scale in ("group", "batch", "none"):
+            _, wadv, _ = advantages_with_weak_negatives(rewards, weak, sel, scale, torch.tensor(0.5))
+            assert (wadv <= 0).all()
+
+
+def test_truncated_importance_weights_bounded():
+    pol = torch.tensor([[-1.0, -0.1, 50.0, -2.0], [-5.0, -1.0, -1.0, -1.0]])
+    beh = torch.tensor([[-2.0, -0.1, -50.0, -1.0], [-1.0, -1.0, 200.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    rho = truncated_importance_weights(pol, beh, mask, clip=2.0)
+    expected = torch.minimum(torch.exp(pol - beh), torch.tensor(2.0)) * mask
+    torch.testing.assert_close(rho, expected)
+    assert torch.isfinite(rho).all() and (rho >= 0).all() and (rho <= 2.0).all()
+    with pytest.raises(ValueError):
+        truncated_importance_weights(pol, beh, mask, clip=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# config validation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8, num_weak_generations=1),
+         "breaks the batch layout"),
+        (dict(num_weak_generations=2, max_weak_negatives=3), "max_weak_negatives"),
+        (dict(num_weak_generations=1, multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
+        (dict(weak_is_clip=0.0), "weak_is_clip"),
+        (dict(mixing_lambda=1.5), "mixing_lambda"),
+        (dict(entropy_weighted_advantages=True, entropy_weight_alpha=0, entropy_weight_beta=0, entropy_weight_gamma=0), "positive"),
+        (dict(entropy_weight_min=2.0, entropy_weight_max=1.0), "entropy_weight_min"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        grpo_args(tmp_path, **kw)
+
+
+def test_config_divisibility_accepts_valid_layout(tmp_path):
+    args = grpo_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8,
+                     num_weak_generations=2)
+    assert args.max_weak_negatives == 2 and args.wmss_enabled
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# trainer helpers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def make(cls, tiny, tmp_path, reward=has_digit, **kw):
+    from wmss_trl.toy import load_tokenizer
+
+    weak = kw.pop("weak_model", None)
+    peft_config = kw.pop("peft_config", None)
+    config_class = kw.pop("config_class", None)
+    args = grpo_args(tmp_path / cls.__name__, **({"config_class": config_class} if config_class else {}), **kw)
+    extra = {"weak_model": weak} if weak is not None else {}
+    trainer = cls(tiny["strong"], reward, args=args, train_dataset=prompt_dataset(16),
+                  processing_class=load_tokenizer(tiny["strong"]), peft_config=peft_config, **extra)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return trainer
+
+
+def generation_inputs(trainer, n_prompts):
+    ds = trainer.train_dataset
+    return [dict(ds[i]) for i in range(n_prompts) for _ in range(trainer.num_generations)]
+
+
+def generate(trainer, n_prompts, seed=0):
+    torch.manual_seed(seed)
+    return trainer._generate_and_score_completions(generation_inputs(trainer, n_prompts))
+
+
+def loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reduction to vanilla GRPO
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no_weak", "weak_unused", "weak_ref_same_weights", "weak_ref_same_weights_grpo_loss", "mixing_lambda_1"],
+)
+def test_options_off_is_vanilla_grpo(tiny, tmp_path, case):
+    """Same generated batch, same loss, same gradients as TRL's GRPOTrainer."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    kw = {}
+    wmss_kw = {}
+    if case == "weak_unused":
+        wmss_kw["weak_model"] = tiny["weak"]
+    if case.startswith("weak_ref_same_weights"):
+        # the KL reference is the weak model; a weak checkpoint with the policy's weights must reproduce TRL's
+        # own reference (a copy of the policy) bit for bit
+        kw["beta"] = 0.04
+        wmss_kw["weak_model"] = tiny["strong"]
+    if case.endswith("grpo_loss"):
+        kw["loss_type"] = "grpo"
+    if case == "mixing_lambda_1":
+        wmss_kw["mixing_lambda"] = 1.0
+        kw["beta"] = 0.04
+    vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig, **kw)
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, **kw, **wmss_kw)
+    if case.startswith("weak_ref_same_weights"):
+        assert wmss.ref_model is wmss.weak_model is not None
+    batch_v, batch_w = generate(vanilla, 2), generate(wmss, 2)
+    batch_w.pop("wmss_source", None)
+    assert batch_v.keys() == batch_w.keys()
+    for key in batch_v:
+        assert torch.equal(batch_v[key], batch_w[key]), key
+    loss_v, grads_v = loss_and_grads(vanilla, batch_v)
+    loss_w, grads_w = loss_and_grads(wmss, batch_w)
+    assert torch.equal(loss_v, loss_w)
+    assert grads_v.keys() == grads_w.keys() and len(grads_v) > 0
+    for name in grads_v:
+        assert torch.equal(grads_v[name], grads_w[name]), name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# weak negatives inside the trainer
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.grpo import SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
+
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4)
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5, **common)
+    vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig, **common)
+    n_prompts, g, k = 8, 4, 2  # B = 4 * 2 * 4 = 32 policy rows... of 8 groups; n_w = 32 * 2 / 4 = 16
+    out = generate(wmss, n_prompts)
+    ref = generate(vanilla, n_prompts)  # same seed: the same policy samples (weak sampling comes after)
+    n_pol, n_weak = n_prompts * g, n_prompts * k
+    assert out["prompt_ids"].size(0) == n_pol + n_weak
+    assert (n_pol + n_weak) % wmss.args.steps_per_generation == 0
+    source = out["wmss_source"]
+    assert (source[:n_pol] == SOURCE_POLICY).all() and (source[n_pol:] != SOURCE_POLICY).all()
+    assert torch.equal(out["completion_ids"][:n_pol, : ref["completion_ids"].size(1)], ref["completion_ids"])
+
+    stats = wmss._wmss_debug_negatives
+    touched, selected = stats["touched"], stats["selected"]
+    assert touched.any() and not touched.all(), "the seed should give groups with and without wrong weak answers"
+    assert (selected.sum(1) <= wmss.max_weak_negatives).all()
+
+    adv = out["advantages"]
+    assert adv.shape == out["completion_ids"].shape  # token-level: the IS weights of the weak rows
+    mask = out["completion_mask"].bool()
+    # policy rows: unchanged in groups without a wrong weak answer, recomputed with the negatives otherwise
+    groups = torch.arange(n_pol) // g
+    for i in range(n_pol):
+        if not touched[groups[i]]:
+            assert torch.equal(adv[i], torch.full_like(adv[i], ref["advantages"][i].item())), i
+        else:
+            pooled = torch.cat([stats["policy_rewards"][groups[i]], stats["weak_rewards"][groups[i]][selected[groups[i]]]])
+            expected = (stats["policy_rewards"][groups[i]][i % g] - pooled.mean()) / (pooled.std() + 1e-4)
+            torch.testing.assert_close(adv[i], expected.expand_as(adv[i]))
+    # weak rows: never a positive advantage; unused rows carry nothing
+    weak_rows = slice(n_pol, None)
+    assert (adv[weak_rows] <= 0).all()
+    unused = source == SOURCE_WEAK_UNUSED
+    assert not mask[unused].any() and (adv[unused] == 0).all()
+    negatives = source == SOURCE_WEAK_NEGATIVE
+    assert negatives.sum() == selected.sum()
+    # importance weights in [0, c], exactly min(pi_old / pi_weak, c) on the negatives' tokens
+    rho = wmss._wmss_debug["is_weight"]
+    assert (rho >= 0).all() and (rho <= 1.5).all() and (rho[:n_pol] == 1).all()
+    dbg = wmss._wmss_debug
+    expected = torch.minimum(torch.exp(dbg["policy_logps"] - dbg["weak_logps"]), torch.tensor(1.5))
+    torch.testing.assert_close(rho[negatives][mask[negatives]], expected[negatives][mask[negatives]])
+    # token advantage of a negative = its sequence advantage x rho
+    torch.testing.assert_close(adv[negatives] * mask[negatives], stats["weak_adv"][selected].unsqueeze(1) * rho[negatives] * mask[negatives])
+    # the loss normaliser counts the negatives' tokens
+    assert out["num_items_in_batch"].item() == mask.sum().item()
+    # a full step through TRL's shuffle/split and loss
+    wmss.args.max_steps = 1
+    wmss.train()
+    assert math.isfinite(wmss.state.log_history[0]["loss"])
+    assert "wmss/weak_negatives_per_group" in wmss.state.log_history[0]
+
+
+def test_groups_without_wrong_weak_answers_are_untouched(tiny, tmp_path):
+    """With no weak completion below the threshold, the policy rows are exactly TRL's and no weak row carries loss."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.grpo import SOURCE_WEAK_UNUSED
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2,
+                weak_negative_threshold=-1.0)
+    vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
+    out, ref = generate(wmss, 2), generate(vanilla, 2)
+    n = ref["advantages"].size(0)
+    assert (out["wmss_source"][n:] == SOURCE_WEAK_UNUSED).all()
+    assert torch.equal(out["advantages"][:n], ref["advantages"].unsqueeze(1).expand(n, out["advantages"].size(1)))
+    assert out["completion_mask"][n:].sum() == 0
+    assert out["num_items_in_batch"] == ref["num_items_in_batch"]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
+    """The loss over [policy rows + zero-weight weak rows] equals TRL's loss over the policy rows alone."""
+    from trl import GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2,
+                weak_negative_threshold=-1.0, loss_type=loss_type)
+    out = generate(wmss, 2)
+    n = (out["wmss_source"] == 0).sum().item()
+    policy_only = {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()}
+    policy_only.pop("wmss_source")
+    loss_all = wmss.compute_loss(wmss.model, out)
+    loss_policy = GRPOTrainer._compute_loss(wmss, wmss.model, policy_only)
+    torch.testing.assert_close(loss_all, loss_policy, rtol=1e-6, atol=1e-7)
+
+
+def test_negatives_need_a_reward_that_can_mark_wrong(tiny, tmp_path):
+    from wmss_trl import WMSSGRPOTrainer
+
+    with pytest.raises(ValueError, match="every reward weight"):
+        make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=1, reward_weights=[0.0])
+    with pytest.raises(ValueError, match="weak_correctness_reward"):
+        make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=1,
+             weak_correctness_reward="nope")
+    # a named verifier works even when its weight is 0 (it decides wrongness, the other reward drives learning)
+    from wmss_trl.toy import load_tokenizer
+
+    args = grpo_args(tmp_path / "named", num_weak_generations=1, weak_correctness_reward="has_digit",
+                     reward_weights=[0.0, 1.0])
+    WMSSGRPOTrainer(tiny["strong"], [has_digit, digit_fraction], args=args, train_dataset=prompt_dataset(8),
+                    processing_class=load_tokenizer(tiny["strong"]), weak_model=tiny["weak"])
+
+
+def test_clear_errors_at_construction(tiny, tmp_path):
+    from trl import GRPOConfig
+
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+    # weak model with another vocabulary
+    other_tok = build_char_tokenizer("abc")
+    other = save_model_and_tokenizer(build_tiny_model(other_tok, seed=3), other_tok, str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=other, beta=0.04)
+    # WMSS options with no weak model and no PEFT
+    with pytest.raises(ValueError, match="no weak model"):
+        make(WMSSGRPOTrainer, tiny, tmp_path, entropy_weighted_advantages=True)
+    with pytest.raises(ValueError, match="sync_ref_model"):
+        make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], beta=0.04, sync_ref_model=True)
+    with pytest.raises(TypeError, match="WMSSGRPOConfig"):
+        make(WMSSGRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
+    with pytest.raises(FileNotFoundError):
+        make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=str(tmp_path / "missing"), beta=0.04)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# entropy weights and WD-JT inside the trainer
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], entropy_weighted_advantages=True,
+                entropy_weight_max=3.0)
+    vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
+    out, ref = generate(wmss, 2), generate(vanilla, 2)
+    dbg = wmss._wmss_debug
+    mask = out["completion_mask"]
+    weights = entropy_advantage_weights(dbg["weak_entropy"], dbg["policy_entropy"], mask, max_weight=3.0)
+    torch.testing.assert_close(dbg["entropy_weight"], weights)
+    torch.testing.assert_close(out["advantages"], ref["advantages"].unsqueeze(1) * weights)
+    assert weights.max() <= 3.0
+    # the entropies are the models' real token entropies: compare with full-logit computations
+    from transformers import AutoModelForCausalLM
+
+    from wmss_trl.entropy import token_entropy
+
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    am = torch.cat([out["prompt_mask"], mask], 1)
+    width = out["completion_ids"].size(1)
+    weak = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    with torch.no_grad():
+        logits = weak(input_ids=ids, attention_mask=am, logits_to_keep=width + 1).logits[:, :-1]
+    h = token_entropy(logits / wmss.temperature)
+    torch.testing.assert_close(dbg["weak_entropy"] * mask, h * mask, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_logprobs_match_naive_and_train(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    lam = 0.3
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], mixing_lambda=lam, temperature=0.7)
+    batch = generate(wmss, 2)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    width = batch["completion_ids"].size(1)
+    logps, _, _ = wmss._get_per_token_logps_and_entropies(wmss.model, ids, am, width)
+    strong = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    weak = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    with torch.no_grad():
+        zs = strong(input_ids=ids, attention_mask=am, logits_to_keep=width + 1).logits[:, :-1] / 0.7
+        zw = weak(input_ids=ids, attention_mask=am, logits_to_keep=width + 1).logits[:, :-1] / 0.7
+    naive = torch.log_softmax(lam * zs + (1 - lam) * zw, -1).gather(-1, ids[:, -width:, None]).squeeze(-1)
+    m = batch["completion_mask"].bool()
+    torch.testing.assert_close(logps[m], naive[m], rtol=1e-5, atol=1e-5)
+    # gradients reach the policy only; the weak model stays frozen
+    loss, grads = loss_and_grads(wmss, batch)
+    assert math.isfinite(loss.item()) and len(grads) > 0
+    assert all(p.grad is None for p in wmss.weak_model.parameters())
+    wmss.args.max_steps = 1
+    wmss.train()
+    assert math.isfinite(wmss.state.log_history[0]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LoRA: the adapter-disabled base is the weak model
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
+    from peft import LoraConfig
+
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.weak import is_peft_model
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, peft_config=peft_config, beta=0.04, num_weak_generations=2,
+                entropy_weighted_advantages=True, per_device_train_batch_size=8, log_completions=True)
+    assert is_peft_model(wmss.model) and wmss.weak_model is None and wmss._weak_source == "peft_base"
+    out = generate(wmss, 2)
+    # the weak log-probs are the base model's (adapters off), which differ from the policy's (adapters on)
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    add_fused_lm_head(base, temperature=wmss.temperature)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    width = out["completion_ids"].size(1)
+    from trl import GRPOTrainer
+
+    with torch.no_grad():
+        base_lp, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(wmss, base, ids, am, width)
+    m = out["completion_mask"].bool()
+    torch.testing.assert_close(out["ref_per_token_logps"][m], base_lp[m], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(wmss._wmss_debug["policy_logps"][m], base_lp[m], atol=1e-4)
+    before = {n: p.detach().clone() for n, p in wmss.model.named_parameters()}
+    wmss.train()
+    logs = wmss.state.log_history
+    assert all(math.isfinite(h["loss"]) for h in logs if "loss" in h)
+    assert logs[0]["kl"] > 0 and "wmss/weak_accuracy" in logs[0]
+    changed = [n for n, p in wmss.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)  # only the adapters train; the weak base is frozen
+    # the completions table marks the weak samples
+    import glob
+
+    import pandas as pd
+
+    table = pd.read_parquet(sorted(glob.glob(str(tmp_path / "WMSSGRPOTrainer" / "completions" / "*.parquet")))[-1])
+    assert set(table["wmss_source"]) <= {"policy", "weak_negative", "weak_unused"}
+    assert (table["wmss_source"] == "policy").sum() == 8 and (table["wmss_source"] != "policy").sum() == 4

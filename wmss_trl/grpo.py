@@ -1,0 +1,824 @@
+"""WMSS-GRPO: TRL's ``GRPOTrainer`` with a frozen weak checkpoint as reference policy, source of negatives and
+entropy anchor.
+
+What the weak model does (each part can be switched on alone; with all of them off this *is* ``GRPOTrainer``):
+
+* **Reference policy.** With ``beta > 0`` the KL term of TRL's loss is taken against the weak model (not a copy of
+  the policy). It is loaded once, frozen, patched with TRL's fused LM head and prepared like TRL's reference model
+  (``prepare_deepspeed``: sharded under ZeRO-3, replicated otherwise), always through :mod:`wmss_trl.weak`.
+* **Weak negatives** (``num_weak_generations = K > 0``). Per prompt the weak model samples K completions with the
+  policy's sampling settings; TRL's reward functions score them; the wrong ones that the current policy finds most
+  plausible (at most ``max_weak_negatives = M`` per group) join the group, count in its mean/std and only ever get a
+  non-positive advantage. They are off-policy, so their token advantages carry a truncated importance weight
+  ``rho_t = min(pi_old / pi_weak, c)``; see :mod:`wmss_trl.advantages` for the estimator.
+* **Entropy-weighted advantages** (``entropy_weighted_advantages=True``): token advantage = sequence advantage x a
+  weight from the weak/policy entropy dynamics (WD-DS's three signals), normalised to mean 1 over the global batch.
+* **WD-JT in RL** (``mixing_lambda < 1``): the policy's log-probs in the loss (and in the old-policy term) are those
+  of the mixed logits ``lambda * z_policy + (1 - lambda) * z_weak``; generation stays with the pure policy.
+
+How weak negatives fit TRL's batch shapes
+-----------------------------------------
+TRL's ``_prepare_inputs`` shuffles the dict returned by ``_generate_and_score_completions`` along dim 0 and cuts it
+into ``steps_per_generation`` equal micro-batches. Each process holds ``B = per_device_train_batch_size x
+steps_per_generation`` policy rows (a contiguous slice of the global batch, groups of ``num_generations = G``
+consecutive rows, possibly spanning processes). Every process generates exactly ``n_w = B x K / G`` weak
+completions: its weak row ``l`` uses the prompt of its policy row ``floor(l x G / K)``, so global weak row ``j``
+belongs to global group ``j // K`` and every group gets exactly K weak samples, whichever processes its rows live
+on. All ``n_w`` weak rows are **appended** to the process's batch; the selection (global, identical on every
+process) keeps the best <= M wrong ones per group, and the unselected weak rows stay in the batch as zero-weight
+padding rows (completion mask 0, advantage 0). So the batch has a fixed ``B + n_w`` rows on every process, which
+split into ``steps_per_generation`` micro-batches of ``per_device_train_batch_size x (1 + K / G)`` rows: hence the
+rule ``per_device_train_batch_size x K % G == 0``, checked in :class:`WMSSGRPOConfig`. Padding rows hold no loss
+token, so token-normalised losses (``dapo`` (TRL's default), ``bnpo``, ``cispo``, ``vespo``) are untouched; for the
+row-averaged ones (``grpo``, ``sapo``, ``luspo``, ``dr_grpo``) :meth:`WMSSGRPOTrainer._compute_loss` rescales the loss
+to an average over the rows that carry loss. ``num_items_in_batch`` is recomputed with the negatives' tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from transformers import GenerationConfig
+from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.trainer.utils import pad
+
+from .advantages import (
+    _nanstd,
+    advantages_with_weak_negatives,
+    entropy_advantage_weights,
+    select_weak_negatives,
+    sequence_mean,
+    truncated_importance_weights,
+)
+from .entropy import token_entropy
+from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mixed_token_logprobs
+from .sft import WMSS_PAPER
+from .weak import check_weak_compatible, is_peft_model, prepare_weak_model, resolve_weak_model
+
+logger = logging.getLogger(__name__)
+
+# codes of the `wmss_source` column of the batch
+SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED = 0, 1, 2
+SOURCE_NAMES = {SOURCE_POLICY: "policy", SOURCE_WEAK_NEGATIVE: "weak_negative", SOURCE_WEAK_UNUSED: "weak_unused"}
+ROW_MEAN_LOSSES = ("grpo", "sapo", "luspo", "dr_grpo")
+
+
+@dataclass
+class WMSSGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`WMSSGRPOTrainer`]: everything of [`~trl.GRPOConfig`] plus the weak model and the WMSS options.
+    With `num_weak_generations=0`, `entropy_weighted_advantages=False`, `mixing_lambda=1.0` and no weak model (or
+    `beta=0`), training is exactly TRL's GRPO.
+
+    Parameters:
+        weak_model_name_or_path (`str`, *optional*):
+            Local folder of the weak checkpoint (an earlier checkpoint of the same model, same tokenizer). Overridden by
+            the trainer's `weak_model` argument. With PEFT and no weak model, the adapter-disabled base is used.
+        weak_model_init_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments for `from_pretrained` of the weak model (dict or JSON string).
+        num_weak_generations (`int`, defaults to `0`):
+            K: completions the weak model samples per prompt (0 = no weak negatives). `per_device_train_batch_size *
+            K` must be divisible by `num_generations`.
+        max_weak_negatives (`int`, *optional*):
+            M: at most this many wrong weak completions join each group (default: K).
+        weak_negative_threshold (`float`, defaults to `0.5`):
+            A weak completion is wrong when its reward is below this (0/1 rewards: reward 0).
+        weak_correctness_reward (`str`, *optional*):
+            Name of the reward function that decides wrongness (default: the weighted sum of all reward functions).
+        weak_is_clip (`float`, defaults to `2.0`):
+            c: truncation of the per-token importance weight min(pi_old / pi_weak, c) of weak negatives.
+        entropy_weighted_advantages (`bool`, defaults to `False`):
+            Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
+        entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
+            Weights of base difficulty (weak entropy), consolidation (entropy drop weak -> policy) and regression
+            (entropy rise), as WD-DS's a, b, c.
+        entropy_weight_min, entropy_weight_max (`float`, *optional*):
+            Clip the token weights (after the mean-1 normalisation).
+        mixing_lambda (`float`, defaults to `1.0`):
+            WD-JT in RL: policy log-probs in the loss from lambda * z_policy + (1 - lambda) * z_weak; 1.0 = off.
+        mixing_chunk_size (`int`, defaults to `1024`):
+            Positions per chunk of the fp32 mixed log-softmax.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
+
+    weak_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Not needed "
+                  "with PEFT: the adapter-disabled base is the weak model."},
+    )
+    weak_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
+    )
+    num_weak_generations: int = field(
+        default=0,
+        metadata={"help": "K: completions the weak model samples per prompt; its plausible wrong ones become "
+                  "negatives of the group. 0 disables weak negatives. per_device_train_batch_size * K must be "
+                  "divisible by num_generations."},
+    )
+    max_weak_negatives: int | None = field(
+        default=None,
+        metadata={"help": "M: at most this many weak negatives per group, the most plausible to the policy "
+                  "(default: num_weak_generations)."},
+    )
+    weak_negative_threshold: float = field(
+        default=0.5,
+        metadata={"help": "A weak completion is wrong when its reward is below this value (0/1 rewards: 0 is wrong)."},
+    )
+    weak_correctness_reward: str | None = field(
+        default=None,
+        metadata={"help": "Name of the reward function that decides whether a weak completion is wrong (default: "
+                  "the weighted sum of all reward functions)."},
+    )
+    weak_is_clip: float = field(
+        default=2.0,
+        metadata={"help": "c: the per-token importance weight of weak negatives is min(pi_old / pi_weak, c)."},
+    )
+    entropy_weighted_advantages: bool = field(
+        default=False,
+        metadata={"help": "Weight each token's advantage by the WD-DS entropy-dynamics weight (mean 1 over the "
+                  "global batch)."},
+    )
+    entropy_weight_alpha: float = field(
+        default=0.1, metadata={"help": "Weight of base difficulty: the weak model's token entropy."}
+    )
+    entropy_weight_beta: float = field(
+        default=0.8, metadata={"help": "Weight of consolidation: relu(H_weak - H_policy)."}
+    )
+    entropy_weight_gamma: float = field(
+        default=0.1, metadata={"help": "Weight of regression: relu(H_policy - H_weak)."}
+    )
+    entropy_weight_min: float | None = field(
+        default=None, metadata={"help": "Lower clip of the token weights (after normalisation)."}
+    )
+    entropy_weight_max: float | None = field(
+        default=None, metadata={"help": "Upper clip of the token weights (after normalisation)."}
+    )
+    mixing_lambda: float = field(
+        default=1.0,
+        metadata={"help": "WD-JT in RL: the loss uses log-probs of lambda*z_policy + (1-lambda)*z_weak; "
+                  "0 < lambda <= 1, 1.0 is off."},
+    )
+    mixing_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Positions per chunk of the fp32 mixed log-softmax."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_lambda(self.mixing_lambda)
+        if self.mixing_chunk_size < 1:
+            raise ValueError(f"mixing_chunk_size must be >= 1, got {self.mixing_chunk_size}.")
+        k, g, p = self.num_weak_generations, self.num_generations, self.per_device_train_batch_size
+        if k < 0:
+            raise ValueError(f"num_weak_generations must be >= 0, got {k}.")
+        if k > 0:
+            if (p * k) % g != 0:
+                import math
+
+                step = g // math.gcd(p, g)
+                raise ValueError(
+                    f"num_weak_generations={k} breaks the batch layout: every process appends "
+                    f"per_device_train_batch_size * steps_per_generation * num_weak_generations / num_generations weak "
+                    f"completions to its batch, which must still split into steps_per_generation equal micro-batches, "
+                    f"so per_device_train_batch_size * num_weak_generations ({p} * {k}) must be divisible by "
+                    f"num_generations ({g}). With these sizes use a multiple of {step} (e.g. {step}), or change "
+                    "per_device_train_batch_size."
+                )
+            if self.max_weak_negatives is None:
+                self.max_weak_negatives = k
+            if not 1 <= self.max_weak_negatives <= k:
+                raise ValueError(
+                    f"max_weak_negatives must be between 1 and num_weak_generations ({k}), got {self.max_weak_negatives}."
+                )
+            if self.multi_objective_aggregation != "sum_then_normalize":
+                raise ValueError(
+                    "weak negatives (num_weak_generations > 0) need multi_objective_aggregation='sum_then_normalize' "
+                    f"(got {self.multi_objective_aggregation!r}): the negatives are scored by the weighted sum of the "
+                    "rewards."
+                )
+        if not self.weak_is_clip > 0:
+            raise ValueError(f"weak_is_clip must be > 0, got {self.weak_is_clip}.")
+        coefs = (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma)
+        if any(c < 0 for c in coefs):
+            raise ValueError(f"entropy_weight_alpha/beta/gamma must be >= 0, got {coefs}.")
+        if self.entropy_weighted_advantages and sum(coefs) <= 0:
+            raise ValueError("entropy_weighted_advantages needs at least one positive entropy_weight_alpha/beta/gamma.")
+        lo, hi = self.entropy_weight_min, self.entropy_weight_max
+        if lo is not None and lo < 0:
+            raise ValueError(f"entropy_weight_min must be >= 0, got {lo}.")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"entropy_weight_min ({lo}) must be <= entropy_weight_max ({hi}).")
+
+    @property
+    def wmss_enabled(self) -> bool:
+        """True when an option that needs the weak model beyond the KL reference is on."""
+        return self.num_weak_generations > 0 or self.entropy_weighted_advantages or self.mixing_lambda < 1.0
+
+
+class WMSSGRPOTrainer(GRPOTrainer):
+    """[`~trl.GRPOTrainer`] with a weak checkpoint as reference, source of negatives and entropy anchor.
+
+    Args:
+        model, reward_funcs, args, ...: exactly as [`~trl.GRPOTrainer`] (`args` must be a [`WMSSGRPOConfig`]).
+        weak_model (`PreTrainedModel` or `str`, *optional*):
+            The weak checkpoint (a model or its local folder); overrides `args.weak_model_name_or_path`. With a PEFT
+            policy and no weak model, the same network with adapters disabled is the weak model.
+
+    Overridden hooks: `_generate_and_score_completions` (calls TRL's, then adds weak rows, reference log-probs and
+    token advantages), `_calculate_rewards` (remembers the gathered rewards), `_get_per_token_logps_and_entropies`
+    (mixed log-probs for the policy when `mixing_lambda < 1`) and `_compute_loss` (calls TRL's; rescales row-averaged
+    losses for padding rows).
+
+    Logged metrics (namespace `wmss/`): `weak_accuracy`, `weak_reward`, `weak_negatives_per_group`,
+    `frac_groups_with_weak_negative`, `weak_negative_logp` (policy's mean token log-prob of the selected negatives),
+    `weak_negative_advantage`, `is_weight_mean`/`is_weight_max`, `adv_weight_mean`/`adv_weight_std`/`adv_weight_max`,
+    `weak_entropy`, `policy_entropy`, `kl_weak` (k3 estimate of KL(policy || weak) on the policy's samples, when both
+    log-probs are at hand); with `beta > 0` TRL's `kl` is the KL to the weak model. The completions table gets a
+    `wmss_source` column (`policy`, `weak_negative` or `weak_unused`).
+    """
+
+    _tag_names = ["trl", "grpo", "wmss"]
+    _name = "WMSS-GRPO"
+    _paper = WMSS_PAPER
+
+    def __init__(self, model, reward_funcs=None, args: WMSSGRPOConfig | None = None, *pargs, weak_model=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = WMSSGRPOConfig(f"{str(name).split('/')[-1]}-WMSS-GRPO")
+        elif not isinstance(args, WMSSGRPOConfig):
+            raise TypeError(f"args must be a WMSSGRPOConfig, got {type(args).__name__}.")
+        separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
+        if separate_weak and args.sync_ref_model:
+            raise ValueError(
+                "sync_ref_model=True would overwrite the weak reference model with the policy; WMSS keeps the weak "
+                "checkpoint frozen. Set sync_ref_model=False."
+            )
+        # A separate weak model replaces TRL's reference model: hide beta while GRPOTrainer builds itself, so it does
+        # not load and shard a copy of the policy as reference (see cpu-setup.md section 5).
+        beta = args.beta
+        if separate_weak:
+            args.beta = 0.0
+        try:
+            super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        finally:
+            args.beta = beta
+        self.beta = beta
+        self._setup_wmss(weak_model, separate_weak)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _setup_wmss(self, weak_model, separate_weak: bool) -> None:
+        args = self.args
+        self.num_weak_generations = args.num_weak_generations
+        self.max_weak_negatives = args.max_weak_negatives
+        self._use_negatives = args.num_weak_generations > 0
+        self._use_entropy_weights = args.entropy_weighted_advantages
+        self.mixing_lambda = args.mixing_lambda
+        self._use_mixing = args.mixing_lambda < 1.0
+        self._wmss_rewards_per_func = None
+        self._wmss_debug: dict[str, Any] = {}
+
+        needs_weak = args.wmss_enabled or (separate_weak and self.beta != 0.0)
+        self.weak_model = None
+        self._weak_source = None  # "model": a separate frozen model; "peft_base": the policy with adapters disabled
+        if needs_weak:
+            if self._is_vlm or self.tools or self.rollout_func is not None or self.environment_factories is not None:
+                raise NotImplementedError(
+                    "WMSS-GRPO supports single-turn text generation; tools, environments, rollout_func and "
+                    "vision-language models are not supported with a weak model or the WMSS options."
+                )
+            weak, path = resolve_weak_model(
+                weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model, required=True
+            )
+            if weak is None:
+                self._weak_source = "peft_base"
+            else:
+                check_weak_compatible(self.model, weak, self.processing_class, path)
+                self.weak_model = prepare_weak_model(
+                    weak,
+                    self.accelerator,
+                    self.is_deepspeed_enabled,
+                    fused_lm_head_kwargs={
+                        "temperature": self.temperature,
+                        "cast_lm_head_to_fp32": args.cast_lm_head_to_fp32,
+                        "outputs": ("log_probs", "entropy"),
+                    },
+                )
+                self.ref_model = self.weak_model  # the weak checkpoint IS the reference policy
+                self._weak_source = "model"
+        elif separate_weak:
+            logger.warning(
+                "A weak model was given, but beta=0 and every WMSS option is off, so it is not used and not loaded: "
+                "this run is vanilla GRPO."
+            )
+        self._weak_ref = self._weak_source is not None and self.beta != 0.0
+        self._wmss_hook = self._weak_ref or self._use_negatives or self._use_entropy_weights
+
+        if self._use_negatives:
+            self._check_negative_rewards()
+            self._weak_generation_config = self._build_weak_generation_config()
+            # the completions table holds the weak rows too: widen TRL's log buffers
+            size = args.generation_batch_size + args.generation_batch_size * self.num_weak_generations // self.num_generations
+            self._logs = {
+                "images": deque(maxlen=size),
+                "prompt": deque(maxlen=size),
+                "completion": deque(maxlen=size),
+                "rewards": defaultdict(lambda: deque(maxlen=size)),
+                "advantages": deque(maxlen=size),
+                "extra": defaultdict(lambda: deque(maxlen=size)),
+            }
+
+    def _check_negative_rewards(self) -> None:
+        names = list(self.reward_func_names)
+        if not names:
+            raise ValueError(
+                "weak negatives need a reward function that can mark a completion wrong, but no reward function was "
+                "given. Pass reward_funcs (e.g. a verifier returning 1 for right and 0 for wrong answers)."
+            )
+        name = self.args.weak_correctness_reward
+        if name is not None:
+            if name not in names:
+                raise ValueError(f"weak_correctness_reward={name!r} is not one of the reward functions {names}.")
+            self._correctness_index = names.index(name)
+        else:
+            self._correctness_index = None
+            if not bool((self.reward_weights != 0).any()):
+                raise ValueError(
+                    "weak negatives need a reward function that can mark a completion wrong, but every reward weight "
+                    f"is 0 ({self.reward_weights.tolist()}), so every weak completion would get reward 0. Give a "
+                    "verifier a non-zero weight, or name it with weak_correctness_reward."
+                )
+
+    def _build_weak_generation_config(self) -> GenerationConfig:
+        """The policy's HF generation config (vLLM runs build the equivalent from the same sampling settings)."""
+        if getattr(self, "generation_config", None) is not None:
+            return self.generation_config
+        return GenerationConfig(
+            max_new_tokens=self.max_completion_length,
+            do_sample=True,
+            pad_token_id=self._tokenizer.pad_token_id,
+            bos_token_id=self._tokenizer.bos_token_id,
+            eos_token_id=self.eos_token_ids,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            disable_compile=True,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # model helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _is_policy(self, model) -> bool:
+        return model is self.model or model is self.model_wrapped or getattr(model, "module", None) is self.model
+
+    @contextlib.contextmanager
+    def _weak_engine(self):
+        """Yields the model to call for weak log-probs/logits (no grad): the weak engine, or the policy with adapters
+        disabled."""
+        with torch.no_grad():
+            if self._weak_source == "model":
+                yield self.weak_model
+            else:
+                with self.model.disable_adapter():
+                    yield self.model
+
+    def _plain_logps(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy):
+        """TRL's fused log-probs/entropies, never mixed (for the weak model, and for stats of the pure policy)."""
+        return GRPOTrainer._get_per_token_logps_and_entropies(
+            self, model, input_ids, attention_mask, logits_to_keep,
+            batch_size=self.args.per_device_train_batch_size, compute_entropy=compute_entropy,
+        )[:2]
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal,
+    ):
+        """TRL's method, except for the policy under WD-JT (``mixing_lambda < 1``): log-probs of the mixed logits.
+
+        ``log p_mix(y_t) = log softmax(lambda * z_policy / T + (1 - lambda) * z_weak / T)[y_t]`` with gradient only
+        through the policy logits (:func:`wmss_trl.mixing.mixed_token_logprobs`). The entropies returned are the
+        policy's own (not the mixture's), as in TRL's ``entropy`` metric.
+        """
+        if not getattr(self, "_use_mixing", False) or not self._is_policy(model) or any(
+            v is not None for v in multimodal.values()
+        ):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal,
+            )
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies, all_aux = [], [], []
+        needs_entropy_grad = torch.is_grad_enabled() and getattr(self, "_entropy_bonus_enabled", False)
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            fwd = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": logits_to_keep + 1,
+                   "use_cache": False, "fused_lm_head": False}
+            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                with self._weak_engine() as weak, self.accelerator.autocast():
+                    weak_logits = weak(**fwd).logits[:, :-1].float() / self.temperature
+            if compute_aux_loss:
+                fwd["output_router_logits"] = True
+            with self.accelerator.autocast():
+                outputs = model(**fwd)
+            logits = outputs.logits[:, :-1].float() / self.temperature
+            tokens = ids[:, -logits_to_keep:]
+            all_logps.append(
+                mixed_token_logprobs(logits, weak_logits, tokens, self.mixing_lambda, self.args.mixing_chunk_size)
+            )
+            if compute_entropy:
+                if needs_entropy_grad:
+                    all_entropies.append(torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1))
+                else:
+                    all_entropies.append(token_entropy(logits.detach(), self.args.mixing_chunk_size))
+            if compute_aux_loss:
+                all_aux.append(outputs.aux_loss)
+        logps = torch.cat(all_logps)
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+        return logps, entropies, aux_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # rewards
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._wmss_rewards_per_func = rewards_per_func  # gathered (global) rewards of the last call
+        return rewards_per_func
+
+    def _aggregate(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """TRL's ``sum_then_normalize`` reward: weighted nansum, NaN when every function returned None."""
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return rewards
+
+    def _correctness(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        if self._correctness_index is not None:
+            return rewards_per_func[:, self._correctness_index]
+        return self._aggregate(rewards_per_func)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # weak rollouts
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _weak_generate(self, prompt_ids_list: list[list[int]]) -> list[list[int]]:
+        """Sample one completion per prompt from the weak model, on every process in lockstep (ZeRO-3 gathers the
+        weak shards in ``unwrap_model_for_generation``). Returns completion ids cut after the first EOS, like TRL."""
+        device = self.accelerator.device
+        prompts = [torch.tensor(ids) for ids in prompt_ids_list]
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+                        pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        attention_mask = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left",
+                             pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        engine = self.weak_model if self._weak_source == "model" else self.model_wrapped
+        with (
+            unwrap_model_for_generation(
+                engine,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=getattr(self, "generation_kwargs", None),
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped,
+            torch.no_grad(),
+        ):
+            adapters_off = unwrapped.disable_adapter() if self._weak_source == "peft_base" else contextlib.nullcontext()
+            with adapters_off:
+                out = unwrapped.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=self._weak_generation_config
+                )
+        completion_ids = out[:, input_ids.size(1) :]
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
+        eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
+        eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
+        keep = torch.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1) <= eos_idx.unsqueeze(1)
+        return [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu(), strict=True)]
+
+    def _weak_rollouts(self, inputs: list[dict]) -> dict[str, Any]:
+        """Generate and score this process's ``n_w = B * K / G`` weak completions (see the module docstring)."""
+        n_local, g, k = len(inputs), self.num_generations, self.num_weak_generations
+        n_weak = n_local * k // g
+        w_inputs = [inputs[(j * g) // k] for j in range(n_weak)]
+        prompts = [x["prompt"] for x in w_inputs]
+        prompt_ids_list, _, _ = self._tokenize_prompts(prompts)
+        completion_ids_list = self._weak_generate(prompt_ids_list)
+        if is_conversational({"prompt": prompts[0]}):
+            texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
+
+        # the same reward functions; their log_extra columns go to the weak rows, their log_metric values are dropped
+        # (they would otherwise be averaged into the policy's reward metrics at the next step)
+        pending_extra, pending_metrics = dict(self._pending_extra_logs), dict(self._pending_metrics)
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
+        rewards_per_func = self._calculate_rewards(w_inputs, prompts, completions, completion_ids_list)
+        weak_extra = dict(self._pending_extra_logs)
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
+        self._pending_extra_logs.update(pending_extra)
+        self._pending_metrics.update(pending_metrics)
+
+        truncated = [len(ids) == 0 or ids[-1] not in [*self.eos_token_ids, self._tokenizer.pad_token_id]
+                     for ids in completion_ids_list]
+        return {
+            "prompt_ids": prompt_ids_list,
+            "completion_ids": completion_ids_list,
+            "prompts": prompts,
+            "completions": completions,
+            "rewards_per_func": rewards_per_func,  # (world * n_w, F), gathered
+            "truncated": truncated,
+            "extra": weak_extra,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the generation hook
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        if not self._wmss_hook:
+            return super()._generate_and_score_completions(inputs)
+        saved_beta = self.beta
+        if self._weak_ref:  # the reference log-probs are computed below, with the weak model, in one forward
+            self.beta = 0.0
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.beta = saved_beta
+        return self._add_wmss(inputs, output, self._wmss_rewards_per_func)
+
+    def _add_wmss(self, inputs, out: dict, rewards_per_func: torch.Tensor) -> dict:
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        use_neg = self._use_negatives and mode == "train"
+        use_ent = self._use_entropy_weights and mode == "train"
+        known = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch",
+                 "old_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio", "ref_per_token_logps"}
+        unknown = [key for key, v in out.items() if key not in known and v is not None]
+        if use_neg and unknown:
+            raise NotImplementedError(f"weak negatives cannot extend the batch fields {unknown}.")
+
+        n_pol = out["prompt_ids"].size(0)
+        pad_id = self._tokenizer.pad_token_id
+        weak = self._weak_rollouts(inputs) if use_neg else None
+        n_weak = len(weak["completion_ids"]) if weak is not None else 0
+
+        # ---- one batch: [policy rows; weak rows], prompts left-padded, completions right-padded to common widths
+        prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+        completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+        if weak is not None:
+            w_prompt = [torch.tensor(x) for x in weak["prompt_ids"]]
+            w_comp = [torch.tensor(x, dtype=torch.long) for x in weak["completion_ids"]]
+            width_p = max(prompt_ids.size(1), max(len(x) for x in w_prompt))
+            width_c = max(completion_ids.size(1), max(len(x) for x in w_comp))
+            w_prompt_mask = pad([torch.ones_like(x) for x in w_prompt], 0, "left").to(device)
+            w_prompt_ids = pad(w_prompt, pad_id, "left").to(device)
+            w_comp_mask = pad([torch.ones_like(x) for x in w_comp], 0, "right").to(device)
+            w_comp_ids = pad(w_comp, pad_id, "right").to(device)
+            if self.mask_truncated_completions:
+                w_comp_mask = w_comp_mask * (~torch.tensor(weak["truncated"], device=device)).unsqueeze(1).int()
+            prompt_ids = torch.cat([_pad_to(prompt_ids, width_p, pad_id, "left"), _pad_to(w_prompt_ids, width_p, pad_id, "left")])
+            prompt_mask = torch.cat([_pad_to(prompt_mask, width_p, 0, "left"), _pad_to(w_prompt_mask, width_p, 0, "left")])
+            completion_ids = torch.cat([_pad_to(completion_ids, width_c, pad_id), _pad_to(w_comp_ids, width_c, pad_id)])
+            completion_mask = torch.cat([_pad_to(completion_mask, width_c, 0), _pad_to(w_comp_mask, width_c, 0)])
+        n_rows, width = completion_ids.size(0), completion_ids.size(1)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        rows_w = slice(n_pol, n_rows)
+
+        # ---- forwards (no grad): the weak model and the policy, on the rows that need them
+        weak_from = 0 if (self._weak_ref or use_ent) else n_pol
+        pol_from = 0 if use_ent else n_pol
+        weak_lp = torch.zeros(n_rows, width, device=device)
+        weak_h = torch.zeros(n_rows, width, device=device)
+        pol_lp = torch.zeros(n_rows, width, device=device)
+        pol_h = torch.zeros(n_rows, width, device=device)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if weak_from < n_rows:
+                with self._weak_engine() as engine:
+                    lp, h = self._plain_logps(engine, input_ids[weak_from:], attention_mask[weak_from:], width, use_ent)
+                weak_lp[weak_from:] = lp.float()
+                if h is not None:
+                    weak_h[weak_from:] = h.float()
+            if pol_from < n_rows:
+                # the policy's log-probs as the loss sees them (mixed under WD-JT), its own entropy
+                lp, h, _ = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids[pol_from:], attention_mask[pol_from:], width,
+                    batch_size=self.args.per_device_train_batch_size, compute_entropy=use_ent,
+                )
+                pol_lp[pol_from:] = lp.float()
+                if h is not None:
+                    pol_h[pol_from:] = h.float()
+
+        # ---- sequence advantages: TRL's, recomputed for the groups that receive weak negatives
+        advantages = out["advantages"]
+        source = torch.full((n_rows,), SOURCE_POLICY, dtype=torch.long, device=device)
+        rho = None
+        if weak is not None:
+            advantages, weak_adv, selected, stats = self._negatives_and_advantages(
+                rewards_per_func, weak, advantages, pol_lp[rows_w], completion_mask[rows_w]
+            )
+            source[rows_w] = torch.where(selected, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED)
+            completion_mask[rows_w] = completion_mask[rows_w] * selected.unsqueeze(1).to(completion_mask.dtype)
+            advantages = torch.cat([advantages, weak_adv])
+            rho = torch.ones(n_rows, width, device=device)
+            rho[rows_w] = truncated_importance_weights(
+                pol_lp[rows_w], weak_lp[rows_w], completion_mask[rows_w], self.args.weak_is_clip
+            )
+            self._log_negatives(stats, rho[rows_w], completion_mask[rows_w])
+        loss_mask = completion_mask
+
+        # ---- token weights from the entropy dynamics, normalised over the global batch
+        weights = None
+        if use_ent:
+            weights = entropy_advantage_weights(
+                weak_h, pol_h, loss_mask,
+                alpha=self.args.entropy_weight_alpha, beta=self.args.entropy_weight_beta,
+                gamma=self.args.entropy_weight_gamma, min_weight=self.args.entropy_weight_min,
+                max_weight=self.args.entropy_weight_max,
+                reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
+            )
+            self._log_entropy_stats(weights, weak_h, pol_h, weak_lp, pol_lp, loss_mask, n_pol)
+
+        if rho is not None or weights is not None:
+            factor = torch.ones(n_rows, width, device=device)
+            if rho is not None:
+                factor = factor * rho
+            if weights is not None:
+                factor = factor * weights
+            advantages = advantages.unsqueeze(1) * factor
+
+        # ---- the output dict, every per-row field extended to the weak rows / the new width
+        out["prompt_ids"], out["prompt_mask"] = prompt_ids, prompt_mask
+        out["completion_ids"], out["completion_mask"] = completion_ids, completion_mask
+        out["advantages"] = advantages
+        out["wmss_source"] = source
+        if weak is not None:
+            out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+            if out.get("old_per_token_logps") is not None:
+                out["old_per_token_logps"] = torch.cat([_pad_to(out["old_per_token_logps"], width, 0.0), pol_lp[rows_w]])
+            if out.get("sampling_per_token_logps") is not None:
+                out["sampling_per_token_logps"] = torch.cat(
+                    [_pad_to(out["sampling_per_token_logps"], width, 0.0), weak_lp[rows_w]]
+                )
+            if out.get("importance_sampling_ratio") is not None:
+                ratio = out["importance_sampling_ratio"]
+                if ratio.size(1) > 1:
+                    ratio = _pad_to(ratio, width, 1.0)
+                out["importance_sampling_ratio"] = torch.cat([ratio, torch.ones(n_weak, ratio.size(1), device=device)])
+        if self._weak_ref:
+            out["ref_per_token_logps"] = weak_lp
+        self._wmss_debug = {"weak_logps": weak_lp, "policy_logps": pol_lp, "weak_entropy": weak_h,
+                            "policy_entropy": pol_h, "is_weight": rho, "entropy_weight": weights, "source": source}
+        self._log_table_rows(weak, out, n_pol, mode)
+        return out
+
+    def _negatives_and_advantages(self, rewards_per_func, weak, trl_advantages, pol_lp_weak, weak_mask):
+        """Select the negatives (globally, identical on all processes) and recompute the touched groups' advantages.
+        Returns local policy advantages, local weak advantages, local selection and global stats for logging."""
+        device = self.accelerator.device
+        g, k = self.num_generations, self.num_weak_generations
+        rank, n_pol, n_weak = self.accelerator.process_index, trl_advantages.size(0), pol_lp_weak.size(0)
+        plausibility = self.accelerator.gather(sequence_mean(pol_lp_weak, weak_mask))
+        valid = self.accelerator.gather((weak_mask.sum(-1) > 0).long()).bool()
+        weak_rpf = weak["rewards_per_func"]
+        n_groups = weak_rpf.size(0) // k
+        correctness = self._correctness(weak_rpf)
+        selected = select_weak_negatives(
+            correctness.view(n_groups, k), plausibility.view(n_groups, k), self.args.weak_negative_threshold,
+            self.max_weak_negatives, valid.view(n_groups, k),
+        )
+        policy_rewards = self._aggregate(rewards_per_func).view(n_groups, g)
+        batch_std = _nanstd(policy_rewards.flatten(), dim=0) if self.scale_rewards == "batch" else None
+        weak_rewards = self._aggregate(weak_rpf).view(n_groups, k)
+        adv, weak_adv, touched = advantages_with_weak_negatives(
+            policy_rewards, weak_rewards, selected, self.scale_rewards, batch_std
+        )
+        pol_index = torch.arange(rank * n_pol, (rank + 1) * n_pol, device=device)
+        local_adv = torch.where(touched[pol_index // g], adv.flatten()[pol_index], trl_advantages)
+        weak_index = slice(rank * n_weak, (rank + 1) * n_weak)
+        # for the completions table: global advantages of every row
+        trl_all = self.accelerator.gather(trl_advantages)
+        all_index = torch.arange(n_groups * g, device=device)
+        global_adv = torch.where(touched[all_index // g], adv.flatten(), trl_all)
+        stats = {
+            "correctness": correctness, "selected": selected, "plausibility": plausibility, "touched": touched,
+            "weak_rewards": weak_rewards, "weak_adv": weak_adv, "policy_adv": global_adv, "policy_rewards": policy_rewards,
+        }
+        self._wmss_debug_negatives = stats
+        return local_adv, weak_adv.flatten()[weak_index], selected.flatten()[weak_index], stats
+
+    # ------------------------------------------------------------------------------------------------------------
+    # metrics and the completions table
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _log_negatives(self, stats, rho_weak, weak_mask):
+        metrics = self._metrics["train"]
+        correctness, selected = stats["correctness"], stats["selected"]
+        scored = ~torch.isnan(correctness)
+        right = (correctness >= self.args.weak_negative_threshold) & scored
+        metrics["wmss/weak_accuracy"].append((right.sum() / scored.sum().clamp(min=1)).item())
+        metrics["wmss/weak_reward"].append(torch.nanmean(stats["weak_rewards"]).item())
+        metrics["wmss/weak_negatives_per_group"].append(selected.float().sum(1).mean().item())
+        metrics["wmss/frac_groups_with_weak_negative"].append(stats["touched"].float().mean().item())
+        n_sel = selected.sum()
+        metrics["wmss/weak_negative_logp"].append(
+            (stats["plausibility"].view_as(selected)[selected].sum() / n_sel).item() if n_sel > 0 else float("nan")
+        )
+        metrics["wmss/weak_negative_advantage"].append(
+            (stats["weak_adv"][selected].sum() / n_sel).item() if n_sel > 0 else float("nan")
+        )
+        m = weak_mask.float()
+        sums = self.accelerator.reduce(torch.stack([(rho_weak * m).sum(), m.sum()]), reduction="sum")
+        local_max = (rho_weak * m).max() if m.numel() else torch.zeros((), device=m.device)
+        metrics["wmss/is_weight_mean"].append((sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"))
+        metrics["wmss/is_weight_max"].append(
+            self.accelerator.gather(local_max.reshape(1)).max().item() if sums[1] > 0 else float("nan")
+        )
+
+    def _log_entropy_stats(self, weights, weak_h, pol_h, weak_lp, pol_lp, mask, n_pol):
+        metrics = self._metrics["train"]
+        m = mask.float()
+        mp = m[:n_pol]
+        log_ratio = weak_lp[:n_pol] - pol_lp[:n_pol]
+        k3 = torch.exp(log_ratio) - log_ratio - 1  # KL(policy || weak) estimate on the policy's own samples
+        sums = torch.stack([
+            (weights * m).sum(), (weights.square() * m).sum(), m.sum(),
+            (weak_h * m).sum(), (pol_h * m).sum(), (k3 * mp).sum(), mp.sum(),
+        ]).double()
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        n, n_pol_tok = sums[2].clamp(min=1), sums[6].clamp(min=1)
+        mean = sums[0] / n
+        metrics["wmss/adv_weight_mean"].append(mean.item())
+        metrics["wmss/adv_weight_std"].append(torch.sqrt((sums[1] / n - mean**2).clamp(min=0)).item())
+        local_max = (weights * m).max().reshape(1)
+        metrics["wmss/adv_weight_max"].append(self.accelerator.gather(local_max).max().item())
+        metrics["wmss/weak_entropy"].append((sums[3] / n).item())
+        metrics["wmss/policy_entropy"].append((sums[4] / n).item())
+        metrics["wmss/kl_weak"].append((sums[5] / n_pol_tok).item())
+
+    def _log_table_rows(self, weak, out, n_pol, mode):
+        """Add the weak rows to TRL's completions buffers, with a `wmss_source` column (and the recomputed policy
+        advantages of groups that received negatives)."""
+        world = self.accelerator.num_processes
+        self._logs["extra"]["wmss_source"].extend(["policy"] * (n_pol * world))
+        if weak is None:
+            return
+        stats = self._wmss_debug_negatives
+        policy_adv = stats["policy_adv"].tolist()
+        for _ in range(min(len(policy_adv), len(self._logs["advantages"]))):
+            self._logs["advantages"].pop()
+        self._logs["advantages"].extend(policy_adv)
+        n_weak_global = weak["rewards_per_func"].size(0)
+        self._logs["prompt"].extend(gather_object(weak["prompts"]))
+        self._logs["completion"].extend(gather_object(weak["completions"]))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(weak["rewards_per_func"][:, i].tolist())
+        self._logs["advantages"].extend(stats["weak_adv"].flatten().tolist())
+        columns = sorted(set(gather_object(list(weak["extra"]))) | set(self._logs["extra"]))
+        for column in columns:
+            if column == "wmss_source":
+                continue
+            values = weak["extra"].get(column, [None] * len(weak["prompts"]))
+            self._logs["extra"][column].extend(gather_object(values))
+        sources = stats["selected"].flatten().tolist()
+        self._logs["extra"]["wmss_source"].extend(
+            [SOURCE_NAMES[SOURCE_WEAK_NEGATIVE] if s else SOURCE_NAMES[SOURCE_WEAK_UNUSED] for s in sources]
+        )
+        assert len(sources) == n_weak_global
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        source = inputs.get("wmss_source")
+        if source is not None and self.loss_type in ROW_MEAN_LOSSES:
+            # row-averaged losses: average over the rows that carry loss, not over the zero-weight padding rows
+            active = (source != SOURCE_WEAK_UNUSED).sum().clamp(min=1)
+            loss = loss * (source.numel() / active)
+        return loss
+
+
+def _pad_to(t: torch.Tensor, width: int, value, side: str = "right") -> torch.Tensor:
+    """Pad a ``(B, T)`` tensor to ``(B, width)`` on ``side`` with ``value``."""
+    extra = width - t.size(1)
+    if extra <= 0:
+        return t
+    filler = torch.full((t.size(0), extra), value, dtype=t.dtype, device=t.device)
+    return torch.cat([filler, t] if side == "left" else [t, filler], dim=1)
