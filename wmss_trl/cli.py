@@ -18,6 +18,7 @@ from pathlib import Path
 COMMANDS = {
     "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
     "entropy": ("wmss_trl.recipes.entropy", "WD-DS: per-sample mean token entropy of a model on a dataset (resumable)"),
+    "pipeline": ("wmss_trl.recipes.pipeline", "The whole WMSS recipe (SFT, entropies, WD-DS, WD-JT), resumable; --config YAML"),
     "mine-negatives": ("wmss_trl.recipes.mine_negatives", "Weak model's verified-wrong, plausible answers as DPO rejected responses"),
     "dpo": ("wmss_trl.recipes.dpo", "DPO with the weak checkpoint as reference (WMSSDPOTrainer), optional WD-JT and entropy-gap weights"),
 }

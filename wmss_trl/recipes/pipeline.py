@@ -1,0 +1,489 @@
+"""``wmss pipeline``: the whole WMSS recipe in one command, resumable phase by phase.
+
+    wmss pipeline                                   # the embedded default: tiny model, generated arithmetic, minutes on CPU
+    wmss pipeline --config pipeline.yaml            # merged over the default (see pipeline_default.yaml)
+    wmss pipeline --config pipeline.yaml --launch_config zero3 [--num_processes 2]
+    wmss pipeline --print_config                    # the resolved configuration
+
+Phases (each writes its output under ``output_dir`` and a completion marker in ``output_dir/markers``; a phase whose
+marker exists is skipped, so re-running the same command after a crash continues where it stopped):
+
+    base            the weak model M_w: `base_model`, or a tiny Qwen2 built from config (wmss_trl.toy) -> base/
+    data            `dataset`, or a generated arithmetic task                                -> data/train.jsonl
+    sft             phase 1: plain TRL SFTTrainer, base -> strong model M_s                   -> strong/
+    entropy_weak    H0 = entropy of M_w on the data (`wmss entropy`, itself resumable)        -> entropy/weak.jsonl
+    entropy_strong  H1 = entropy of M_s                                                        -> entropy/strong.jsonl
+    wd_ds           WD-DS weights from (H0, H1)                                               -> wd_ds/entropy.jsonl
+    wdjt            phase 3: WMSSSFTTrainer (mixed logits, frozen M_w, WD-DS selection)       -> final/
+
+Every training / scoring phase runs in its own process: ``python -m wmss_trl.cli <command>``, or
+``accelerate launch --config_file <launch.accelerate_config> -m wmss_trl.cli <command>`` (DDP, ZeRO-2, ZeRO-3), so
+no accelerate / DeepSpeed state leaks from one phase into the next. The run configuration is fingerprinted in
+``output_dir/wmss_pipeline.json``: an output dir that holds another run's files is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("pipeline_default.yaml")
+RUN_FILE = "wmss_pipeline.json"
+PHASES = ("base", "data", "sft", "entropy_weak", "entropy_strong", "wd_ds", "wdjt")
+SECTIONS = ("toy_model", "toy_data", "launch", "common", "sft", "entropy", "selection", "wdjt")
+NOT_FINGERPRINTED = ("output_dir", "launch")
+MASK_FIELDS = ("max_length", "truncation_mode", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
+               "chat_template_path", "pad_token", "dataset_kwargs")
+
+
+def log(msg: str) -> None:
+    print(f"[wmss pipeline] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
+    """The embedded default, with the YAML file at ``path`` merged over it (section by section), then ``overrides``."""
+    with open(DEFAULT_CONFIG) as f:
+        cfg = yaml.safe_load(f)
+    layers = []
+    if path is not None:
+        with open(path) as f:
+            user = yaml.safe_load(f) or {}
+        if not isinstance(user, dict):
+            raise SystemExit(f"{path} must hold a YAML mapping.")
+        layers.append((path, user))
+    if overrides:
+        layers.append(("command line", overrides))
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in cfg:
+                raise SystemExit(f"unknown key {key!r} in {source}; known keys: {sorted(cfg)}.")
+            if key in SECTIONS:
+                if not isinstance(value, dict):
+                    raise SystemExit(f"{key!r} in {source} must be a mapping of fields.")
+                cfg[key] = {**(cfg[key] or {}), **value}
+            else:
+                cfg[key] = value
+    cfg["output_dir"] = os.path.abspath(cfg["output_dir"])
+    for key in ("base_model", "strong_model", "dataset"):
+        if cfg[key] is not None:
+            cfg[key] = os.path.abspath(cfg[key])
+    return cfg
+
+
+def path_fingerprint(path: str) -> str:
+    """sha256 of a file, or of every file of a folder (relative names + contents)."""
+    h = hashlib.sha256()
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: dict) -> tuple[str, dict]:
+    """What defines a run: the configuration (minus where it lives and how it is launched) and the content of the
+    user-given base model, strong model and dataset."""
+    ident = {k: v for k, v in cfg.items() if k not in NOT_FINGERPRINTED}
+    for key in ("base_model", "strong_model", "dataset"):
+        if cfg[key] is not None:
+            if not os.path.exists(cfg[key]):
+                raise SystemExit(f"{key} {cfg[key]!r} does not exist.")
+            ident[f"{key}_content"] = path_fingerprint(cfg[key])
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest(), ident
+
+
+def claim_output_dir(cfg: dict) -> None:
+    """Create the run folder, or check that the existing one belongs to this very run."""
+    out = Path(cfg["output_dir"])
+    fingerprint, ident = run_fingerprint(cfg)
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous["fingerprint"] != fingerprint:
+            old = previous.get("identity", {})
+            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            raise SystemExit(
+                f"{out} holds another WMSS pipeline run (different {', '.join(diff)}). Use a new output_dir, or "
+                "delete that folder to start over."
+            )
+        log(f"continuing the run in {out}")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(
+            f"{out} is not empty and holds no {RUN_FILE}: it is not a WMSS pipeline run folder. Use an empty or new "
+            "output_dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "markers").mkdir()
+    (out / "configs").mkdir()
+    (out / "logs").mkdir()
+    write_json(run_file, {"fingerprint": fingerprint, "identity": ident, "config": cfg})
+    log(f"new run in {out}")
+
+
+def write_json(path, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def write_yaml(path, obj) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(obj, f, sort_keys=True)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and markers
+# ---------------------------------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.dir = Path(cfg["output_dir"])
+
+    @property
+    def weak(self) -> str:
+        return self.cfg["base_model"] or str(self.dir / "base")
+
+    @property
+    def data(self) -> str:
+        return self.cfg["dataset"] or str(self.dir / "data" / "train.jsonl")
+
+    @property
+    def strong(self) -> str:
+        return self.cfg["strong_model"] or str(self.dir / "strong")
+
+    def entropy(self, which: str) -> str:
+        return str(self.dir / "entropy" / f"{which}.jsonl")
+
+    @property
+    def merged(self) -> str:
+        return str(self.dir / "wd_ds" / "entropy.jsonl")
+
+    @property
+    def final(self) -> str:
+        return str(self.dir / "final")
+
+    def marker(self, phase: str) -> Path:
+        return self.dir / "markers" / f"{phase}.done.json"
+
+    def done(self, phase: str) -> bool:
+        return self.marker(phase).exists()
+
+    def mark(self, phase: str, seconds: float, **info) -> None:
+        write_json(self.marker(phase), {"phase": phase, "seconds": round(seconds, 2), **info})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedded data and model
+# ---------------------------------------------------------------------------------------------------------------
+def make_arithmetic_rows(num_samples: int = 512, max_operand: int = 50, seed: int = 0) -> list[dict]:
+    """A minimal conversational prompt/completion task: ``"a+b="`` or ``"a-b="`` -> the result, with an ``idx``."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_samples):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice("+-")
+        result = a + b if op == "+" else a - b
+        rows.append({
+            "idx": i,
+            "prompt": [{"role": "user", "content": f"{a}{op}{b}="}],
+            "completion": [{"role": "assistant", "content": str(result)}],
+        })
+    return rows
+
+
+def phase_base(run: Run) -> dict:
+    if run.cfg["base_model"] is not None:
+        if not os.path.isfile(os.path.join(run.weak, "config.json")):
+            raise SystemExit(f"base_model {run.weak!r} is not a checkpoint folder (no config.json).")
+        return {"base_model": run.weak, "built": False}
+    from ..toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, **run.cfg["toy_model"])
+    tmp = run.dir / "base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_and_tokenizer(model, tok, str(tmp))
+    shutil.rmtree(run.weak, ignore_errors=True)
+    os.replace(tmp, run.weak)
+    return {"base_model": run.weak, "built": True, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def phase_data(run: Run) -> dict:
+    if run.cfg["dataset"] is not None:
+        return {"dataset": run.data, "generated": False}
+    rows = make_arithmetic_rows(**run.cfg["toy_data"])
+    os.makedirs(os.path.dirname(run.data), exist_ok=True)
+    with open(f"{run.data}.tmp", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(f"{run.data}.tmp", run.data)
+    return {"dataset": run.data, "generated": True, "num_samples": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launched phases
+# ---------------------------------------------------------------------------------------------------------------
+def launch_prefix(cfg: dict) -> list[str]:
+    from ..cli import resolve_accelerate_config
+
+    launch = cfg["launch"] or {}
+    if not launch.get("accelerate_config"):
+        return [sys.executable, "-m", "wmss_trl.cli"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           resolve_accelerate_config(launch["accelerate_config"])]
+    if launch.get("num_processes"):
+        cmd += ["--num_processes", str(launch["num_processes"])]
+    return cmd + ["-m", "wmss_trl.cli"]
+
+
+def run_command(run: Run, phase: str, args: list[str]) -> None:
+    """Run ``wmss <args>`` (launched as configured); the output goes to the terminal and to logs/<phase>.log."""
+    cmd = launch_prefix(run.cfg) + args
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log_path = run.dir / "logs" / f"{phase}.log"
+    log(f"{phase}: {' '.join(cmd)}")
+    with open(log_path, "ab") as logf:
+        logf.write(f"\n$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        while chunk := proc.stdout.read1(65536):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            logf.write(chunk)
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"phase {phase!r} failed (exit code {rc}); see {log_path}. Re-run the same command to "
+                         "continue from this phase.")
+
+
+def training_config(run: Run, section: str) -> dict:
+    cfg = {**run.cfg["common"], **run.cfg[section]}
+    for reserved in ("output_dir", "model_name_or_path", "dataset_name"):
+        if reserved in cfg:
+            raise SystemExit(f"{reserved!r} is set by the pipeline; remove it from `{section}` / `common`.")
+    return cfg
+
+
+def last_checkpoint(folder: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+def phase_sft(run: Run) -> dict:
+    if run.cfg["strong_model"] is not None:
+        if not os.path.isfile(os.path.join(run.strong, "config.json")):
+            raise SystemExit(f"strong_model {run.strong!r} is not a checkpoint folder (no config.json).")
+        return {"strong_model": run.strong, "trained": False}
+    run_command(run, "sft", ["pipeline", "--phase", "sft", "--output_dir", str(run.dir)])
+    if not os.path.isfile(os.path.join(run.strong, "config.json")):
+        raise SystemExit(f"phase 1 finished but {run.strong} holds no model.")
+    return {"strong_model": run.strong, "trained": True}
+
+
+def worker_sft(run: Run) -> int:
+    """Phase 1 inside its (possibly launched) process: plain TRL SFT of the base into the strong model."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from .common import DataArguments, load_dataset_splits, load_tokenizer, teardown
+
+    kwargs = training_config(run, "sft")
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)  # before the config exists: see cpu-setup T2/T3
+    args = SFTConfig(output_dir=run.strong, **kwargs)
+    train = load_dataset_splits(DataArguments(dataset_name=run.data))["train"]
+    trainer = SFTTrainer(run.weak, args=args, train_dataset=train, processing_class=load_tokenizer(run.weak))
+    trainer.accelerator.print(
+        f"phase 1 SFT: {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type.value}"
+    )
+    trainer.train(resume_from_checkpoint=last_checkpoint(run.strong))
+    trainer.save_model(run.strong)
+    teardown()
+    return 0
+
+
+def check_pair(run: Run) -> None:
+    """Weak and strong models must share the tokenizer (WMSS compares / mixes them token by token)."""
+    from ..weak import check_weak_compatible
+    from .common import load_tokenizer
+
+    try:
+        check_weak_compatible(run.strong, run.weak, load_tokenizer(run.strong), run.weak)
+    except ValueError as e:
+        raise SystemExit(f"weak model {run.weak} and strong model {run.strong} cannot be paired: {e}") from e
+
+
+def entropy_config(run: Run) -> str:
+    wdjt = training_config(run, "wdjt")
+    cfg = {k: wdjt[k] for k in MASK_FIELDS if k in wdjt}
+    cfg.update(bf16=wdjt.get("bf16", False), report_to="none")
+    cfg.update(run.cfg["entropy"] or {})
+    return write_yaml(run.dir / "configs" / "entropy.yaml", cfg)
+
+
+def phase_entropy(run: Run, which: str) -> dict:
+    model, column = (run.weak, "entropy_0") if which == "weak" else (run.strong, "entropy_1")
+    output = run.entropy(which)
+    run_command(run, f"entropy_{which}", [
+        "entropy", "--config", entropy_config(run), "--model", model, "--dataset", run.data, "--output", output,
+        "--entropy_column", column, "--progress", "false",
+    ])
+    with open(output + ".meta.json") as f:
+        if not json.load(f)["complete"]:
+            raise SystemExit(f"{output} is incomplete after the entropy phase.")
+    return {"output": output, "column": column}
+
+
+def phase_wd_ds(run: Run) -> dict:
+    """Join H0 and H1 on idx, compute the WD-DS weights, write them (with the entropies) and a summary."""
+    import numpy as np
+
+    from ..selection import merge_entropy_files, resample_indices, unique_count, wd_ds_weights
+
+    sel = run.cfg["selection"]
+    idx, cols = merge_entropy_files([run.entropy("weak"), run.entropy("strong")], ["entropy_0", "entropy_1"])
+    h0, h1 = cols["entropy_0"], cols["entropy_1"]
+    valid = ~np.isnan(h0) & ~np.isnan(h1)
+    weights = np.zeros(len(idx))
+    weights[valid] = wd_ds_weights(h0[valid], h1[valid], sel.get("selection_alpha", 0.1),
+                                   sel.get("selection_beta", 0.8), sel.get("selection_gamma", 0.1))
+    os.makedirs(os.path.dirname(run.merged), exist_ok=True)
+    with open(f"{run.merged}.tmp", "w") as f:
+        for i, a, b, w in zip(idx.tolist(), h0.tolist(), h1.tolist(), weights.tolist()):
+            nan = a != a
+            f.write(json.dumps({"idx": i, "entropy_0": None if nan else a, "entropy_1": None if b != b else b,
+                                "wd_ds_weight": w}) + "\n")
+    os.replace(f"{run.merged}.tmp", run.merged)
+    dh = (h1 - h0)[valid]
+    draw = resample_indices(weights, sel.get("selection_multiplier", 1.0), sel.get("selection_seed", 42))
+    summary = {
+        "num_samples": int(len(idx)),
+        "num_scored": int(valid.sum()),
+        "mean_entropy_weak": float(h0[valid].mean()),
+        "mean_entropy_strong": float(h1[valid].mean()),
+        "fraction_entropy_dropped": float((dh < 0).mean()),
+        "fraction_entropy_rose": float((dh > 0).mean()),
+        "max_weight_times_n": float(weights.max() * valid.sum()),
+        "unique_samples_in_resample": unique_count(draw),
+    }
+    write_json(run.dir / "wd_ds" / "summary.json", summary)
+    log("WD-DS: " + json.dumps(summary))
+    return {"output": run.merged, **summary}
+
+
+def phase_wdjt(run: Run) -> dict:
+    cfg = training_config(run, "wdjt")
+    cfg.update(run.cfg["selection"] or {})
+    cfg.update(
+        model_name_or_path=run.strong,
+        weak_model_name_or_path=run.weak,
+        dataset_name=run.data,
+        output_dir=run.final,
+        entropy_files=[run.merged],
+        weak_entropy_column="entropy_0",
+        strong_entropy_column="entropy_1",
+    )
+    if cfg.get("selection_mode") is None:
+        cfg.pop("entropy_files")
+    checkpoint = last_checkpoint(run.final)
+    if checkpoint:
+        cfg["resume_from_checkpoint"] = checkpoint
+    config = write_yaml(run.dir / "configs" / "wdjt.yaml", cfg)
+    run_command(run, "wdjt", ["sft", "--config", config])
+    if not os.path.isfile(os.path.join(run.final, "config.json")):
+        raise SystemExit(f"WD-JT finished but {run.final} holds no model.")
+    return {"final_model": run.final}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+def drive(cfg: dict) -> dict:
+    claim_output_dir(cfg)
+    run = Run(cfg)
+    steps = {
+        "base": lambda: phase_base(run),
+        "data": lambda: phase_data(run),
+        "sft": lambda: phase_sft(run),
+        "entropy_weak": lambda: phase_entropy(run, "weak"),
+        "entropy_strong": lambda: phase_entropy(run, "strong"),
+        "wd_ds": lambda: phase_wd_ds(run),
+        "wdjt": lambda: phase_wdjt(run),
+    }
+    timings = {}
+    start_all = time.time()
+    for phase in PHASES:
+        if run.done(phase):
+            log(f"{phase}: complete, skipped")
+            continue
+        if phase == "entropy_weak":  # before any cross-model work: the pair must share a tokenizer
+            check_pair(run)
+        start = time.time()
+        log(f"{phase}: running")
+        info = steps[phase]()
+        timings[phase] = time.time() - start
+        run.mark(phase, timings[phase], **info)
+        log(f"{phase}: done in {timings[phase]:.1f} s")
+    total = time.time() - start_all
+    log(f"finished in {total:.1f} s; final model: {run.final}")
+    return {"final_model": run.final, "seconds": total, "phases_run": list(timings)}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wmss pipeline", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML merged over the embedded default (wmss_trl/recipes/pipeline_default.yaml).")
+    p.add_argument("--output_dir", help="Run folder (overrides the config's output_dir).")
+    p.add_argument("--launch_config", help="accelerate config for every phase: ddp, zero2, zero3 or a path.")
+    p.add_argument("--num_processes", type=int, help="Processes per launched phase (overrides the launch config).")
+    p.add_argument("--print_config", action="store_true", help="Print the resolved configuration and exit.")
+    p.add_argument("--phase", choices=["sft"], help=argparse.SUPPRESS)  # internal: the launched phase-1 worker
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = make_parser().parse_args(argv)
+    if opts.phase is not None:  # inside a launched phase: the run folder already holds the configuration
+        with open(Path(opts.output_dir) / RUN_FILE) as f:
+            return worker_sft(Run(json.load(f)["config"]))
+    if "LOCAL_RANK" in os.environ:
+        raise SystemExit(
+            "`wmss pipeline` launches every phase itself; run it as a plain command, and give the accelerate "
+            "config with --launch_config (or `launch: {accelerate_config: ...}` in the YAML), not --accelerate_config "
+            "or `accelerate launch`."
+        )
+    overrides = {}
+    if opts.output_dir:
+        overrides["output_dir"] = opts.output_dir
+    cfg = load_config(opts.config, overrides)
+    if opts.launch_config or opts.num_processes:
+        cfg["launch"] = {**cfg["launch"]}
+        if opts.launch_config:
+            cfg["launch"]["accelerate_config"] = opts.launch_config
+        if opts.num_processes:
+            cfg["launch"]["num_processes"] = opts.num_processes
+    if opts.print_config:
+        print(yaml.safe_dump(copy.deepcopy(cfg), sort_keys=False))
+        return 0
+    drive(cfg)
+    return 0
