@@ -17,6 +17,7 @@ from pathlib import Path
 
 COMMANDS = {
     "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
+    "grpo": ("wmss_trl.recipes.grpo", "GRPO with the weak checkpoint as reference, negatives and entropy anchor (WMSSGRPOTrainer); --vanilla for TRL's GRPO"),
     "entropy": ("wmss_trl.recipes.entropy", "WD-DS: per-sample mean token entropy of a model on a dataset (resumable)"),
     "pipeline": ("wmss_trl.recipes.pipeline", "The whole WMSS recipe (SFT, entropies, WD-DS, WD-JT), resumable; --config YAML"),
     "mine-negatives": ("wmss_trl.recipes.mine_negatives", "Weak model's verified-wrong, plausible answers as DPO rejected responses"),

@@ -1,0 +1,56 @@
+"""WMSS-GRPO with 2 processes: DDP, ZeRO-2, ZeRO-3 (weak model sharded), LoRA, and global entropy-weight statistics."""
+
+from pathlib import Path
+
+import pytest
+from launch import accelerate_launch
+
+DIST = Path(__file__).parent / "dist"
+
+
+@pytest.mark.distributed
+def test_entropy_weights_two_processes_equal_one():
+    (result,) = accelerate_launch("ddp", DIST / "grpo_weights_run.py")
+    assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.MULTI_CPU"
+    for name in ("default", "clipped", "base_only"):
+        assert result[name] == 0.0, name  # the gathered 2-process weights are the 1-process weights, exactly
+        assert result[name + "_local_only_diff"] > 1e-3  # and per-process statistics would not be
+
+
+def check_run(result, config, peft=False):
+    assert result["world_size"] == 2
+    expected_type = "DistributedType.DEEPSPEED" if config.startswith("zero") else "DistributedType.MULTI_CPU"
+    assert result["distributed_type"] == expected_type
+    assert result["steps"] == 3 and result["losses_finite"] and result["policy_changed"]
+    metrics = result["metrics"]
+    # the weak model is the KL reference: a non-zero KL, the same quantity as measured at generation time
+    assert all(k > 0 for k in metrics["kl"]) and all(k > 0 for k in metrics["wmss/kl_weak"])
+    # weak negatives joined the groups (the group of 4 spans both processes), never with a positive advantage
+    assert sum(metrics["wmss/weak_negatives_per_group"]) > 0
+    assert all(a is None or a <= 0 for a in metrics["wmss/weak_negative_advantage"])
+    assert all(m is None or 0 <= m <= 2.0 for m in metrics["wmss/is_weight_max"])
+    # entropy weights are normalised over the global batch
+    assert all(abs(m - 1) < 1e-4 for m in metrics["wmss/adv_weight_mean"])
+    assert result["batch_rows"] == [3]  # 2 policy rows + 1 weak row per process and micro-batch
+    if peft:
+        assert result["weak_source"] == "peft_base"
+        return
+    assert result["weak_source"] == "model" and result["ref_is_weak"] and result["weak_unchanged"]
+    if config == "zero3":
+        assert result["zero_stage"] == 3 and result["weak_partitioned"] and result["policy_partitioned"]
+        assert result["weak_local_numel"] <= result["weak_full_numel"] // 2 + 64
+    else:
+        assert not result["weak_partitioned"] and result["weak_local_numel"] == result["weak_full_numel"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3"])
+def test_wmss_grpo_two_processes_separate_weak_model(config, tiny, tmp_path):
+    (result,) = accelerate_launch(config, DIST / "grpo_run.py", tiny["strong"], tiny["weak"], str(tmp_path))
+    check_run(result, config)
+
+
+@pytest.mark.distributed
+def test_wmss_grpo_two_processes_lora_weak_base(tiny, tmp_path):
+    (result,) = accelerate_launch("zero3", DIST / "grpo_run.py", tiny["strong"], tiny["weak"], str(tmp_path), "--peft")
+    check_run(result, "zero3", peft=True)

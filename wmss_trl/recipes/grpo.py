@@ -1,0 +1,104 @@
+"""``wmss grpo``: GRPO with the weak checkpoint as reference, source of negatives and entropy anchor.
+
+    wmss grpo --model_name_or_path STRONG --weak_model_name_or_path WEAK --dataset_name data.jsonl \
+              --reward_funcs numeric_accuracy_reward --output_dir out \
+              --beta 0.04 --num_weak_generations 2 --entropy_weighted_advantages true [--accelerate_config zero3]
+
+or ``accelerate launch --config_file ds_configs/zero3.yaml -m wmss_trl.cli grpo ...``. Same flags and YAML keys as
+``trl grpo`` (``GRPOConfig`` + ``ModelConfig``; ``--reward_funcs`` takes registered names or dotted import paths),
+plus the WMSS ones of ``WMSSGRPOConfig``. ``--vanilla true`` runs TRL's plain ``GRPOTrainer`` with the same
+configuration (the WMSS options are ignored; with ``beta > 0`` the reference is then TRL's copy of the policy), so a
+comparison against vanilla GRPO is one switch. Besides the model, the run writes ``trainer_state.json`` (the logged
+metrics) to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
+
+from ..grpo import WMSSGRPOConfig, WMSSGRPOTrainer
+from ..weak import is_zero3_partitioned
+from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
+
+
+@dataclass
+class GRPODataArguments(DataArguments):
+    """The data and reward arguments of ``trl grpo`` (``GRPOScriptArguments``), plus the vanilla switch."""
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Reward functions: registered names (numeric_accuracy_reward, math_verify_reward, "
+                  "accuracy_reward, ...) or dotted import paths (my_lib.rewards.f, importable from the current "
+                  "directory)."},
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A sequence-classification reward model (local folder), used in addition to reward_funcs."},
+    )
+    vanilla: bool = field(
+        default=False,
+        metadata={"help": "Run TRL's plain GRPOTrainer with the same configuration (WMSS options ignored): the "
+                  "baseline of a comparison."},
+    )
+
+
+def make_parser(prog: str = "wmss grpo") -> TrlParser:
+    return TrlParser((GRPODataArguments, WMSSGRPOConfig, ModelConfig), prog=prog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
+    from ..rewards import resolve_reward_funcs
+
+    # 1. Model, tokenizer and rewards.
+    training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    reward_funcs = resolve_reward_funcs(data_args.reward_funcs) if data_args.reward_funcs else []
+    if data_args.reward_model_name_or_path:
+        reward_funcs.append(data_args.reward_model_name_or_path)
+    if not reward_funcs:
+        raise SystemExit("no reward: pass --reward_funcs (a registered name or a dotted path) or --reward_model_name_or_path.")
+
+    # 2. Prompts (a `prompt` column; other columns reach the reward functions).
+    splits = load_dataset_splits(data_args)
+    train = splits[data_args.dataset_train_split]
+    evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+
+    # 3. WMSS-GRPO, or TRL's GRPO with the same configuration.
+    common = dict(
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    if data_args.vanilla:
+        trainer = GRPOTrainer(model_args.model_name_or_path, **common)
+        what = "vanilla TRL GRPO (WMSS options ignored)"
+    else:
+        trainer = WMSSGRPOTrainer(model_args.model_name_or_path, **common)
+        weak = trainer.weak_model
+        where = {None: "none", "peft_base": "peft-base"}.get(trainer._weak_source)
+        if where is None:
+            where = "zero3-sharded" if is_zero3_partitioned(weak) else "replicated"
+        what = (
+            f"WMSS-GRPO: weak model {where}, beta={trainer.beta}, num_weak_generations="
+            f"{training_args.num_weak_generations}, entropy_weighted_advantages="
+            f"{training_args.entropy_weighted_advantages}, mixing_lambda={training_args.mixing_lambda}"
+        )
+    state = trainer.accelerator.state
+    zero = state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None
+    trainer.accelerator.print(
+        f"wmss grpo: {state.num_processes} process(es), {state.distributed_type.value}, zero_stage={zero}, {what}"
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    trainer.accelerator.print(f"GRPO model saved to {training_args.output_dir}")
+    teardown()
+    return 0
