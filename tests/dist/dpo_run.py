@@ -31,6 +31,24 @@ def preference_pairs(n: int = 4) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def make_sharp(strong: str, weak: str, root: str) -> dict:
+    """Copies of the tiny models with scaled-up LM heads (x12 strong, x4 weak): far from uniform, so the weak/strong
+    entropies differ by O(1) nats. With the random init they differ by ~1e-4 nats, and fp32 rounding alone would move
+    the entropy-gap weights by ~1e-3."""
+    from transformers import AutoModelForCausalLM
+
+    from wmss_trl.toy import save_model_and_tokenizer
+
+    tok = load_tokenizer(strong)
+    paths = {}
+    for name, path, scale in (("strong", strong, 12.0), ("weak", weak, 4.0)):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        paths[name] = save_model_and_tokenizer(model, tok, os.path.join(root, name))
+    return paths
+
+
 def sizes(model):
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
