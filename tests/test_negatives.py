@@ -273,3 +273,25 @@ def test_two_process_mining_equals_one_process(tiny, models, tmp_path):
     assert result["rows"] == expected.to_list()
     assert result["summary"] == summary
     assert len(expected) > 0
+
+
+@pytest.mark.distributed
+def test_mine_negatives_command_relaunched_on_two_processes(tiny, models, tmp_path):
+    import subprocess
+
+    weak, strong, tok = models
+    prompts = mining_prompts()
+    data = tmp_path / "prompts.jsonl"
+    prompts.to_json(str(data))
+    out = tmp_path / "mined"
+    cmd = [sys.executable, "-m", "wmss_trl.cli", "mine-negatives", "--dataset_name", str(data), "--weak_model_name_or_path",
+           tiny["weak"], "--strong_model_name_or_path", tiny["strong"], "--reward_funcs", VERIFIER, "--output_dir", str(out),
+           "--num_samples", "4", "--max_new_tokens", "6", "--batch_size", "2", "--chunk_size", "4", "--keep_truncated", "true",
+           "--generation_kwargs", json.dumps(SMALL["generation_kwargs"]), "--progress", "false", "--accelerate_config", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "dist"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "wmss mine-negatives: 2 process(es), MULTI_CPU, 12 prompts x 4 samples" in proc.stdout
+    expected, summary = mine_negatives(prompts, weak, strong, tok, [VERIFIER], **SMALL)
+    assert load_from_disk(str(out / "dataset")).to_list() == expected.to_list()
+    assert json.loads((out / "summary.json").read_text()) == summary

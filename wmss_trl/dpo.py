@@ -17,7 +17,8 @@ Two optional WMSS pieces:
       w_i = u_i / (a + b * [mean(max(0, -dH)) > 0] + c * [mean(max(0, dH)) > 0])          (so mean_i w_i = 1)
   (a, b, c) = (pair_weight_alpha, pair_weight_beta, pair_weight_gamma), WD-DS's 0.1 / 0.8 / 0.1 by default: most of
   the weight goes to the pairs whose wrong answer the strong model has become *more* certain about than the weak one.
-  Means are over the global batch (all processes). A term whose mean is 0 is left out. The weights scale the
+  Means are over the micro-batch of all processes (with gradient accumulation, each micro-batch is normalised on its
+  own). A term whose mean is 0 is left out. The weights scale the
   gradient of each pair, grad L = (1/B) * sum_i w_i * grad l_i; the ``loss`` TRL logs stays the unweighted mean.
 
 Metrics (namespace ``wmss/``): ``weak_logps/{chosen,rejected}``; with WD-JT ``strong_logps/{chosen,rejected}``
