@@ -1,0 +1,228 @@
+"""`wmss pipeline`: config merging, the embedded data, end to end on a tiny model (single process and 2-process
+ZeRO-3), skipping finished phases, resuming after an interrupted phase, and the bad-input stops."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from wmss_trl.recipes.pipeline import PHASES, load_config, main, make_arithmetic_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "toy_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+    "toy_data": {"num_samples": 64, "max_operand": 20},
+    "common": {"per_device_train_batch_size": 8, "max_length": 32, "logging_steps": 4},
+    "sft": {"num_train_epochs": 4, "learning_rate": 1.0e-2},
+    "entropy": {"per_device_eval_batch_size": 16},
+}
+
+
+def write_config(path, cfg=SMALL):
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_pipeline(config, output_dir, *extra, timeout=900):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "wmss_trl.cli", "pipeline", "--config", config, "--output_dir", str(output_dir), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def entropy_rows(path):
+    return {r["idx"]: r for r in map(json.loads, open(path))}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pure parts
+# ------------------------------------------------------------------------------------------------------------------
+def test_config_merge_and_unknown_keys(tmp_path):
+    default = load_config()
+    assert default["selection"]["selection_mode"] == "resample" and default["base_model"] is None
+    user = tmp_path / "u.yaml"
+    user.write_text(yaml.safe_dump({"wdjt": {"mixing_lambda": 0.4}, "output_dir": "x"}))
+    cfg = load_config(str(user), {"output_dir": str(tmp_path / "o")})
+    assert cfg["wdjt"]["mixing_lambda"] == 0.4
+    assert cfg["wdjt"]["num_train_epochs"] == default["wdjt"]["num_train_epochs"]  # merged key by key
+    assert cfg["output_dir"] == str(tmp_path / "o")
+    user.write_text(yaml.safe_dump({"wdjt_lambda": 0.4}))
+    with pytest.raises(SystemExit, match="unknown key 'wdjt_lambda'"):
+        load_config(str(user))
+
+
+def test_arithmetic_rows():
+    rows = make_arithmetic_rows(50, max_operand=9, seed=3)
+    assert rows == make_arithmetic_rows(50, max_operand=9, seed=3)
+    assert [r["idx"] for r in rows] == list(range(50))
+    for r in rows:
+        question, answer = r["prompt"][0]["content"], r["completion"][0]["content"]
+        assert question.endswith("=") and int(answer) == eval(question[:-1])  # noqa: S307 - digits and +/- only
+    from wmss_trl.toy import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    text = "".join(r["prompt"][0]["content"] + r["completion"][0]["content"] for r in rows)
+    assert tok.unk_token_id not in tok(text)["input_ids"]  # the toy tokenizer covers the task
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    config = write_config(root / "small.yaml")
+    out = root / "run"
+    stdout = ok(run_pipeline(config, out))
+    return {"config": config, "dir": out, "stdout": stdout}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(pipeline_run):
+    run, stdout = pipeline_run["dir"], pipeline_run["stdout"]
+    for phase in PHASES:
+        assert (run / "markers" / f"{phase}.done.json").exists(), phase
+        assert f"{phase}: done" in stdout
+    base, strong, final = weights(run / "base"), weights(run / "strong"), weights(run / "final")
+    # phase 1 trained the strong model, WD-JT trained it further; the weak (base) model is untouched
+    assert any(not torch.equal(base[k], strong[k]) for k in base)
+    assert any(not torch.equal(strong[k], final[k]) for k in strong)
+    assert (run / "final" / "tokenizer.json").exists()
+
+    h0, h1 = entropy_rows(run / "entropy" / "weak.jsonl"), entropy_rows(run / "entropy" / "strong.jsonl")
+    assert sorted(h0) == sorted(h1) == list(range(64))
+    # SFT makes the model more certain on its training data: H1 < H0 on average
+    assert np.mean([h1[i]["entropy_1"] for i in h1]) < np.mean([h0[i]["entropy_0"] for i in h0]) - 0.5
+
+    merged = entropy_rows(run / "wd_ds" / "entropy.jsonl")
+    w = np.array([merged[i]["wd_ds_weight"] for i in range(64)])
+    assert w.sum() == pytest.approx(1.0) and w.std() > 0
+    summary = json.loads((run / "wd_ds" / "summary.json").read_text())
+    # the WD-JT trainer drew the same rows as the WD-DS summary (same weights, same seed) and logged the count
+    assert f'"unique_samples": {summary["unique_samples_in_resample"]}' in stdout
+    assert 0 < summary["unique_samples_in_resample"] < 64
+    log = json.loads((run / "markers" / "wdjt.done.json").read_text())
+    assert log["final_model"] == str(run / "final")
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_skips_finished_phases(pipeline_run):
+    run = pipeline_run["dir"]
+    before = {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()}
+    stdout = ok(run_pipeline(pipeline_run["config"], run))
+    for phase in PHASES:
+        assert f"{phase}: complete, skipped" in stdout
+    assert "running" not in stdout
+    assert {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_after_interrupted_phase(pipeline_run, tmp_path):
+    """A crash during the strong-entropy pass: half of its rows written, no marker for it or the later phases, no
+    final model. The re-run skips phases 1 and H0, resumes H1 from its file, and reproduces the uninterrupted run."""
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["dir"], run)
+    ent = run / "entropy" / "strong.jsonl"
+    lines = ent.read_text().splitlines(keepends=True)
+    ent.write_text("".join(lines[:32]) + lines[32][:7])  # 32 rows + a torn line
+    meta = json.loads(Path(f"{ent}.meta.json").read_text())
+    Path(f"{ent}.meta.json").write_text(json.dumps({**meta, "complete": False}))
+    for phase in ("entropy_strong", "wd_ds", "wdjt"):
+        (run / "markers" / f"{phase}.done.json").unlink()
+    shutil.rmtree(run / "final")
+    strong_before = (run / "strong" / "model.safetensors").stat().st_mtime_ns
+
+    stdout = ok(run_pipeline(pipeline_run["config"], run))
+    for phase in ("base", "data", "sft", "entropy_weak"):
+        assert f"{phase}: complete, skipped" in stdout
+    assert "resuming, 32 of 64 samples already scored" in stdout
+    assert (run / "strong" / "model.safetensors").stat().st_mtime_ns == strong_before  # phase 1 not re-run
+    original = entropy_rows(pipeline_run["dir"] / "entropy" / "strong.jsonl")
+    resumed = entropy_rows(ent)
+    assert sorted(resumed) == list(range(64))
+    for i in range(64):
+        assert resumed[i]["entropy_1"] == pytest.approx(original[i]["entropy_1"], abs=1e-6)
+    final, reference = weights(run / "final"), weights(pipeline_run["dir"] / "final")
+    for k in reference:
+        torch.testing.assert_close(final[k], reference[k], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+def test_refuses_another_runs_output_dir(pipeline_run, tmp_path, capsys):
+    other = {**SMALL, "toy_data": {"num_samples": 64, "max_operand": 20, "seed": 7}}
+    config = write_config(tmp_path / "other.yaml", other)
+    with pytest.raises(SystemExit, match=r"holds another WMSS pipeline run \(different toy_data\)"):
+        main(["--config", config, "--output_dir", str(pipeline_run["dir"])])
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a WMSS pipeline run folder"):
+        main(["--config", config, "--output_dir", str(stray)])
+
+
+def test_refuses_weak_strong_pair_with_different_tokenizers(tmp_path):
+    from wmss_trl.toy import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+    tok = build_char_tokenizer()
+    other_tok = build_char_tokenizer(DEFAULT_CHARS[::-1])  # same size, different token -> id map
+    assert len(tok) == len(other_tok) and tok.get_vocab() != other_tok.get_vocab()
+    base = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=16, num_layers=1), tok, str(tmp_path / "b"))
+    strong = save_model_and_tokenizer(build_tiny_model(other_tok, hidden_size=16, num_layers=1), other_tok,
+                                      str(tmp_path / "s"))
+    config = write_config(tmp_path / "c.yaml", {**SMALL, "base_model": base, "strong_model": strong})
+    with pytest.raises(SystemExit, match="cannot be paired: .*tokenizer"):
+        main(["--config", config, "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "markers" / "entropy_weak.done.json").exists()
+
+
+def test_refused_under_accelerate_launch(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match="launches every phase itself"):
+        main(["--print_config"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every phase under accelerate launch (2 processes, DeepSpeed ZeRO-3)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pipeline_two_processes_zero3(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    stdout = ok(run_pipeline(pipeline_run["config"], run, "--launch_config", "zero3", timeout=1500))
+    assert "phase 1 SFT: 2 process(es), DEEPSPEED" in stdout
+    assert stdout.count("wmss entropy: 2 process(es), DEEPSPEED") == 2
+    assert "wmss sft: 2 process(es), DEEPSPEED" in stdout
+    for phase in PHASES:
+        assert (run / "markers" / f"{phase}.done.json").exists(), phase
+    # the same base model and data: H0 is the single-process H0 (sharded scoring changes nothing)
+    single = entropy_rows(pipeline_run["dir"] / "entropy" / "weak.jsonl")
+    sharded = entropy_rows(run / "entropy" / "weak.jsonl")
+    for i in range(64):
+        assert sharded[i]["entropy_0"] == pytest.approx(single[i]["entropy_0"], abs=1e-6)
+    # ZeRO-3 saved full (gathered) weights: the strong and final models load and were trained
+    base, strong, final = weights(run / "base"), weights(run / "strong"), weights(run / "final")
+    assert {k: v.shape for k, v in strong.items()} == {k: v.shape for k, v in base.items()}
+    assert any(not torch.equal(base[k], strong[k]) for k in base)
+    assert any(not torch.equal(strong[k], final[k]) for k in strong)
+    h0 = np.mean([r["entropy_0"] for r in sharded.values()])
+    h1 = np.mean([r["entropy_1"] for r in entropy_rows(run / "entropy" / "strong.jsonl").values()])
+    assert h1 < h0 - 0.5
