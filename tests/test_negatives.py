@@ -23,7 +23,7 @@ from wmss_trl.rewards import (  # noqa: E402
     numeric_accuracy_reward,
     resolve_reward_funcs,
 )
-from wmss_trl.toy import build_char_tokenizer, build_tiny_model, load_tokenizer, save_model_and_tokenizer  # noqa: E402
+from wmss_trl.toy import build_char_tokenizer, build_tiny_model, load_tokenizer  # noqa: E402
 
 MINE_RUN = Path(__file__).parent / "dist" / "mine_run.py"
 # Every completion is exactly 6 ordinary characters (EOS and the other special tokens suppressed), so decoding and

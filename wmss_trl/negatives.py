@@ -312,7 +312,7 @@ class _Miner:
 
         # Classify, deduplicate, and collect the candidates to rank
         records, to_rank = [], []
-        for i, (row, gi) in enumerate(zip(rows, indices, strict=True)):
+        for i, gi in enumerate(indices):
             counts = Counter(samples=S)
             wrong, correct, seen_wrong, seen_correct = [], [], set(), set()
             for j in range(i * S, (i + 1) * S):
@@ -345,10 +345,7 @@ class _Miner:
             )
             scores = {j: s for (_, j), s in zip(to_rank, values, strict=True)}
 
-        out = []
-        for i, (row, rec) in enumerate(zip(rows, records, strict=True)):
-            out.append(self._pairs(row, rec, texts, completions, rewards, scores))
-        return out
+        return [self._pairs(row, rec, texts, completions, rewards, scores) for row, rec in zip(rows, records, strict=True)]
 
     def _pairs(self, row, rec, texts, completions, rewards, scores) -> dict:
         cfg, counts = self.cfg, rec["counts"]
@@ -645,7 +642,7 @@ def mine_negatives(
         local = []
         for b in range(first_block + rank, last_block, world):
             idx = list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, n)))
-            rows = [prompts_dataset[i] for i in idx]
+            rows = prompts_dataset.select(idx).to_list()
             local.append((b, miner.mine_block(rows, idx, block_seed(cfg.seed, b))))
         gathered = gather_object(local) if world > 1 else local
         chunk_results = [res for _, block in sorted(gathered, key=lambda x: x[0]) for res in block]
