@@ -144,9 +144,21 @@ class EntropyScorer:
         rows = np.asarray(self.prepared[ROW_COLUMN], dtype=np.int64)
         self._prepared_pos = np.full(self.num_rows, -1, dtype=np.int64)  # raw row -> prepared row (-1: dropped)
         self._prepared_pos[rows] = np.arange(len(rows))
-        self._lengths = np.asarray([len(x) for x in self.prepared["input_ids"]], dtype=np.int64)
+        self._lengths = self._sequence_lengths(self.prepared)
         self._collator = _RowCollator(self.trainer.data_collator)
         self._model = None
+
+    @staticmethod
+    def _sequence_lengths(dataset, batch_size: int = 8192):
+        """Token count of every row, read batch by batch from Arrow (never the whole column as Python lists)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        parts = [
+            pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False)
+            for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=batch_size)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     @staticmethod
     def _keys(dataset, idx_column):
