@@ -371,6 +371,11 @@ def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
     loss_all = wmss.compute_loss(wmss.model, out)
     loss_policy = GRPOTrainer._compute_loss(wmss, wmss.model, policy_only)
     torch.testing.assert_close(loss_all, loss_policy, rtol=1e-6, atol=1e-7)
+    # a micro-batch of padding rows only contributes 0 (one row is kept so every process runs the forward)
+    only_padding = {k: (v[n:] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()}
+    loss_padding = wmss.compute_loss(wmss.model, only_padding)
+    assert loss_padding.item() == 0.0
+    loss_padding.backward()
 
 
 def test_negatives_need_a_reward_that_can_mark_wrong(tiny, tmp_path):
@@ -425,7 +430,11 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
     wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], entropy_weighted_advantages=True,
                 entropy_weight_max=3.0)
     vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
-    out, ref = generate(wmss, 2), generate(vanilla, 2)
+    ref = generate(vanilla, 2)
+    # 1. weights computed at generation time (the path for steps_per_generation > 1 or num_iterations > 1)
+    assert wmss._defer_entropy_weights  # one micro-batch per generation: the default takes them from the loss
+    wmss._defer_entropy_weights = False
+    out = generate(wmss, 2)
     dbg = wmss._wmss_debug
     mask = out["completion_mask"]
     weights = entropy_advantage_weights(dbg["weak_entropy"], dbg["policy_entropy"], mask, max_weight=3.0)
@@ -440,11 +449,23 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     am = torch.cat([out["prompt_mask"], mask], 1)
     width = out["completion_ids"].size(1)
-    weak = AutoModelForCausalLM.from_pretrained(tiny["weak"])
     with torch.no_grad():
-        logits = weak(input_ids=ids, attention_mask=am, logits_to_keep=width + 1).logits[:, :-1]
-    h = token_entropy(logits / wmss.temperature)
-    torch.testing.assert_close(dbg["weak_entropy"] * mask, h * mask, rtol=1e-4, atol=1e-4)
+        for name, path in (("weak_entropy", tiny["weak"]), ("policy_entropy", tiny["strong"])):
+            logits = AutoModelForCausalLM.from_pretrained(path)(input_ids=ids, attention_mask=am, logits_to_keep=width + 1).logits
+            h = token_entropy(logits[:, :-1] / wmss.temperature)
+            torch.testing.assert_close(dbg[name] * mask, h * mask, rtol=1e-4, atol=1e-4)
+    loss_eager = wmss.compute_loss(wmss.model, out)
+
+    # 2. deferred: the same weights and loss, from the loss's own forward (no extra policy forward)
+    wmss._defer_entropy_weights = True
+    out_deferred = generate(wmss, 2)
+    assert torch.equal(out_deferred["completion_ids"], out["completion_ids"])
+    assert torch.equal(out_deferred["advantages"], ref["advantages"])  # weights not applied yet
+    loss_deferred = wmss.compute_loss(wmss.model, out_deferred)
+    torch.testing.assert_close(wmss._wmss_debug["entropy_weight"], weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_deferred, loss_eager, rtol=1e-5, atol=1e-7)
+    loss_deferred.backward()  # the cached forward keeps its graph
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wmss.model.parameters())
 
 
 def test_mixed_logprobs_match_naive_and_train(tiny, tmp_path):

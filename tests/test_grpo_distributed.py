@@ -17,21 +17,21 @@ def test_entropy_weights_two_processes_equal_one():
         assert result[name + "_local_only_diff"] > 1e-3  # and per-process statistics would not be
 
 
-def check_run(result, config, peft=False):
+def check_run(result, config, peft=False, steps=3, micro_batches=1):
     assert result["world_size"] == 2
     expected_type = "DistributedType.DEEPSPEED" if config.startswith("zero") else "DistributedType.MULTI_CPU"
     assert result["distributed_type"] == expected_type
-    assert result["steps"] == 3 and result["losses_finite"] and result["policy_changed"]
-    metrics = result["metrics"]
+    assert result["steps"] == steps and result["losses_finite"] and result["policy_changed"]
+    metrics = {k: [v for v in values if v is not None] for k, values in result["metrics"].items()}
     # the weak model is the KL reference: a non-zero KL, the same quantity as measured at generation time
-    assert all(k > 0 for k in metrics["kl"]) and all(k > 0 for k in metrics["wmss/kl_weak"])
-    # weak negatives joined the groups (the group of 4 spans both processes), never with a positive advantage
+    assert all(k > 0 for k in metrics["kl"]) and metrics["wmss/kl_weak"] and all(k > 0 for k in metrics["wmss/kl_weak"])
+    # weak negatives joined the groups, never with a positive advantage
     assert sum(metrics["wmss/weak_negatives_per_group"]) > 0
-    assert all(a is None or a <= 0 for a in metrics["wmss/weak_negative_advantage"])
-    assert all(m is None or 0 <= m <= 2.0 for m in metrics["wmss/is_weight_max"])
+    assert all(a <= 0 for a in metrics["wmss/weak_negative_advantage"])
+    assert all(0 <= m <= 2.0 for m in metrics["wmss/is_weight_max"])
     # entropy weights are normalised over the global batch
-    assert all(abs(m - 1) < 1e-4 for m in metrics["wmss/adv_weight_mean"])
-    assert result["batch_rows"] == [3]  # 2 policy rows + 1 weak row per process and micro-batch
+    assert metrics["wmss/adv_weight_mean"] and all(abs(m - 1) < 1e-4 for m in metrics["wmss/adv_weight_mean"])
+    assert result["batch_rows"] == [3] * micro_batches  # 2 policy rows + 1 weak row per process and micro-batch
     if peft:
         assert result["weak_source"] == "peft_base"
         return
@@ -46,8 +46,12 @@ def check_run(result, config, peft=False):
 @pytest.mark.distributed
 @pytest.mark.parametrize("config", ["ddp", "zero2", "zero3"])
 def test_wmss_grpo_two_processes_separate_weak_model(config, tiny, tmp_path):
-    (result,) = accelerate_launch(config, DIST / "grpo_run.py", tiny["strong"], tiny["weak"], str(tmp_path))
-    check_run(result, config)
+    extra, kw = (), {}
+    if config == "ddp":  # 2 micro-batches per generation and 2 iterations: old log-probs, weights at generation time
+        extra, kw = ("--ga", "2", "--iterations", "2", "--steps", "4"), {"steps": 4, "micro_batches": 2}
+    (result,) = accelerate_launch(config, DIST / "grpo_run.py", tiny["strong"], tiny["weak"], str(tmp_path), *extra)
+    check_run(result, config, **kw)
+    assert result["has_old_logps"] == (config == "ddp")
 
 
 @pytest.mark.distributed

@@ -29,9 +29,10 @@ process) keeps the best <= M wrong ones per group, and the unselected weak rows 
 padding rows (completion mask 0, advantage 0). So the batch has a fixed ``B + n_w`` rows on every process, which
 split into ``steps_per_generation`` micro-batches of ``per_device_train_batch_size x (1 + K / G)`` rows: hence the
 rule ``per_device_train_batch_size x K % G == 0``, checked in :class:`WMSSGRPOConfig`. Padding rows hold no loss
-token, so token-normalised losses (``dapo`` (TRL's default), ``bnpo``, ``cispo``, ``vespo``) are untouched; for the
-row-averaged ones (``grpo``, ``sapo``, ``luspo``, ``dr_grpo``) :meth:`WMSSGRPOTrainer._compute_loss` rescales the loss
-to an average over the rows that carry loss. ``num_items_in_batch`` is recomputed with the negatives' tokens.
+token, and :meth:`WMSSGRPOTrainer._compute_loss` drops them from each micro-batch before calling TRL's loss, so they
+cost no training compute and every loss type (token-normalised like ``dapo``, TRL's default, or row-averaged like
+``grpo``) sees exactly the policy rows plus the selected negatives. ``num_items_in_batch`` is recomputed with the
+negatives' tokens.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ logger = logging.getLogger(__name__)
 # codes of the `wmss_source` column of the batch
 SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED = 0, 1, 2
 SOURCE_NAMES = {SOURCE_POLICY: "policy", SOURCE_WEAK_NEGATIVE: "weak_negative", SOURCE_WEAK_UNUSED: "weak_unused"}
-ROW_MEAN_LOSSES = ("grpo", "sapo", "luspo", "dr_grpo")
 
 
 @dataclass
@@ -235,8 +235,8 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
     Overridden hooks: `_generate_and_score_completions` (calls TRL's, then adds weak rows, reference log-probs and
     token advantages), `_calculate_rewards` (remembers the gathered rewards), `_get_per_token_logps_and_entropies`
-    (mixed log-probs for the policy when `mixing_lambda < 1`) and `_compute_loss` (calls TRL's; rescales row-averaged
-    losses for padding rows).
+    (mixed log-probs for the policy when `mixing_lambda < 1`) and `_compute_loss` (drops the zero-weight padding rows,
+    then calls TRL's).
 
     Logged metrics (namespace `wmss/`): `weak_accuracy`, `weak_reward`, `weak_negatives_per_group`,
     `frac_groups_with_weak_negative`, `weak_negative_logp` (policy's mean token log-prob of the selected negatives),
@@ -284,6 +284,10 @@ class WMSSGRPOTrainer(GRPOTrainer):
         self.max_weak_negatives = args.max_weak_negatives
         self._use_negatives = args.num_weak_generations > 0
         self._use_entropy_weights = args.entropy_weighted_advantages
+        # With one micro-batch per generation batch and one iteration, the loss's own forward sees the whole local
+        # batch with the weights of generation time, so the policy entropies are taken from it (no extra forward)
+        self._defer_entropy_weights = args.steps_per_generation == 1 and args.num_iterations == 1
+        self._cached_policy_forward = None
         self.mixing_lambda = args.mixing_lambda
         self._use_mixing = args.mixing_lambda < 1.0
         self._wmss_rewards_per_func = None
@@ -413,6 +417,12 @@ class WMSSGRPOTrainer(GRPOTrainer):
         through the policy logits (:func:`wmss_trl.mixing.mixed_token_logprobs`). The entropies returned are the
         policy's own (not the mixture's), as in TRL's ``entropy`` metric.
         """
+        cached = getattr(self, "_cached_policy_forward", None)
+        if cached is not None and self._is_policy(model) and cached[0].shape == input_ids.shape and torch.equal(
+            cached[0], input_ids
+        ):
+            self._cached_policy_forward = None
+            return cached[1]
         if not getattr(self, "_use_mixing", False) or not self._is_policy(model) or any(
             v is not None for v in multimodal.values()
         ):
@@ -602,7 +612,8 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
         # ---- forwards (no grad): the weak model and the policy, on the rows that need them
         weak_from = 0 if (self._weak_ref or use_ent) else n_pol
-        pol_from = 0 if use_ent else n_pol
+        defer = use_ent and self._defer_entropy_weights  # the policy entropies come from the loss's forward
+        pol_from = 0 if (use_ent and not defer) else n_pol
         weak_lp = torch.zeros(n_rows, width, device=device)
         weak_h = torch.zeros(n_rows, width, device=device)
         pol_lp = torch.zeros(n_rows, width, device=device)
@@ -618,7 +629,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
                 # the policy's log-probs as the loss sees them (mixed under WD-JT), its own entropy
                 lp, h, _ = self._get_per_token_logps_and_entropies(
                     self.model, input_ids[pol_from:], attention_mask[pol_from:], width,
-                    batch_size=self.args.per_device_train_batch_size, compute_entropy=use_ent,
+                    batch_size=self.args.per_device_train_batch_size, compute_entropy=use_ent and not defer,
                 )
                 pol_lp[pol_from:] = lp.float()
                 if h is not None:
@@ -644,15 +655,9 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
         # ---- token weights from the entropy dynamics, normalised over the global batch
         weights = None
-        if use_ent:
-            weights = entropy_advantage_weights(
-                weak_h, pol_h, loss_mask,
-                alpha=self.args.entropy_weight_alpha, beta=self.args.entropy_weight_beta,
-                gamma=self.args.entropy_weight_gamma, min_weight=self.args.entropy_weight_min,
-                max_weight=self.args.entropy_weight_max,
-                reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
-            )
-            self._log_entropy_stats(weights, weak_h, pol_h, weak_lp, pol_lp, loss_mask, n_pol)
+        if use_ent and not defer:
+            weights = self._entropy_weights(weak_h, pol_h, loss_mask)
+            self._log_entropy_stats(weights, weak_h, pol_h, weak_lp, pol_lp, loss_mask, source == SOURCE_POLICY)
 
         if rho is not None or weights is not None:
             factor = torch.ones(n_rows, width, device=device)
@@ -667,6 +672,9 @@ class WMSSGRPOTrainer(GRPOTrainer):
         out["completion_ids"], out["completion_mask"] = completion_ids, completion_mask
         out["advantages"] = advantages
         out["wmss_source"] = source
+        if defer:  # weights applied in `_compute_loss`, from the entropies of its forward
+            out["wmss_weak_entropy"] = weak_h
+            out["wmss_weak_logps"] = weak_lp
         if weak is not None:
             out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
             if out.get("old_per_token_logps") is not None:
@@ -686,6 +694,15 @@ class WMSSGRPOTrainer(GRPOTrainer):
                             "policy_entropy": pol_h, "is_weight": rho, "entropy_weight": weights, "source": source}
         self._log_table_rows(weak, out, n_pol, mode)
         return out
+
+    def _entropy_weights(self, weak_h, pol_h, mask):
+        args = self.args
+        return entropy_advantage_weights(
+            weak_h, pol_h, mask,
+            alpha=args.entropy_weight_alpha, beta=args.entropy_weight_beta, gamma=args.entropy_weight_gamma,
+            min_weight=args.entropy_weight_min, max_weight=args.entropy_weight_max,
+            reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
+        )
 
     def _negatives_and_advantages(self, rewards_per_func, weak, trl_advantages, pol_lp_weak, weak_mask):
         """Select the negatives (globally, identical on all processes) and recompute the touched groups' advantages.
@@ -750,11 +767,11 @@ class WMSSGRPOTrainer(GRPOTrainer):
             self.accelerator.gather(local_max.reshape(1)).max().item() if sums[1] > 0 else float("nan")
         )
 
-    def _log_entropy_stats(self, weights, weak_h, pol_h, weak_lp, pol_lp, mask, n_pol):
+    def _log_entropy_stats(self, weights, weak_h, pol_h, weak_lp, pol_lp, mask, policy_rows):
         metrics = self._metrics["train"]
         m = mask.float()
-        mp = m[:n_pol]
-        log_ratio = weak_lp[:n_pol] - pol_lp[:n_pol]
+        mp = m * policy_rows.unsqueeze(1).float()
+        log_ratio = weak_lp - pol_lp
         k3 = torch.exp(log_ratio) - log_ratio - 1  # KL(policy || weak) estimate on the policy's own samples
         sums = torch.stack([
             (weights * m).sum(), (weights.square() * m).sum(), m.sum(),
@@ -806,13 +823,49 @@ class WMSSGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
+        """TRL's loss on the rows that carry loss: the zero-weight weak rows (not selected as negatives) are dropped
+        first, so they cost no forward/backward and row-averaged losses (``grpo``, ``sapo``, ``luspo``,
+        ``dr_grpo``) average over the same rows as without padding. A micro-batch made only of such rows keeps one (it
+        contributes 0), so every process still runs the forward (ZeRO-3 gathers parameters in lockstep)."""
         source = inputs.get("wmss_source")
-        if source is not None and self.loss_type in ROW_MEAN_LOSSES:
-            # row-averaged losses: average over the rows that carry loss, not over the zero-weight padding rows
-            active = (source != SOURCE_WEAK_UNUSED).sum().clamp(min=1)
-            loss = loss * (source.numel() / active)
-        return loss
+        if source is not None:
+            keep = source != SOURCE_WEAK_UNUSED
+            if not bool(keep.all()):
+                if not bool(keep.any()):
+                    keep[0] = True
+                n = source.size(0)
+                inputs = {
+                    key: value[keep] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == n else value
+                    for key, value in inputs.items()
+                }
+        if "wmss_weak_entropy" in inputs:
+            inputs = self._apply_deferred_entropy_weights(model, dict(inputs))
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._cached_policy_forward = None
+
+    def _apply_deferred_entropy_weights(self, model, inputs):
+        """Entropy weights from the loss's own policy forward (one micro-batch per generation batch, one iteration:
+        the weights are those of generation time, without a second forward). The forward is cached and handed to
+        TRL's ``_compute_loss`` when it asks for it, so the policy runs once."""
+        weak_h, weak_lp = inputs.pop("wmss_weak_entropy"), inputs.pop("wmss_weak_logps")
+        completion_mask = inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        result = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_mask.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+        )
+        logps, entropies = result[0].detach().float(), result[1].detach().float()
+        weights = self._entropy_weights(weak_h, entropies, mask)
+        advantages = inputs["advantages"]
+        inputs["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
+        self._log_entropy_stats(weights, weak_h, entropies, weak_lp, logps, mask, inputs["wmss_source"] == SOURCE_POLICY)
+        self._wmss_debug.update(entropy_weight=weights, policy_entropy=entropies, loss_source=inputs["wmss_source"])
+        self._cached_policy_forward = (input_ids, result)
+        return inputs
 
 
 def _pad_to(t: torch.Tensor, width: int, value, side: str = "right") -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A few WMSS-GRPO steps with a separate weak model (or the LoRA base); run under ``accelerate launch`` (2 processes).
 
-    python tests/dist/grpo_run.py STRONG WEAK OUT [--peft] [--steps 3]
+    python tests/dist/grpo_run.py STRONG WEAK OUT [--peft] [--steps 3] [--ga 1] [--iterations 1]
 
 Reward: the fraction of digits (continuous; below 0.5 is wrong, so the weak model yields negatives). Options on: weak model as KL reference (beta > 0), weak negatives (K = 2 of G = 4, groups spanning both processes),
 entropy-weighted advantages and WD-JT mixing in the loss. Prints ``RESULT {json}`` on the main process: world size,
@@ -37,10 +37,15 @@ def checksum(model, zero3):
 def main():
     strong, weak, out = sys.argv[1:4]
     peft = "--peft" in sys.argv
-    steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 3
+    def flag(name, default):
+        return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+    steps, ga, iterations = flag("--steps", 3), flag("--ga", 1), flag("--iterations", 1)
     args = grpo_args(
         out,
-        per_device_train_batch_size=2,  # 2 processes x 2 rows = one group of 4 spread over both processes
+        per_device_train_batch_size=2,  # with ga=1: 2 processes x 2 rows = one group of 4 spread over both processes
+        gradient_accumulation_steps=ga,  # > 1: several micro-batches per generation (weights at generation time)
+        num_iterations=iterations,  # > 1: TRL's old log-probs, extended to the weak rows
         num_generations=4,
         max_steps=steps,
         beta=0.04,
@@ -83,6 +88,7 @@ def main():
     result["losses_finite"] = all(math.isfinite(h["loss"]) for h in logs)
     result["metrics"] = {k: [h.get(k) for h in logs] for k in logs[0] if k.startswith("wmss/") or k in ("kl", "reward")}
     result["batch_rows"] = [len(b["prompt_ids"]) for b in trainer._buffered_inputs]
+    result["has_old_logps"] = all(b.get("old_per_token_logps") is not None for b in trainer._buffered_inputs)
     if acc.is_main_process:
         print("RESULT " + json.dumps(result), flush=True)
     if torch.distributed.is_initialized():

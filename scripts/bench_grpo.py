@@ -1,0 +1,158 @@
+"""Step time of WMSS-GRPO vs vanilla TRL GRPO in the same run (a benchmark, not a test).
+
+    OMP_NUM_THREADS=1 python scripts/bench_grpo.py [--hidden 256 --layers 4] [--steps 4 --rounds 3]
+                                                   [--model STRONG_DIR --weak WEAK_DIR]
+
+Both trainers live in one process, on the same prompts, models and sampling settings, and train in alternating
+rounds (vanilla, WMSS, vanilla, WMSS, ...) so that load from other processes on the machine hits both alike. The
+time of an optimizer step is measured by a callback from ``on_step_begin`` to ``on_step_end`` (generation,
+scoring, weak rollouts, forwards, backward and optimizer step); the first step of every round is dropped (warm-up).
+Two clocks are reported: wall time, and the CPU time of this process. With one torch thread the CPU time is the
+work done, unaffected by other processes competing for the cores, so on a shared machine it is the reliable one.
+
+Compared pairs (``num_weak_generations = num_generations / 4``):
+
+* ``negatives``: WMSS with weak negatives only vs vanilla, both ``beta = 0``;
+* ``full``: WMSS with weak negatives + entropy-weighted advantages + KL to the weak model (``beta = 0.04``) vs
+  vanilla with ``beta = 0.04`` (KL to TRL's copy of the policy). This is the headline ratio (target <= 1.35x).
+
+Without ``--model`` a toy Qwen2 (character vocabulary) of the given size is built from config; ``--weak`` defaults
+to a second random initialisation of the same architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and CPU time of the process for each optimizer step."""
+
+    def __init__(self):
+        self.times, self.cpu_times, self._start = [], [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start[0])
+        self.cpu_times.append(time.process_time() - self._start[1])
+
+
+def digit_fraction(prompts, completions, **kwargs):
+    """Fraction of digit characters: a continuous reward; below 0.5 counts as wrong for the weak negatives."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts]
+
+
+def build_models(root, hidden, layers):
+    from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+    tok = build_char_tokenizer()
+    heads = max(1, hidden // 32)
+    strong = save_model_and_tokenizer(build_tiny_model(tok, hidden, layers, heads, seed=1), tok, os.path.join(root, "strong"))
+    weak = save_model_and_tokenizer(build_tiny_model(tok, hidden, layers, heads, seed=2), tok, os.path.join(root, "weak"))
+    return strong, weak
+
+
+def dataset(n):
+    from datasets import Dataset
+
+    rows = [{"prompt": [{"role": "user", "content": f"{i % 10}+{(3 * i) % 10}="}]} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def make_trainer(kind, strong, weak, out, a, beta, timer):
+    from trl import GRPOTrainer
+
+    from wmss_trl import WMSSGRPOConfig, WMSSGRPOTrainer
+    from wmss_trl.recipes.common import load_tokenizer
+
+    g = a.num_generations
+    kw = dict(
+        output_dir=os.path.join(out, kind), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        activation_checkpointing=False, logging_steps=10_000, per_device_train_batch_size=a.batch, num_generations=g,
+        max_completion_length=a.completion_length, max_steps=a.steps + 1, learning_rate=1e-5, seed=0,
+        disable_tqdm=True, beta=beta,
+    )
+    if kind.startswith("wmss"):
+        kw.update(num_weak_generations=g // 4)
+        if kind == "wmss_full":
+            kw.update(entropy_weighted_advantages=True)
+    args = WMSSGRPOConfig(**kw)
+    common = dict(args=args, train_dataset=dataset(4096), processing_class=load_tokenizer(strong), callbacks=[timer])
+    if kind.startswith("wmss"):
+        return WMSSGRPOTrainer(strong, digit_fraction, weak_model=weak, **common)
+    return GRPOTrainer(strong, digit_fraction, **common)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="strong model folder (default: a toy model built from --hidden/--layers)")
+    p.add_argument("--weak", help="weak model folder (default: another initialisation of the toy model)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--num_generations", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
+    p.add_argument("--completion_length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pairs", default="negatives,full")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.num_generations % 4:
+        raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
+
+    root = tempfile.mkdtemp(prefix="bench_grpo_")
+    strong, weak = (a.model, a.weak or a.model) if a.model else build_models(root, a.hidden, a.layers)
+    if a.model and not a.weak:
+        raise SystemExit("--model needs --weak.")
+    pairs = {"negatives": ("vanilla_b0", "wmss_neg", 0.0), "full": ("vanilla_kl", "wmss_full", 0.04)}
+    chosen = [pairs[name] for name in a.pairs.split(",")]
+    times = {kind: [] for vk, wk, _ in chosen for kind in (vk, wk)}
+    cpu_times = {kind: [] for kind in times}
+    for r in range(a.rounds):
+        for vk, wk, beta in chosen:
+            for kind in (vk, wk):
+                timer = StepTimer()
+                trainer = make_trainer(kind, strong, weak, root, a, beta, timer)
+                trainer.remove_callback(PrinterCallback)
+                trainer.train()
+                times[kind] += timer.times[1:]  # drop the warm-up step
+                cpu_times[kind] += timer.cpu_times[1:]
+                print(f"round {r} {kind:>10}: wall " + ", ".join(f"{t:.3f}" for t in timer.times[1:]) + " s; cpu "
+                      + ", ".join(f"{t:.3f}" for t in timer.cpu_times[1:]) + " s", flush=True)
+                del trainer
+
+    print(f"\nmodel: {'toy hidden=%d layers=%d' % (a.hidden, a.layers) if not a.model else a.model}; "
+          f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
+          f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
+          f"torch threads={torch.get_num_threads()}")
+    summary = {}
+    for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
+        summary[name] = {"beta": beta, "n": len(times[vk])}
+        for clock, data in (("wall", times), ("cpu", cpu_times)):
+            v, w = statistics.median(data[vk]), statistics.median(data[wk])
+            summary[name].update({f"vanilla_{clock}_s": v, f"wmss_{clock}_s": w, f"ratio_{clock}": w / v})
+            print(f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (median of "
+                  f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)")
+    print("RESULT " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
