@@ -54,7 +54,7 @@ class WMSSSFTConfig(SFTConfig):
         mixing_lambda (`float`, defaults to `0.5`):
             Weight of the strong logits: z_mix = lambda * z_strong + (1 - lambda) * z_weak. Must satisfy
             0 < lambda <= 1; 1.0 is plain SFT. 0.5 is the official code's value (paper's sweet spot 0.42-0.48).
-        mixing_chunk_size (`int`, defaults to `1024`):
+        mixing_chunk_size (`int`, defaults to `256`):
             Positions per chunk of the fp32 mixed cross-entropy (bounds its memory).
 
         > WD-DS selection (Weak-Driven Discrepancy Selection, see `wmss_trl.selection`)
