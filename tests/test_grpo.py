@@ -324,8 +324,16 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
     rho = wmss._wmss_debug["is_weight"]
     assert (rho >= 0).all() and (rho <= 1.5).all() and (rho[:n_pol] == 1).all()
     dbg = wmss._wmss_debug
-    expected = torch.minimum(torch.exp(dbg["policy_logps"] - dbg["weak_logps"]), torch.tensor(1.5))
+    behaviour = torch.cat([torch.zeros(n_pol, dbg["behaviour_logps"].size(1)), dbg["behaviour_logps"]])
+    expected = torch.minimum(torch.exp(dbg["policy_logps"] - behaviour), torch.tensor(1.5))
     torch.testing.assert_close(rho[negatives][mask[negatives]], expected[negatives][mask[negatives]])
+    # the behaviour log-probs recorded while the weak model sampled are its log softmax(z / T) of a full forward
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)[n_pol:]
+    am = torch.cat([out["prompt_mask"][n_pol:], wmss._wmss_debug_weak_mask], 1)
+    with torch.no_grad():
+        forward_lp, _ = wmss._plain_logps(wmss.weak_model, ids, am, out["completion_ids"].size(1), False)
+    sampled = am[:, -out["completion_ids"].size(1):].bool()
+    torch.testing.assert_close(dbg["behaviour_logps"][sampled], forward_lp[sampled], rtol=1e-4, atol=1e-4)
     # token advantage of a negative = its sequence advantage x rho
     torch.testing.assert_close(adv[negatives] * mask[negatives], stats["weak_adv"][selected].unsqueeze(1) * rho[negatives] * mask[negatives])
     # the loss normaliser counts the negatives' tokens

@@ -49,6 +49,8 @@ def test_wmss_grpo_two_processes_separate_weak_model(config, tiny, tmp_path):
     extra, kw = (), {}
     if config == "ddp":  # 2 micro-batches per generation and 2 iterations: old log-probs, weights at generation time
         extra, kw = ("--ga", "2", "--iterations", "2", "--steps", "4"), {"steps": 4, "micro_batches": 2}
+    if config == "zero3":  # generation without gathering the shards (synced layer-by-layer gathers on both ranks)
+        extra = ("--no_gather",)
     (result,) = accelerate_launch(config, DIST / "grpo_run.py", tiny["strong"], tiny["weak"], str(tmp_path), *extra)
     check_run(result, config, **kw)
     assert result["has_old_logps"] == (config == "ddp")

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
@@ -485,9 +485,11 @@ class WMSSGRPOTrainer(GRPOTrainer):
     # weak rollouts
     # ------------------------------------------------------------------------------------------------------------
 
-    def _weak_generate(self, prompt_ids_list: list[list[int]]) -> list[list[int]]:
+    def _weak_generate(self, prompt_ids_list: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
         """Sample one completion per prompt from the weak model, on every process in lockstep (ZeRO-3 gathers the
-        weak shards in ``unwrap_model_for_generation``). Returns completion ids cut after the first EOS, like TRL."""
+        weak shards in ``unwrap_model_for_generation``). Returns completion ids cut after the first EOS, like TRL,
+        and the weak model's log-prob of each sampled token, ``log softmax(z / T)``, recorded while sampling (the
+        behaviour log-probs of the importance weights, without a second forward)."""
         device = self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids_list]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left",
@@ -506,16 +508,20 @@ class WMSSGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
         ):
             adapters_off = unwrapped.disable_adapter() if self._weak_source == "peft_base" else contextlib.nullcontext()
+            recorder = SampledTokenLogProbs(self.temperature)
             with adapters_off:
                 out = unwrapped.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=self._weak_generation_config
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=self._weak_generation_config,
+                    logits_processor=LogitsProcessorList([recorder]),
                 )
         completion_ids = out[:, input_ids.size(1) :]
+        logps = recorder.finish(completion_ids)
         is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
         eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
         eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
         keep = torch.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1) <= eos_idx.unsqueeze(1)
-        return [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu(), strict=True)]
+        ids = [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu(), strict=True)]
+        return ids, [lp[m].tolist() for lp, m in zip(logps.cpu(), keep.cpu(), strict=True)]
 
     def _weak_rollouts(self, inputs: list[dict]) -> dict[str, Any]:
         """Generate and score this process's ``n_w = B * K / G`` weak completions (see the module docstring)."""
@@ -524,7 +530,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
         w_inputs = [inputs[(j * g) // k] for j in range(n_weak)]
         prompts = [x["prompt"] for x in w_inputs]
         prompt_ids_list, _, _ = self._tokenize_prompts(prompts)
-        completion_ids_list = self._weak_generate(prompt_ids_list)
+        completion_ids_list, behaviour_logps = self._weak_generate(prompt_ids_list)
         if is_conversational({"prompt": prompts[0]}):
             texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
             completions = [[{"role": "assistant", "content": t}] for t in texts]
@@ -548,6 +554,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
         return {
             "prompt_ids": prompt_ids_list,
             "completion_ids": completion_ids_list,
+            "behaviour_logps": behaviour_logps,
             "prompts": prompts,
             "completions": completions,
             "rewards_per_func": rewards_per_func,  # (world * n_w, F), gathered
@@ -611,7 +618,10 @@ class WMSSGRPOTrainer(GRPOTrainer):
         rows_w = slice(n_pol, n_rows)
 
         # ---- forwards (no grad): the weak model and the policy, on the rows that need them
+        # weak rows need the weak forward only for the KL reference or their entropies; the importance weights use
+        # the behaviour log-probs recorded while sampling
         weak_from = 0 if (self._weak_ref or use_ent) else n_pol
+        weak_to = n_rows if (self._weak_ref or use_ent) else n_pol
         defer = use_ent and self._defer_entropy_weights  # the policy entropies come from the loss's forward
         pol_from = 0 if (use_ent and not defer) else n_pol
         weak_lp = torch.zeros(n_rows, width, device=device)
@@ -619,12 +629,14 @@ class WMSSGRPOTrainer(GRPOTrainer):
         pol_lp = torch.zeros(n_rows, width, device=device)
         pol_h = torch.zeros(n_rows, width, device=device)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if weak_from < n_rows:
+            if weak_from < weak_to:
                 with self._weak_engine() as engine:
-                    lp, h = self._plain_logps(engine, input_ids[weak_from:], attention_mask[weak_from:], width, use_ent)
-                weak_lp[weak_from:] = lp.float()
+                    lp, h = self._plain_logps(
+                        engine, input_ids[weak_from:weak_to], attention_mask[weak_from:weak_to], width, use_ent
+                    )
+                weak_lp[weak_from:weak_to] = lp.float()
                 if h is not None:
-                    weak_h[weak_from:] = h.float()
+                    weak_h[weak_from:weak_to] = h.float()
             if pol_from < n_rows:
                 # the policy's log-probs as the loss sees them (mixed under WD-JT), its own entropy
                 lp, h, _ = self._get_per_token_logps_and_entropies(
@@ -638,8 +650,11 @@ class WMSSGRPOTrainer(GRPOTrainer):
         # ---- sequence advantages: TRL's, recomputed for the groups that receive weak negatives
         advantages = out["advantages"]
         source = torch.full((n_rows,), SOURCE_POLICY, dtype=torch.long, device=device)
-        rho = None
+        rho = behaviour = None
         if weak is not None:
+            behaviour = pad([torch.tensor(x, dtype=torch.float32) for x in weak["behaviour_logps"]], 0.0, "right")
+            behaviour = _pad_to(behaviour.to(device), width, 0.0)
+            self._wmss_debug_weak_mask = completion_mask[rows_w].clone()  # before unselected rows are zeroed
             advantages, weak_adv, selected, stats = self._negatives_and_advantages(
                 rewards_per_func, weak, advantages, pol_lp[rows_w], completion_mask[rows_w]
             )
@@ -648,7 +663,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
             advantages = torch.cat([advantages, weak_adv])
             rho = torch.ones(n_rows, width, device=device)
             rho[rows_w] = truncated_importance_weights(
-                pol_lp[rows_w], weak_lp[rows_w], completion_mask[rows_w], self.args.weak_is_clip
+                pol_lp[rows_w], behaviour, completion_mask[rows_w], self.args.weak_is_clip
             )
             self._log_negatives(stats, rho[rows_w], completion_mask[rows_w])
         loss_mask = completion_mask
@@ -681,7 +696,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
                 out["old_per_token_logps"] = torch.cat([_pad_to(out["old_per_token_logps"], width, 0.0), pol_lp[rows_w]])
             if out.get("sampling_per_token_logps") is not None:
                 out["sampling_per_token_logps"] = torch.cat(
-                    [_pad_to(out["sampling_per_token_logps"], width, 0.0), weak_lp[rows_w]]
+                    [_pad_to(out["sampling_per_token_logps"], width, 0.0), behaviour]
                 )
             if out.get("importance_sampling_ratio") is not None:
                 ratio = out["importance_sampling_ratio"]
@@ -690,7 +705,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
                 out["importance_sampling_ratio"] = torch.cat([ratio, torch.ones(n_weak, ratio.size(1), device=device)])
         if self._weak_ref:
             out["ref_per_token_logps"] = weak_lp
-        self._wmss_debug = {"weak_logps": weak_lp, "policy_logps": pol_lp, "weak_entropy": weak_h,
+        self._wmss_debug = {"weak_logps": weak_lp, "behaviour_logps": behaviour, "policy_logps": pol_lp, "weak_entropy": weak_h,
                             "policy_entropy": pol_h, "is_weight": rho, "entropy_weight": weights, "source": source}
         self._log_table_rows(weak, out, n_pol, mode)
         return out
@@ -866,6 +881,37 @@ class WMSSGRPOTrainer(GRPOTrainer):
         self._wmss_debug.update(entropy_weight=weights, policy_entropy=entropies, loss_source=inputs["wmss_source"])
         self._cached_policy_forward = (input_ids, result)
         return inputs
+
+
+class SampledTokenLogProbs(LogitsProcessor):
+    """Records ``log softmax(scores / T)[sampled token]`` for every generated token, keeping one step's distribution.
+
+    ``generate`` runs user processors before its sampling warpers (temperature, top-k/p), so ``scores`` are the
+    model's logits (after penalties, if any were configured) and the recorded values are the temperature-scaled,
+    full-vocabulary log-probs, the quantity TRL's fused LM head computes. A step's sampled token is read from the
+    next call's ``input_ids``; :meth:`finish` adds the last one.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous = None
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.logps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` log-probs aligned with ``completion_ids``."""
+        if self.previous is not None and len(self.logps) < completion_ids.size(1):
+            self.logps.append(self.previous.gather(1, completion_ids[:, len(self.logps) : len(self.logps) + 1]).squeeze(1))
+        self.previous = None
+        if not self.logps:
+            return torch.zeros(completion_ids.shape, device=completion_ids.device)
+        out = torch.stack(self.logps, dim=1)
+        return _pad_to(out, completion_ids.size(1), 0.0)[:, : completion_ids.size(1)]
 
 
 def _pad_to(t: torch.Tensor, width: int, value, side: str = "right") -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A few WMSS-GRPO steps with a separate weak model (or the LoRA base); run under ``accelerate launch`` (2 processes).
 
-    python tests/dist/grpo_run.py STRONG WEAK OUT [--peft] [--steps 3] [--ga 1] [--iterations 1]
+    python tests/dist/grpo_run.py STRONG WEAK OUT [--peft] [--steps 3] [--ga 1] [--iterations 1] [--no_gather]
 
 Reward: the fraction of digits (continuous; below 0.5 is wrong, so the weak model yields negatives). Options on: weak model as KL reference (beta > 0), weak negatives (K = 2 of G = 4, groups spanning both processes),
 entropy-weighted advantages and WD-JT mixing in the loss. Prints ``RESULT {json}`` on the main process: world size,
@@ -53,6 +53,7 @@ def main():
         entropy_weighted_advantages=True,
         mixing_lambda=0.7,
         weak_model_name_or_path=None if peft else weak,
+        ds3_gather_for_generation="--no_gather" not in sys.argv,  # False: ZeRO-3 generation gathers layer by layer
     )
     peft_config = None
     if peft:
