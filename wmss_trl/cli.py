@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
+    "demo": ("wmss_trl.recipes.demo", "the embedded demo: weak -> strong -> SFT / NEFTune / WMSS / GRPO / WMSS-GRPO, table + plot"),
     "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
     "grpo": ("wmss_trl.recipes.grpo", "GRPO with the weak checkpoint as reference, negatives and entropy anchor (WMSSGRPOTrainer); --vanilla for TRL's GRPO"),
     "entropy": ("wmss_trl.recipes.entropy", "WD-DS: per-sample mean token entropy of a model on a dataset (resumable)"),
