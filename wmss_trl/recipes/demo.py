@@ -10,7 +10,9 @@
    ``sft`` (continued SFT), ``neftune`` (TRL's ``neftune_noise_alpha``), ``wmss`` (WD-DS resampling + WD-JT),
    ``grpo`` (TRL's GRPO, correctness reward), ``wmss_grpo`` (weak reference + weak negatives + entropy-weighted
    advantages). Controls for the benchmark: ``wmss_uniform`` (the weak logits replaced by a uniform distribution)
-   and ``wmss_shuffled`` (the weak model's vocabulary permuted: same confidence, wrong tokens).
+   and ``wmss_shuffled`` (the weak model's vocabulary permuted: same confidence, wrong tokens); ``dpo_mined`` (DPO
+   whose rejected answers are the weak model's verified-wrong answers, mined with ``wmss_trl.negatives``) vs
+   ``dpo_random`` (same prompts, the rejected answer is another problem's solution), both with the weak reference.
 5. Greedy accuracy on the held-out ``test`` split and the harder ``ood`` split (3 steps, never seen in training),
    during training (curves) and at the end: a table on stdout, ``results.json`` and ``accuracy.png``.
 
@@ -30,7 +32,7 @@ import torch
 from transformers import HfArgumentParser, TrainerCallback
 
 ARMS = ["sft", "neftune", "wmss", "grpo", "wmss_grpo"]
-CONTROLS = ["wmss_uniform", "wmss_shuffled"]
+CONTROLS = ["wmss_uniform", "wmss_shuffled", "dpo_mined", "dpo_random"]
 
 
 @dataclass
@@ -42,6 +44,8 @@ class DemoArguments:
     strong_steps: int = field(default=150, metadata={"help": "Further SFT steps from weak to strong."})
     arm_steps: int = field(default=150, metadata={"help": "Steps of each SFT-family arm (sft, neftune, wmss)."})
     grpo_steps: int = field(default=40, metadata={"help": "Steps of each GRPO arm."})
+    dpo_steps: int = field(default=60, metadata={"help": "Steps of each DPO arm (benchmark arms dpo_mined, dpo_random)."})
+    dpo_prompts: int = field(default=1000, metadata={"help": "Training prompts mined for the DPO arms."})
     time_budget: float | None = field(
         default=None, metadata={"help": "Equal wall time instead of equal steps: each arm stops after this many seconds."}
     )
@@ -83,6 +87,10 @@ class AccuracyCurve(TrainerCallback):
             self._evaluate(model, state.global_step)
         if self.budget is not None and self.train_time() >= self.budget:
             control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.points[-1]["step"] != state.global_step:
+            self._evaluate(model, state.global_step)
 
     def train_time(self) -> float:
         """Seconds spent training, curve evaluations excluded."""
@@ -147,7 +155,7 @@ def run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg: DemoArgument
     elif arm in ("grpo", "wmss_grpo"):
         generations = 8
         grpo = common_args(out, cfg.seed, grpo_steps, cfg.grpo_learning_rate, cfg.batch_size,
-                           num_generations=generations, max_completion_length=24, temperature=1.0, beta=0.0,
+                           num_generations=generations, max_completion_length=40, temperature=1.0, beta=0.0,
                            loss_type="dapo", log_completions=False)
         prompts = data["train"].remove_columns(["completion"])
         if arm == "grpo":
@@ -157,10 +165,48 @@ def run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg: DemoArgument
             args = WMSSGRPOConfig(**grpo, num_weak_generations=generations // 4, entropy_weighted_advantages=True)
             trainer = WMSSGRPOTrainer(strong, reward_funcs=correctness_reward, args=args, train_dataset=prompts,
                                       processing_class=tokenizer, weak_model=weak, callbacks=[curve])
+    elif arm in ("dpo_mined", "dpo_random"):
+        from ..dpo import WMSSDPOConfig, WMSSDPOTrainer
+
+        pairs = preference_pairs(arm, weak, strong, tokenizer, data["train"].select(range(cfg.dpo_prompts)), cfg, out)
+        steps = cfg.dpo_steps if cfg.time_budget is None else 10**6
+        args = WMSSDPOConfig(**common_args(out, cfg.seed, steps, cfg.arm_learning_rate, cfg.batch_size), beta=0.1)
+        trainer = WMSSDPOTrainer(strong, args=args, train_dataset=pairs, processing_class=tokenizer, weak_model=weak, callbacks=[curve])
     else:
         raise ValueError(f"unknown arm {arm!r}; choose among {ARMS + CONTROLS}.")
     trainer.train()
     return trainer.model, curve, trainer.state.global_step
+
+
+def preference_pairs(arm, weak, strong, tokenizer, prompts, cfg, out):
+    """DPO pairs on the same prompts: the weak model's verified-wrong answers (most plausible to the strong model),
+    or, for the control, another problem's worked solution (checked to have a different answer)."""
+    import random
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from ..negatives import mine_negatives
+    from ..tasks import correctness_reward
+
+    mined, _ = mine_negatives(
+        prompts, AutoModelForCausalLM.from_pretrained(weak), AutoModelForCausalLM.from_pretrained(strong), tokenizer,
+        reward_funcs=[correctness_reward], num_samples=4, reference_column="completion", max_new_tokens=40,
+        max_pairs_per_prompt=1, seed=cfg.seed, batch_size=64, output_dir=os.path.join(os.path.dirname(out), "mined"),
+    )
+    if arm == "dpo_mined":
+        return mined.select_columns(["prompt", "chosen", "rejected"])
+    rng = random.Random(cfg.seed)
+    by_index = {int(i): row for i, row in enumerate(prompts)}
+    rows = []
+    for row in mined:
+        own = by_index[int(row["prompt_index"])]
+        while True:
+            other = by_index[rng.randrange(len(by_index))]
+            if other["answer"] != own["answer"]:
+                break
+        rows.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": other["completion"]})
+    return Dataset.from_list(rows)
 
 
 def plot(results: dict, path: str) -> None:
@@ -198,8 +244,9 @@ def run_demo(cfg: DemoArguments) -> dict:
     results = {"config": asdict(cfg), "phases": {}, "arms": {}}
 
     # 1-2. weak (from scratch) and strong (more SFT) checkpoints, reused across runs with the same settings
-    weak = os.path.join(cfg.output_dir, f"seed{cfg.seed}", "weak")
-    strong = os.path.join(cfg.output_dir, f"seed{cfg.seed}", "strong")
+    run_dir = os.path.join(cfg.output_dir, f"seed{cfg.seed}-w{cfg.weak_steps}-s{cfg.strong_steps}-"
+                           f"h{cfg.hidden_size}x{cfg.num_layers}-b{cfg.batch_size}")
+    weak, strong = os.path.join(run_dir, "weak"), os.path.join(run_dir, "strong")
     if not os.path.isfile(os.path.join(weak, "model.safetensors")):
         model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=4,
                                  seed=cfg.seed)
@@ -214,7 +261,7 @@ def run_demo(cfg: DemoArguments) -> dict:
     # 3. WD-DS entropies H0 (weak) and H1 (strong) on every training problem
     entropy_files = []
     for name, path, column in (("h0", weak, "entropy_0"), ("h1", strong, "entropy_1")):
-        file = os.path.join(cfg.output_dir, f"seed{cfg.seed}", f"{name}.jsonl")
+        file = os.path.join(run_dir, f"{name}.jsonl")
         if not os.path.isfile(file):
             scores = score_entropies(AutoModelForCausalLM.from_pretrained(path), data["train"], tokenizer)
             with open(file + ".tmp", "w") as f:
@@ -227,8 +274,7 @@ def run_demo(cfg: DemoArguments) -> dict:
     for arm in cfg.arms.split(","):
         set_seed(cfg.seed)
         t = time.perf_counter()
-        model, curve, steps = run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg,
-                                      os.path.join(cfg.output_dir, f"seed{cfg.seed}", arm))
+        model, curve, steps = run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg, os.path.join(run_dir, arm))
         train_time = curve.train_time()
         r = {"test": evaluate(model, tokenizer, data["test"]), "ood": evaluate(model, tokenizer, data["ood"]),
              "steps": steps, "train_seconds": train_time, "seconds": time.perf_counter() - t, "curve": curve.points}
