@@ -16,8 +16,10 @@ Compared pairs (``num_weak_generations = num_generations / 4``):
 * ``full``: WMSS with weak negatives + entropy-weighted advantages + KL to the weak model (``beta = 0.04``) vs
   vanilla with ``beta = 0.04`` (KL to TRL's copy of the policy). This is the headline ratio (target <= 1.35x).
 
-Without ``--model`` a toy Qwen2 (character vocabulary) of the given size is built from config; ``--weak`` defaults
-to a second random initialisation of the same architecture.
+Without ``--model`` a toy Qwen2 (character vocabulary) of the given size is built from config, and the weak model is a
+second random initialisation of it. With ``--model DIR`` (e.g. SmolLM2-135M-Instruct from
+``scripts/prepare_smollm2.py``) the weak model is ``--weak DIR``, by default a second copy of the same checkpoint
+(the cost does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -118,9 +120,8 @@ def main(argv=None):
         raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
 
     root = tempfile.mkdtemp(prefix="bench_grpo_")
+    # without --weak, a real model is its own weak model: the weights do not change the cost, only the numbers
     strong, weak = (a.model, a.weak or a.model) if a.model else build_models(root, a.hidden, a.layers)
-    if a.model and not a.weak:
-        raise SystemExit("--model needs --weak.")
     pairs = {"negatives": ("vanilla_b0", "wmss_neg", 0.0), "full": ("vanilla_kl", "wmss_full", 0.04)}
     chosen = [pairs[name] for name in a.pairs.split(",")]
     times = {kind: [] for vk, wk, _ in chosen for kind in (vk, wk)}

@@ -552,3 +552,15 @@ def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
     table = pd.read_parquet(sorted(glob.glob(str(tmp_path / "WMSSGRPOTrainer" / "completions" / "*.parquet")))[-1])
     assert set(table["wmss_source"]) <= {"policy", "weak_negative", "weak_unused"}
     assert (table["wmss_source"] == "policy").sum() == 8 and (table["wmss_source"] != "policy").sum() == 4
+
+
+def test_evaluate_with_wmss_options(tiny, tmp_path):
+    """Evaluation runs TRL's eval loop: KL against the weak model, no weak rollouts, no training-only metrics."""
+    from wmss_trl import WMSSGRPOTrainer
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], beta=0.04, num_weak_generations=2,
+                entropy_weighted_advantages=True, per_device_eval_batch_size=4, eval_strategy="no")
+    wmss.model.eval()
+    metrics = wmss.evaluate(eval_dataset=prompt_dataset(4))
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_kl"] > 0
+    assert not any(k.startswith("eval_wmss/") for k in metrics)
