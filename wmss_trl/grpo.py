@@ -296,6 +296,8 @@ class WMSSGRPOTrainer(GRPOTrainer):
         needs_weak = args.wmss_enabled or (separate_weak and self.beta != 0.0)
         self.weak_model = None
         self._weak_source = None  # "model": a separate frozen model; "peft_base": the policy with adapters disabled
+        if self._use_negatives:
+            self._check_negative_rewards()  # before loading anything
         if needs_weak:
             if self._is_vlm or self.tools or self.rollout_func is not None or self.environment_factories is not None:
                 raise NotImplementedError(
@@ -330,10 +332,9 @@ class WMSSGRPOTrainer(GRPOTrainer):
         self._wmss_hook = self._weak_ref or self._use_negatives or self._use_entropy_weights
 
         if self._use_negatives:
-            self._check_negative_rewards()
             self._weak_generation_config = self._build_weak_generation_config()
             # the completions table holds the weak rows too: widen TRL's log buffers
-            size = args.generation_batch_size + args.generation_batch_size * self.num_weak_generations // self.num_generations
+            size = args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations
             self._logs = {
                 "images": deque(maxlen=size),
                 "prompt": deque(maxlen=size),
@@ -786,7 +787,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
         metrics = self._metrics["train"]
         m = mask.float()
         mp = m * policy_rows.unsqueeze(1).float()
-        log_ratio = weak_lp - pol_lp
+        log_ratio = torch.where(mp > 0, weak_lp - pol_lp, torch.zeros_like(weak_lp))
         k3 = torch.exp(log_ratio) - log_ratio - 1  # KL(policy || weak) estimate on the policy's own samples
         sums = torch.stack([
             (weights * m).sum(), (weights.square() * m).sum(), m.sum(),
