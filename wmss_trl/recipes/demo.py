@@ -55,7 +55,7 @@ class DemoArguments:
     batch_size: int = field(default=32, metadata={"help": "Problems per step (GRPO: prompts x generations)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak LR of the weak/strong phases."})
     arm_learning_rate: float = field(default=5e-4, metadata={"help": "Constant LR of the SFT-family arms."})
-    grpo_learning_rate: float = field(default=2e-4, metadata={"help": "Constant LR of the GRPO arms."})
+    grpo_learning_rate: float = field(default=5e-5, metadata={"help": "Constant LR of the GRPO arms (2e-4 made vanilla GRPO collapse: 59 -> 37% held-out in 40 steps)."})
     mixing_lambda: float = field(default=0.5, metadata={"help": "WD-JT lambda (weight of the strong logits)."})
     neftune_noise_alpha: float = field(default=5.0, metadata={"help": "NEFTune noise for the neftune arm."})
     plot: bool = field(default=True, metadata={"help": "Write accuracy.png (needs matplotlib)."})
