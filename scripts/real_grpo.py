@@ -344,7 +344,8 @@ def markdown(r):
         f"{s['num_generations']} generations, lr {s['lr']}, beta {s['beta']}, T {s['temperature']}, "
         f"max_completion_length {s['max_completion_length']}, seeds {s['seeds']}; WMSS: "
         f"num_weak_generations {s['num_weak_generations']}, entropy-weighted advantages "
-        f"{'off' if s['no_entropy_weights'] else 'on'}, reference = M_w.",
+        f"{'off' if s['no_entropy_weights'] else 'on'}, "
+        + ("KL reference = M_w (vanilla: TRL's copy of M_s)." if s["beta"] else "no KL term (beta 0) in either arm."),
         "",
         "| model | held-out accuracy (95 % CI) | mean reward | train reward, first -> last step | GRPO wall time |",
         "| --- | --- | --- | --- | --- |",
