@@ -16,6 +16,10 @@ Compared pairs (``num_weak_generations = num_generations / 4``):
 * ``full``: WMSS with weak negatives + entropy-weighted advantages + KL to the weak model (``beta = 0.04``) vs
   vanilla with ``beta = 0.04`` (KL to TRL's copy of the policy). This is the headline ratio (target <= 1.35x).
 
+Completions are forced to ``max_completion_length`` tokens (``min_new_tokens``) unless ``--free_length``: after the
+first step the two arms sample different completions, and with free lengths the step time follows the sampled
+lengths more than the method.
+
 Without ``--model`` a toy Qwen2 (character vocabulary) of the given size is built from config, and the weak model is a
 second random initialisation of it. With ``--model DIR`` (e.g. SmolLM2-135M-Instruct from
 ``scripts/prepare_smollm2.py``) the weak model is ``--weak DIR``, by default a second copy of the same checkpoint
@@ -91,6 +95,8 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
         max_completion_length=a.completion_length, max_steps=a.steps + 1, learning_rate=1e-5, seed=0,
         disable_tqdm=True, beta=beta,
     )
+    if not a.free_length:  # every completion (policy and weak) decodes max_completion_length tokens
+        kw["generation_kwargs"] = {"min_new_tokens": a.completion_length}
     if kind.startswith("wmss"):
         kw.update(num_weak_generations=g // 4)
         if kind == "wmss_full":
@@ -111,6 +117,9 @@ def main(argv=None):
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
     p.add_argument("--completion_length", type=int, default=32)
+    p.add_argument("--free_length", action="store_true",
+                   help="let completions stop at EOS (default: force max_completion_length tokens, so both arms decode "
+                   "the same number of tokens and the comparison is not blurred by sampled lengths)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pairs", default="negatives,full")
@@ -141,7 +150,8 @@ def main(argv=None):
 
     print(f"\nmodel: {'toy hidden=%d layers=%d' % (a.hidden, a.layers) if not a.model else a.model}; "
           f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
-          f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
+          f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length} "
+          f"({'sampled lengths' if a.free_length else 'every completion at full length'}), "
           f"torch threads={torch.get_num_threads()}")
     summary = {}
     for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
