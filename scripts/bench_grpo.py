@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -162,6 +163,7 @@ def main(argv=None):
             print(f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (median of "
                   f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)")
     print("RESULT " + json.dumps(summary))
+    shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
