@@ -287,7 +287,7 @@ def main(argv=None):
         "settings": {k2: v for k2, v in vars(args).items() if k2 not in ("fresh",)} | {"num_weak_generations": k},
         "sft": sft_info,
         "before": {name: {"accuracy": r["accuracy"], "mean_reward": r["mean_reward"]} for name, r in before.items()},
-        "summary": summarize(runs),
+        "summary": summarize(runs, before["start"]["rewards"]),
         "runs": {name: {"arm": a["arm"], "seed": a["seed"], "accuracy": a["eval"]["accuracy"],
                         "mean_reward": a["eval"]["mean_reward"],
                         "train_seconds": a["seconds"], "step_seconds": a["step_seconds"],
@@ -307,8 +307,19 @@ def main(argv=None):
     return 0
 
 
-def summarize(runs):
-    """Per arm: mean/min/max held-out accuracy over seeds and seconds per step; WMSS - vanilla paired by seed."""
+def paired_ci(a, b):
+    """Mean of a - b (lists of equal length) and its 95 % normal-approximation CI."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    half = 1.96 * (sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+    return mean, [mean - half, mean + half]
+
+
+def summarize(runs, start_rewards=None):
+    """Per arm: mean/min/max held-out accuracy over seeds, change vs M_s paired by problem, seconds per step;
+    WMSS - vanilla paired by seed and by problem."""
+    from wmss_trl.real_task import exact_correct
+
     per_arm = {}
     for info in runs.values():
         per_arm.setdefault(info["arm"], []).append(info)
@@ -319,11 +330,23 @@ def summarize(runs):
         out["per_arm"][arm] = {"n": len(accs), "mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs),
                                "seeds": [i["seed"] for i in infos],
                                "seconds_per_step": sum(i["seconds"] for i in infos) / max(1, steps)}
+        if start_rewards is not None:  # per problem: mean over seeds of correct(arm) - correct(M_s)
+            per_item = [sum(exact_correct(i["eval"]["rewards"][j]) for i in infos) / len(infos)
+                        for j in range(len(start_rewards))]
+            out["per_arm"][arm]["vs_start_ci95"] = paired_ci(per_item, [float(exact_correct(x)) for x in start_rewards])[1]
     by_seed = {(i["arm"], i["seed"]): i["eval"]["accuracy"] for i in runs.values()}
     paired = [by_seed[("wmss", sd)] - by_seed[("vanilla", sd)] for (arm, sd) in by_seed
               if arm == "wmss" and ("vanilla", sd) in by_seed]
     if paired:
         out["wmss_minus_vanilla"] = {"per_seed": paired, "mean": sum(paired) / len(paired)}
+        # paired by problem: d_i = mean over seeds of (wmss correct - vanilla correct) on held-out problem i;
+        # 95 % CI of the mean of d_i (normal approximation over problems)
+        correct = {(i["arm"], i["seed"]): [float(exact_correct(x)) for x in i["eval"]["rewards"]] for i in runs.values()}
+        seeds = [sd for (arm, sd) in correct if arm == "wmss" and ("vanilla", sd) in correct]
+        n_items = len(correct[("wmss", seeds[0])])
+        mean_over_seeds = {arm: [sum(correct[(arm, sd)][j] for sd in seeds) / len(seeds) for j in range(n_items)]
+                           for arm in ("wmss", "vanilla")}
+        out["wmss_minus_vanilla"]["per_problem_ci95"] = paired_ci(mean_over_seeds["wmss"], mean_over_seeds["vanilla"])[1]
     return out
 
 
@@ -362,17 +385,21 @@ def markdown(r):
                      f"{a['train_seconds'] / 60:.1f} min ({a['train_seconds'] / max(1, len(a['step_seconds'])):.0f} s/step) |")
     summary = r["summary"]
     if summary["per_arm"]:
-        lines += ["", "| arm | seeds | held-out accuracy, mean (min-max) | change vs M_s | train s/step |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| arm | seeds | held-out accuracy, mean (min-max) | change vs M_s (95 % CI, paired by problem) "
+                  "| train s/step |", "| --- | --- | --- | --- | --- |"]
         base = r["before"]["start"]["accuracy"]
         for arm, m in summary["per_arm"].items():
+            ci95 = m.get("vs_start_ci95")
+            ci_text = f" [{100 * ci95[0]:+.1f}, {100 * ci95[1]:+.1f}]" if ci95 else ""
             lines.append(f"| {labels.get(arm, arm)} | {m['n']} | {pct(m['mean'])} ({pct(m['min'])}-{pct(m['max'])}) | "
-                         f"{100 * (m['mean'] - base):+.1f} pts | {m['seconds_per_step']:.0f} |")
+                         f"{100 * (m['mean'] - base):+.1f} pts{ci_text} | {m['seconds_per_step']:.0f} |")
         if "wmss_minus_vanilla" in summary:
             d = summary["wmss_minus_vanilla"]
             lines += ["", f"WMSS - vanilla, paired by seed: {', '.join(f'{100 * x:+.1f}' for x in d['per_seed'])} pts "
-                      f"(mean {100 * d['mean']:+.1f}); one held-out accuracy has a 95 % half-width of about "
-                      f"{196 * (base * (1 - base) / n) ** 0.5:.1f} pts at this size."]
+                      f"(mean {100 * d['mean']:+.1f}; 95 % CI paired by held-out problem "
+                      f"[{100 * d['per_problem_ci95'][0]:+.1f}, {100 * d['per_problem_ci95'][1]:+.1f}]); one held-out "
+                      f"accuracy alone has a 95 % half-width of about {196 * (base * (1 - base) / n) ** 0.5:.1f} pts "
+                      "at this size."]
     lines += ["", f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
 
