@@ -12,7 +12,8 @@ same model, data, seed and batch:
     sft_lora     plain TRL SFT with LoRA (and `sft_hf_lora`, the transformers-Trainer version)
     wdjt_lora    WD-JT with LoRA, the weak model being the adapter-disabled base (no second copy)
 
-Step time: median over the steps after 2 warm-up steps. Memory: the process's resident set, sampled every 2 ms
+Step time: median over the steps after 2 warm-up steps, as wall time and as the process's CPU time (with one
+thread the CPU time does not depend on what else the machine runs, so prefer it on a shared machine). Memory: the process's resident set, sampled every 2 ms
 during `trainer.train()`; "train MB" is the peak minus the RSS measured right after imports (i.e. the memory that
 models, data and training add, the CPU analogue of a GPU's allocated memory), "peak MB" the raw peak RSS. Ratios
 are against the matching SFT baseline measured in this same invocation. Targets (issue 2): time <= 1.45x;
@@ -107,13 +108,15 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
         trainer = WMSSSFTTrainer(strong, args=WMSSSFTConfig(**common, **kw), train_dataset=data, processing_class=tok, peft_config=peft_config)
 
     step_times: list[float] = []
+    cpu_times: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             step_times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.c)
 
     trainer.add_callback(Timer())
     peak = [rss_mb()]
@@ -130,9 +133,11 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
     stop.set()
     sampler.join()
     timed = step_times[2:] if len(step_times) > 2 else step_times
+    cpu = cpu_times[2:] if len(cpu_times) > 2 else cpu_times
     return {
         "config": config,
         "step_s": statistics.median(timed),
+        "cpu_s": statistics.median(cpu),
         "peak_mb": peak[0],
         "train_mb": peak[0] - base_rss,
         "loss": trainer.state.log_history[-2].get("loss"),
@@ -170,18 +175,19 @@ def main():
             sys.exit(f"{config} failed:\n{proc.stderr[-4000:]}")
         results[config] = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
         r = results[config]
-        print(f"{config:<14} step {r['step_s']:.3f}s  peak RSS {r['peak_mb']:.0f} MB  train mem {r['train_mb']:.0f} MB  loss {r['loss']}", flush=True)
+        print(f"{config:<14} step {r['step_s']:.3f}s (CPU {r['cpu_s']:.3f}s)  peak RSS {r['peak_mb']:.0f} MB  train mem {r['train_mb']:.0f} MB  loss {r['loss']}", flush=True)
 
     print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; "
           f"{args.steps} steps; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
-    print(f"{'comparison':<28}{'time':>8}{'train mem':>11}{'peak RSS':>10}   targets")
+    print(f"{'comparison':<28}{'time':>8}{'CPU time':>10}{'train mem':>11}{'peak RSS':>10}   targets")
     pairs = [("wdjt", "sft", "<=1.45x, <=1.3x"), ("wdjt", "sft_hf", "<=1.45x, <=1.3x"),
              ("wdjt_bf16weak", "sft", "<=1.45x, <=1.3x"), ("wdjt_bf16weak", "sft_hf", "<=1.45x, <=1.3x"),
              ("wdjt_lora", "sft_lora", "<=1.45x, <=1.1x"), ("wdjt_lora", "sft_hf_lora", "<=1.45x, <=1.1x")]
     for wd, base, target in pairs:
         if wd in results and base in results:
             a, b = results[wd], results[base]
-            print(f"{wd + ' / ' + base:<28}{a['step_s'] / b['step_s']:>7.2f}x{a['train_mb'] / b['train_mb']:>10.2f}x"
+            print(f"{wd + ' / ' + base:<28}{a['step_s'] / b['step_s']:>7.2f}x{a['cpu_s'] / b['cpu_s']:>9.2f}x"
+                  f"{a['train_mb'] / b['train_mb']:>10.2f}x"
                   f"{a['peak_mb'] / b['peak_mb']:>9.2f}x   {target}")
 
 
