@@ -3,6 +3,7 @@ equal wall time, with the reviewers' controls (uniform / shuffled weak model) an
 
     python scripts/benchmark.py --seeds 0,1,2 --out runs/benchmark     # ~1 h on 2 CPU cores
     python scripts/benchmark.py --seeds 0 --quick                       # smoke run
+    python scripts/benchmark.py --seeds 0,1,2 --only dpo_mined,dpo_random   # re-run some arms, keep the rest
 
 Per seed: the weak and strong checkpoints (cached), then every arm from the strong checkpoint at equal steps; then
 the baselines again with a wall-time budget equal to the matching WMSS arm's training time *in the same run*
@@ -45,6 +46,8 @@ def main():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--quick", action="store_true", help="tiny step counts, for a smoke run")
+    parser.add_argument("--only", default=None, help="re-run only these equal-steps arms and merge them into the "
+                        "existing <out>/benchmark.json (e.g. after changing their settings)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -57,6 +60,19 @@ def main():
     steps = dict(weak_steps=30, strong_steps=20, arm_steps=10, grpo_steps=4, dpo_steps=4, dpo_prompts=64, eval_every=5) if args.quick else {}
     t0 = time.time()
     runs = {}
+    path = os.path.join(args.out, "benchmark.json")
+    if args.only:
+        with open(path) as f:
+            previous = json.load(f)
+        runs = {int(k): v for k, v in previous["runs"].items()}
+        commands = previous.get("commands", [previous.get("argv")]) + [sys.argv]
+        for seed in seeds:
+            common = dict(output_dir=args.out, seed=seed, plot=False, **steps)
+            runs[seed]["equal_steps"].update(run_demo(DemoArguments(arms=args.only, **common))["arms"])
+        with open(path, "w") as f:
+            json.dump({"seeds": seeds, "runs": runs, "commands": commands}, f, indent=1)
+        report(runs, seeds, args.out, commands, time.time() - t0)
+        return
     for seed in seeds:
         common = dict(output_dir=args.out, seed=seed, plot=False, **steps)
         equal_steps = run_demo(DemoArguments(arms=",".join(SFT_ARMS + RL_ARMS + DPO_ARMS), **common))
@@ -66,10 +82,14 @@ def main():
         timed.update(run_demo(DemoArguments(arms="grpo", time_budget=budget_rl, **common))["arms"])
         runs[seed] = {"phases": equal_steps["phases"], "equal_steps": arms, "equal_time": timed,
                       "budgets": {"sft": budget_sft, "rl": budget_rl}}
-        with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-            json.dump({"seeds": seeds, "runs": runs, "argv": sys.argv}, f, indent=1)
+        with open(path, "w") as f:
+            json.dump({"seeds": seeds, "runs": runs, "commands": [sys.argv]}, f, indent=1)
         print(f"seed {seed} done ({time.time() - t0:.0f}s)", flush=True)
+    report(runs, seeds, args.out, [sys.argv], time.time() - t0)
 
+
+def report(runs: dict, seeds: list[int], out_dir: str, commands: list[list[str]], seconds: float) -> None:
+    """Markdown tables of `runs` (written to <out_dir>/results.md and printed)."""
     lines = [f"Seeds {seeds}; mean ± 95% CI (t, n={len(seeds)}) of greedy accuracy (%), 200 held-out and 200 OOD problems.",
              "", "### Starting points", "", "| checkpoint | held-out | OOD |", "|---|---|---|"]
     for name in ("weak", "strong"):
@@ -101,9 +121,10 @@ def main():
     lines += ["", "### Training-time overhead at equal steps (same run)", "",
               f"- WD-JT (wmss) / SFT: {fmt(ratio_sft, 1.0)}x (includes WD-DS resampling, nothing else differs)",
               f"- WMSS-GRPO / GRPO: {fmt(ratio_rl, 1.0)}x", "",
-              f"Total wall time: {time.time() - t0:.0f}s. Command: `{' '.join(['python'] + sys.argv)}`"]
+              f"Wall time of the last invocation: {seconds:.0f}s. Commands, in order:"]
+    lines += [f"`{' '.join(['python'] + c)}`" for c in commands]
     text = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
 
