@@ -139,3 +139,35 @@ def test_fused_head_matches_naive_autograd(lam, chunk_size, bias):
             lp = torch.log_softmax(z, -1)
             torch.testing.assert_close(stats[:, col].double(), -lp.gather(-1, y[:, None]).squeeze(-1), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(stats[:, col + 2].double(), -(lp.exp() * lp).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam,chunk_size,bias", [(0.5, 4, False), (0.3, 1024, True), (1.0, 3, False)])
+def test_fused_head_loss_matches_naive_autograd(lam, chunk_size, bias):
+    """mixed_head_loss (gradient computed in the forward) vs autograd on the plain formula, with a non-unit
+    upstream gradient as gradient accumulation / token normalisation would give."""
+    from wmss_trl.mixing import mixed_head_loss
+
+    torch.manual_seed(1)
+    n, hidden, vocab = 9, 5, 17
+    head_s = torch.nn.Linear(hidden, vocab, bias=bias).double()
+    head_w = torch.nn.Linear(hidden, vocab, bias=bias).double().requires_grad_(False)
+    h_s = torch.randn(n, hidden, dtype=torch.float64, requires_grad=True)
+    h_w = torch.randn(n, hidden, dtype=torch.float64)
+    y = torch.randint(0, vocab, (n,))
+
+    loss, stats = mixed_head_loss(h_s, head_s, h_w, head_w, y, lam, chunk_size)
+    (0.37 * loss).backward()
+    got = (loss.detach().double(), h_s.grad.clone(), head_s.weight.grad.clone(), None if not bias else head_s.bias.grad.clone())
+    h_s.grad = None
+    head_s.zero_grad()
+    ref = torch.nn.functional.cross_entropy(lam * head_s(h_s) + (1 - lam) * head_w(h_w), y, reduction="sum")
+    (0.37 * ref).backward()
+    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], h_s.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[2], head_s.weight.grad, rtol=1e-5, atol=1e-7)
+    if bias:
+        torch.testing.assert_close(got[3], head_s.bias.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # same logging stats as the per-token form
+        from wmss_trl.mixing import mixed_head_logprobs
+
+        torch.testing.assert_close(stats, mixed_head_logprobs(h_s, head_s, h_w, head_w, y, lam, chunk_size)[1])

@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 
 from .entropy import token_entropy, token_nll, trained_positions
-from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mixed_cross_entropy, mixed_head_logprobs, plain_lm_head
+from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mixed_cross_entropy, mixed_head_loss, plain_lm_head
 from .weak import backbone_of, check_weak_compatible, lm_head_of, prepare_weak_model, resolve_weak_model
 from .selection import (
     check_selection_config,
@@ -206,8 +206,8 @@ class WMSSSFTTrainer(SFTTrainer):
         )
 
     # ---- the loss -------------------------------------------------------------------------------------------
-    # Default path: hidden states of both models + their LM heads -> `mixed_head_logprobs`, which never builds
-    # the logits. It runs inside the policy wrapper's forward (`_forward_redirection`, as TRL's distillation
+    # Default path: hidden states of both models + their LM heads -> `mixed_head_loss`, which never builds
+    # the logits and computes the gradient in the same pass. It runs inside the policy wrapper's forward (`_forward_redirection`, as TRL's distillation
     # trainer does) so DDP's gradient sync and DeepSpeed ZeRO-3's parameter gathering behave as in a normal step.
     # Fallback (models with logit scaling / soft-capping): the models' own logits, mixed chunk by chunk.
 
@@ -242,11 +242,11 @@ class WMSSSFTTrainer(SFTTrainer):
         strong_hidden = backbone_of(unwrapped)(**model_inputs).last_hidden_state[:, keep][mask]
         weak_hidden = self._weak_hidden(unwrapped, model_inputs)[:, keep][mask]
         weak = unwrapped if self.weak_model is None else self.accelerator.unwrap_model(self.weak_model)
-        logp, stats = mixed_head_logprobs(
+        loss_sum, stats = mixed_head_loss(
             strong_hidden, lm_head_of(unwrapped), weak_hidden, lm_head_of(weak), targets[mask],
             self.mixing_lambda, self.args.mixing_chunk_size,
         )
-        return -logp.sum(), stats.sum(0), mask.sum()
+        return loss_sum, stats.sum(0), mask.sum()
 
     def _weak_hidden(self, unwrapped, model_inputs):
         """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients."""
