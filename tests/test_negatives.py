@@ -295,3 +295,13 @@ def test_mine_negatives_command_relaunched_on_two_processes(tiny, models, tmp_pa
     expected, summary = mine_negatives(prompts, weak, strong, tok, [VERIFIER], **SMALL)
     assert load_from_disk(str(out / "dataset")).to_list() == expected.to_list()
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_conversational_reference_column_gives_its_content():
+    """A prompt/completion dataset's `completion` column (a list of messages) used as the reference must give the
+    message content as the chosen answer, not the repr of the list."""
+    from wmss_trl.negatives import _reference_text
+
+    assert _reference_text([{"role": "assistant", "content": "5+9=14\n#### 14"}]) == "5+9=14\n#### 14"
+    assert _reference_text("42") == "42"
+    assert _reference_text(7) == "7"

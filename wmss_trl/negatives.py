@@ -364,7 +364,7 @@ class _Miner:
             best = min(rec["correct"], key=lambda j: (-scores[j], j))
             chosen_text, chosen_score, chosen_from = texts[best], scores[best], "correct_sample"
         elif _has_reference(ref):
-            chosen_text = str(ref)
+            chosen_text = _reference_text(ref)
             if cfg.chosen == "correct_sample":
                 result["counts"]["chosen_reference_fallback"] = 1
         else:
@@ -410,6 +410,14 @@ def _has_reference(value) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks, resume, summary
+
+
+def _reference_text(ref) -> str:
+    """The reference answer as text: a conversational reference (a list of messages, e.g. a prompt/completion
+    dataset's ``completion`` column) gives its last message's content."""
+    if isinstance(ref, list) and ref and isinstance(ref[-1], dict) and "content" in ref[-1]:
+        return str(ref[-1]["content"])
+    return str(ref)
 
 
 def find_reference_column(columns: Sequence[str], reference_column: str | None, required: bool) -> str | None:
