@@ -1,7 +1,7 @@
 """The real-model task (wmss_trl.real_task): answer extraction, the reasoning-gym reward wrapper, the splits.
 
 No model and no download. The reward tests use a stand-in scorer where reasoning-gym is not needed; the tests that
-draw problems need the `reasoning-gym` package (the `real` extra) and are skipped without it.
+draw problems need the `reasoning-gym` package (in the `test` and `real` extras).
 """
 
 import json
@@ -67,7 +67,7 @@ def test_reward_wrapper_resolves_by_dotted_name():
 # ---- with reasoning-gym: its own scorer and the splits
 
 def test_real_scorer_through_wrapper():
-    pytest.importorskip("reasoning_gym")
+    import reasoning_gym  # noqa: F401  (in the `test` extra: these tests always run)
     rows = real_task.generate_rows("chain_sum_2d2t", 4, seed=0)
     right = [f"The answer is {r['answer']}." for r in rows]
     wrong = [str(int(r["answer"]) + 1) for r in rows]
@@ -81,7 +81,7 @@ def test_real_scorer_through_wrapper():
 
 
 def test_splits_fixed_disjoint_and_prompts():
-    pytest.importorskip("reasoning_gym")
+    import reasoning_gym  # noqa: F401  (in the `test` extra: these tests always run)
     a = real_task.build_splits("chain_sum_2d2t", n_train=40, n_eval=30, train_seed=0, eval_seed=1)
     b = real_task.build_splits("chain_sum_2d2t", n_train=40, n_eval=30, train_seed=0, eval_seed=1)
     assert a["train"]["question"] == b["train"]["question"] and a["test"]["question"] == b["test"]["question"]
@@ -98,7 +98,7 @@ def test_splits_fixed_disjoint_and_prompts():
 
 
 def test_small_configuration_runs_out_of_problems():
-    pytest.importorskip("reasoning_gym")
+    import reasoning_gym  # noqa: F401  (in the `test` extra: these tests always run)
     # 1-digit products: at most 100 distinct questions; 90 train leave too few for 50 held-out
     with pytest.raises(ValueError, match="distinct problems"):
         real_task.build_splits("products_1d", n_train=90, n_eval=50)
