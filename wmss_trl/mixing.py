@@ -10,14 +10,17 @@ the strong logits receive a gradient:
     d(-log p_mix[y]) / d z_strong = lam * (p_mix - onehot(y))
 
 Every function here works on *chunks* of positions so that no full ``(batch, seq, vocab)`` fp32 tensor of
-mixed logits ever exists. Two entry points:
+mixed logits ever exists. Three entry points:
 
 * :func:`mixed_token_logprobs` takes logits the caller already has (``(..., V)``), computes ``log p_mix[y]``
-  chunk by chunk in fp32 and recomputes ``p_mix`` chunk by chunk in the backward pass.
+  chunk by chunk in fp32 and recomputes ``p_mix`` chunk by chunk in the backward pass (GRPO, DPO).
 * :func:`mixed_head_logprobs` takes the two models' *hidden states* and LM-head weights and never builds the
   logits at all, not even the strong model's: each chunk of positions is projected, mixed, reduced and dropped,
   in the forward and again in the backward (the pattern of TRL's chunked distillation loss, including the ZeRO-3
-  gather of the LM heads). This is what the trainers use: its memory does not grow with the vocabulary.
+  gather of the LM heads). Per-token log-probs, any upstream gradient.
+* :func:`mixed_head_loss`, the same for a *summed* loss, with the gradient computed in the forward pass (one
+  projection per model per chunk instead of two). This is what ``WMSSSFTTrainer`` uses: its memory does not grow
+  with the vocabulary and its cost is close to plain SFT's (docs/results.md).
 """
 
 from __future__ import annotations
