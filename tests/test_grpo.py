@@ -535,7 +535,13 @@ def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
     with torch.no_grad():
         base_lp, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(wmss, base, ids, am, width)
     m = out["completion_mask"].bool()
-    torch.testing.assert_close(out["ref_per_token_logps"][m], base_lp[m], rtol=1e-5, atol=1e-5)
+    policy_rows = (out["wmss_source"] == 0)[:, None] & m
+    weak_rows = (out["wmss_source"] != 0)[:, None] & m
+    assert policy_rows.any() and weak_rows.any()
+    # KL reference: the weak model (base) on the policy's samples; on the weak negatives' rows the generating
+    # policy itself, so the k3 term never pulls the policy towards the weak model's answers
+    torch.testing.assert_close(out["ref_per_token_logps"][policy_rows], base_lp[policy_rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["ref_per_token_logps"][weak_rows], wmss._wmss_debug["policy_logps"][weak_rows])
     assert not torch.allclose(wmss._wmss_debug["policy_logps"][m], base_lp[m], atol=1e-4)
     before = {n: p.detach().clone() for n, p in wmss.model.named_parameters()}
     wmss.train()

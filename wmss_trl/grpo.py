@@ -705,7 +705,12 @@ class WMSSGRPOTrainer(GRPOTrainer):
                     ratio = _pad_to(ratio, width, 1.0)
                 out["importance_sampling_ratio"] = torch.cat([ratio, torch.ones(n_weak, ratio.size(1), device=device)])
         if self._weak_ref:
-            out["ref_per_token_logps"] = weak_lp
+            # k3 KL is an estimator for the policy's own samples. On the weak negatives' rows the reference is the
+            # policy at generation time (a trust region), so the KL term never pulls the policy towards an answer
+            # the weak model wrote (with the weak model as reference there, exp(ref - logp) is unbounded).
+            ref = weak_lp.clone()
+            ref[rows_w] = pol_lp[rows_w]
+            out["ref_per_token_logps"] = ref
         self._wmss_debug = {"weak_logps": weak_lp, "behaviour_logps": behaviour, "policy_logps": pol_lp, "weak_entropy": weak_h,
                             "policy_entropy": pol_h, "is_weight": rho, "entropy_weight": weights, "source": source}
         self._log_table_rows(weak, out, n_pol, mode)
