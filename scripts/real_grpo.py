@@ -26,9 +26,9 @@ The setup
   - ``vanilla``: TRL's ``GRPOTrainer`` (with ``--beta`` > 0 its reference is TRL's frozen copy of M_s);
   - ``wmss``: ``WMSSGRPOTrainer`` with ``num_weak_generations = G / 4`` weak negatives per group and entropy-weighted
     advantages (WD-DS's 0.1 / 0.8 / 0.1); with ``--beta`` > 0, M_w is also its reference policy.
-  The default is ``--beta 0`` (TRL's default): with ``beta > 0`` *and* weak negatives, TRL's k3 KL term is applied to
-  the weak-negative rows too, where exp(log pi_weak - log pi_policy) is unbounded (observed: KL 1e3-1e10 per token on
-  this model); see docs/real_model.md.
+  The default is ``--beta 0`` (TRL's default; the setting of the reported main run). Runs with ``beta > 0`` made
+  before commit 7369511 applied TRL's k3 KL term to the weak-negative rows with the weak model as reference (logged KL
+  1e3-1e10 per token on this model); see docs/real_model.md section 5.
 * **Metric**: greedy held-out accuracy (full credit of ``score_answer``) of M_w, M_s and both trained policies; the
   train reward of every step is in the results too.
 
@@ -84,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--max-completion-length", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.0,
-                   help="KL coefficient (reference: TRL's copy of M_s / the weak model). Default 0 (TRL's default): "
-                   "with beta > 0 the WMSS arm's KL term also covers the weak negatives and explodes (docs/real_model.md)")
+                   help="KL coefficient (reference: TRL's copy of M_s / the weak model). Default 0, TRL's default and "
+                   "the reported main run (docs/real_model.md)")
     p.add_argument("--temperature", type=float, default=1.0)
     # WMSS arm
     p.add_argument("--num-weak-generations", type=int, default=None, help="default: num_generations / 4")
