@@ -137,6 +137,19 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z.float()
 
 
+def _own_stats(z_s: torch.Tensor, z_w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logging statistics of each model on its own, per position: ``[NLL_s, NLL_w, H_s, H_w]`` (fp32, (n, 4)).
+
+    NLL = logsumexp(z) - z[y];  H = logsumexp(z) - sum_v softmax(z)_v z_v.
+    """
+    out = []
+    for z in (z_s, z_w):
+        lse = torch.logsumexp(z, -1)
+        out.append((lse - z.gather(-1, y).squeeze(-1), lse - (torch.softmax(z, -1) * z).sum(-1)))
+    (nll_s, h_s), (nll_w, h_w) = out
+    return torch.stack([nll_s, nll_w, h_s, h_w], dim=-1)
+
+
 class _ChunkedMixedHead(torch.autograd.Function):
     """Per-position log p_mix[y] from hidden states and LM heads, chunked; gradient to the strong side only.
 
@@ -156,12 +169,9 @@ class _ChunkedMixedHead(torch.autograd.Function):
                 sl = slice(start, start + chunk_size)
                 y = targets[sl, None]
                 z_s, z_w = _project(h_s[sl], w_s, b_s), _project(h_w[sl], w_w, b_w)
+                stats[sl] = _own_stats(z_s, z_w, y)
                 z = lam * z_s + (1.0 - lam) * z_w
                 logp[sl] = z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, -1)
-                for col, zz in ((0, z_s), (1, z_w)):
-                    lse = torch.logsumexp(zz, -1)
-                    stats[sl, col] = lse - zz.gather(-1, y).squeeze(-1)
-                    stats[sl, col + 2] = lse - (torch.softmax(zz, -1) * zz).sum(-1)
         ctx.save_for_backward(h_s, w_s, b_s, h_w, w_w, b_w, targets)
         ctx.lam, ctx.chunk_size = lam, chunk_size
         ctx.mark_non_differentiable(stats)
@@ -228,10 +238,7 @@ class _ChunkedMixedHeadLoss(torch.autograd.Function):
                 sl = slice(start, start + chunk_size)
                 y = targets[sl, None]
                 z_s, z_w = _project(h_s[sl], w_s, b_s), _project(h_w[sl], w_w, b_w)
-                for col, zz in ((0, z_s), (1, z_w)):
-                    lse = torch.logsumexp(zz, -1)
-                    stats[sl, col] = lse - zz.gather(-1, y).squeeze(-1)
-                    stats[sl, col + 2] = lse - (torch.softmax(zz, -1) * zz).sum(-1)
+                stats[sl] = _own_stats(z_s, z_w, y)
                 z = z_s.mul_(lam).add_(z_w, alpha=1.0 - lam)  # z_mix, in place of z_s
                 lse = torch.logsumexp(z, -1)
                 loss += (lse - z.gather(-1, y).squeeze(-1)).sum()

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from conftest import arithmetic_prompt_completion  # noqa: E402
+from conftest import arithmetic_prompt_completion, cpu_args  # noqa: E402
 
 from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
@@ -25,21 +25,9 @@ def main():
     strong, weak, out = sys.argv[1:4]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = 4
-    args = WMSSSFTConfig(
-        output_dir=out,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        activation_checkpointing=False,
-        logging_steps=1,
-        per_device_train_batch_size=global_batch // world,
-        max_steps=1,
-        learning_rate=1e-2,
-        seed=0,
-        weak_model_name_or_path=weak,
-        mixing_lambda=0.4,
-        disable_tqdm=True,
+    args = cpu_args(
+        WMSSSFTConfig, out, per_device_train_batch_size=global_batch // world, max_steps=1, learning_rate=1e-2,
+        weak_model_name_or_path=weak, mixing_lambda=0.4,
     )
     dataset = arithmetic_prompt_completion(global_batch)  # one step covers the whole dataset on any world size
     trainer = WMSSSFTTrainer(strong, args=args, train_dataset=dataset, processing_class=load_tokenizer(strong))
