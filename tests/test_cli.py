@@ -55,3 +55,22 @@ def test_unknown_accelerate_config_is_a_clear_error(tiny, tmp_path):
     config = write_run(tmp_path, tiny)
     proc = subprocess.run([sys.executable, "-m", "wmss_trl.cli", "sft", "--config", str(config), "--accelerate_config", "zero9"], capture_output=True, text=True)
     assert proc.returncode != 0 and "zero9" in proc.stderr and "zero3" in proc.stderr
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_worker_flushes_runs_atexit_and_keeps_the_code(world_size):
+    """A launched worker leaves with os._exit after the atexit handlers; nothing printed is lost, the code is kept."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "from wmss_trl.recipes.common import exit_worker\n"
+        "print('work done', end='')\n"
+        "sys.stderr.write('to stderr')\n"
+        "exit_worker(3)\n"
+        "print('never printed')\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3
+    assert proc.stdout.startswith("work done") and "atexit ran" in proc.stdout and "never printed" not in proc.stdout
+    assert "to stderr" in proc.stderr

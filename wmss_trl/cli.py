@@ -84,4 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from wmss_trl.recipes.common import exit_worker
+
+    exit_worker(main())

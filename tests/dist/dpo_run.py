@@ -19,6 +19,7 @@ from datasets import Dataset  # noqa: E402
 from wmss_trl import WMSSDPOConfig, WMSSDPOTrainer  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
 from wmss_trl.weak import is_zero3_partitioned  # noqa: E402
+from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
 
 
 def preference_pairs(n: int = 4) -> Dataset:
@@ -82,10 +83,9 @@ def main():
             "policy_local_numel": policy_local, "policy_full_numel": policy_full,
             **{k: v for k, v in step1.items() if k == "loss" or k.startswith(("wmss/", "rewards/", "logps/"))},
         }), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    teardown()
 
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

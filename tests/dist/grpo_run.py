@@ -16,12 +16,12 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
 from grpo_common import digit_fraction, grpo_args, prompt_dataset  # noqa: E402
 
 from wmss_trl import WMSSGRPOTrainer  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
 from wmss_trl.weak import is_zero3_partitioned  # noqa: E402
+from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
 
 
 def checksum(model, zero3):
@@ -92,10 +92,9 @@ def main():
     result["has_old_logps"] = all(b.get("old_per_token_logps") is not None for b in trainer._buffered_inputs)
     if acc.is_main_process:
         print("RESULT " + json.dumps(result), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    teardown()
 
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

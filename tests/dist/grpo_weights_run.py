@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from wmss_trl.advantages import entropy_advantage_weights  # noqa: E402
+from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
 
 
 def main():
@@ -43,10 +44,9 @@ def main():
         ).abs().max().item()
     if acc.is_main_process:
         print("RESULT " + json.dumps({"world_size": world, "distributed_type": str(acc.state.distributed_type), **results}), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    teardown()
 
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

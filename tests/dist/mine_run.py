@@ -13,7 +13,6 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from mine_common import VERIFIER, mining_prompts  # noqa: E402
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from wmss_trl.negatives import mine_negatives  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
+from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
 
 
 def main():
@@ -38,10 +38,9 @@ def main():
     if state.is_main_process:
         print("RESULT " + json.dumps({"world_size": state.num_processes, "distributed_type": str(state.distributed_type),
                                       "summary": summary, "rows": rows}), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    teardown()
 
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)

@@ -13,12 +13,12 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
 from conftest import arithmetic_prompt_completion, cpu_args  # noqa: E402
 
 from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
 from wmss_trl.weak import is_zero3_partitioned  # noqa: E402
+from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
 
 
 def main():
@@ -48,10 +48,9 @@ def main():
             **{k: v for k, v in step1.items() if k.startswith("wmss/")},
         }
         print("RESULT " + json.dumps(result), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    teardown()
 
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)
