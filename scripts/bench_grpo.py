@@ -20,6 +20,11 @@ Completions are forced to ``max_completion_length`` tokens (``min_new_tokens``) 
 first step the two arms sample different completions, and with free lengths the step time follows the sampled
 lengths more than the method.
 
+Memory: after the timed rounds each of the four trainers runs again, alone in a fresh subprocess, for
+``--memory_steps`` steps; its peak resident set during ``train()`` minus the resident set after imports ("train
+memory", the CPU analogue of a GPU's allocated memory) is compared between the arms of each pair. ``--memory_steps 0``
+skips it.
+
 Without ``--model`` a toy Qwen2 (character vocabulary) of the given size is built from config, and the weak model is a
 second random initialisation of it. With ``--model DIR`` (e.g. SmolLM2-135M-Instruct from
 ``scripts/prepare_smollm2.py``) the weak model is ``--weak DIR``, by default a second copy of the same checkpoint
@@ -33,6 +38,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,6 +115,37 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
     return GRPOTrainer(strong, digit_fraction, **common)
 
 
+PAIRS = {"negatives": ("vanilla_b0", "wmss_neg", 0.0), "full": ("vanilla_kl", "wmss_full", 0.04)}
+
+
+def run_child(kind, strong, weak, a):
+    """In a fresh subprocess: train one arm for ``a.memory_steps`` steps, return its peak and train memory (MB)."""
+    from bench_sft import PeakRSS, rss_mb
+
+    base = rss_mb()  # after imports (torch, transformers, trl, wmss_trl are imported by now)
+    beta = next(b for vk, wk, b in PAIRS.values() if kind in (vk, wk))
+    a.steps = a.memory_steps - 1  # make_trainer adds a warm-up step
+    trainer = make_trainer(kind, strong, weak, tempfile.mkdtemp(prefix="bench_grpo_mem_"), a, beta, StepTimer())
+    trainer.remove_callback(PrinterCallback)
+    with PeakRSS() as memory:
+        trainer.train()
+    return {"kind": kind, "peak_mb": memory.peak, "train_mb": memory.peak - base}
+
+
+def measure_memory(strong, weak, a, kinds, argv):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    results = {}
+    for kind in kinds:
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", kind, "--paths", f"{strong},{weak}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"memory run of {kind} failed:\n{proc.stderr[-4000:]}")
+        results[kind] = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        print(f"memory {kind:>10}: train {results[kind]['train_mb']:.0f} MB, peak RSS {results[kind]['peak_mb']:.0f} MB",
+              flush=True)
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="strong model folder (default: a toy model built from --hidden/--layers)")
@@ -124,16 +161,22 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pairs", default="negatives,full")
+    p.add_argument("--memory_steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--paths", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.num_generations % 4:
         raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
+    if a.child:
+        print("RESULT " + json.dumps(run_child(a.child, *a.paths.split(","), a)), flush=True)
+        return 0
 
     root = tempfile.mkdtemp(prefix="bench_grpo_")
     # without --weak, a real model is its own weak model: the weights do not change the cost, only the numbers
     strong, weak = (a.model, a.weak or a.model) if a.model else build_models(root, a.hidden, a.layers)
-    pairs = {"negatives": ("vanilla_b0", "wmss_neg", 0.0), "full": ("vanilla_kl", "wmss_full", 0.04)}
-    chosen = [pairs[name] for name in a.pairs.split(",")]
+    chosen = [PAIRS[name] for name in a.pairs.split(",")]
     times = {kind: [] for vk, wk, _ in chosen for kind in (vk, wk)}
     cpu_times = {kind: [] for kind in times}
     for r in range(a.rounds):
@@ -162,6 +205,14 @@ def main(argv=None):
             summary[name].update({f"vanilla_{clock}_s": v, f"wmss_{clock}_s": w, f"ratio_{clock}": w / v})
             print(f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (median of "
                   f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)")
+    if a.memory_steps > 0:
+        memory = measure_memory(strong, weak, a, list(times), argv)
+        for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
+            v, w = memory[vk]["train_mb"], memory[wk]["train_mb"]
+            summary[name].update({"vanilla_train_mb": v, "wmss_train_mb": w, "ratio_train_mb": w / v,
+                                  "ratio_peak_rss": memory[wk]["peak_mb"] / memory[vk]["peak_mb"]})
+            print(f"{name:>10} (memory): vanilla {v:.0f} MB, WMSS {w:.0f} MB train memory, ratio {w / v:.2f}x; "
+                  f"peak RSS ratio {memory[wk]['peak_mb'] / memory[vk]['peak_mb']:.2f}x")
     print("RESULT " + json.dumps(summary))
     shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -40,6 +40,26 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+class PeakRSS:
+    """Peak resident set size (MB) of this process while the ``with`` block runs, sampled every 2 ms by a thread."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
 def build_models(root: str, hidden: int, layers: int, vocab: int) -> tuple[str, str]:
     """Strong and weak checkpoints of the same architecture (the weak one a different random init)."""
     import torch
@@ -119,27 +139,16 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
             cpu_times.append(time.process_time() - self.c)
 
     trainer.add_callback(Timer())
-    peak = [rss_mb()]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    trainer.train()
-    stop.set()
-    sampler.join()
+    with PeakRSS() as memory:
+        trainer.train()
     timed = step_times[2:] if len(step_times) > 2 else step_times
     cpu = cpu_times[2:] if len(cpu_times) > 2 else cpu_times
     return {
         "config": config,
         "step_s": statistics.median(timed),
         "cpu_s": statistics.median(cpu),
-        "peak_mb": peak[0],
-        "train_mb": peak[0] - base_rss,
+        "peak_mb": memory.peak,
+        "train_mb": memory.peak - base_rss,
         "loss": trainer.state.log_history[-2].get("loss"),
     }
 
