@@ -358,9 +358,56 @@ def test_groups_without_wrong_weak_answers_are_untouched(tiny, tmp_path):
     out, ref = generate(wmss, 2), generate(vanilla, 2)
     n = ref["advantages"].size(0)
     assert (out["wmss_source"][n:] == SOURCE_WEAK_UNUSED).all()
-    assert torch.equal(out["advantages"][:n], ref["advantages"].unsqueeze(1).expand(n, out["advantages"].size(1)))
+    adv = out["advantages"][:n]  # (n,) when the importance weights are applied in the loss, else (n, T)
+    adv = adv if adv.dim() == 2 else adv.unsqueeze(1)
+    assert torch.equal(adv, ref["advantages"].unsqueeze(1).expand_as(adv))
     assert out["completion_mask"][n:].sum() == 0
     assert out["num_items_in_batch"] == ref["num_items_in_batch"]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, beta):
+    """One micro-batch per generation and every wrong answer kept (M = K): the negatives' importance weights (and
+    their KL reference) come from the loss's own forward, without the policy forward over the weak rows at
+    generation time. Same weights, loss, gradients and metrics as the eager path on the same batch."""
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.grpo import SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5,
+                beta=beta)
+    assert wmss._defer_to_loss and wmss.max_weak_negatives == 2
+    names = ("wmss/is_weight_mean", "wmss/is_weight_max", "wmss/weak_negative_logp")
+
+    wmss._defer_to_loss = False  # 1. eager: a policy forward over the weak rows at generation time
+    out = generate(wmss, 2)
+    assert out["advantages"].dim() == 2 and "wmss_behaviour_logps" not in out
+    rho_eager = wmss._wmss_debug["is_weight"]
+    eager_metrics = {k: wmss._metrics["train"][k][-1] for k in names}
+    loss_eager, grads_eager = loss_and_grads(wmss, out)
+
+    wmss._defer_to_loss = True  # 2. deferred
+    wmss._metrics["train"].clear()
+    out_d = generate(wmss, 2)
+    assert torch.equal(out_d["completion_ids"], out["completion_ids"])
+    assert torch.equal(out_d["wmss_source"], out["wmss_source"])
+    assert out_d["advantages"].dim() == 1 and "wmss_behaviour_logps" in out_d
+    assert not any(k in wmss._metrics["train"] for k in names)  # logged by the loss, not yet
+    loss_d, grads_d = loss_and_grads(wmss, out_d)
+
+    keep = out["wmss_source"] != SOURCE_WEAK_UNUSED  # the rows the loss sees, in order
+    neg = (out["wmss_source"] == SOURCE_WEAK_NEGATIVE)[keep]
+    mask = out["completion_mask"][keep].bool()
+    assert neg.any() and (mask & neg.unsqueeze(1)).any()
+    rho_d = wmss._wmss_debug["is_weight"]
+    torch.testing.assert_close(rho_d[mask], rho_eager[keep][mask], rtol=1e-5, atol=1e-6)
+    assert (rho_d[~neg] == 1).all() and (rho_d <= 1.5).all()
+    assert (rho_d[mask & neg.unsqueeze(1)] - 1).abs().max() > 0.05  # the weights do something to the loss
+    torch.testing.assert_close(loss_d, loss_eager, rtol=1e-5, atol=1e-7)
+    assert grads_d.keys() == grads_eager.keys()
+    for name in grads_eager:
+        torch.testing.assert_close(grads_d[name], grads_eager[name], rtol=1e-4, atol=1e-7)
+    for k in names:
+        assert wmss._metrics["train"][k][-1] == pytest.approx(eager_metrics[k], rel=1e-5, abs=1e-6), k
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -440,8 +487,8 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
     vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
     ref = generate(vanilla, 2)
     # 1. weights computed at generation time (the path for steps_per_generation > 1 or num_iterations > 1)
-    assert wmss._defer_entropy_weights  # one micro-batch per generation: the default takes them from the loss
-    wmss._defer_entropy_weights = False
+    assert wmss._defer_to_loss  # one micro-batch per generation: the default takes them from the loss
+    wmss._defer_to_loss = False
     out = generate(wmss, 2)
     dbg = wmss._wmss_debug
     mask = out["completion_mask"]
@@ -465,7 +512,7 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
     loss_eager = wmss.compute_loss(wmss.model, out)
 
     # 2. deferred: the same weights and loss, from the loss's own forward (no extra policy forward)
-    wmss._defer_entropy_weights = True
+    wmss._defer_to_loss = True
     out_deferred = generate(wmss, 2)
     assert torch.equal(out_deferred["completion_ids"], out["completion_ids"])
     assert torch.equal(out_deferred["advantages"], ref["advantages"])  # weights not applied yet

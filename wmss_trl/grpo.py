@@ -285,8 +285,9 @@ class WMSSGRPOTrainer(GRPOTrainer):
         self._use_negatives = args.num_weak_generations > 0
         self._use_entropy_weights = args.entropy_weighted_advantages
         # With one micro-batch per generation batch and one iteration, the loss's own forward sees the whole local
-        # batch with the weights of generation time, so the policy entropies are taken from it (no extra forward)
-        self._defer_entropy_weights = args.steps_per_generation == 1 and args.num_iterations == 1
+        # batch with the parameters of generation time, so the policy log-probs and entropies that the entropy
+        # weights and the importance weights need are taken from it (no extra policy forward)
+        self._defer_to_loss = args.steps_per_generation == 1 and args.num_iterations == 1
         self._cached_policy_forward = None
         self.mixing_lambda = args.mixing_lambda
         self._use_mixing = args.mixing_lambda < 1.0
@@ -623,8 +624,13 @@ class WMSSGRPOTrainer(GRPOTrainer):
         # the behaviour log-probs recorded while sampling
         weak_from = 0 if (self._weak_ref or use_ent) else n_pol
         weak_to = n_rows if (self._weak_ref or use_ent) else n_pol
-        defer = use_ent and self._defer_entropy_weights  # the policy entropies come from the loss's forward
-        pol_from = 0 if (use_ent and not defer) else n_pol
+        defer_ent = use_ent and self._defer_to_loss  # the policy entropies come from the loss's forward
+        # so do the importance weights, when the selection needs no plausibility ranking (every wrong answer is kept,
+        # M = K) and TRL keeps no old log-probs: then the weak rows need no policy forward here
+        defer_is = (use_neg and self._defer_to_loss and self.max_weak_negatives >= self.num_weak_generations
+                    and out.get("old_per_token_logps") is None)
+        pol_from = 0 if (use_ent and not defer_ent) else n_pol
+        pol_to = n_pol if defer_is else n_rows
         weak_lp = torch.zeros(n_rows, width, device=device)
         weak_h = torch.zeros(n_rows, width, device=device)
         pol_lp = torch.zeros(n_rows, width, device=device)
@@ -638,15 +644,15 @@ class WMSSGRPOTrainer(GRPOTrainer):
                 weak_lp[weak_from:weak_to] = lp.float()
                 if h is not None:
                     weak_h[weak_from:weak_to] = h.float()
-            if pol_from < n_rows:
+            if pol_from < pol_to:
                 # the policy's log-probs as the loss sees them (mixed under WD-JT), its own entropy
                 lp, h, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids[pol_from:], attention_mask[pol_from:], width,
-                    batch_size=self.args.per_device_train_batch_size, compute_entropy=use_ent and not defer,
+                    self.model, input_ids[pol_from:pol_to], attention_mask[pol_from:pol_to], width,
+                    batch_size=self.args.per_device_train_batch_size, compute_entropy=use_ent and not defer_ent,
                 )
-                pol_lp[pol_from:] = lp.float()
+                pol_lp[pol_from:pol_to] = lp.float()
                 if h is not None:
-                    pol_h[pol_from:] = h.float()
+                    pol_h[pol_from:pol_to] = h.float()
 
         # ---- sequence advantages: TRL's, recomputed for the groups that receive weak negatives
         advantages = out["advantages"]
@@ -662,16 +668,20 @@ class WMSSGRPOTrainer(GRPOTrainer):
             source[rows_w] = torch.where(selected, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED)
             completion_mask[rows_w] = completion_mask[rows_w] * selected.unsqueeze(1).to(completion_mask.dtype)
             advantages = torch.cat([advantages, weak_adv])
-            rho = torch.ones(n_rows, width, device=device)
-            rho[rows_w] = truncated_importance_weights(
-                pol_lp[rows_w], behaviour, completion_mask[rows_w], self.args.weak_is_clip
-            )
-            self._log_negatives(stats, rho[rows_w], completion_mask[rows_w])
+            self._log_negatives(stats)
+            if not defer_is:
+                rho = torch.ones(n_rows, width, device=device)
+                rho[rows_w] = truncated_importance_weights(
+                    pol_lp[rows_w], behaviour, completion_mask[rows_w], self.args.weak_is_clip
+                )
+                rank = self.accelerator.process_index
+                plausibility = stats["plausibility"][rank * n_weak : (rank + 1) * n_weak]  # this process's weak rows
+                self._log_is_weights(rho[rows_w][selected], completion_mask[rows_w][selected], plausibility[selected])
         loss_mask = completion_mask
 
         # ---- token weights from the entropy dynamics, normalised over the global batch
         weights = None
-        if use_ent and not defer:
+        if use_ent and not defer_ent:
             weights = self._entropy_weights(weak_h, pol_h, loss_mask)
             self._log_entropy_stats(weights, weak_h, pol_h, weak_lp, pol_lp, loss_mask, source == SOURCE_POLICY)
 
@@ -688,9 +698,11 @@ class WMSSGRPOTrainer(GRPOTrainer):
         out["completion_ids"], out["completion_mask"] = completion_ids, completion_mask
         out["advantages"] = advantages
         out["wmss_source"] = source
-        if defer:  # weights applied in `_compute_loss`, from the entropies of its forward
+        if defer_ent:  # weights applied in `_compute_loss`, from the entropies of its forward
             out["wmss_weak_entropy"] = weak_h
             out["wmss_weak_logps"] = weak_lp
+        if defer_is and weak is not None:  # importance weights applied in `_compute_loss`, from its log-probs
+            out["wmss_behaviour_logps"] = torch.cat([torch.zeros(n_pol, width, device=device), behaviour])
         if weak is not None:
             out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
             if out.get("old_per_token_logps") is not None:
@@ -709,7 +721,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
             # policy at generation time (a trust region), so the KL term never pulls the policy towards an answer
             # the weak model wrote (with the weak model as reference there, exp(ref - logp) is unbounded).
             ref = weak_lp.clone()
-            ref[rows_w] = pol_lp[rows_w]
+            ref[rows_w] = pol_lp[rows_w]  # (set from the loss's forward in `_compute_loss` when deferred)
             out["ref_per_token_logps"] = ref
         self._wmss_debug = {"weak_logps": weak_lp, "behaviour_logps": behaviour, "policy_logps": pol_lp, "weak_entropy": weak_h,
                             "policy_entropy": pol_h, "is_weight": rho, "entropy_weight": weights, "source": source}
@@ -764,7 +776,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
     # metrics and the completions table
     # ------------------------------------------------------------------------------------------------------------
 
-    def _log_negatives(self, stats, rho_weak, weak_mask):
+    def _log_negatives(self, stats):
         metrics = self._metrics["train"]
         correctness, selected = stats["correctness"], stats["selected"]
         scored = ~torch.isnan(correctness)
@@ -774,18 +786,22 @@ class WMSSGRPOTrainer(GRPOTrainer):
         metrics["wmss/weak_negatives_per_group"].append(selected.float().sum(1).mean().item())
         metrics["wmss/frac_groups_with_weak_negative"].append(stats["touched"].float().mean().item())
         n_sel = selected.sum()
-        metrics["wmss/weak_negative_logp"].append(
-            (stats["plausibility"].view_as(selected)[selected].sum() / n_sel).item() if n_sel > 0 else float("nan")
-        )
         metrics["wmss/weak_negative_advantage"].append(
             (stats["weak_adv"][selected].sum() / n_sel).item() if n_sel > 0 else float("nan")
         )
-        m = weak_mask.float()
-        sums = self.accelerator.reduce(torch.stack([(rho_weak * m).sum(), m.sum()]), reduction="sum")
-        local_max = (rho_weak * m).max() if m.numel() else torch.zeros((), device=m.device)
+
+    def _log_is_weights(self, rho, mask, plausibility):
+        """Metrics of this process's selected negatives (reduced over processes): their importance weights
+        ``rho`` and mask ``(n, T)``, and their plausibility ``(n,)`` (mean token log-prob under the policy)."""
+        metrics = self._metrics["train"]
+        m = mask.float()
+        sums = torch.stack([(rho * m).sum(), m.sum(), plausibility.sum(), torch.tensor(float(plausibility.numel()), device=m.device)])
+        sums = self.accelerator.reduce(sums.double(), reduction="sum")
+        local_max = (rho * m).max() if m.numel() else torch.zeros((), device=m.device)
+        metrics["wmss/weak_negative_logp"].append((sums[2] / sums[3]).item() if sums[3] > 0 else float("nan"))
         metrics["wmss/is_weight_mean"].append((sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"))
         metrics["wmss/is_weight_max"].append(
-            self.accelerator.gather(local_max.reshape(1)).max().item() if sums[1] > 0 else float("nan")
+            self.accelerator.gather(local_max.reshape(1).float()).max().item() if sums[1] > 0 else float("nan")
         )
 
     def _log_entropy_stats(self, weights, weak_h, pol_h, weak_lp, pol_lp, mask, policy_rows):
@@ -859,32 +875,48 @@ class WMSSGRPOTrainer(GRPOTrainer):
                     key: value[keep] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == n else value
                     for key, value in inputs.items()
                 }
-        if "wmss_weak_entropy" in inputs:
-            inputs = self._apply_deferred_entropy_weights(model, dict(inputs))
+        if "wmss_weak_entropy" in inputs or "wmss_behaviour_logps" in inputs:
+            inputs = self._apply_deferred_weights(model, dict(inputs))
         try:
             return super()._compute_loss(model, inputs)
         finally:
             self._cached_policy_forward = None
 
-    def _apply_deferred_entropy_weights(self, model, inputs):
-        """Entropy weights from the loss's own policy forward (one micro-batch per generation batch, one iteration:
-        the weights are those of generation time, without a second forward). The forward is cached and handed to
-        TRL's ``_compute_loss`` when it asks for it, so the policy runs once."""
-        weak_h, weak_lp = inputs.pop("wmss_weak_entropy"), inputs.pop("wmss_weak_logps")
+    def _apply_deferred_weights(self, model, inputs):
+        """Entropy weights and/or the negatives' importance weights from the loss's own policy forward (one
+        micro-batch per generation batch, one iteration: its log-probs and entropies are those of generation time,
+        without a second forward). The forward is cached and handed to TRL's ``_compute_loss`` when it asks for it,
+        so the policy runs once. On the negatives' rows the KL reference is the generating policy, i.e. these same
+        (detached) log-probs."""
+        weak_h, weak_lp = inputs.pop("wmss_weak_entropy", None), inputs.pop("wmss_weak_logps", None)
+        behaviour = inputs.pop("wmss_behaviour_logps", None)
         completion_mask = inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         result = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_mask.size(1), compute_entropy=True,
+            model, input_ids, attention_mask, completion_mask.size(1), compute_entropy=True,  # as TRL's loss asks
             compute_aux_loss=self.aux_loss_enabled,
         )
-        logps, entropies = result[0].detach().float(), result[1].detach().float()
-        weights = self._entropy_weights(weak_h, entropies, mask)
+        logps = result[0].detach().float()
+        source = inputs["wmss_source"]
+        factor = torch.ones_like(logps)
+        if behaviour is not None:
+            neg = source == SOURCE_WEAK_NEGATIVE
+            factor[neg] = truncated_importance_weights(logps[neg], behaviour[neg], mask[neg], self.args.weak_is_clip)
+            self._log_is_weights(factor[neg], mask[neg], sequence_mean(logps[neg], mask[neg]))
+            if inputs.get("ref_per_token_logps") is not None:
+                inputs["ref_per_token_logps"] = torch.where(neg.unsqueeze(1), logps, inputs["ref_per_token_logps"])
+            self._wmss_debug.update(is_weight=factor.clone(), loss_policy_logps=logps)
+        if weak_h is not None:
+            entropies = result[1].detach().float()
+            weights = self._entropy_weights(weak_h, entropies, mask)
+            factor = factor * weights
+            self._log_entropy_stats(weights, weak_h, entropies, weak_lp, logps, mask, source == SOURCE_POLICY)
+            self._wmss_debug.update(entropy_weight=weights, policy_entropy=entropies)
+        self._wmss_debug.update(loss_source=source)
         advantages = inputs["advantages"]
-        inputs["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
-        self._log_entropy_stats(weights, weak_h, entropies, weak_lp, logps, mask, inputs["wmss_source"] == SOURCE_POLICY)
-        self._wmss_debug.update(entropy_weight=weights, policy_entropy=entropies, loss_source=inputs["wmss_source"])
+        inputs["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * factor
         self._cached_policy_forward = (input_ids, result)
         return inputs
 
