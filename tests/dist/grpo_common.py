@@ -27,25 +27,10 @@ def prompt_dataset(n: int = 16):
 
 
 def grpo_args(output_dir, **kw):
-    """Small deterministic CPU settings for WMSSGRPOConfig."""
+    """``conftest.cpu_args`` for WMSSGRPOConfig (or ``config_class``), with small generation settings."""
+    from conftest import cpu_args
+
     from wmss_trl import WMSSGRPOConfig
 
-    base = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        activation_checkpointing=False,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=2,
-        learning_rate=1e-3,
-        seed=0,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    cls = base.pop("config_class", WMSSGRPOConfig)
-    return cls(**base)
+    cls = kw.pop("config_class", WMSSGRPOConfig)
+    return cpu_args(cls, output_dir, **{"num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-3, **kw})
