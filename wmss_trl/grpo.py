@@ -88,7 +88,8 @@ class WMSSGRPOConfig(GRPOConfig):
             K: completions the weak model samples per prompt (0 = no weak negatives). `per_device_train_batch_size *
             K` must be divisible by `num_generations`.
         max_weak_negatives (`int`, *optional*):
-            M: at most this many wrong weak completions join each group (default: K).
+            M: at most this many wrong weak completions join each group, the most plausible to the policy
+            (default: K). With M < K the ranking costs a policy forward over the weak rows at generation time.
         weak_negative_threshold (`float`, defaults to `0.5`):
             A weak completion is wrong when its reward is below this (0/1 rewards: reward 0).
         weak_correctness_reward (`str`, *optional*):
@@ -128,7 +129,7 @@ class WMSSGRPOConfig(GRPOConfig):
     max_weak_negatives: int | None = field(
         default=None,
         metadata={"help": "M: at most this many weak negatives per group, the most plausible to the policy "
-                  "(default: num_weak_generations)."},
+                  "(default: num_weak_generations). With M < K the ranking costs a policy forward over the weak rows."},
     )
     weak_negative_threshold: float = field(
         default=0.5,
