@@ -5,6 +5,7 @@ draw problems need the `reasoning-gym` package (in the `test` and `real` extras)
 """
 
 import json
+import sys
 
 import pytest
 
@@ -102,3 +103,9 @@ def test_small_configuration_runs_out_of_problems():
     # 1-digit products: at most 100 distinct questions; 90 train leave too few for 50 held-out
     with pytest.raises(ValueError, match="distinct problems"):
         real_task.build_splits("products_1d", n_train=90, n_eval=50)
+
+
+def test_missing_reasoning_gym_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # makes `import reasoning_gym` fail
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[real\]"'):
+        real_task.build_splits("chain_sum", 4, 2)

@@ -70,6 +70,16 @@ def make_prompt(question: str, instruction: str = INSTRUCTION, conversational: b
     return [{"role": "user", "content": text}] if conversational else text
 
 
+def _import_reasoning_gym():
+    """``reasoning_gym`` (an optional dependency), or an ImportError that names the install command."""
+    try:
+        import reasoning_gym
+        import reasoning_gym.factory  # noqa: F401
+    except ImportError as e:
+        raise ImportError('the real-model tasks need reasoning-gym: pip install -e ".[real]"') from e
+    return reasoning_gym
+
+
 def generate_rows(task, size: int, seed: int, exclude_questions=(), instruction: str = INSTRUCTION,
                   conversational: bool = True, max_tries: int = 6) -> list[dict]:
     """``size`` problems of ``task`` drawn with ``seed``, skipping questions in ``exclude_questions`` and duplicates.
@@ -78,8 +88,7 @@ def generate_rows(task, size: int, seed: int, exclude_questions=(), instruction:
     entries of ``create_dataset(name, size=size * k, seed=seed)`` for the smallest k tried (1, 2, 4, ..., 32) that
     has enough of them. Raises ValueError when the configuration has too few distinct problems.
     """
-    import reasoning_gym
-
+    reasoning_gym = _import_reasoning_gym()
     name, cfg = resolve_task(task)
     excluded = set(exclude_questions)
     pool = size
@@ -126,9 +135,7 @@ def _score_fn_for(name: str, scorers: dict | None) -> Callable:
     if scorers and name in scorers:
         scorer = scorers[name]
         return scorer.score_answer if hasattr(scorer, "score_answer") else scorer
-    from reasoning_gym.factory import get_score_answer_fn
-
-    return get_score_answer_fn(name)
+    return _import_reasoning_gym().factory.get_score_answer_fn(name)
 
 
 def get_reasoning_gym_reward(scorers: dict | None = None, default_dataset: str | None = None) -> Callable:
