@@ -48,6 +48,8 @@ from collections.abc import Callable
 
 import torch
 
+from .entropy import masked_mean
+
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -224,7 +226,5 @@ def truncated_importance_weights(
 
 def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over ``mask`` per row; ``-inf`` for rows with no token (never plausible)."""
-    m = mask.to(values.dtype)
-    count = m.sum(-1)
-    mean = (values * m).sum(-1) / count.clamp(min=1)
-    return torch.where(count > 0, mean, torch.full_like(mean, -math.inf))
+    mean = masked_mean(values, mask)
+    return torch.where(mask.sum(-1) > 0, mean, torch.full_like(mean, -math.inf))

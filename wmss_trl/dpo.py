@@ -38,7 +38,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_module
 
-from .entropy import token_entropy, token_nll, trained_positions
+from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mix_logits, mixed_token_logprobs
 from .sft import WMSS_PAPER
 from .weak import check_weak_compatible, freeze, is_peft_model, resolve_weak_model, weak_forward_context
@@ -146,12 +146,6 @@ def sequence_logps(per_token_logps: torch.Tensor, shift_completion_mask: torch.T
     return (per_token_logps * shared_mask).sum(dim=1) + ld_alpha * (per_token_logps * tail_mask).sum(dim=1)
 
 
-def masked_row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean_t values[i, t] over mask[i, t]; 0 for an empty row."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
 def entropy_pair_weights(h_weak, h_strong, alpha=0.1, beta=0.8, gamma=0.1, all_reduce_sum=None) -> torch.Tensor:
     """Per-pair weights with mean 1 from the weak/strong entropy of the rejected answers (WD-DS's three signals).
 
@@ -250,8 +244,8 @@ class _WMSSPolicy:
             out = self.model(*args, **kwargs)
         if trainer.args.entropy_pair_weights:
             _, rejected_mask = self.shift_mask.chunk(2, dim=0)
-            _, h_strong = masked_row_mean(out.entropy.detach().float(), self.shift_mask).chunk(2, dim=0)
-            _, h_weak = masked_row_mean(self.weak.entropy.float(), self.shift_mask).chunk(2, dim=0)
+            _, h_strong = masked_mean(out.entropy.detach().float(), self.shift_mask).chunk(2, dim=0)
+            _, h_weak = masked_mean(self.weak.entropy.float(), self.shift_mask).chunk(2, dim=0)
             args_ = trainer.args
             w = entropy_pair_weights(
                 h_weak, h_strong, args_.pair_weight_alpha, args_.pair_weight_beta, args_.pair_weight_gamma,
