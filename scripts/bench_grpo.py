@@ -7,6 +7,9 @@ Both trainers live in one process, on the same prompts, models and sampling sett
 rounds (vanilla, WMSS, vanilla, WMSS, ...) so that load from other processes on the machine hits both alike. The
 time of an optimizer step is measured by a callback from ``on_step_begin`` to ``on_step_end`` (generation,
 scoring, weak rollouts, forwards, backward and optimizer step); the first step of every round is dropped (warm-up).
+The step time reported is the **mean** over the timed steps: with ``weak_rollout_prefetch = P`` the weak model samples
+for P + 1 generation batches every P + 1 steps, so one step in P + 1 carries the whole weak decode, and ``--steps``
+must be a multiple of P + 1 (each round then times whole cycles; a median would hide the expensive step).
 Two clocks are reported: wall time, and the CPU time of this process. With one torch thread the CPU time is the
 work done, unaffected by other processes competing for the cores, so on a shared machine it is the reliable one.
 
@@ -105,7 +108,7 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
     if not a.free_length:  # every completion (policy and weak) decodes max_completion_length tokens
         kw["generation_kwargs"] = {"min_new_tokens": a.completion_length}
     if kind.startswith("wmss"):
-        kw.update(num_weak_generations=g // 4)
+        kw.update(num_weak_generations=g // 4, weak_rollout_prefetch=a.weak_rollout_prefetch)
         if kind == "wmss_full":
             kw.update(entropy_weighted_advantages=True)
     args = WMSSGRPOConfig(**kw)
@@ -147,6 +150,8 @@ def measure_memory(strong, weak, a, kinds, argv):
 
 
 def main(argv=None):
+    from wmss_trl import WMSSGRPOConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="strong model folder (default: a toy model built from --hidden/--layers)")
     p.add_argument("--weak", help="weak model folder (default: another initialisation of the toy model)")
@@ -161,6 +166,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pairs", default="negatives,full")
+    p.add_argument("--weak_rollout_prefetch", type=int, default=WMSSGRPOConfig.weak_rollout_prefetch,
+                   help="WMSS arms: generation batches whose weak completions are sampled ahead (default: the config's)")
     p.add_argument("--memory_steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
@@ -169,6 +176,9 @@ def main(argv=None):
     torch.set_num_threads(1)
     if a.num_generations % 4:
         raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
+    if a.steps % (a.weak_rollout_prefetch + 1) and not a.child:
+        raise SystemExit(f"--steps must be a multiple of weak_rollout_prefetch + 1 = {a.weak_rollout_prefetch + 1}, "
+                         "so that every round times whole prefetch cycles.")
     if a.child:
         print("RESULT " + json.dumps(run_child(a.child, *a.paths.split(","), a)), flush=True)
         return 0
@@ -194,16 +204,17 @@ def main(argv=None):
 
     print(f"\nmodel: {'toy hidden=%d layers=%d' % (a.hidden, a.layers) if not a.model else a.model}; "
           f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
-          f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length} "
+          f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
+          f"weak_rollout_prefetch={a.weak_rollout_prefetch} "
           f"({'sampled lengths' if a.free_length else 'every completion at full length'}), "
           f"torch threads={torch.get_num_threads()}")
     summary = {}
     for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
         summary[name] = {"beta": beta, "n": len(times[vk])}
         for clock, data in (("wall", times), ("cpu", cpu_times)):
-            v, w = statistics.median(data[vk]), statistics.median(data[wk])
+            v, w = statistics.mean(data[vk]), statistics.mean(data[wk])
             summary[name].update({f"vanilla_{clock}_s": v, f"wmss_{clock}_s": w, f"ratio_{clock}": w / v})
-            print(f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (median of "
+            print(f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (mean of "
                   f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)")
     if a.memory_steps > 0:
         memory = measure_memory(strong, weak, a, list(times), argv)

@@ -199,9 +199,10 @@ def make(cls, tiny, tmp_path, reward=has_digit, **kw):
     weak = kw.pop("weak_model", None)
     peft_config = kw.pop("peft_config", None)
     config_class = kw.pop("config_class", None)
+    dataset = kw.pop("train_dataset", None) or prompt_dataset(16)
     args = grpo_args(tmp_path / cls.__name__, **({"config_class": config_class} if config_class else {}), **kw)
     extra = {"weak_model": weak} if weak is not None else {}
-    trainer = cls(tiny["strong"], reward, args=args, train_dataset=prompt_dataset(16),
+    trainer = cls(tiny["strong"], reward, args=args, train_dataset=dataset,
                   processing_class=load_tokenizer(tiny["strong"]), peft_config=peft_config, **extra)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
@@ -408,6 +409,70 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
         torch.testing.assert_close(grads_d[name], grads_eager[name], rtol=1e-4, atol=1e-7)
     for k in names:
         assert wmss._metrics["train"][k][-1] == pytest.approx(eager_metrics[k], rel=1e-5, abs=1e-6), k
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# weak completions sampled ahead (weak_rollout_prefetch)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, **kw):
+    """Train with a weak sampler that answers each prompt with a completion unique to that prompt and draws no random
+    numbers; record its calls and, at every generation, the batch's prompts and weak rows."""
+    from wmss_trl import WMSSGRPOTrainer
+
+    trainer = make(WMSSGRPOTrainer, tiny, tmp_path / f"p{prefetch}", weak_model=tiny["weak"], num_weak_generations=2,
+                   weak_rollout_prefetch=prefetch, logging_steps=100, **kw)
+    answers, calls, seen = {}, [], []
+    eos = trainer.eos_token_ids[0]
+
+    def fake_weak_generate(prompt_ids_list):
+        calls.append(len(prompt_ids_list))
+        ids = [answers.setdefault(tuple(p), [10 + len(answers) % 20, 11 + len(answers) % 20, eos])
+               for p in prompt_ids_list]
+        return [list(x) for x in ids], [[-1.0] * len(x) for x in ids]
+
+    add_wmss = trainer._add_wmss
+
+    def spy(inputs, out, rewards_per_func):
+        out = add_wmss(inputs, out, rewards_per_func)
+        weak = out["wmss_source"] != 0
+        rows = [(tuple(p[m.bool()].tolist()), tuple(c[cm.bool()].tolist()) if cm.any() else None)
+                for p, m, c, cm in zip(out["prompt_ids"][weak], out["prompt_mask"][weak],
+                                       out["completion_ids"][weak], trainer._wmss_debug_weak_mask)]
+        seen.append(([x["prompt"][0]["content"] for x in inputs], rows))
+        return out
+
+    trainer._weak_generate, trainer._add_wmss = fake_weak_generate, spy
+    torch.manual_seed(0)
+    trainer.train()
+    return trainer, answers, calls, seen
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
+    """Sampling the weak completions of the next P generation batches ahead gives every batch its own prompts'
+    completions, in the same batch order, and (with a sampler that draws no random numbers) the very same training
+    run as sampling them on use; it calls the weak sampler once every P + 1 generation batches, with P + 1 times the
+    rows."""
+    kw = dict(max_steps=8, gradient_accumulation_steps=ga)
+    eager, _, eager_calls, eager_seen = run_with_fake_weak_sampler(tiny, tmp_path, 0, **kw)
+    ahead, answers, ahead_calls, ahead_seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, **kw)
+    n_w = 2 * ga  # weak rows per generation batch: per_device_train_batch_size * ga * K / G = 4 * ga * 2 / 4
+    assert eager_calls == [n_w] * 8 and ahead_calls == [4 * n_w] * 2
+    assert [s[0] for s in ahead_seen] == [s[0] for s in eager_seen] and len(ahead_seen) == 8
+    for _, rows in ahead_seen:  # each weak row holds the answer to its own prompt (or is an unused padding row)
+        assert len(rows) == n_w and all(c is None or list(c) == answers[p][: len(c)] for p, c in rows)
+    assert sum(c is not None for _, rows in ahead_seen for _, c in rows) > 0
+    for (name, p_eager), p_ahead in zip(eager.model.named_parameters(), ahead.model.parameters()):
+        assert torch.equal(p_eager, p_ahead), name
+
+
+def test_weak_rollout_prefetch_across_epochs(tiny, tmp_path):
+    """The read-ahead stops at the end of an epoch's data and starts again with the next epoch's iterator."""
+    _, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8, train_dataset=prompt_dataset(6))
+    # epoch 1: batches 0-3, 4-5 (the data ends); epoch 2: batches 6-7 and the two after them (read ahead)
+    assert calls == [8, 4, 8] and len(seen) == 8
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])

@@ -30,8 +30,10 @@ padding rows (completion mask 0, advantage 0). So the batch has a fixed ``B + n_
 split into ``steps_per_generation`` micro-batches of ``per_device_train_batch_size x (1 + K / G)`` rows: hence the
 rule ``per_device_train_batch_size x K % G == 0``, checked in :class:`WMSSGRPOConfig`. Padding rows hold no loss
 token, and :meth:`WMSSGRPOTrainer._compute_loss` drops them from each micro-batch before calling TRL's loss, so they
-cost no training compute and every loss type (token-normalised like ``dapo``, TRL's default, or row-averaged like
-``grpo``) sees exactly the policy rows plus the selected negatives. ``num_items_in_batch`` is recomputed with the
+cost no training compute and, on one process, every loss type (token-normalised like ``dapo``, TRL's default, or
+row-averaged like ``grpo``) sees exactly the policy rows plus the selected negatives. Under several processes each
+keeps as many rows as the process that selected the most (TRL gathers per-row metrics): token-normalised losses are
+unchanged by the extra zero-weight rows, row-averaged ones count them. ``num_items_in_batch`` is recomputed with the
 negatives' tokens.
 """
 
@@ -96,6 +98,11 @@ class WMSSGRPOConfig(GRPOConfig):
             Name of the reward function that decides wrongness (default: the weighted sum of all reward functions).
         weak_is_clip (`float`, defaults to `2.0`):
             c: truncation of the per-token importance weight min(pi_old / pi_weak, c) of weak negatives.
+        weak_rollout_prefetch (`int`, defaults to `3`):
+            P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
+            the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
+            frozen, so sampling early draws from the same distribution; rewards are computed when a batch is used.
+            0 = sample each batch's weak completions when it is used.
         entropy_weighted_advantages (`bool`, defaults to `False`):
             Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
         entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
@@ -143,6 +150,12 @@ class WMSSGRPOConfig(GRPOConfig):
     weak_is_clip: float = field(
         default=2.0,
         metadata={"help": "c: the per-token importance weight of weak negatives is min(pi_old / pi_weak, c)."},
+    )
+    weak_rollout_prefetch: int = field(
+        default=3,
+        metadata={"help": "P: sample the weak completions of the next P generation batches in the same weak generate "
+                  "call as the current batch's (one call every P + 1 generation batches). The weak model is frozen, "
+                  "so this draws from the same distribution and only amortises the decode. 0: sample per batch."},
     )
     entropy_weighted_advantages: bool = field(
         default=False,
@@ -208,6 +221,8 @@ class WMSSGRPOConfig(GRPOConfig):
                 )
         if not self.weak_is_clip > 0:
             raise ValueError(f"weak_is_clip must be > 0, got {self.weak_is_clip}.")
+        if self.weak_rollout_prefetch < 0:
+            raise ValueError(f"weak_rollout_prefetch must be >= 0 (0 = no prefetch), got {self.weak_rollout_prefetch}.")
         coefs = (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma)
         if any(c < 0 for c in coefs):
             raise ValueError(f"entropy_weight_alpha/beta/gamma must be >= 0, got {coefs}.")
@@ -289,6 +304,10 @@ class WMSSGRPOTrainer(GRPOTrainer):
         # batch with the parameters of generation time, so the policy log-probs and entropies that the entropy
         # weights and the importance weights need are taken from it (no extra policy forward)
         self._defer_to_loss = args.steps_per_generation == 1 and args.num_iterations == 1
+        # weak completions sampled ahead of use (see `get_batch_samples` and `_weak_samples`)
+        self._weak_prefetch = args.weak_rollout_prefetch if self._use_negatives else 0
+        self._prefetch_source, self._prefetched, self._returned = None, deque(), []
+        self._weak_cache: dict[tuple[int, ...], deque] = {}
         self._cached_policy_forward = None
         self.mixing_lambda = args.mixing_lambda
         self._use_mixing = args.mixing_lambda < 1.0
@@ -526,14 +545,74 @@ class WMSSGRPOTrainer(GRPOTrainer):
         ids = [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu(), strict=True)]
         return ids, [lp[m].tolist() for lp, m in zip(logps.cpu(), keep.cpu(), strict=True)]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Transformers' method, reading ``weak_rollout_prefetch = P`` generation batches ahead of training so that
+        their weak completions can be sampled together with the current batch's (:meth:`_weak_samples`). Training
+        gets the same batches in the same order."""
+        if not self._weak_prefetch:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if epoch_iterator is not self._prefetch_source:  # a new epoch (or a resumed run): nothing read ahead yet
+            self._prefetch_source, self._prefetched, self._weak_cache = epoch_iterator, deque(), {}
+        every = self.args.steps_per_generation * self.num_iterations  # TRL's dataloader repeats a generation batch
+        while len(self._prefetched) < num_batches + self._weak_prefetch * every:
+            try:
+                self._prefetched.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        self._returned = [self._prefetched.popleft() for _ in range(min(num_batches, len(self._prefetched)))]
+        return self._returned, self._get_num_items_in_batch(self._returned, device)
+
+    def _upcoming_generation_batches(self, current) -> list:
+        """The next (at most P) generation batches of this process, as far as :meth:`get_batch_samples` has read."""
+        window = [*self._returned, *self._prefetched]
+        here = next((i for i, batch in enumerate(window) if batch is current), None)
+        if here is None:  # a batch that did not come from the training loop (e.g. a direct call)
+            return []
+        every = self.args.steps_per_generation * self.num_iterations
+        return window[here + every :: every][: self._weak_prefetch]
+
+    def _weak_inputs(self, inputs: list[dict]) -> list[dict]:
+        """The rows of this process's ``n_w = B * K / G`` weak completions: weak row ``l`` uses policy row ``l * G // K``."""
+        g, k = self.num_generations, self.num_weak_generations
+        return [inputs[(j * g) // k] for j in range(len(inputs) * k // g)]
+
+    def _weak_samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
+        """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``.
+
+        With ``weak_rollout_prefetch = P > 0`` they come from a cache that one weak ``generate`` call fills, every
+        ``P + 1`` generation batches, with the completions of this batch and of the next P (already read by
+        :meth:`get_batch_samples`). The weak model is frozen, so each cached completion is a sample of the same
+        distribution as one drawn when its batch is used, and is used once. On small per-device batches the weak
+        decode costs about the same for 2 rows as for 8 (on CPU it is bound by reading the weights at every token),
+        which this amortises. Under several processes the decision to generate is taken together, since
+        ``generate`` is a collective under ZeRO-3.
+        """
+        if not self._weak_prefetch:
+            return self._weak_generate(prompt_ids_list)
+        keys = [tuple(ids) for ids in prompt_ids_list]
+        needed = defaultdict(int)
+        for key in keys:
+            needed[key] += 1
+        cached = all(len(self._weak_cache.get(key, ())) >= n for key, n in needed.items())
+        if self.accelerator.num_processes > 1:
+            cached = bool(self.accelerator.gather(torch.tensor([cached], device=self.accelerator.device)).all())
+        if not cached:
+            prompt_ids = list(prompt_ids_list)
+            for batch in self._upcoming_generation_batches(inputs):
+                prompt_ids += self._tokenize_prompts([x["prompt"] for x in self._weak_inputs(batch)])[0]
+            ids, logps = self._weak_generate(prompt_ids)
+            self._weak_cache = defaultdict(deque)
+            for key, sample in zip(map(tuple, prompt_ids), zip(ids, logps, strict=True), strict=True):
+                self._weak_cache[key].append(sample)
+        samples = [self._weak_cache[key].popleft() for key in keys]
+        return [ids for ids, _ in samples], [logps for _, logps in samples]
+
     def _weak_rollouts(self, inputs: list[dict]) -> dict[str, Any]:
         """Generate and score this process's ``n_w = B * K / G`` weak completions (see the module docstring)."""
-        n_local, g, k = len(inputs), self.num_generations, self.num_weak_generations
-        n_weak = n_local * k // g
-        w_inputs = [inputs[(j * g) // k] for j in range(n_weak)]
+        w_inputs = self._weak_inputs(inputs)
         prompts = [x["prompt"] for x in w_inputs]
         prompt_ids_list, _, _ = self._tokenize_prompts(prompts)
-        completion_ids_list, behaviour_logps = self._weak_generate(prompt_ids_list)
+        completion_ids_list, behaviour_logps = self._weak_samples(inputs, prompt_ids_list)
         if is_conversational({"prompt": prompts[0]}):
             texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
             completions = [[{"role": "assistant", "content": t}] for t in texts]
@@ -862,15 +941,21 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         """TRL's loss on the rows that carry loss: the zero-weight weak rows (not selected as negatives) are dropped
-        first, so they cost no forward/backward and row-averaged losses (``grpo``, ``sapo``, ``luspo``,
-        ``dr_grpo``) average over the same rows as without padding. A micro-batch made only of such rows keeps one (it
-        contributes 0), so every process still runs the forward (ZeRO-3 gathers parameters in lockstep)."""
+        first, so they cost no forward/backward and, on one process, row-averaged losses (``grpo``, ``sapo``,
+        ``luspo``, ``dr_grpo``) average over the same rows as without padding. Every process keeps as many rows as
+        the process that keeps the most (at least one), topping up with zero-weight rows: TRL gathers per-row
+        metrics, which needs the same row count everywhere, and ZeRO-3 needs every process to run the forward.
+        Token-normalised losses (``dapo``, TRL's default) do not see the extra rows; row-averaged ones count them."""
         source = inputs.get("wmss_source")
         if source is not None:
             keep = source != SOURCE_WEAK_UNUSED
+            n_keep = keep.sum().reshape(1)
+            if self.accelerator.num_processes > 1:
+                n_keep = self.accelerator.gather(n_keep).max()
+            top_up = max(int(n_keep), 1) - int(keep.sum())
+            if top_up > 0:
+                keep[(~keep).nonzero().flatten()[:top_up]] = True
             if not bool(keep.all()):
-                if not bool(keep.any()):
-                    keep[0] = True
                 n = source.size(0)
                 inputs = {
                     key: value[keep] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == n else value
