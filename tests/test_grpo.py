@@ -416,7 +416,7 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, **kw):
+def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
     """Train with a weak sampler that answers each prompt with a completion unique to that prompt and draws no random
     numbers; record its calls and, at every generation, the batch's prompts and weak rows."""
     from wmss_trl import WMSSGRPOTrainer
@@ -445,7 +445,7 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, **kw):
 
     trainer._weak_generate, trainer._add_wmss = fake_weak_generate, spy
     torch.manual_seed(0)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, answers, calls, seen
 
 
@@ -471,8 +471,22 @@ def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
 def test_weak_rollout_prefetch_across_epochs(tiny, tmp_path):
     """The read-ahead stops at the end of an epoch's data and starts again with the next epoch's iterator."""
     _, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8, train_dataset=prompt_dataset(6))
-    # epoch 1: batches 0-3, 4-5 (the data ends); epoch 2: batches 6-7 and the two after them (read ahead)
-    assert calls == [8, 4, 8] and len(seen) == 8
+    # epoch 1: batches 0-3, then 4-5 (the data ends); epoch 2: batches 6-7 (training ends: max_steps)
+    assert calls == [8, 4, 4] and len(seen) == 8
+
+
+def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
+    """A run resumed from a checkpoint (nothing read ahead is saved) trains on the same batches as the uninterrupted
+    run, each weak row still answering its own prompt."""
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    _, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
+    checkpoint = tmp_path / "full" / "p3" / "WMSSGRPOTrainer" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    resumed, answers, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path / "resumed", 3, resume=str(checkpoint),
+                                                               **kw)
+    assert resumed.state.global_step == 6 and calls == [6]  # steps 4-6: one call, for the three batches left
+    assert [s[0] for s in seen] == [s[0] for s in full[3:]]
+    assert all(c is None or list(c) == answers[p][: len(c)] for _, rows in seen for p, c in rows)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -554,7 +554,9 @@ class WMSSGRPOTrainer(GRPOTrainer):
         if epoch_iterator is not self._prefetch_source:  # a new epoch (or a resumed run): nothing read ahead yet
             self._prefetch_source, self._prefetched, self._weak_cache = epoch_iterator, deque(), {}
         every = self.args.steps_per_generation * self.num_iterations  # TRL's dataloader repeats a generation batch
-        while len(self._prefetched) < num_batches + self._weak_prefetch * every:
+        # read no batch that training will not reach (max_steps), so no weak completion is sampled in vain
+        left = (self.state.max_steps - self.state.global_step) * self.args.gradient_accumulation_steps
+        while len(self._prefetched) < max(num_batches, min(num_batches + self._weak_prefetch * every, left)):
             try:
                 self._prefetched.append(next(epoch_iterator))
             except StopIteration:
@@ -582,18 +584,15 @@ class WMSSGRPOTrainer(GRPOTrainer):
         With ``weak_rollout_prefetch = P > 0`` they come from a cache that one weak ``generate`` call fills, every
         ``P + 1`` generation batches, with the completions of this batch and of the next P (already read by
         :meth:`get_batch_samples`). The weak model is frozen, so each cached completion is a sample of the same
-        distribution as one drawn when its batch is used, and is used once. On small per-device batches the weak
-        decode costs about the same for 2 rows as for 8 (on CPU it is bound by reading the weights at every token),
+        distribution as one drawn when its batch is used, and is used once. On small per-device batches a decode
+        step costs about the same for 2 rows as for 8 (every token runs the whole model whatever the row count),
         which this amortises. Under several processes the decision to generate is taken together, since
         ``generate`` is a collective under ZeRO-3.
         """
         if not self._weak_prefetch:
             return self._weak_generate(prompt_ids_list)
         keys = [tuple(ids) for ids in prompt_ids_list]
-        needed = defaultdict(int)
-        for key in keys:
-            needed[key] += 1
-        cached = all(len(self._weak_cache.get(key, ())) >= n for key, n in needed.items())
+        cached = all(len(self._weak_cache.get(key, ())) >= n for key, n in Counter(keys).items())
         if self.accelerator.num_processes > 1:
             cached = bool(self.accelerator.gather(torch.tensor([cached], device=self.accelerator.device)).all())
         if not cached:
