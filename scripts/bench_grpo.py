@@ -9,7 +9,9 @@ time of an optimizer step is measured by a callback from ``on_step_begin`` to ``
 scoring, weak rollouts, forwards, backward and optimizer step); the first step of every round is dropped (warm-up).
 The step time reported is the **mean** over the timed steps: with ``weak_rollout_prefetch = P`` the weak model samples
 for P + 1 generation batches every P + 1 steps, so one step in P + 1 carries the whole weak decode, and ``--steps``
-must be a multiple of P + 1 (each round then times whole cycles; a median would hide the expensive step).
+must be a multiple of P + 1 (each round then times whole cycles; a median would hide the expensive step). Every
+round trains P more steps after the timed ones (untimed), so that the read-ahead is never cut short by
+``max_steps`` inside the window: each weak call in it samples a full P + 1 batches, as in a long run.
 Two clocks are reported: wall time, and the CPU time of this process. With one torch thread the CPU time is the
 work done, unaffected by other processes competing for the cores, so on a shared machine it is the reliable one.
 
@@ -102,7 +104,7 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
     kw = dict(
         output_dir=os.path.join(out, kind), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         activation_checkpointing=False, logging_steps=10_000, per_device_train_batch_size=a.batch, num_generations=g,
-        max_completion_length=a.completion_length, max_steps=a.steps + 1, learning_rate=1e-5, seed=0,
+        max_completion_length=a.completion_length, max_steps=a.steps + 1 + a.weak_rollout_prefetch, learning_rate=1e-5, seed=0,
         disable_tqdm=True, beta=beta,
     )
     if not a.free_length:  # every completion (policy and weak) decodes max_completion_length tokens
@@ -127,7 +129,7 @@ def run_child(kind, strong, weak, a):
 
     base = rss_mb()  # after imports (torch, transformers, trl, wmss_trl are imported by now)
     beta = next(b for vk, wk, b in PAIRS.values() if kind in (vk, wk))
-    a.steps = a.memory_steps - 1  # make_trainer adds a warm-up step
+    a.steps = a.memory_steps - 1  # make_trainer adds a warm-up step (and P steps, so a full prefetch call happens)
     trainer = make_trainer(kind, strong, weak, tempfile.mkdtemp(prefix="bench_grpo_mem_"), a, beta, StepTimer())
     trainer.remove_callback(PrinterCallback)
     with PeakRSS() as memory:
@@ -196,10 +198,11 @@ def main(argv=None):
                 trainer = make_trainer(kind, strong, weak, root, a, beta, timer)
                 trainer.remove_callback(PrinterCallback)
                 trainer.train()
-                times[kind] += timer.times[1:]  # drop the warm-up step
-                cpu_times[kind] += timer.cpu_times[1:]
-                print(f"round {r} {kind:>10}: wall " + ", ".join(f"{t:.3f}" for t in timer.times[1:]) + " s; cpu "
-                      + ", ".join(f"{t:.3f}" for t in timer.cpu_times[1:]) + " s", flush=True)
+                timed = slice(1, a.steps + 1)  # drop the warm-up step and the P steps after the window
+                times[kind] += timer.times[timed]
+                cpu_times[kind] += timer.cpu_times[timed]
+                print(f"round {r} {kind:>10}: wall " + ", ".join(f"{t:.3f}" for t in timer.times[timed]) + " s; cpu "
+                      + ", ".join(f"{t:.3f}" for t in timer.cpu_times[timed]) + " s", flush=True)
                 del trainer
 
     print(f"\nmodel: {'toy hidden=%d layers=%d' % (a.hidden, a.layers) if not a.model else a.model}; "
