@@ -172,6 +172,7 @@ def test_truncated_importance_weights_bounded():
         (dict(num_weak_generations=2, max_weak_negatives=3), "max_weak_negatives"),
         (dict(num_weak_generations=1, multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
         (dict(weak_is_clip=0.0), "weak_is_clip"),
+        (dict(weak_rollout_prefetch=-1), "weak_rollout_prefetch"),
         (dict(mixing_lambda=1.5), "mixing_lambda"),
         (dict(entropy_weighted_advantages=True, entropy_weight_alpha=0, entropy_weight_beta=0, entropy_weight_gamma=0), "positive"),
         (dict(entropy_weight_min=2.0, entropy_weight_max=1.0), "entropy_weight_min"),

@@ -574,7 +574,8 @@ class WMSSGRPOTrainer(GRPOTrainer):
         return window[here + every :: every][: self._weak_prefetch]
 
     def _weak_inputs(self, inputs: list[dict]) -> list[dict]:
-        """The rows of this process's ``n_w = B * K / G`` weak completions: weak row ``l`` uses policy row ``l * G // K``."""
+        """The rows of this process's ``n_w = B * K / G`` weak completions (weak row ``l`` uses policy row
+        ``l * G // K``)."""
         g, k = self.num_generations, self.num_weak_generations
         return [inputs[(j * g) // k] for j in range(len(inputs) * k // g)]
 
