@@ -492,7 +492,8 @@ def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
-    """The loss over [policy rows + zero-weight weak rows] equals TRL's loss over the policy rows alone."""
+    """The loss (and its gradients) over [policy rows + zero-weight weak rows] equals TRL's loss over the policy rows
+    alone; also when another process kept more rows and this one tops up with zero-weight rows."""
     from trl import GRPOTrainer
 
     from wmss_trl import WMSSGRPOTrainer
@@ -503,10 +504,26 @@ def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
     n = (out["wmss_source"] == 0).sum().item()
     policy_only = {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()}
     policy_only.pop("wmss_source")
-    loss_all = wmss.compute_loss(wmss.model, out)
-    loss_policy = GRPOTrainer._compute_loss(wmss, wmss.model, policy_only)
+
+    def loss_and_grad(compute, batch):
+        wmss.model.zero_grad()
+        loss = compute(wmss.model, batch)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in wmss.model.parameters() if p.grad is not None])
+
+    loss_policy, grad_policy = loss_and_grad(lambda m, b: GRPOTrainer._compute_loss(wmss, m, b), policy_only)
+    assert grad_policy.abs().max() > 0  # (the loss itself is ~0 at the first step: ratio 1, centred advantages)
+    loss_all, grad_all = loss_and_grad(wmss.compute_loss, out)
     torch.testing.assert_close(loss_all, loss_policy, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_all, grad_policy, rtol=1e-5, atol=1e-7)
+    # several processes: another process kept every row, so this one tops up with zero-weight rows to the same count
+    # (TRL gathers per-row metrics); row-averaged losses are rescaled to the mean over the real rows
+    wmss._max_over_processes = lambda count: out["wmss_source"].size(0)
+    loss_top, grad_top = loss_and_grad(wmss.compute_loss, out)
+    torch.testing.assert_close(loss_top, loss_policy, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_top, grad_policy, rtol=1e-5, atol=1e-7)
     # a micro-batch of padding rows only contributes 0 (one row is kept so every process runs the forward)
+    del wmss._max_over_processes
     only_padding = {k: (v[n:] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()}
     loss_padding = wmss.compute_loss(wmss.model, only_padding)
     assert loss_padding.item() == 0.0

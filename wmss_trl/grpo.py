@@ -30,11 +30,11 @@ padding rows (completion mask 0, advantage 0). So the batch has a fixed ``B + n_
 split into ``steps_per_generation`` micro-batches of ``per_device_train_batch_size x (1 + K / G)`` rows: hence the
 rule ``per_device_train_batch_size x K % G == 0``, checked in :class:`WMSSGRPOConfig`. Padding rows hold no loss
 token, and :meth:`WMSSGRPOTrainer._compute_loss` drops them from each micro-batch before calling TRL's loss, so they
-cost no training compute and, on one process, every loss type (token-normalised like ``dapo``, TRL's default, or
+cost no training compute and every loss type (token-normalised like ``dapo``, TRL's default, or
 row-averaged like ``grpo``) sees exactly the policy rows plus the selected negatives. Under several processes each
-keeps as many rows as the process that selected the most (TRL gathers per-row metrics): token-normalised losses are
-unchanged by the extra zero-weight rows, row-averaged ones count them. ``num_items_in_batch`` is recomputed with the
-negatives' tokens.
+keeps as many rows as the process that selected the most (TRL gathers per-row metrics); the extra zero-weight rows
+add nothing to the loss, and row-averaged losses are rescaled to their mean over the real rows.
+``num_items_in_batch`` is recomputed with the negatives' tokens.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ logger = logging.getLogger(__name__)
 # codes of the `wmss_source` column of the batch
 SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED = 0, 1, 2
 SOURCE_NAMES = {SOURCE_POLICY: "policy", SOURCE_WEAK_NEGATIVE: "weak_negative", SOURCE_WEAK_UNUSED: "weak_unused"}
+# TRL loss types that average over the rows of a micro-batch (the others normalise by token counts)
+ROW_AVERAGED_LOSSES = ("grpo", "sapo", "luspo", "dr_grpo")
 
 
 @dataclass
@@ -941,20 +943,19 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         """TRL's loss on the rows that carry loss: the zero-weight weak rows (not selected as negatives) are dropped
-        first, so they cost no forward/backward and, on one process, row-averaged losses (``grpo``, ``sapo``,
-        ``luspo``, ``dr_grpo``) average over the same rows as without padding. Every process keeps as many rows as
-        the process that keeps the most (at least one), topping up with zero-weight rows: TRL gathers per-row
-        metrics, which needs the same row count everywhere, and ZeRO-3 needs every process to run the forward.
-        Token-normalised losses (``dapo``, TRL's default) do not see the extra rows; row-averaged ones count them."""
+        first, so they cost no forward/backward and row-averaged losses (``grpo``, ``sapo``, ``luspo``, ``dr_grpo``)
+        average over the same rows as without padding. Every process keeps as many rows as the process that keeps the
+        most (at least one), topping up with zero-weight rows: TRL gathers per-row metrics, which needs the same row
+        count everywhere, and ZeRO-3 needs every process to run the forward. Top-up rows add 0 to every loss; a
+        row-averaged loss over ``R`` rows of which ``n`` are real is rescaled by ``R / n``, so it is the mean over the
+        real rows, as on one process."""
         source = inputs.get("wmss_source")
+        rows = n_real = None
         if source is not None:
             keep = source != SOURCE_WEAK_UNUSED
-            n_keep = keep.sum().reshape(1)
-            if self.accelerator.num_processes > 1:
-                n_keep = self.accelerator.gather(n_keep).max()
-            top_up = max(int(n_keep), 1) - int(keep.sum())
-            if top_up > 0:
-                keep[(~keep).nonzero().flatten()[:top_up]] = True
+            n_real = int(keep.sum())
+            rows = max(self._max_over_processes(n_real), 1)
+            keep[(~keep).nonzero().flatten()[: rows - n_real]] = True
             if not bool(keep.all()):
                 n = source.size(0)
                 inputs = {
@@ -964,9 +965,17 @@ class WMSSGRPOTrainer(GRPOTrainer):
         if "wmss_weak_entropy" in inputs or "wmss_behaviour_logps" in inputs:
             inputs = self._apply_deferred_weights(model, dict(inputs))
         try:
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
         finally:
             self._cached_policy_forward = None
+        if rows is not None and 0 < n_real < rows and self.loss_type in ROW_AVERAGED_LOSSES:
+            loss = loss * (rows / n_real)
+        return loss
+
+    def _max_over_processes(self, n: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return n
+        return int(self.accelerator.gather(torch.tensor([n], device=self.accelerator.device)).max())
 
     def _apply_deferred_weights(self, model, inputs):
         """Entropy weights and/or the negatives' importance weights from the loss's own policy forward (one
