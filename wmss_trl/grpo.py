@@ -595,10 +595,8 @@ class WMSSGRPOTrainer(GRPOTrainer):
         if not self._weak_prefetch:
             return self._weak_generate(prompt_ids_list)
         keys = [tuple(ids) for ids in prompt_ids_list]
-        cached = all(len(self._weak_cache.get(key, ())) >= n for key, n in Counter(keys).items())
-        if self.accelerator.num_processes > 1:
-            cached = bool(self.accelerator.gather(torch.tensor([cached], device=self.accelerator.device)).all())
-        if not cached:
+        missing = any(len(self._weak_cache.get(key, ())) < n for key, n in Counter(keys).items())
+        if self._max_over_processes(int(missing)):  # some process lacks completions: all generate
             prompt_ids = list(prompt_ids_list)
             for batch in self._upcoming_generation_batches(inputs):
                 prompt_ids += self._tokenize_prompts([x["prompt"] for x in self._weak_inputs(batch)])[0]
@@ -973,6 +971,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
         return loss
 
     def _max_over_processes(self, n: int) -> int:
+        """max of ``n`` over the processes (a collective when there are several)."""
         if self.accelerator.num_processes == 1:
             return n
         return int(self.accelerator.gather(torch.tensor([n], device=self.accelerator.device)).max())
