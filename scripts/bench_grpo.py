@@ -104,8 +104,8 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
     kw = dict(
         output_dir=os.path.join(out, kind), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         activation_checkpointing=False, logging_steps=10_000, per_device_train_batch_size=a.batch, num_generations=g,
-        max_completion_length=a.completion_length, max_steps=a.steps + 1 + a.weak_rollout_prefetch, learning_rate=1e-5, seed=0,
-        disable_tqdm=True, beta=beta,
+        max_completion_length=a.completion_length, max_steps=a.steps + 1 + a.weak_rollout_prefetch,
+        learning_rate=1e-5, seed=0, disable_tqdm=True, beta=beta,
     )
     if not a.free_length:  # every completion (policy and weak) decodes max_completion_length tokens
         kw["generation_kwargs"] = {"min_new_tokens": a.completion_length}

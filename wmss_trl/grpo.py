@@ -547,6 +547,11 @@ class WMSSGRPOTrainer(GRPOTrainer):
         ids = [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu(), strict=True)]
         return ids, [lp[m].tolist() for lp, m in zip(logps.cpu(), keep.cpu(), strict=True)]
 
+    @property
+    def _generate_every(self) -> int:
+        """Micro-steps per generation batch: TRL's dataloader yields each generation batch this many times."""
+        return self.args.steps_per_generation * self.num_iterations
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Transformers' method, reading ``weak_rollout_prefetch = P`` generation batches ahead of training so that
         their weak completions can be sampled together with the current batch's (:meth:`_weak_samples`). Training
@@ -555,7 +560,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         if epoch_iterator is not self._prefetch_source:  # a new epoch (or a resumed run): nothing read ahead yet
             self._prefetch_source, self._prefetched, self._weak_cache = epoch_iterator, deque(), {}
-        every = self.args.steps_per_generation * self.num_iterations  # TRL's dataloader repeats a generation batch
+        every = self._generate_every
         # read no batch that training will not reach (max_steps), so no weak completion is sampled in vain
         left = (self.state.max_steps - self.state.global_step) * self.args.gradient_accumulation_steps
         while len(self._prefetched) < max(num_batches, min(num_batches + self._weak_prefetch * every, left)):
@@ -572,7 +577,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
         here = next((i for i, batch in enumerate(window) if batch is current), None)
         if here is None:  # a batch that did not come from the training loop (e.g. a direct call)
             return []
-        every = self.args.steps_per_generation * self.num_iterations
+        every = self._generate_every
         return window[here + every :: every][: self._weak_prefetch]
 
     def _weak_inputs(self, inputs: list[dict]) -> list[dict]:
@@ -949,7 +954,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
         real rows, as on one process."""
         source = inputs.get("wmss_source")
         rows = n_real = None
-        if source is not None:
+        if source is not None and self._use_negatives:  # without weak negatives every row carries loss
             keep = source != SOURCE_WEAK_UNUSED
             n_real = int(keep.sum())
             rows = max(self._max_over_processes(n_real), 1)
