@@ -220,9 +220,10 @@ def generate(trainer, n_prompts, seed=0):
     return trainer._generate_and_score_completions(generation_inputs(trainer, n_prompts))
 
 
-def loss_and_grads(trainer, batch):
+def loss_and_grads(trainer, batch, compute=None):
+    """Loss and per-parameter gradients of ``compute(model, batch)`` (default: the trainer's ``compute_loss``)."""
     trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch)
+    loss = (compute or trainer.compute_loss)(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
@@ -504,22 +505,15 @@ def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
     n = (out["wmss_source"] == 0).sum().item()
     policy_only = {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()}
     policy_only.pop("wmss_source")
-
-    def loss_and_grad(compute, batch):
-        wmss.model.zero_grad()
-        loss = compute(wmss.model, batch)
-        loss.backward()
-        return loss.detach(), torch.cat([p.grad.flatten() for p in wmss.model.parameters() if p.grad is not None])
-
-    loss_policy, grad_policy = loss_and_grad(lambda m, b: GRPOTrainer._compute_loss(wmss, m, b), policy_only)
-    assert grad_policy.abs().max() > 0  # (the loss itself is ~0 at the first step: ratio 1, centred advantages)
-    loss_all, grad_all = loss_and_grad(wmss.compute_loss, out)
+    loss_policy, grad_policy = loss_and_grads(wmss, policy_only, lambda m, b: GRPOTrainer._compute_loss(wmss, m, b))
+    assert max(g.abs().max() for g in grad_policy.values()) > 0  # (the loss is ~0 at step 1: ratio 1, centred A)
+    loss_all, grad_all = loss_and_grads(wmss, out)
     torch.testing.assert_close(loss_all, loss_policy, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_all, grad_policy, rtol=1e-5, atol=1e-7)
     # several processes: another process kept every row, so this one tops up with zero-weight rows to the same count
     # (TRL gathers per-row metrics); row-averaged losses are rescaled to the mean over the real rows
     wmss._max_over_processes = lambda count: out["wmss_source"].size(0)
-    loss_top, grad_top = loss_and_grad(wmss.compute_loss, out)
+    loss_top, grad_top = loss_and_grads(wmss, out)
     torch.testing.assert_close(loss_top, loss_policy, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_top, grad_policy, rtol=1e-5, atol=1e-7)
     # a micro-batch of padding rows only contributes 0 (one row is kept so every process runs the forward)
