@@ -46,12 +46,36 @@ def parse_init_kwargs(kwargs: dict | str | None) -> dict[str, Any]:
     return dict(kwargs)
 
 
+def require_safetensors(path, role: str = "model") -> None:
+    """Refuse a local checkpoint folder that has pickle weights only (``pytorch_model.bin``, ``*.pt``).
+
+    The policy, everywhere a model is loaded (strong, weak, policy, ``wmss entropy --model``, the pipeline's base):
+    weights are read from safetensors only, so loading a checkpoint never unpickles code. Anything that is not a
+    local folder (a loaded model, a hub id) passes; a folder without any weights file passes too (``from_pretrained``
+    then gives its own error).
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")) and not n.startswith("training_args"))
+    if pickles:
+        raise ValueError(
+            f"the {role} checkpoint {str(path)!r} has pickle weights only ({', '.join(pickles)}); wmss_trl loads "
+            "safetensors only, so that loading a checkpoint never runs pickled code. If you trust the file, convert "
+            "it once: `AutoModelForCausalLM.from_pretrained(path, use_safetensors=False).save_pretrained(path)` "
+            "(writes model.safetensors), then run again."
+        )
+
+
 def load_weak_model(path: str, init_kwargs: dict | str | None = None) -> PreTrainedModel:
     """Load the weak checkpoint from a local directory (safetensors only, no remote code unless asked).
 
     Call it after the training arguments exist, so that under ZeRO-3 ``from_pretrained`` runs in ``zero.Init``.
     """
     kwargs = parse_init_kwargs(init_kwargs)
+    require_safetensors(path, "weak model")
     if not os.path.isdir(path):
         # "org/name" may be a hub id; anything else that is not a folder is a local path that does not exist
         looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
