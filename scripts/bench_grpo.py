@@ -185,6 +185,10 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_child(a.child, *a.paths.split(","), a)), flush=True)
         return 0
 
+    from wmss_trl.machine import describe_machine, machine_info
+
+    print(describe_machine(), flush=True)
+    machine_start = machine_info()
     root = tempfile.mkdtemp(prefix="bench_grpo_")
     # without --weak, a real model is its own weak model: the weights do not change the cost, only the numbers
     strong, weak = (a.model, a.weak or a.model) if a.model else build_models(root, a.hidden, a.layers)
@@ -227,6 +231,9 @@ def main(argv=None):
                                   "ratio_peak_rss": memory[wk]["peak_mb"] / memory[vk]["peak_mb"]})
             print(f"{name:>10} (memory): vanilla {v:.0f} MB, WMSS {w:.0f} MB train memory, ratio {w / v:.2f}x; "
                   f"peak RSS ratio {memory[wk]['peak_mb'] / memory[vk]['peak_mb']:.2f}x")
+    machine_end = machine_info()
+    print(describe_machine(machine_end) + " (at the end)")
+    summary["machine"] = {**machine_start, "load_avg_end": machine_end["load_avg"]}
     print("RESULT " + json.dumps(summary))
     shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -172,6 +172,10 @@ def main():
         print("RESULT " + json.dumps(run_one(args.child, strong, weak, args.steps, args.batch, args.seq, args.chunk_size)))
         return
 
+    from wmss_trl.machine import describe_machine, machine_info
+
+    print(describe_machine(), flush=True)
+    machine_start = machine_info()
     root = tempfile.mkdtemp(prefix="wmss-bench-")
     strong, weak = build_models(root, args.hidden, args.layers, args.vocab)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
@@ -198,6 +202,9 @@ def main():
             print(f"{wd + ' / ' + base:<28}{a['step_s'] / b['step_s']:>7.2f}x{a['cpu_s'] / b['cpu_s']:>9.2f}x"
                   f"{a['train_mb'] / b['train_mb']:>10.2f}x"
                   f"{a['peak_mb'] / b['peak_mb']:>9.2f}x   {target}")
+    machine_end = machine_info()
+    print(describe_machine(machine_end) + " (at the end)")
+    print("RESULT " + json.dumps({"results": results, "machine": {**machine_start, "load_avg_end": machine_end["load_avg"]}}))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,9 @@ def report(runs: dict, seeds: list[int], out_dir: str, commands: list[list[str]]
               f"- WMSS-GRPO / GRPO: {fmt(ratio_rl, 1.0)}x", "",
               f"Wall time of the last invocation: {seconds:.0f}s. Commands, in order:"]
     lines += [f"`{' '.join(['python'] + c)}`" for c in commands]
+    from wmss_trl.machine import describe_machine
+
+    lines += ["", describe_machine() + " (when this report was written)"]
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -1,0 +1,60 @@
+"""What a measurement ran on: CPU model and features, threads, load. Printed by every benchmark beside its figures.
+
+Timings on this project's CPUs differ by machine (e.g. a bf16 weak model is cheap on a CPU with AVX512-BF16/AMX and
+slow on one without), so a ratio means little without the machine that gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def machine_info() -> dict:
+    """CPU model, logical CPUs, bf16 units, torch / OMP threads and the 1/5/15-minute load averages."""
+    model, flags = _cpuinfo()
+    info = {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "bf16_units": sorted(f for f in _BF16_FLAGS if f in flags),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return info
+
+
+def describe_machine(info: dict | None = None) -> str:
+    """One line for a benchmark's output, e.g. ``machine: Intel Xeon, 2 CPUs (AVX512, bf16: amx_bf16), ...``."""
+    info = machine_info() if info is None else info
+    bf16 = ", ".join(info["bf16_units"]) or "none"
+    load = "/".join(f"{x:.2f}" for x in info["load_avg"]) if info.get("load_avg") else "n/a"
+    return (
+        f"machine: {info['cpu']}, {info['logical_cpus']} CPUs ({info.get('torch_cpu_capability', '?')}, bf16 units: "
+        f"{bf16}), torch threads {info.get('torch_threads', '?')}, OMP_NUM_THREADS={info['omp_num_threads']}, "
+        f"load {load} (1/5/15 min)"
+    )
