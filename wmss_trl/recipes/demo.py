@@ -55,9 +55,9 @@ class DemoArguments:
     batch_size: int = field(default=32, metadata={"help": "Problems per step (GRPO: prompts x generations)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak LR of the weak/strong phases."})
     arm_learning_rate: float = field(default=5e-4, metadata={"help": "Constant LR of the SFT-family arms."})
-    grpo_learning_rate: float = field(default=5e-5, metadata={"help": "Constant LR of the GRPO arms (2e-4 made vanilla GRPO collapse: 59 -> 37% held-out in 40 steps)."})
+    grpo_learning_rate: float = field(default=5e-5, metadata={"help": "Constant LR of the GRPO arms (2e-4 made vanilla GRPO collapse: 59 -> 37%% held-out in 40 steps)."})
     dpo_learning_rate: float = field(
-        default=1e-5, metadata={"help": "Constant LR of the DPO arms (5e-4 collapsed both DPO arms to ~2% held-out)."}
+        default=1e-5, metadata={"help": "Constant LR of the DPO arms (5e-4 collapsed both DPO arms to ~2%% held-out)."}
     )
     mixing_lambda: float = field(default=0.5, metadata={"help": "WD-JT lambda (weight of the strong logits)."})
     neftune_noise_alpha: float = field(default=5.0, metadata={"help": "NEFTune noise for the neftune arm."})
