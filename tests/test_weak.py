@@ -55,16 +55,18 @@ def test_permuted_vocabulary_refused_as_a_loaded_model(tiny, permuted_weak):
     with pytest.raises(ValueError, match=REFUSED + r".*copy the strong model's tokenizer") as e:
         check_weak_compatible(load(tiny["strong"]), weak, load_tokenizer(tiny["strong"]))
     # both sides named, with where each tokenizer came from
-    assert f"weak model ({permuted_weak['path']})" in str(e.value) and f"strong model ({tiny['strong']})" in str(e.value)
-    assert f"weak tokenizer from {permuted_weak['path']}" in str(e.value)
+    message = str(e.value)
+    assert f"weak model ({permuted_weak['path']})" in message and f"strong model ({tiny['strong']})" in message
+    assert f"weak tokenizer from {permuted_weak['path']}" in message
 
 
 def test_sft_refuses_a_loaded_permuted_weak_model(tiny, permuted_weak, tmp_path):
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 
     with pytest.raises(ValueError, match=REFUSED):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path), train_dataset=arithmetic_prompt_completion(8),
-                       processing_class=load_tokenizer(tiny["strong"]), weak_model=load(permuted_weak["path"]))
+        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path),
+                       train_dataset=arithmetic_prompt_completion(8), processing_class=load_tokenizer(tiny["strong"]),
+                       weak_model=load(permuted_weak["path"]))
 
 
 def test_grpo_refuses_a_loaded_permuted_weak_model(tiny, permuted_weak, tmp_path):
@@ -73,8 +75,9 @@ def test_grpo_refuses_a_loaded_permuted_weak_model(tiny, permuted_weak, tmp_path
     from wmss_trl import WMSSGRPOTrainer
 
     with pytest.raises(ValueError, match=REFUSED):
-        WMSSGRPOTrainer(tiny["strong"], has_digit, args=grpo_args(tmp_path, beta=0.04), train_dataset=prompt_dataset(8),
-                        processing_class=load_tokenizer(tiny["strong"]), weak_model=load(permuted_weak["path"]))
+        WMSSGRPOTrainer(tiny["strong"], has_digit, args=grpo_args(tmp_path, beta=0.04),
+                        train_dataset=prompt_dataset(8), processing_class=load_tokenizer(tiny["strong"]),
+                        weak_model=load(permuted_weak["path"]))
 
 
 @pytest.mark.parametrize("tokenizer_of", ["strong", "weak"])
@@ -106,8 +109,9 @@ def write_prompts(path):
 
 def mine_argv(data, weak, strong, out):
     return ["--dataset_name", data, "--weak_model_name_or_path", weak, "--strong_model_name_or_path", strong,
-            "--reward_funcs", "wmss_trl.rewards.numeric_accuracy_reward", "--num_samples", "2", "--max_new_tokens", "3",
-            "--batch_size", "2", "--keep_truncated", "true", "--output_dir", str(out), "--progress", "false"]
+            "--reward_funcs", "wmss_trl.rewards.numeric_accuracy_reward", "--num_samples", "2",
+            "--max_new_tokens", "3", "--batch_size", "2", "--keep_truncated", "true", "--output_dir", str(out),
+            "--progress", "false"]
 
 
 def test_mine_negatives_command_compares_the_weak_tokenizer_with_the_strong_one(tiny, permuted_weak, tmp_path):
@@ -176,8 +180,8 @@ def test_loaded_model_without_tokenizer_passes_with_one_warning(tiny, tmp_path):
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 
     with pytest.warns(UserWarning, match=NOT_COMPARED + rf" of the weak model \({folder}\)"):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "o"), train_dataset=arithmetic_prompt_completion(8),
-                       processing_class=tok, weak_model=weak)
+        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "o"),
+                       train_dataset=arithmetic_prompt_completion(8), processing_class=tok, weak_model=weak)
 
 
 def test_same_tokenizer_passes_silently(tiny, tmp_path):

@@ -175,7 +175,9 @@ def _find_tokenizer(model, path=None):
 def _tokenizer_differences(strong_tok, weak_tok) -> list[str]:
     """What differs between two tokenizers: the token -> id map (added tokens included), the added tokens (content,
     special flag) and the ids of the :data:`TOKENIZER_ROLES` special tokens set in both. Empty when they agree."""
-    strong_tok, weak_tok = getattr(strong_tok, "tokenizer", strong_tok), getattr(weak_tok, "tokenizer", weak_tok)
+    from transformers import ProcessorMixin
+
+    strong_tok, weak_tok = (t.tokenizer if isinstance(t, ProcessorMixin) else t for t in (strong_tok, weak_tok))
     problems = []
     v_s, v_w = strong_tok.get_vocab(), weak_tok.get_vocab()
     if v_s != v_w:
@@ -233,8 +235,8 @@ def _embedding_rows(model) -> dict[str, int]:
 def check_weak_compatible(strong_model, weak_model, tokenizer=None, weak_tokenizer_path: str | None = None) -> None:
     """Raise ValueError when the weak model cannot be mixed with / compared to the strong one.
 
-    Logit mixing and KL need the same vocabulary, position for position. Each model may be loaded or a path. Checked,
-    once per call (a 150k-token vocabulary costs one dict comparison):
+    Logit mixing and KL need the same vocabulary, position for position. Each model may be loaded or a path. Checked
+    once per call (a 150k-token vocabulary takes about a second: loading the weak tokenizer and reading both vocabs):
 
     1. the same ``vocab_size`` in both configs, and the same number of rows in the input and output embeddings;
     2. the tokenizers, when both are known: the strong side's is ``tokenizer`` (the trainer's processing class) or,
@@ -279,11 +281,11 @@ def check_weak_compatible(strong_model, weak_model, tokenizer=None, weak_tokeniz
             for key in sorted(ids_s.keys() & ids_w.keys())
             if ids_s[key] != ids_w[key]
         ]
-        fix = "if the weak model does use the strong model's tokenizer, save that tokenizer with it and pass its folder"
+        fix = "if the weak model does use the strong model's tokenizer, save that tokenizer with it, pass its folder"
     if problems:
-        tokenizers = f"weak tokenizer {weak_src}, strong tokenizer {strong_src}" if compared else "tokenizers not found"
+        sources = f"weak tokenizer {weak_src}, strong tokenizer {strong_src}" if compared else "tokenizers not found"
         raise ValueError(
-            f"the weak model ({weak_name}) and the strong model ({strong_name}) do not share a tokenizer ({tokenizers}): "
+            f"the weak model ({weak_name}) and the strong model ({strong_name}) do not share a tokenizer ({sources}): "
             f"{'; '.join(problems)}. WMSS mixes logits token by token, so the weak model must use the strong model's "
             f"tokenizer: pass an earlier checkpoint of the strong model (trained with its tokenizer) as the weak "
             f"model; {fix}."
