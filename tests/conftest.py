@@ -63,3 +63,18 @@ def cpu_args(cls, output_dir, **kw):
     )
     base.update(kw)
     return cls(**base)
+
+
+@pytest.fixture(scope="session")
+def permuted_weak(tiny):
+    """A tiny weak model saved with a tokenizer whose vocabulary is the tiny tokenizer's, permuted: same size, same
+    special tokens at the same ids (so the configs' special ids agree too), other ids for the characters.
+
+    Returns ``{"path": folder (config, model.safetensors, tokenizer), "tokenizer": the permuted tokenizer}``.
+    """
+    from wmss_trl.toy import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+    tok = build_char_tokenizer(DEFAULT_CHARS[::-1])
+    assert len(tok) == len(tiny["tokenizer"]) and tok.get_vocab() != tiny["tokenizer"].get_vocab()
+    path = save_model_and_tokenizer(build_tiny_model(tok, seed=5), tok, str(tiny["root"] / "permuted_weak"))
+    return {"path": path, "tokenizer": tok}

@@ -554,6 +554,10 @@ def mine_negatives(
     from .rewards import resolve_reward_funcs
     from .weak import check_weak_compatible
 
+    if strong_model is not None and weak_model is not None:  # one tokenizer serves both models
+        check_weak_compatible(strong_model, weak_model)  # the tokenizers saved with them
+        if tokenizer is not None:
+            check_weak_compatible(strong_model, weak_model, tokenizer)  # and the one given
     overrides = {k: v for k, v in dict(num_samples=num_samples, rank_by=rank_by, chosen=chosen).items() if v is not None}
     if config is None:
         cfg = MiningConfig(**overrides, **kwargs)
@@ -570,8 +574,6 @@ def mine_negatives(
         raise ValueError(f"reward_weights has {len(cfg.reward_weights)} values for {len(funcs)} reward functions.")
     if cfg.rank_by == "strong" and strong_model is None:
         raise ValueError("rank_by='strong' needs `strong_model`; pass it, or rank by the weak model (rank_by='weak').")
-    if strong_model is not None:
-        check_weak_compatible(strong_model, weak_model)
 
     # Input checks
     if not isinstance(prompts_dataset, Dataset):

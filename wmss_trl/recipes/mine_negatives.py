@@ -20,6 +20,7 @@ import torch
 from trl import TrlParser
 
 from ..negatives import MiningConfig, mine_negatives
+from ..weak import check_weak_compatible, require_safetensors
 from .common import DataArguments, load_dataset_splits, load_tokenizer, teardown
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     data_args, args, mining = make_parser().parse_args_and_config(args=argv)
     if not args.weak_model_name_or_path or not args.output_dir:
         raise SystemExit("wmss mine-negatives needs --weak_model_name_or_path and --output_dir.")
+    require_safetensors(args.weak_model_name_or_path, "weak model")
+    require_safetensors(args.strong_model_name_or_path, "strong model")
     # With no GPU the launched processes must join a gloo group (a bare MULTI_GPU state would run them apart)
     state = PartialState(cpu=not torch.cuda.is_available())
 
@@ -73,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_prompts is not None:
         prompts = prompts.select(range(min(args.max_prompts, len(prompts))))
 
-    # 2. Models (safetensors, no remote code) and the shared tokenizer.
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.weak_model_name_or_path)
+    # 2. Models (safetensors, no remote code) and the shared tokenizer, checked before either model loads: the
+    # tokenizer used for the weak model must be the strong model's (found in its folder).
+    tokenizer_path = args.tokenizer_name_or_path or args.weak_model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_path)
+    if args.strong_model_name_or_path:
+        check_weak_compatible(args.strong_model_name_or_path, args.weak_model_name_or_path, None, tokenizer_path)
     weak = _load(args.weak_model_name_or_path, args.dtype, state.device)
     strong = _load(args.strong_model_name_or_path, args.dtype, state.device) if args.strong_model_name_or_path else None
-    if strong is not None:
-        from ..weak import check_weak_compatible
-
-        check_weak_compatible(strong, weak, tokenizer, args.weak_model_name_or_path)
     state.print(
         f"wmss mine-negatives: {state.num_processes} process(es), {state.distributed_type.value}, "
         f"{len(prompts)} prompts x {mining.num_samples} samples, rank_by={mining.rank_by}, chosen={mining.chosen}"
