@@ -348,6 +348,24 @@ def test_permuted_vocabulary_refused_when_trl_loads_the_tokenizer(tiny, tmp_path
     of tokens to other ids is refused, whether it comes as a folder or as a loaded model (the loaded case relies on
     weak.check_weak_compatible comparing the real tokenizers of loaded models)."""
     weak = permuted_weak if given_as == "path" else AutoModelForCausalLM.from_pretrained(permuted_weak)
+    calls = []
+    if given_as == "model":
+        weak.register_forward_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="tokenizer"):
         WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
                        train_dataset=preference_pairs(4), weak_model=weak)
+    assert calls == []  # refused before the weak model ran (TRL's precompute is a weak forward)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_weak_checked_before_its_first_forward(tiny, tmp_path, precompute):
+    """processing_class=None defers the weak check until TRL has its processing class; it still runs before the first
+    weak forward (TRL's precompute of the reference log-probs runs inside the constructor)."""
+    other_tok = build_char_tokenizer("0123456789+=")
+    weak = build_tiny_model(other_tok, seed=3)
+    calls = []
+    weak.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
+                       train_dataset=preference_pairs(4), weak_model=weak)
+    assert calls == []

@@ -443,12 +443,13 @@ class WMSSDPOTrainer(DPOTrainer):
                 raise ValueError("pass the weak model once: as `weak_model=` (or `ref_model=`, which means the same).")
             weak_model = ref_model
         require_safetensors(model, "policy")
-        require_safetensors(weak_model if isinstance(weak_model, str) else args.weak_model_name_or_path, "weak model")
+        require_safetensors(weak_model if weak_model is not None else args.weak_model_name_or_path, "weak model")
         has_weak = weak_model is not None or bool(args.weak_model_name_or_path)
         _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
         if train_dataset is not None:  # None and wrong types: TRL's own messages
             _require_rows(train_dataset, "train")
         self.wmss_enabled = has_weak or args.peft_base_as_weak
+        self.identical_pairs_dropped: dict[str, int] = {}
 
         weak, weak_path = None, None
         if has_weak:
@@ -456,9 +457,10 @@ class WMSSDPOTrainer(DPOTrainer):
                 weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, model
             )
             freeze(weak)
-            # Checked once TRL has its processing class (it loads one when `processing_class` is None), before the
-            # first weak forward: TRL's precompute of the reference log-probs, or training.
-            self._weak_to_check = (weak, weak_path)
+            if processing_class is not None:  # before the policy loads
+                check_weak_compatible(model, weak, processing_class, weak_path)
+            else:  # once TRL has loaded its processing class, before the first weak forward (precompute or training)
+                self._weak_to_check = (weak, weak_path)
 
         # With the PEFT base as weak model, TRL would precompute against a copy of the adapter ("ref"): defer it.
         defer_precompute = args.peft_base_as_weak and args.precompute_ref_log_probs
@@ -491,7 +493,7 @@ class WMSSDPOTrainer(DPOTrainer):
             add_fused_lm_head(getattr(self.ref_model, "module", self.ref_model), outputs=("log_probs", "entropy"))
 
     def _check_weak_once(self):
-        """Vocabulary and tokenizer of the weak model against the policy and TRL's processing class (runs once)."""
+        """Vocabulary and tokenizer of the weak model against the policy and the processing class TRL loaded."""
         pending = self.__dict__.pop("_weak_to_check", None)
         if pending is not None:
             weak, weak_path = pending
@@ -564,8 +566,6 @@ class WMSSDPOTrainer(DPOTrainer):
             if _identical_pair(ex, window):
                 same.append(i)
                 by_truncation += ex["chosen_ids"] != ex["rejected_ids"]
-        if not hasattr(self, "identical_pairs_dropped"):
-            self.identical_pairs_dropped = {}
         self.identical_pairs_dropped[dataset_name] = 0
         if not same:
             return dataset
