@@ -260,7 +260,8 @@ def truncation_pairs(mode):
             chosen, rejected = f"{i} {tail}x", (f"{i} {tail}y" if i % 2 else f"{i + 1} {tail}x")
         else:
             chosen, rejected = f"x{tail} {i}", (f"y{tail} {i}" if i % 2 else f"x{tail} {i + 1}")
-        rows.append({"prompt": [{"role": "user", "content": f"{i}?"}], "chosen": [{"role": "assistant", "content": chosen}],
+        rows.append({"prompt": [{"role": "user", "content": f"{i}?"}],
+                     "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
     return Dataset.from_list(rows)
 
@@ -269,8 +270,9 @@ def truncation_pairs(mode):
 def test_pairs_identical_after_truncation(tiny, tmp_path, mode, caplog):
     data, tok = truncation_pairs(mode), load_tokenizer(tiny["strong"])
     cfg = dict(max_length=12, truncation_mode=mode, weak_model_name_or_path=tiny["weak"])
-    with pytest.raises(ValueError, match=r"4 of 8 pairs .*0 have chosen == rejected, 4 became identical only after "
-                                         rf"truncation to max_length=12 \(truncation_mode='{mode}'\).*raise max_length"):
+    expected = (r"4 of 8 pairs .*0 have chosen == rejected, 4 became identical only after truncation to "
+                rf"max_length=12 \(truncation_mode='{mode}'\).*raise max_length")
+    with pytest.raises(ValueError, match=expected):
         WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "a", **cfg), train_dataset=data,
                        processing_class=tok)
     trainer = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "b", drop_identical_pairs=True,
@@ -282,13 +284,14 @@ def test_pairs_identical_after_truncation(tiny, tmp_path, mode, caplog):
     # WMSS inactive: kept, as TRL keeps them, with a warning that says why
     with caplog.at_level(logging.WARNING, logger="wmss_trl.dpo"):
         plain = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "c", max_length=12,
-                                                             truncation_mode=mode), train_dataset=data, processing_class=tok)
+                                                             truncation_mode=mode),
+                               train_dataset=data, processing_class=tok)
     assert len(plain.train_dataset) == 8 and plain.identical_pairs_dropped == {"train": 0}
     assert any("4 became identical only after truncation" in r.getMessage() and "kept, as TRL does" in r.getMessage()
                for r in caplog.records)
 
 
-# -- empty and fully truncated datasets --------------------------------------------------------------------------------
+# -- empty and fully truncated datasets ----------------------------------------------------------------------------
 
 
 def test_empty_dataset_says_so(tiny, tmp_path):
@@ -318,7 +321,7 @@ def test_prompts_longer_than_max_length(tiny, tmp_path, caplog):
     assert any("1 of 4 examples were dropped" in r.getMessage() for r in caplog.records)
 
 
-# -- checkpoints and tokenizers ----------------------------------------------------------------------------------------
+# -- checkpoints and tokenizers ------------------------------------------------------------------------------------
 
 
 def test_pickle_only_policy_is_refused_before_loading(tiny, tmp_path):
