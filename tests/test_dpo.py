@@ -238,7 +238,8 @@ def test_peft_base_is_the_weak_model(tiny, tmp_path):
         return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
 
     tok = load_tokenizer(tiny["strong"])
-    trainer = WMSSDPOTrainer(peft_strong(), args=cpu_args(WMSSDPOConfig, tmp_path / "a"), train_dataset=PAIRS, processing_class=tok)
+    trainer = WMSSDPOTrainer(peft_strong(), args=cpu_args(WMSSDPOConfig, tmp_path / "a", peft_base_as_weak=True),
+                             train_dataset=PAIRS, processing_class=tok)
     assert trainer.weak_model is None and "ref" not in trainer.model.peft_config  # no frozen adapter copy
     batch = first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch).item()
@@ -253,21 +254,26 @@ def test_peft_base_is_the_weak_model(tiny, tmp_path):
     assert abs((pc - pr).mean() - (rc - rr).mean()) > 1e-3  # the adapter matters, so the check has teeth
     assert loss == pytest.approx((-F.logsigmoid(0.1 * ((pc - rc) - (pr - rr)))).mean().item(), rel=1e-5)
 
-    pre = WMSSDPOTrainer(peft_strong(), args=cpu_args(WMSSDPOConfig, tmp_path / "b", precompute_ref_log_probs=True),
+    pre = WMSSDPOTrainer(peft_strong(), args=cpu_args(WMSSDPOConfig, tmp_path / "b", precompute_ref_log_probs=True,
+                                                       peft_base_as_weak=True),
                          train_dataset=PAIRS, processing_class=tok)
     pre_batch = ordered_batch(pre)
     with torch.no_grad():
         ref = naive_token_logps(weak(input_ids=pre_batch["input_ids"], attention_mask=pre_batch["attention_mask"]).logits, pre_batch).sum(1)
     cached = torch.cat([pre_batch["ref_chosen_logps"], pre_batch["ref_rejected_logps"]])
     torch.testing.assert_close(cached.double(), ref, rtol=1e-5, atol=1e-5)
-    mixed = WMSSDPOTrainer(peft_strong(), args=cpu_args(WMSSDPOConfig, tmp_path / "c", mixing_lambda=0.5, entropy_pair_weights=True),
+    mixed = WMSSDPOTrainer(peft_strong(), args=cpu_args(WMSSDPOConfig, tmp_path / "c", mixing_lambda=0.5, entropy_pair_weights=True,
+                                                         peft_base_as_weak=True),
                            train_dataset=PAIRS, processing_class=tok)
     mixed_loss, grads = grads_of(mixed, batch)
     assert torch.isfinite(torch.tensor(mixed_loss)) and any("lora" in n for n, g in grads.items() if g is not None)
 
-    with pytest.raises(ValueError, match="new PEFT adapter"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "d"), train_dataset=PAIRS,
-                       processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    # a new adapter with peft_base_as_weak: the weak model is the base, i.e. the policy before training, and the
+    # adapter is zero-initialised, so WD-JT mixes two equal logit sets and the loss is log 2
+    new = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "d", mixing_lambda=0.5, peft_base_as_weak=True),
+                         train_dataset=PAIRS, processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    assert new.weak_model is None and new.compute_loss(new.model, batch).item() == pytest.approx(0.6931472, abs=1e-6)
+    assert any("wmss/weak_logps/chosen" in m for m in new._metrics.values())  # WMSS ran: the weak forward logged
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------
@@ -278,7 +284,7 @@ def test_identical_pairs_error_or_counted_drop(tiny, tmp_path):
     rows[1]["rejected"] = rows[1]["chosen"]
     rows[5]["rejected"] = rows[5]["chosen"]
     bad = Dataset.from_list(rows)
-    with pytest.raises(ValueError, match="2 of 8 pairs have chosen == rejected.*\\[1, 5\\]"):
+    with pytest.raises(ValueError, match="2 of 8 pairs have the same chosen and rejected tokens \\(rows \\[1, 5\\].*2 have chosen == rejected"):
         wmss(tiny, tmp_path / "a", dataset=bad)
     trainer = wmss(tiny, tmp_path / "b", dataset=bad, drop_identical_pairs=True)
     assert trainer.identical_pairs_dropped == {"train": 2} and len(trainer.train_dataset) == 6
@@ -293,8 +299,9 @@ def test_bad_configuration_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="different vocabularies"):
         WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, weak_model_name_or_path=other),
                        train_dataset=PAIRS, processing_class=tok)
-    with pytest.raises(ValueError, match="no weak model"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path), train_dataset=PAIRS, processing_class=tok)
+    with pytest.raises(ValueError, match="mixing_lambda < 1 need\\(s\\) a weak model"):
+        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, mixing_lambda=0.5), train_dataset=PAIRS,
+                       processing_class=tok)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         wmss(tiny, tmp_path, weak=str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="WMSSDPOConfig"):

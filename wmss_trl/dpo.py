@@ -1,7 +1,7 @@
 """DPO against the weak checkpoint: ``WMSSDPOConfig`` / ``WMSSDPOTrainer`` (a drop-in TRL ``DPOTrainer``).
 
 The reference policy of DPO is the weak model M_w (an earlier checkpoint of the strong model; with a PEFT policy and
-no weak model, the adapter-disabled base). With every option off the loss is TRL's, with ref = M_w:
+``peft_base_as_weak=True``, the adapter-disabled base). With every option off the loss is TRL's, with ref = M_w:
 
     L = mean_i loss_type( beta * [ (log pi(y+|x) - log M_w(y+|x)) - (log pi(y-|x) - log M_w(y-|x)) ] )
 
@@ -21,6 +21,10 @@ Two optional WMSS pieces:
   own). A term whose mean is 0 is left out. The weights scale the
   gradient of each pair, grad L = (1/B) * sum_i w_i * grad l_i; the ``loss`` TRL logs stays the unweighted mean.
 
+With no weak model (and ``peft_base_as_weak=False``) WMSS is inactive: the trainer is TRL's ``DPOTrainer``, with TRL's
+default reference (a copy of the policy, the adapter-disabled PEFT model, or precomputed log-probs); the WMSS options
+that need a weak model (``mixing_lambda < 1``, ``entropy_pair_weights``) are then refused.
+
 Metrics (namespace ``wmss/``): ``weak_logps/{chosen,rejected}``; with WD-JT ``strong_logps/{chosen,rejected}``
 (the strong model alone); with pair weights ``weak_entropy/rejected``, ``strong_entropy/rejected``,
 ``entropy_gap/rejected`` (mean dH) and ``pair_weight/{min,max,std}``.
@@ -33,15 +37,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_module
 
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
-from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mix_logits, mixed_token_logprobs
+from .checks import check_float, check_int, check_shares
+from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
 from .sft import WMSS_PAPER
-from .weak import check_weak_compatible, freeze, is_peft_model, resolve_weak_model, weak_forward_context
+from .weak import (
+    check_weak_compatible,
+    freeze,
+    is_peft_model,
+    require_safetensors,
+    resolve_weak_model,
+    weak_forward_context,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +69,11 @@ class WMSSDPOConfig(DPOConfig):
     Parameters:
         weak_model_name_or_path (`str`, *optional*):
             Local folder of the weak checkpoint, the DPO reference (an earlier checkpoint of the same model, same
-            tokenizer). Overridden by the trainer's `weak_model` argument. Not needed for a `PeftModel` whose adapter
-            holds the strong model's training: its adapter-disabled base is then the weak model.
+            tokenizer). Overridden by the trainer's `weak_model` argument. With no weak model (and
+            `peft_base_as_weak=False`) WMSS is inactive and the trainer is TRL's `DPOTrainer`.
+        peft_base_as_weak (`bool`, defaults to `False`):
+            With a PEFT policy (a `PeftModel` or `peft_config`) and no weak model, use the policy with its adapters
+            disabled as the weak model (no second copy of the weights). Off, a `peft_config` alone means plain TRL.
         weak_model_init_kwargs (`dict` or `str`, *optional*):
             Keyword arguments for `from_pretrained` of the weak model (dict or JSON string).
         mixing_lambda (`float`, defaults to `1.0`):
@@ -71,16 +86,23 @@ class WMSSDPOConfig(DPOConfig):
         pair_weight_alpha, pair_weight_beta, pair_weight_gamma (`float`, defaults to `0.1`, `0.8`, `0.1`):
             Shares of the three WD-DS signals: weak entropy, entropy drop (strong more certain), entropy rise.
         drop_identical_pairs (`bool`, defaults to `False`):
-            Pairs whose chosen equals rejected carry no preference: by default they raise an error; with this set
-            they are dropped and their number is logged.
+            Pairs whose chosen and rejected are the same token sequence after tokenisation and truncation
+            (`max_length`, `truncation_mode`) carry no preference: with WMSS active they raise an error by default;
+            with this set they are dropped and counted. With WMSS inactive they are kept, as TRL does, with a warning.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
 
     weak_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local folder of the weak checkpoint, used as the DPO reference model. Not needed for a "
-                  "PeftModel policy: its adapter-disabled base is the weak model."},
+        metadata={"help": "Local folder of the weak checkpoint, used as the DPO reference model. Without a weak model "
+                  "(and peft_base_as_weak=False) WMSS is inactive: this is TRL's DPOTrainer."},
+    )
+    peft_base_as_weak: bool = field(
+        default=False,
+        metadata={"help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
+                  "adapters disabled as the weak model (no second copy of the weights). Off, a peft_config alone "
+                  "means plain TRL."},
     )
     weak_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -107,16 +129,20 @@ class WMSSDPOConfig(DPOConfig):
     )
     drop_identical_pairs: bool = field(
         default=False,
-        metadata={"help": "Drop (and count) pairs whose chosen equals rejected instead of raising an error."},
+        metadata={"help": "Drop (and count) pairs whose chosen and rejected are the same tokens after truncation, "
+                  "instead of raising an error (WMSS active) or keeping them with a warning (WMSS inactive)."},
     )
 
     def __post_init__(self):
-        check_lambda(self.mixing_lambda)
-        if self.mixing_chunk_size < 1:
-            raise ValueError(f"mixing_chunk_size must be >= 1, got {self.mixing_chunk_size}.")
-        shares = (self.pair_weight_alpha, self.pair_weight_beta, self.pair_weight_gamma)
-        if min(shares) < 0 or sum(shares) <= 0:
-            raise ValueError(f"pair_weight_alpha/beta/gamma must be >= 0 with a positive sum, got {shares}.")
+        self.mixing_lambda = check_float(
+            "mixing_lambda", self.mixing_lambda, low=0.0, low_open=True, high=1.0,
+            hint="It is the weight of the STRONG logits: 1.0 is plain DPO, the paper's value is 0.5.",
+        )
+        self.mixing_chunk_size = check_int("mixing_chunk_size", self.mixing_chunk_size, low=1)
+        self.pair_weight_alpha, self.pair_weight_beta, self.pair_weight_gamma = check_shares(
+            ("pair_weight_alpha", "pair_weight_beta", "pair_weight_gamma"),
+            (self.pair_weight_alpha, self.pair_weight_beta, self.pair_weight_gamma),
+        )
         super().__post_init__()
         if self.entropy_pair_weights and _SORTING_LOSSES & set(self.loss_type):
             raise ValueError(
@@ -292,6 +318,81 @@ class _WMSSPolicy:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_wmss_mode(args: WMSSDPOConfig, has_weak: bool, peft_policy: bool) -> None:
+    """WMSS is on with a weak model, or with ``peft_base_as_weak`` and a PEFT policy; the options that need a weak
+    model are refused without one (before anything loads)."""
+    if args.peft_base_as_weak and has_weak:
+        raise ValueError(
+            "peft_base_as_weak=True and a weak model were both given: pass one. The weak model is either a checkpoint "
+            "(`weak_model=` / `weak_model_name_or_path`) or the PEFT policy with its adapters disabled."
+        )
+    if args.peft_base_as_weak and not peft_policy:
+        raise ValueError(
+            "peft_base_as_weak=True needs a PEFT policy (a PeftModel, or a `peft_config`): its adapter-disabled base "
+            "is then the weak model. Pass a peft_config, or give a weak checkpoint with `weak_model_name_or_path`."
+        )
+    needs = [n for n, on in (("mixing_lambda < 1", args.mixing_lambda < 1.0),
+                             ("entropy_pair_weights", args.entropy_pair_weights)) if on]
+    if needs and not (has_weak or args.peft_base_as_weak):
+        raise ValueError(
+            f"{' and '.join(needs)} need(s) a weak model, and none was given. Pass `weak_model=` to the trainer or "
+            "set `weak_model_name_or_path` (an earlier checkpoint of the model), or with a PEFT policy set "
+            "peft_base_as_weak=True; or turn the option off (mixing_lambda=1.0, entropy_pair_weights=False) to train "
+            "with TRL's DPOTrainer."
+        )
+
+
+def _require_rows(dataset, name: str) -> None:
+    """An empty dataset is an error that says so (TRL would stop with a bare ``StopIteration``)."""
+    empty = (isinstance(dataset, Dataset) and len(dataset) == 0) or (
+        isinstance(dataset, IterableDataset) and next(iter(dataset), None) is None
+    )
+    if empty:
+        raise ValueError(
+            f"the {name} dataset is empty (0 rows). Pass a dataset with at least one preference pair (prompt, chosen, "
+            "rejected); check the split name and any filter applied before the trainer."
+        )
+
+
+def _report_truncation_drops(rows_before: int, rows_after: int, args, name: str) -> None:
+    """TRL drops the examples whose prompt alone fills ``max_length`` (``keep_start``): say so, and refuse when none
+    is left (TRL would fail later with "num_samples should be a positive integer")."""
+    dropped = rows_before - rows_after
+    if dropped == 0:
+        return
+    what = (
+        f"{name} dataset: {dropped} of {rows_before} examples were dropped because their prompt alone has at least "
+        f"max_length={args.max_length} tokens, which leaves no completion token after truncation "
+        f"(truncation_mode={args.truncation_mode!r})"
+    )
+    fix = "raise max_length, shorten the prompts, or set truncation_mode='keep_end' (keeps the end of each sequence)"
+    if rows_after == 0:
+        raise ValueError(f"{what}, so nothing is left to train on. To fix it, {fix}.")
+    logger.warning("%s. To keep them, %s.", what, fix)
+
+
+def _truncation_window(args) -> slice:
+    """The tokens of prompt + completion that TRL's ``DataCollatorForPreference`` keeps."""
+    if args.max_length is None:
+        return slice(None)
+    return slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
+
+
+def _identical_pair(example, window: slice) -> bool:
+    """Chosen and rejected give the model the same tokens and the same completion mask after truncation."""
+    prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    if chosen == rejected:
+        return True
+    n = len(prompt)
+    return (prompt + chosen)[window] == (prompt + rejected)[window] and (
+        ([0] * n + [1] * len(chosen))[window] == ([0] * n + [1] * len(rejected))[window]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -301,11 +402,12 @@ class WMSSDPOTrainer(DPOTrainer):
     Args:
         model, ref_model, args, ...: as [`~trl.DPOTrainer`]. `ref_model`, if given, is the weak model.
         weak_model (`PreTrainedModel` or `str`, *optional*):
-            The weak model or its local folder; overrides `args.weak_model_name_or_path`. With a `PeftModel` policy
-            and no weak model, the same network with adapters disabled is the weak model (no second copy). With a new
-            adapter (`peft_config`) a weak model is required, since the disabled adapter gives the strong model back.
+            The weak model or its local folder; overrides `args.weak_model_name_or_path`. With a PEFT policy and
+            `args.peft_base_as_weak=True`, the same network with adapters disabled is the weak model (no second copy).
 
-    Every TRL `loss_type` works (the sorting `aot` losses not with `entropy_pair_weights`), and so does
+    With no weak model and `peft_base_as_weak=False`, WMSS is inactive and this is TRL's `DPOTrainer` exactly (its
+    default reference, losses, metrics and input checks); `mixing_lambda < 1` and `entropy_pair_weights` are then
+    refused. Every TRL `loss_type` works (the sorting `aot` losses not with `entropy_pair_weights`), and so does
     `precompute_ref_log_probs` (the weak log-probs are then cached; WD-JT and pair weights still run a weak forward
     per batch, for the logits and entropies).
     """
@@ -340,23 +442,28 @@ class WMSSDPOTrainer(DPOTrainer):
             if weak_model is not None and weak_model is not ref_model:
                 raise ValueError("pass the weak model once: as `weak_model=` (or `ref_model=`, which means the same).")
             weak_model = ref_model
-        peft_base_allowed = is_peft_model(model)
-        if peft_config is not None and weak_model is None and not args.weak_model_name_or_path:
-            raise ValueError(
-                "no weak model: with a new PEFT adapter (`peft_config`) the adapter-disabled model is the strong model "
-                "itself, so it cannot serve as the weak reference. Pass `weak_model=` / `weak_model_name_or_path` (an "
-                "earlier checkpoint), or pass a PeftModel whose adapter holds the strong model's training (its base is "
-                "then the weak model)."
+        require_safetensors(model, "policy")
+        require_safetensors(weak_model if weak_model is not None else args.weak_model_name_or_path, "weak model")
+        has_weak = weak_model is not None or bool(args.weak_model_name_or_path)
+        _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
+        if train_dataset is not None:  # None and wrong types: TRL's own messages
+            _require_rows(train_dataset, "train")
+        self.wmss_enabled = has_weak or args.peft_base_as_weak
+        self.identical_pairs_dropped: dict[str, int] = {}
+
+        weak, weak_path = None, None
+        if has_weak:
+            weak, weak_path = resolve_weak_model(
+                weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, model
             )
-        weak, weak_path = resolve_weak_model(
-            weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, model, required=not peft_base_allowed
-        )
-        if weak is not None:
-            check_weak_compatible(model, weak, processing_class, weak_path)
             freeze(weak)
+            if processing_class is not None:  # before the policy loads
+                check_weak_compatible(model, weak, processing_class, weak_path)
+            else:  # once TRL has loaded its processing class, before the first weak forward (precompute or training)
+                self._weak_to_check = (weak, weak_path)
 
         # With the PEFT base as weak model, TRL would precompute against a copy of the adapter ("ref"): defer it.
-        defer_precompute = weak is None and args.precompute_ref_log_probs
+        defer_precompute = args.peft_base_as_weak and args.precompute_ref_log_probs
         if defer_precompute:
             args.precompute_ref_log_probs = False
         try:
@@ -369,15 +476,32 @@ class WMSSDPOTrainer(DPOTrainer):
         finally:
             if defer_precompute:
                 args.precompute_ref_log_probs = True
+        self._check_weak_once()
 
-        self.weak_model = self.ref_model  # None: the PEFT policy with adapters disabled
-        if weak is None:
+        self.weak_model = self.ref_model if has_weak else None  # None: the PEFT policy with adapters disabled, or off
+        if args.peft_base_as_weak:
             self._use_peft_base_as_weak(defer_precompute)
+        elif not has_weak and self.accelerator.is_main_process:
+            logger.info(
+                "WMSS inactive: no weak model given, so this is TRL's DPOTrainer. Pass weak_model= or "
+                "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
+            )
         self.mixing_lambda = args.mixing_lambda
         self._wmss_active = args.mixing_lambda < 1.0 or args.entropy_pair_weights
         if args.entropy_pair_weights and args.mixing_lambda == 1.0 and self.ref_model is not None:
             # The weak forward reads its entropy from TRL's fused LM head: add it to the outputs (outermost patch)
             add_fused_lm_head(getattr(self.ref_model, "module", self.ref_model), outputs=("log_probs", "entropy"))
+
+    def _check_weak_once(self):
+        """Vocabulary and tokenizer of the weak model against the policy and the processing class TRL loaded."""
+        pending = self.__dict__.pop("_weak_to_check", None)
+        if pending is not None:
+            weak, weak_path = pending
+            check_weak_compatible(self.model, weak, self.processing_class, weak_path)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._check_weak_once()  # TRL's precompute is the first weak forward
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _use_peft_base_as_weak(self, run_precompute: bool):
         """Reference = adapters disabled: remove the frozen copy of the adapter ("ref") that TRL adds to a PeftModel."""
@@ -401,43 +525,70 @@ class WMSSDPOTrainer(DPOTrainer):
     # -- data ------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        dataset = self._handle_identical_pairs(dataset, args, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        _require_rows(dataset, dataset_name)
+        rows_before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if rows_before is not None:
+            _report_truncation_drops(rows_before, len(dataset), args, dataset_name)
+        return self._handle_identical_pairs(dataset, args, dataset_name)
 
     def _handle_identical_pairs(self, dataset, args, dataset_name):
-        """Pairs with chosen == rejected give DPO no signal (their loss is constant): raise, or drop and count."""
+        """Pairs whose chosen and rejected are the same token sequence as the model sees it (after TRL's tokenisation
+        and the collator's truncation) give DPO no signal, their loss is constant. WMSS active: raise, or drop and
+        count (``drop_identical_pairs``). Inactive: kept as TRL keeps them, with a warning (dropped if asked)."""
         names = getattr(dataset, "column_names", None) or []
-        if not {"chosen", "rejected"} <= set(names):
+        if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(names):
             return dataset
-        drop = getattr(args, "drop_identical_pairs", False)
+        drop, raise_ = args.drop_identical_pairs, self.wmss_enabled and not args.drop_identical_pairs
+        window = _truncation_window(args)
         if isinstance(dataset, IterableDataset):
             if drop:
-                logger.warning("%s: pairs whose chosen equals rejected are dropped on the fly (not counted).", dataset_name)
-                return dataset.filter(lambda ex: ex["chosen"] != ex["rejected"])
+                logger.warning("%s dataset: pairs identical after truncation are dropped on the fly (not counted).",
+                               dataset_name)
+                return dataset.filter(lambda ex: not _identical_pair(ex, window))
+            if not raise_:
+                return dataset
 
             def check(ex):
-                if ex["chosen"] == ex["rejected"]:
+                if _identical_pair(ex, window):
                     raise ValueError(
-                        f"{dataset_name} dataset: a pair has chosen == rejected ({ex['chosen']!r}); set "
-                        "drop_identical_pairs=True to drop such pairs."
+                        f"{dataset_name} dataset: a pair has the same chosen and rejected tokens after truncation "
+                        f"(max_length={args.max_length}, truncation_mode={args.truncation_mode!r}); it carries no "
+                        "preference. Fix the data or raise max_length, or set drop_identical_pairs=True to drop such "
+                        "pairs."
                     )
                 return ex
 
             return dataset.map(check)
-        same = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"], strict=True)) if c == r]
-        if not hasattr(self, "identical_pairs_dropped"):
-            self.identical_pairs_dropped = {}
+        columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        same, by_truncation = [], 0
+        for i, ex in enumerate(columns):
+            if _identical_pair(ex, window):
+                same.append(i)
+                by_truncation += ex["chosen_ids"] != ex["rejected_ids"]
+        self.identical_pairs_dropped[dataset_name] = 0
         if not same:
-            self.identical_pairs_dropped[dataset_name] = 0
             return dataset
-        if not drop:
+        what = (
+            f"{len(same)} of {len(dataset)} pairs have the same chosen and rejected tokens (rows {same[:5]} of the "
+            f"tokenized dataset): {len(same) - by_truncation} have chosen == rejected, {by_truncation} became "
+            f"identical only after truncation to max_length={args.max_length} "
+            f"(truncation_mode={args.truncation_mode!r})"
+        )
+        fix = "fix the data" + (", raise max_length or use truncation_mode='keep_end'" if by_truncation else "")
+        if raise_:
             raise ValueError(
-                f"{dataset_name} dataset: {len(same)} of {len(dataset)} pairs have chosen == rejected (first rows: "
-                f"{same[:5]}); they carry no preference. Fix the data, or set drop_identical_pairs=True to drop them."
+                f"{dataset_name} dataset: {what}; they carry no preference. Either {fix}, or set "
+                "drop_identical_pairs=True to drop them."
             )
+        if not drop:
+            logger.warning("%s dataset: %s. They are kept, as TRL does (their loss is constant); set "
+                           "drop_identical_pairs=True to drop them.", dataset_name, what)
+            return dataset
         if len(same) == len(dataset):
-            raise ValueError(f"{dataset_name} dataset: every pair has chosen == rejected; nothing to train on.")
-        logger.warning("%s dataset: dropped %d of %d pairs whose chosen equals rejected.", dataset_name, len(same), len(dataset))
+            raise ValueError(f"{dataset_name} dataset: every pair has the same chosen and rejected tokens ({what}); "
+                             f"nothing to train on. To train, {fix}.")
+        logger.warning("%s dataset: dropped %s.", dataset_name, what)
         self.identical_pairs_dropped[dataset_name] = len(same)
         drop_set = set(same)
         return dataset.select([i for i in range(len(dataset)) if i not in drop_set])
