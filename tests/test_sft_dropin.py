@@ -257,23 +257,32 @@ def test_mixing_logs_trl_metrics_of_the_strong_model(tiny, tmp_path, fused):
     assert metrics["wmss/strong_entropy"] == metrics["entropy"]
 
 
-def test_mixing_eval_best_model_on_token_accuracy_and_padding_free(tiny, tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"padding_free": True, "max_length": None},
+        {"packing": True, "packing_strategy": "bfd", "max_length": 40, "gradient_accumulation_steps": 2},
+    ],
+    ids=["padding_free", "bfd_packing_accumulation"],
+)
+def test_mixing_eval_best_model_on_token_accuracy(tiny, tmp_path, layout):
+    """WD-JT with padding-free / packed batches, eval, and metric_for_best_model='eval_mean_token_accuracy'."""
     args = cpu_args(
-        WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], mixing_lambda=0.5, padding_free=True,
-        max_length=None, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-        metric_for_best_model="eval_mean_token_accuracy", load_best_model_at_end=True,
+        WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], mixing_lambda=0.5, eval_strategy="steps",
+        eval_steps=1, save_strategy="steps", save_steps=1, metric_for_best_model="eval_mean_token_accuracy",
+        load_best_model_at_end=True, **layout,
     )
     trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=standard_lm(), eval_dataset=standard_lm(4), processing_class=tiny["tokenizer"])
-    first = next(iter(trainer.get_train_dataloader()))
-    assert "position_ids" in first
+    assert "position_ids" in next(iter(trainer.get_train_dataloader()))
     trainer.train()
     logs = trainer.state.log_history
     assert trainer.state.best_metric is not None
     assert all(0 <= h["eval_mean_token_accuracy"] <= 1 for h in logs if "eval_loss" in h)
     train_logs = [h for h in logs if "loss" in h]
-    assert train_logs[0]["num_tokens"] == first["input_ids"].numel()  # the packed row, as TRL counts it
-    assert train_logs[1]["num_tokens"] > train_logs[0]["num_tokens"]
-    assert all("wmss/mixed_loss" in h and "entropy" in h for h in train_logs)
+    assert len(train_logs) == 2 and all("wmss/mixed_loss" in h and "entropy" in h for h in train_logs)
+    assert 0 < train_logs[0]["num_tokens"] < train_logs[1]["num_tokens"]
+    if "padding_free" in layout:  # 2 steps of 4 rows: the 8 rows once, counted from the packed rows as TRL counts
+        assert train_logs[1]["num_tokens"] == sum(len(ids) for ids in trainer.train_dataset["input_ids"])
 
 
 def test_mixing_with_moe_without_aux_loss(tiny, moe, tmp_path):
@@ -320,11 +329,32 @@ def weightless_copy(path, dest):
     return str(dest)
 
 
-def test_mixing_refuses_moe_aux_loss_before_loading(tiny, moe, tmp_path):
-    policy = weightless_copy(moe["strong"], tmp_path / "policy")
-    args = cpu_args(WMSSSFTConfig, tmp_path / "out", weak_model_name_or_path=moe["weak"], mixing_lambda=0.5)
-    with pytest.raises(ValueError, match=r"router load-balancing loss \(router_aux_loss_coef=0.01\).*router_aux_loss_coef=0.0"):
-        WMSSSFTTrainer(policy, args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_mixing_with_moe_adds_the_router_aux_loss(tiny, moe, tmp_path, fused):
+    """WD-JT on an MoE model: loss = mixed CE + router_aux_loss_coef * load-balancing loss, as SFTTrainer adds it;
+    checked against the model's own forward (HF's aux_loss) and a naive fp64 mixed CE; `aux_loss` is logged."""
+    lam = 0.4
+    args = cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=moe["weak"], mixing_lambda=lam)
+    trainer = WMSSSFTTrainer(moe["strong"], args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.01
+    trainer._fused_head = fused
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    gate = [p.grad for n, p in trainer.model.named_parameters() if "mlp.gate.weight" in n]
+    assert gate and all(g is not None and g.abs().sum() > 0 for g in gate)
+
+    weak = AutoModelForCausalLM.from_pretrained(moe["weak"])
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        own = trainer.model(input_ids=ids, attention_mask=attention, output_router_logits=True)
+        zw = weak(input_ids=ids, attention_mask=attention).logits.double()
+    z = lam * own.logits.double()[:, :-1] + (1 - lam) * zw[:, :-1]
+    mixed = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert 0.01 * own.aux_loss.item() > 1e-3 * loss.item()  # large enough for the next check to see it
+    assert loss.item() == pytest.approx(mixed.item() + 0.01 * own.aux_loss.item(), rel=1e-5)
+    assert trainer._metrics["train"]["aux_loss"] == [pytest.approx(own.aux_loss.item(), rel=1e-5)]
 
 
 def test_mixing_refuses_prompt_tuning_peft_model_with_peft_base_as_weak(tiny, tmp_path):

@@ -5,8 +5,9 @@ With a weak model (a frozen earlier checkpoint of the same model, or the adapter
 
     z_mix = lam * z_strong + (1 - lam) * z_weak,      L = -sum_t log softmax(z_mix)_t[y_t] / N_tokens
 
-on exactly the tokens TRL's SFT trains (completion-only / assistant-only masks honoured). Only the strong
-model is trained and saved; the weak model is never part of a checkpoint, so inference is unchanged.
+on exactly the tokens TRL's SFT trains (completion-only / assistant-only masks honoured); for an MoE policy,
+SFTTrainer's router load-balancing term ``router_aux_loss_coef * aux_loss`` is added to L. Only the strong model is
+trained and saved; the weak model is never part of a checkpoint, so inference is unchanged.
 
 Without a weak model, or with ``lam = 1`` (where z_mix = z_strong), the trainer is TRL's ``SFTTrainer``: its
 ``compute_loss`` (every ``loss_type``, ``compute_loss_func``, the MoE auxiliary loss, PEFT prompt learning) and its
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoConfig, TrainingArguments
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 
@@ -209,20 +210,11 @@ def _check_not_empty(dataset) -> None:
         )
 
 
-def _text_config_of(model, args) -> Any:
-    """The (text) config of the policy: read from ``config.json`` for a path (nothing loaded), else from the model."""
-    if isinstance(model, (str, os.PathLike)):
-        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-    else:
-        config = (model.get_base_model() if is_peft_model(model) else model).config
-    return config.get_text_config()
-
-
 def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
     """Refuse, before anything loads, what the WD-JT loss (``mixing_lambda < 1``) does not implement.
 
-    Supported: ``loss_type="nll"``, no ``compute_loss_func`` / label smoothing / Liger, no MoE load-balancing loss,
-    PEFT adapters that keep the backbone's forward (LoRA-like; not prompt / prefix tuning).
+    Supported: ``loss_type="nll"``, no ``compute_loss_func`` / label smoothing / Liger, PEFT adapters that keep the
+    backbone's forward (LoRA-like; not prompt / prefix tuning).
     """
     lam = args.mixing_lambda
     off = "or set mixing_lambda=1.0 (TRL's SFT loss; the weak model is then not used)"
@@ -255,15 +247,6 @@ def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
             "WD-JT loss calls the backbone directly, which skips the virtual tokens. Use an adapter that keeps the "
             f"backbone's forward (e.g. peft.LoraConfig), {off}."
         )
-    text_config = _text_config_of(model, args)
-    coef = args.router_aux_loss_coef
-    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if hasattr(text_config, "output_router_logits") and coef != 0.0:  # TRL's rule for `aux_loss_enabled`
-        raise ValueError(
-            f"this Mixture-of-Experts model has a router load-balancing loss (router_aux_loss_coef={coef}), which the "
-            f"WD-JT loss (mixing_lambda={lam} < 1) does not add. Set router_aux_loss_coef=0.0 to train without it, "
-            f"{off}."
-        )
 
 
 class WMSSSFTTrainer(SFTTrainer):
@@ -281,8 +264,8 @@ class WMSSSFTTrainer(SFTTrainer):
         * a weak model (or `peft_base_as_weak=True` with PEFT) and `mixing_lambda < 1`: the WD-JT loss. What it does
           not support is refused here (see `_check_mixing_supported` and docs/sft.md).
 
-    Logged metrics with `mixing_lambda < 1`: TRL's `entropy`, `mean_token_accuracy` (of the strong model alone) and
-    `num_tokens`, and in the namespace `wmss/`: `mixed_loss` (the training loss, per token), `strong_nll` (plain SFT
+    Logged metrics with `mixing_lambda < 1`: TRL's `entropy`, `mean_token_accuracy` (of the strong model alone),
+    `num_tokens` and (MoE) `aux_loss`, and in the namespace `wmss/`: `mixed_loss` (the training loss, per token), `strong_nll` (plain SFT
     loss of the strong model on the same tokens), `weak_nll`, `strong_entropy`, `weak_entropy` (nats, per token).
     """
 
@@ -327,21 +310,22 @@ class WMSSSFTTrainer(SFTTrainer):
         super().__init__(model, args, *pargs, **kwargs)
         self.mixing_lambda = args.mixing_lambda
         self.weak_model = None
-        weak_path = None
+        weak_source = None
         if self.use_mixing:
             self._check_mixing_setup()
             weak, weak_path = resolve_weak_model(
                 weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model
             )
+            weak_source = "the adapter-disabled PEFT base"  # `self.weak_model` None: the policy, adapters disabled
             if weak is not None:
                 check_weak_compatible(self.model, weak, self.processing_class, weak_path)
                 self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
-            # (None means: the PEFT policy with adapters disabled)
+                weak_source = weak_path or f"a loaded {type(weak).__name__}"
             self._fused_head = plain_lm_head(self.accelerator.unwrap_model(self.model))
             self._forward_redirection = _ForwardRedirection()
         self._check_trainable_tokens(train_dataset)
         self._log_selection()
-        self._log_mode(weak_model if weak_path is None and weak_model is not None else weak_path)
+        self._log_mode(weak_source)
 
     def _check_mixing_setup(self):
         """Refuse the set-ups the WD-JT loss does not handle that are only known once the accelerator exists."""
@@ -364,11 +348,13 @@ class WMSSSFTTrainer(SFTTrainer):
                 f"backbone only). Train a causal LM, {off}."
             )
 
-    def _log_mode(self, weak):
+    def _log_mode(self, weak_source: str | None):
         """One info line: which of the three modes this trainer is in."""
         args = self.args
         if not self.wmss_active:
-            selection = f" WD-DS selection (selection_mode={args.selection_mode!r}) still applies." if args.selection_mode else ""
+            selection = ""
+            if args.selection_mode is not None:
+                selection = f" WD-DS selection (selection_mode={args.selection_mode!r}) still applies."
             message = (
                 "WMSS inactive: no weak model given, so this is TRL's SFTTrainer (its loss for every loss_type, its "
                 f"metrics); mixing_lambda={args.mixing_lambda} has no effect.{selection} Pass weak_model= or "
@@ -376,14 +362,13 @@ class WMSSSFTTrainer(SFTTrainer):
             )
         elif not self.use_mixing:
             message = (
-                "WMSS mixing off: mixing_lambda=1.0 makes the loss TRL's SFT loss (z_mix = z_strong), so the weak model "
-                "is neither loaded nor run. Set mixing_lambda < 1 (the paper uses 0.5) to mix it in."
+                "WMSS mixing off: mixing_lambda=1.0 makes the loss TRL's SFT loss (z_mix = z_strong), so the weak "
+                "model is neither loaded nor run. Set mixing_lambda < 1 (the paper uses 0.5) to mix it in."
             )
         else:
-            source = "the adapter-disabled PEFT base" if self.weak_model is None else str(weak)
             message = (
                 f"WMSS WD-JT active: the loss is the cross-entropy of z_mix = {args.mixing_lambda} * z_strong + "
-                f"{1 - args.mixing_lambda:g} * z_weak, weak model: {source}."
+                f"{1 - args.mixing_lambda:g} * z_weak, weak model: {weak_source}."
             )
         if self.accelerator.is_main_process:
             logger.info(message)
@@ -425,7 +410,9 @@ class WMSSSFTTrainer(SFTTrainer):
         args = self.args
         max_length, args.max_length = args.max_length, None
         try:
-            full = self._prepare_dataset(raw_dataset, self.processing_class, args, False, self._formatting_func, "train")
+            full = self._prepare_dataset(
+                raw_dataset, self.processing_class, args, False, self._formatting_func, "train"
+            )
         finally:
             args.max_length = max_length
         prompts = [next((i for i, y in enumerate(labels) if y != -100), len(labels)) for labels in full["labels"]]
@@ -447,24 +434,33 @@ class WMSSSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.use_mixing:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         keep, targets = trained_positions(inputs["labels"])  # positions whose next token is trained
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the router logits, for the load-balancing loss (as SFTTrainer)
+            model_inputs["output_router_logits"] = True
         unwrapped = self.accelerator.unwrap_model(model)
         if self._fused_head:
-            loss_sum, stats_sum, n_local = self._forward_redirection(
+            loss_sum, stats_sum, n_local, aux_loss = self._forward_redirection(
                 model, unwrapped, self._fused_mixed_loss, unwrapped, model_inputs, keep, targets
             )
         else:
-            loss_sum, stats_sum, n_local = self._logits_mixed_loss(model, unwrapped, model_inputs, keep, targets)
+            loss_sum, stats_sum, n_local, aux_loss = self._logits_mixed_loss(
+                model, unwrapped, model_inputs, keep, targets
+            )
 
         num_tokens = n_local if num_items_in_batch is None else num_items_in_batch
         loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
         # Like SFTTrainer: `num_items_in_batch` counts every rank's tokens, and DDP averages gradients across ranks
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        if aux_loss is not None:
+            # Like SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
 
         self._log_mixing_metrics(mode, loss_sum.detach(), stats_sum, n_local, inputs)
         if return_outputs:
@@ -475,14 +471,31 @@ class WMSSSFTTrainer(SFTTrainer):
 
     def _fused_mixed_loss(self, unwrapped, model_inputs, keep, targets):
         mask = targets != -100
-        strong_hidden = backbone_of(unwrapped)(**model_inputs).last_hidden_state[:, keep][mask]
+        strong = backbone_of(unwrapped)(**model_inputs)
+        strong_hidden = strong.last_hidden_state[:, keep][mask]
         weak_hidden = self._weak_hidden(unwrapped, model_inputs)[:, keep][mask]
         weak = unwrapped if self.weak_model is None else self.accelerator.unwrap_model(self.weak_model)
         loss_sum, stats = mixed_head_loss(
             strong_hidden, lm_head_of(unwrapped), weak_hidden, lm_head_of(weak), targets[mask],
             self.mixing_lambda, self.args.mixing_chunk_size,
         )
-        return loss_sum, stats.sum(0), mask.sum()
+        return loss_sum, stats.sum(0), mask.sum(), self._router_aux_loss(unwrapped, strong, model_inputs)
+
+    def _router_aux_loss(self, unwrapped, backbone_outputs, model_inputs):
+        """The strong model's MoE load-balancing loss from its router logits (None without `aux_loss_enabled`).
+
+        Mixtral's `load_balancing_loss_func`, the one every MoE family of transformers uses, with the arguments of
+        TRL's fused forward (padding-free rows have no attention mask: every token counts).
+        """
+        if not self.aux_loss_enabled:
+            return None
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        config = unwrapped.config.get_text_config()
+        return load_balancing_loss_func(
+            backbone_outputs.router_logits, config.num_experts, config.num_experts_per_tok,
+            model_inputs.get("attention_mask"),
+        )
 
     def _weak_hidden(self, unwrapped, model_inputs):
         """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients."""
@@ -498,7 +511,8 @@ class WMSSSFTTrainer(SFTTrainer):
 
     def _logits_mixed_loss(self, model, unwrapped, model_inputs, keep, targets):
         model_inputs = {**model_inputs, "logits_to_keep": keep}
-        strong_logits = model(**model_inputs).logits
+        strong = model(**model_inputs)
+        strong_logits = strong.logits
         with torch.no_grad():
             if self.weak_model is not None:
                 weak_logits = self.weak_model(**model_inputs).logits
@@ -521,7 +535,7 @@ class WMSSSFTTrainer(SFTTrainer):
                 ((strong_logits.argmax(-1) == safe) & mask).sum(),
             ]
         ).float()  # in the order of `STAT_NAMES`
-        return loss_sum, stats, n_local
+        return loss_sum, stats, n_local, strong.aux_loss if self.aux_loss_enabled else None
 
     @torch.no_grad()
     def _log_mixing_metrics(self, mode, loss_sum, stats_sum, n_local, inputs):
