@@ -273,7 +273,9 @@ class WMSSSFTTrainer(SFTTrainer):
     _name = "WMSS-SFT"
     _paper = WMSS_PAPER
 
-    def __init__(self, model, args: WMSSSFTConfig | None = None, *pargs, weak_model=None, **kwargs):
+    def __init__(
+        self, model, args: WMSSSFTConfig | SFTConfig | TrainingArguments | None = None, *pargs, weak_model=None, **kwargs
+    ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = WMSSSFTConfig(f"{str(name).split('/')[-1]}-WMSS")
