@@ -265,8 +265,9 @@ class WMSSSFTTrainer(SFTTrainer):
           not support is refused here (see `_check_mixing_supported` and docs/sft.md).
 
     Logged metrics with `mixing_lambda < 1`: TRL's `entropy`, `mean_token_accuracy` (of the strong model alone),
-    `num_tokens` and (MoE) `aux_loss`, and in the namespace `wmss/`: `mixed_loss` (the training loss, per token), `strong_nll` (plain SFT
-    loss of the strong model on the same tokens), `weak_nll`, `strong_entropy`, `weak_entropy` (nats, per token).
+    `num_tokens` and (MoE) `aux_loss`, and in the namespace `wmss/`: `mixed_loss` (the training loss, per token),
+    `strong_nll` (plain SFT loss of the strong model on the same tokens), `weak_nll`, `strong_entropy`,
+    `weak_entropy` (nats, per token).
     """
 
     _tag_names = ["trl", "sft", "wmss"]
@@ -274,7 +275,12 @@ class WMSSSFTTrainer(SFTTrainer):
     _paper = WMSS_PAPER
 
     def __init__(
-        self, model, args: WMSSSFTConfig | SFTConfig | TrainingArguments | None = None, *pargs, weak_model=None, **kwargs
+        self,
+        model,
+        args: WMSSSFTConfig | SFTConfig | TrainingArguments | None = None,
+        *pargs,
+        weak_model=None,
+        **kwargs,
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -462,7 +468,8 @@ class WMSSSFTTrainer(SFTTrainer):
             # Like SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+            aux_mean = self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_mean)
 
         self._log_mixing_metrics(mode, loss_sum.detach(), stats_sum, n_local, inputs)
         if return_outputs:
