@@ -139,6 +139,9 @@ def test_fused_head_matches_naive_autograd(lam, chunk_size, bias):
             lp = torch.log_softmax(z, -1)
             torch.testing.assert_close(stats[:, col].double(), -lp.gather(-1, y[:, None]).squeeze(-1), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(stats[:, col + 2].double(), -(lp.exp() * lp).sum(-1), rtol=1e-5, atol=1e-6)
+        # the strong model's top-1 hit (TRL's `is_top1`, for `mean_token_accuracy`)
+        assert stats.shape == (n, 5)
+        torch.testing.assert_close(stats[:, 4], (zs.argmax(-1) == y).float())
 
 
 @pytest.mark.parametrize("lam,chunk_size,bias", [(0.5, 4, False), (0.3, 1024, True), (1.0, 3, False)])

@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 SCRIPT = Path(__file__).parent / "dist" / "sft_run.py"
-METRICS = ("wmss/mixed_loss", "wmss/strong_nll", "wmss/weak_nll", "wmss/strong_entropy", "wmss/weak_entropy")
+METRICS = (
+    "wmss/mixed_loss", "wmss/strong_nll", "wmss/weak_nll", "wmss/strong_entropy", "wmss/weak_entropy",
+    "entropy", "mean_token_accuracy", "num_tokens",
+)
 
 
 @pytest.fixture(scope="module")

@@ -137,24 +137,30 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z.float()
 
 
-def _own_stats(z_s: torch.Tensor, z_w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Logging statistics of each model on its own, per position: ``[NLL_s, NLL_w, H_s, H_w]`` (fp32, (n, 4)).
+STAT_NAMES = ("strong_nll", "weak_nll", "strong_entropy", "weak_entropy", "strong_top1")
 
-    NLL = logsumexp(z) - z[y];  H = logsumexp(z) - sum_v softmax(z)_v z_v.
+
+def _own_stats(z_s: torch.Tensor, z_w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logging statistics of each model on its own, per position: ``[NLL_s, NLL_w, H_s, H_w, top1_s]`` (fp32,
+    (n, 5), columns named by :data:`STAT_NAMES`).
+
+    NLL = logsumexp(z) - z[y];  H = logsumexp(z) - sum_v softmax(z)_v z_v;  top1_s = 1 if argmax_v z_s = y (the first
+    maximum, as TRL's ``is_top1``), else 0.
     """
     out = []
     for z in (z_s, z_w):
         lse = torch.logsumexp(z, -1)
         out.append((lse - z.gather(-1, y).squeeze(-1), lse - (torch.softmax(z, -1) * z).sum(-1)))
     (nll_s, h_s), (nll_w, h_w) = out
-    return torch.stack([nll_s, nll_w, h_s, h_w], dim=-1)
+    top1_s = (z_s.argmax(-1) == y.squeeze(-1)).float()
+    return torch.stack([nll_s, nll_w, h_s, h_w, top1_s], dim=-1)
 
 
 class _ChunkedMixedHead(torch.autograd.Function):
     """Per-position log p_mix[y] from hidden states and LM heads, chunked; gradient to the strong side only.
 
     Forward, per chunk of positions: z_s = h_s W_s^T, z_w = h_w W_w^T, z = lam z_s + (1-lam) z_w,
-    log p_mix[y] = z[y] - logsumexp(z); also (no gradient) the strong/weak NLL and entropies for logging.
+    log p_mix[y] = z[y] - logsumexp(z); also (no gradient) the logging statistics of :func:`_own_stats`.
     Backward, per chunk: g_z = lam * g * (onehot(y) - p_mix); dL/dh_s = g_z W_s; dL/dW_s = sum g_z^T h_s.
     """
 
@@ -163,7 +169,7 @@ class _ChunkedMixedHead(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n = h_s.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=h_s.device)
-        stats = torch.empty(n, 4, dtype=torch.float32, device=h_s.device)  # strong nll, weak nll, H_strong, H_weak
+        stats = torch.empty(n, len(STAT_NAMES), dtype=torch.float32, device=h_s.device)
         with maybe_gather_lm_head_ctx(w_s, b_s), maybe_gather_lm_head_ctx(w_w, b_w), torch.no_grad():
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
@@ -226,7 +232,7 @@ class _ChunkedMixedHeadLoss(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, device = h_s.shape[0], h_s.device
         loss = torch.zeros((), dtype=torch.float32, device=device)
-        stats = torch.empty(n, 4, dtype=torch.float32, device=device)  # strong nll, weak nll, H_strong, H_weak
+        stats = torch.empty(n, len(STAT_NAMES), dtype=torch.float32, device=device)
         grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=device) if need_h else None
         grad_w = grad_b = None
         with maybe_gather_lm_head_ctx(w_s, b_s), maybe_gather_lm_head_ctx(w_w, b_w), torch.no_grad():
@@ -298,7 +304,8 @@ def mixed_head_logprobs(
     """log p_mix[target] for ``N`` positions, from the final hidden states ``(N, H)`` and the LM heads.
 
     Returns ``(logp, stats)``: ``logp`` is ``(N,)`` fp32, differentiable w.r.t. the strong hidden states and LM head;
-    ``stats`` is ``(N, 4)`` (no gradient): strong NLL, weak NLL, strong entropy, weak entropy, per position.
+    ``stats`` is ``(N, 5)`` (no gradient), per position: strong NLL, weak NLL, strong entropy, weak entropy and whether
+    the strong model's top-1 token is the target (:data:`STAT_NAMES`).
     The weak side is a constant. The heads must have no logit scaling or soft-capping (see :func:`plain_lm_head`).
     """
     # (vocabulary sizes are checked when the weak model is loaded; ZeRO-3 shards have no usable shape here)

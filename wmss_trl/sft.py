@@ -1,35 +1,55 @@
 """WD-JT (Weak-Driven Joint Training) as a drop-in TRL ``SFTTrainer``.
 
-The loss is cross-entropy of the labels under the mixed logits of the trained (strong) model and a frozen
-weak checkpoint of the same model:
+With a weak model (a frozen earlier checkpoint of the same model, or the adapter-disabled PEFT base with
+``peft_base_as_weak=True``) and ``0 < lam < 1``, the loss is cross-entropy of the labels under the mixed logits:
 
     z_mix = lam * z_strong + (1 - lam) * z_weak,      L = -sum_t log softmax(z_mix)_t[y_t] / N_tokens
 
-on exactly the tokens TRL's SFT trains (completion-only / assistant-only masks honoured). Only the strong
-model is trained and saved; the weak model is never part of a checkpoint, so inference is unchanged.
+on exactly the tokens TRL's SFT trains (completion-only / assistant-only masks honoured); for an MoE policy,
+SFTTrainer's router load-balancing term ``router_aux_loss_coef * aux_loss`` is added to L. Only the strong model is
+trained and saved; the weak model is never part of a checkpoint, so inference is unchanged.
+
+Without a weak model, or with ``lam = 1`` (where z_mix = z_strong), the trainer is TRL's ``SFTTrainer``: its
+``compute_loss`` (every ``loss_type``, ``compute_loss_func``, the MoE auxiliary loss, PEFT prompt learning) and its
+metrics; a weak model is then neither loaded nor run. docs/sft.md lists what ``lam < 1`` supports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 
+from .checks import check_float, check_int, check_shares
 from .entropy import token_entropy, token_nll, trained_positions
-from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mixed_cross_entropy, mixed_head_loss, plain_lm_head
-from .weak import backbone_of, check_weak_compatible, lm_head_of, prepare_weak_model, resolve_weak_model
+from .mixing import DEFAULT_CHUNK_SIZE, STAT_NAMES, mixed_cross_entropy, mixed_head_loss, plain_lm_head
 from .selection import (
     check_selection_config,
     format_stats,
     replace_train_dataset_argument,
     select_train_dataset,
-    train_dataset_argument,
     unique_count,
     weighted_sampler_for,
 )
+from .weak import (
+    backbone_of,
+    check_weak_compatible,
+    is_peft_model,
+    lm_head_of,
+    prepare_weak_model,
+    require_safetensors,
+    resolve_weak_model,
+)
+
+logger = logging.getLogger(__name__)
 
 WMSS_PAPER = {
     "title": "Weak-Driven Learning: How Weak Agents Make Strong Agents Stronger",
@@ -48,12 +68,18 @@ class WMSSSFTConfig(SFTConfig):
     Parameters:
         weak_model_name_or_path (`str`, *optional*):
             Local folder of the weak checkpoint (an earlier checkpoint of the same model, same tokenizer). Overridden
-            by the trainer's `weak_model` argument. Not needed for a PEFT model (its adapter-disabled base is used).
+            by the trainer's `weak_model` argument. Without a weak model (and `peft_base_as_weak=False`) the trainer
+            is TRL's `SFTTrainer`.
         weak_model_init_kwargs (`dict` or `str`, *optional*):
             Keyword arguments for `from_pretrained` of the weak model (dict or JSON string), e.g. `{"dtype": "bfloat16"}`.
+        peft_base_as_weak (`bool`, defaults to `False`):
+            With a PEFT policy (a `PeftModel` or `peft_config`) and no weak model, use the policy with its adapters
+            disabled as the weak model (no second copy of the weights). Off by default: a `peft_config` alone is plain
+            TRL SFT.
         mixing_lambda (`float`, defaults to `0.5`):
             Weight of the strong logits: z_mix = lambda * z_strong + (1 - lambda) * z_weak. Must satisfy
-            0 < lambda <= 1; 1.0 is plain SFT. 0.5 is the official code's value (paper's sweet spot 0.42-0.48).
+            0 < lambda <= 1; 1.0 is plain SFT (TRL's loss; the weak model is then not loaded). 0.5 is the official
+            code's value (paper's sweet spot 0.42-0.48). No effect without a weak model.
         mixing_chunk_size (`int`, defaults to `256`):
             Positions per chunk of the fp32 mixed cross-entropy (bounds its memory).
 
@@ -82,17 +108,23 @@ class WMSSSFTConfig(SFTConfig):
 
     weak_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Not needed "
-                  "with PEFT: the adapter-disabled base is the weak model."},
+        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Without a "
+                  "weak model (and peft_base_as_weak=False) the trainer is TRL's SFTTrainer."},
     )
     weak_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
     )
+    peft_base_as_weak: bool = field(
+        default=False,
+        metadata={"help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
+                  "adapters disabled as the weak model (no second copy of the weights). Off: a peft_config alone is "
+                  "plain TRL SFT."},
+    )
     mixing_lambda: float = field(
         default=0.5,
         metadata={"help": "Weight of the strong logits in z_mix = lambda*z_strong + (1-lambda)*z_weak; "
-                  "0 < lambda <= 1, 1.0 is plain SFT."},
+                  "0 < lambda <= 1, 1.0 is plain SFT (TRL's loss). No effect without a weak model."},
     )
     mixing_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
@@ -125,54 +157,229 @@ class WMSSSFTConfig(SFTConfig):
     selection_seed: int = field(default=42, metadata={"help": "Seed of the WD-DS draws."})
 
     def __post_init__(self):
-        check_lambda(self.mixing_lambda)
+        # every numeric WMSS field, converted (YAML / JSON may give strings) and stored back, before anything uses it
+        self.mixing_lambda = check_float(
+            "mixing_lambda", self.mixing_lambda, low=0.0, low_open=True, high=1.0,
+            hint="It is the weight of the STRONG logits: 1.0 is plain SFT, the paper's default is 0.5.",
+        )
+        self.mixing_chunk_size = check_int(
+            "mixing_chunk_size", self.mixing_chunk_size, low=1, hint="It is the number of positions per loss chunk."
+        )
+        self.selection_alpha, self.selection_beta, self.selection_gamma = check_shares(
+            ("selection_alpha", "selection_beta", "selection_gamma"),
+            (self.selection_alpha, self.selection_beta, self.selection_gamma),
+            need_positive_sum=self.selection_mode is not None,
+        )
+        self.selection_multiplier = check_float(
+            "selection_multiplier", self.selection_multiplier, low=0.0, low_open=True,
+            hint="It is the number of draws per epoch as a multiple of the dataset size.",
+        )
+        self.selection_fraction = check_float(
+            "selection_fraction", self.selection_fraction, low=0.0, low_open=True, high=1.0,
+            hint="It is the fraction of rows top_fraction keeps.",
+        )
+        self.selection_seed = check_int("selection_seed", self.selection_seed, low=0, hint="numpy seeds are >= 0.")
         check_selection_config(self)
-        if self.mixing_chunk_size < 1:
-            raise ValueError(f"mixing_chunk_size must be >= 1, got {self.mixing_chunk_size}.")
         super().__post_init__()
+
+
+_SFT_INIT = inspect.signature(SFTTrainer.__init__)
+
+
+def _as_wmss_config(args: TrainingArguments) -> WMSSSFTConfig:
+    """A [`WMSSSFTConfig`] with the values of an `SFTConfig` / `TrainingArguments` (the WMSS fields at defaults).
+
+    Read field by field: ``to_dict()`` would mask every ``*_token`` field, SFT's ``eos_token`` / ``pad_token`` too.
+    """
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be a WMSSSFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+    return WMSSSFTConfig(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
+
+
+def _check_not_empty(dataset) -> None:
+    """Refuse an empty training dataset before TRL reads its first row (which ends in a bare ``StopIteration``)."""
+    empty = False
+    if isinstance(dataset, Dataset):
+        empty = len(dataset) == 0
+    elif isinstance(dataset, IterableDataset):
+        empty = next(iter(dataset), None) is None
+    if empty:
+        raise ValueError(
+            "train_dataset is empty (0 rows), so there is nothing to train on. Check the split, filter or file that "
+            "produced it, and pass a dataset with at least one row."
+        )
+
+
+def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
+    """Refuse, before anything loads, what the WD-JT loss (``mixing_lambda < 1``) does not implement.
+
+    Supported: ``loss_type="nll"``, no ``compute_loss_func`` / label smoothing / Liger, PEFT adapters that keep the
+    backbone's forward (LoRA-like; not prompt / prefix tuning).
+    """
+    lam = args.mixing_lambda
+    off = "or set mixing_lambda=1.0 (TRL's SFT loss; the weak model is then not used)"
+    if args.loss_type != "nll":
+        raise ValueError(
+            f"loss_type={args.loss_type!r} is not supported with mixing_lambda={lam} < 1: the WD-JT loss is the "
+            f"cross-entropy of the mixed logits, so the only supported loss_type is 'nll'. Set loss_type='nll', {off}."
+        )
+    if named.get("compute_loss_func") is not None:
+        raise ValueError(
+            f"compute_loss_func is not supported with mixing_lambda={lam} < 1: the loss is the WD-JT mixed "
+            f"cross-entropy. Remove compute_loss_func, {off}."
+        )
+    if args.label_smoothing_factor > 0:
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with mixing_lambda={lam} < 1 "
+            f"(the WD-JT loss is not smoothed). Set label_smoothing_factor=0, {off}."
+        )
+    if args.use_liger_kernel:
+        raise ValueError(
+            f"use_liger_kernel=True is not supported with mixing_lambda={lam} < 1: the WD-JT loss runs its own "
+            f"chunked LM head on the backbone's hidden states. Set use_liger_kernel=False, {off}."
+        )
+    peft_config = named.get("peft_config")
+    if peft_config is None and is_peft_model(model):
+        peft_config = model.active_peft_config
+    if peft_config is not None and peft_config.is_prompt_learning:
+        raise ValueError(
+            f"PEFT {type(peft_config).__name__} (prompt learning) is not supported with mixing_lambda={lam} < 1: the "
+            "WD-JT loss calls the backbone directly, which skips the virtual tokens. Use an adapter that keeps the "
+            f"backbone's forward (e.g. peft.LoraConfig), {off}."
+        )
 
 
 class WMSSSFTTrainer(SFTTrainer):
     """[`~trl.SFTTrainer`] whose loss is cross-entropy on the weak/strong mixed logits (WD-JT).
 
     Args:
-        model, args, ...: as [`~trl.SFTTrainer`].
+        model, args, ...: as [`~trl.SFTTrainer`] (`args` may also be an `SFTConfig` or `TrainingArguments`).
         weak_model (`PreTrainedModel` or `str`, *optional*):
-            The frozen weak model, or its local folder; overrides `args.weak_model_name_or_path`. With a PEFT model
-            and no weak model, the same network with adapters disabled is used (no second copy of the weights).
+            The frozen weak model, or its local folder; overrides `args.weak_model_name_or_path`.
 
-    Logged metrics (namespace `wmss/`): `mixed_loss` (the training loss, per token), `strong_nll` (plain SFT loss of
-    the strong model on the same tokens), `weak_nll`, `strong_entropy`, `weak_entropy` (nats, per token).
+    Modes (one info line at construction says which):
+        * no weak model and `peft_base_as_weak=False`: TRL's `SFTTrainer`, exactly (WD-DS selection still applies
+          when `selection_mode` is set);
+        * a weak model and `mixing_lambda == 1`: TRL's `SFTTrainer` too; the weak model is neither loaded nor run;
+        * a weak model (or `peft_base_as_weak=True` with PEFT) and `mixing_lambda < 1`: the WD-JT loss. What it does
+          not support is refused here (see `_check_mixing_supported` and docs/sft.md).
+
+    Logged metrics with `mixing_lambda < 1`: TRL's `entropy`, `mean_token_accuracy` (of the strong model alone),
+    `num_tokens` and (MoE) `aux_loss`, and in the namespace `wmss/`: `mixed_loss` (the training loss, per token),
+    `strong_nll` (plain SFT loss of the strong model on the same tokens), `weak_nll`, `strong_entropy`,
+    `weak_entropy` (nats, per token).
     """
 
     _tag_names = ["trl", "sft", "wmss"]
     _name = "WMSS-SFT"
     _paper = WMSS_PAPER
 
-    def __init__(self, model, args: WMSSSFTConfig | None = None, *pargs, weak_model=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: WMSSSFTConfig | SFTConfig | TrainingArguments | None = None,
+        *pargs,
+        weak_model=None,
+        **kwargs,
+    ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = WMSSSFTConfig(f"{str(name).split('/')[-1]}-WMSS")
         elif not isinstance(args, WMSSSFTConfig):
-            raise TypeError(f"args must be a WMSSSFTConfig, got {type(args).__name__}.")
+            args = _as_wmss_config(args)
+        named = _SFT_INIT.bind(self, model, args, *pargs, **kwargs).arguments  # TypeError like SFTTrainer's
+        if isinstance(model, (str, os.PathLike)):
+            require_safetensors(model, "policy")
+        _check_not_empty(named.get("train_dataset"))
+
+        weak_given = weak_model is not None or bool(args.weak_model_name_or_path)
+        if args.peft_base_as_weak:
+            if not (is_peft_model(model) or named.get("peft_config") is not None):
+                raise ValueError(
+                    "peft_base_as_weak=True needs a PEFT policy (a PeftModel, or peft_config=...): it uses the policy "
+                    "with its adapters disabled as the weak model. Pass a peft_config, or a weak model instead "
+                    "(weak_model= or weak_model_name_or_path) and peft_base_as_weak=False."
+                )
+            if weak_given:
+                raise ValueError(
+                    "peft_base_as_weak=True and a weak model are both given; pick one: the adapter-disabled PEFT base "
+                    "(drop weak_model / weak_model_name_or_path) or the weak checkpoint (peft_base_as_weak=False)."
+                )
+        self.wmss_active = weak_given or args.peft_base_as_weak
+        self.use_mixing = self.wmss_active and args.mixing_lambda < 1.0  # lambda = 1: z_mix = z_strong, TRL's loss
+        if self.use_mixing:
+            _check_mixing_supported(model, args, named)
+
         self.selection_stats = None
+        train_dataset = named.get("train_dataset")
         if args.selection_mode is not None:  # WD-DS: select / weight the raw rows before TRL prepares them
-            selected, self.selection_stats = select_train_dataset(train_dataset_argument(pargs, kwargs), args)
-            pargs, kwargs = replace_train_dataset_argument(pargs, kwargs, selected)
+            train_dataset, self.selection_stats = select_train_dataset(train_dataset, args)
+            pargs, kwargs = replace_train_dataset_argument(pargs, kwargs, train_dataset)
         super().__init__(model, args, *pargs, **kwargs)
         self.mixing_lambda = args.mixing_lambda
-
-        weak, weak_path = resolve_weak_model(
-            weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model
-        )
-        if weak is not None:
-            check_weak_compatible(self.model, weak, self.processing_class, weak_path)
-            weak = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
-        self.weak_model = weak  # None means: the PEFT policy with adapters disabled
-        self._fused_head = plain_lm_head(self.accelerator.unwrap_model(self.model))
-        self._forward_redirection = _ForwardRedirection()
-        self._check_trainable_tokens()
+        self.weak_model = None
+        weak_source = None
+        if self.use_mixing:
+            self._check_mixing_setup()
+            weak, weak_path = resolve_weak_model(
+                weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model
+            )
+            weak_source = "the adapter-disabled PEFT base"  # `self.weak_model` None: the policy, adapters disabled
+            if weak is not None:
+                check_weak_compatible(self.model, weak, self.processing_class, weak_path)
+                self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
+                weak_source = weak_path or f"a loaded {type(weak).__name__}"
+            self._fused_head = plain_lm_head(self.accelerator.unwrap_model(self.model))
+            self._forward_redirection = _ForwardRedirection()
+        self._check_trainable_tokens(train_dataset)
         self._log_selection()
+        self._log_mode(weak_source)
+
+    def _check_mixing_setup(self):
+        """Refuse the set-ups the WD-JT loss does not handle that are only known once the accelerator exists."""
+        lam = self.args.mixing_lambda
+        off = "or set mixing_lambda=1.0 (TRL's SFT loss)"
+        config = self.accelerator.parallelism_config
+        if config is not None and (config.tp_enabled or config.cp_enabled or config.sp_enabled):
+            raise ValueError(
+                f"tensor, context or sequence parallelism is not supported with mixing_lambda={lam} < 1 (the WD-JT "
+                f"loss needs every position's full hidden state). Use data parallelism or DeepSpeed ZeRO, {off}."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                f"FSDP is not supported with mixing_lambda={lam} < 1. Use DeepSpeed ZeRO-2/3 (e.g. "
+                f"wmss_trl/accelerate_configs/zero3.yaml) or DDP, {off}."
+            )
+        if self._is_vlm:
+            raise ValueError(
+                f"vision-language models are not supported with mixing_lambda={lam} < 1 (the WD-JT loss runs the text "
+                f"backbone only). Train a causal LM, {off}."
+            )
+
+    def _log_mode(self, weak_source: str | None):
+        """One info line: which of the three modes this trainer is in."""
+        args = self.args
+        if not self.wmss_active:
+            selection = ""
+            if args.selection_mode is not None:
+                selection = f" WD-DS selection (selection_mode={args.selection_mode!r}) still applies."
+            message = (
+                "WMSS inactive: no weak model given, so this is TRL's SFTTrainer (its loss for every loss_type, its "
+                f"metrics); mixing_lambda={args.mixing_lambda} has no effect.{selection} Pass weak_model= or "
+                "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
+            )
+        elif not self.use_mixing:
+            message = (
+                "WMSS mixing off: mixing_lambda=1.0 makes the loss TRL's SFT loss (z_mix = z_strong), so the weak "
+                "model is neither loaded nor run. Set mixing_lambda < 1 (the paper uses 0.5) to mix it in."
+            )
+        else:
+            message = (
+                f"WMSS WD-JT active: the loss is the cross-entropy of z_mix = {args.mixing_lambda} * z_strong + "
+                f"{1 - args.mixing_lambda:g} * z_weak, weak model: {weak_source}."
+            )
+        if self.accelerator.is_main_process:
+            logger.info(message)
 
     def _log_selection(self):
         """Record how many distinct samples WD-DS selection trains on (`selection_stats`, metric `wmss/unique_samples`)."""
@@ -190,47 +397,81 @@ class WMSSSFTTrainer(SFTTrainer):
             return weighted_sampler_for(self.train_dataset, self.args)
         return super()._get_train_sampler(train_dataset)
 
-    def _check_trainable_tokens(self):
+    def _check_trainable_tokens(self, raw_dataset):
+        """Refuse a prepared training dataset without any trained token (TRL would train on nothing or crash)."""
         dataset = self.train_dataset
-        if dataset is None or not hasattr(dataset, "column_names") or "labels" not in (dataset.column_names or []):
+        if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names:
             return
-        if len(dataset) == 0:
-            raise ValueError("the training dataset is empty.")
+        if len(dataset) == 0:  # TRL drops the rows that truncation leaves fully masked
+            raise self._truncation_error(raw_dataset)
         for labels in dataset["labels"]:
             if any(label != -100 for label in labels[1:]):
                 return
         raise ValueError(
             "the training dataset has no trainable tokens: every label is masked (-100). Check the completion / "
-            "assistant masks (`completion_only_loss`, `assistant_only_loss`, the chat template's generation tags) "
-            "and `max_length` (truncation may cut off every completion)."
+            "assistant masks (`completion_only_loss`, `assistant_only_loss`, the chat template's generation tags)."
+        )
+
+    def _truncation_error(self, raw_dataset) -> ValueError:
+        """The error for a dataset that truncation emptied, with the prompt lengths (tokens before the first trained
+        token, measured by preparing the rows again without `max_length`)."""
+        args = self.args
+        max_length, args.max_length = args.max_length, None
+        try:
+            full = self._prepare_dataset(
+                raw_dataset, self.processing_class, args, False, self._formatting_func, "train"
+            )
+        finally:
+            args.max_length = max_length
+        prompts = [next((i for i, y in enumerate(labels) if y != -100), len(labels)) for labels in full["labels"]]
+        return ValueError(
+            f"truncation removed every trainable token: with max_length={max_length} (truncation_mode="
+            f"{args.truncation_mode!r}) none of the {len(prompts)} training rows keeps a trained token, so TRL "
+            f"dropped them all and the training dataset is empty. The prompts (tokens before the first trained token) "
+            f"are {min(prompts)} to {max(prompts)} tokens long. Set max_length above {max(prompts)} (or "
+            "max_length=None), or shorten the prompts."
         )
 
     # ---- the loss -------------------------------------------------------------------------------------------
-    # Default path: hidden states of both models + their LM heads -> `mixed_head_loss`, which never builds
-    # the logits and computes the gradient in the same pass. It runs inside the policy wrapper's forward (`_forward_redirection`, as TRL's distillation
-    # trainer does) so DDP's gradient sync and DeepSpeed ZeRO-3's parameter gathering behave as in a normal step.
+    # Without mixing (no weak model, or lambda = 1): TRL's `compute_loss`, untouched.
+    # Default mixing path: hidden states of both models + their LM heads -> `mixed_head_loss`, which never builds
+    # the logits and computes the gradient in the same pass. It runs inside the policy wrapper's forward
+    # (`_forward_redirection`, as TRL's distillation trainer does) so DDP's gradient sync and DeepSpeed ZeRO-3's
+    # parameter gathering behave as in a normal step.
     # Fallback (models with logit scaling / soft-capping): the models' own logits, mixed chunk by chunk.
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.use_mixing:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         keep, targets = trained_positions(inputs["labels"])  # positions whose next token is trained
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the router logits, for the load-balancing loss (as SFTTrainer)
+            model_inputs["output_router_logits"] = True
         unwrapped = self.accelerator.unwrap_model(model)
         if self._fused_head:
-            loss_sum, stats_sum, n_local = self._forward_redirection(
+            loss_sum, stats_sum, n_local, aux_loss = self._forward_redirection(
                 model, unwrapped, self._fused_mixed_loss, unwrapped, model_inputs, keep, targets
             )
         else:
-            loss_sum, stats_sum, n_local = self._logits_mixed_loss(model, unwrapped, model_inputs, keep, targets)
+            loss_sum, stats_sum, n_local, aux_loss = self._logits_mixed_loss(
+                model, unwrapped, model_inputs, keep, targets
+            )
 
         num_tokens = n_local if num_items_in_batch is None else num_items_in_batch
         loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
         # Like SFTTrainer: `num_items_in_batch` counts every rank's tokens, and DDP averages gradients across ranks
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        if aux_loss is not None:
+            # Like SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
+            aux_mean = self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_mean)
 
-        self._log_wmss_metrics(mode, loss_sum.detach(), stats_sum, n_local, inputs)
+        self._log_mixing_metrics(mode, loss_sum.detach(), stats_sum, n_local, inputs)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**model_inputs)
@@ -239,14 +480,31 @@ class WMSSSFTTrainer(SFTTrainer):
 
     def _fused_mixed_loss(self, unwrapped, model_inputs, keep, targets):
         mask = targets != -100
-        strong_hidden = backbone_of(unwrapped)(**model_inputs).last_hidden_state[:, keep][mask]
+        strong = backbone_of(unwrapped)(**model_inputs)
+        strong_hidden = strong.last_hidden_state[:, keep][mask]
         weak_hidden = self._weak_hidden(unwrapped, model_inputs)[:, keep][mask]
         weak = unwrapped if self.weak_model is None else self.accelerator.unwrap_model(self.weak_model)
         loss_sum, stats = mixed_head_loss(
             strong_hidden, lm_head_of(unwrapped), weak_hidden, lm_head_of(weak), targets[mask],
             self.mixing_lambda, self.args.mixing_chunk_size,
         )
-        return loss_sum, stats.sum(0), mask.sum()
+        return loss_sum, stats.sum(0), mask.sum(), self._router_aux_loss(unwrapped, strong, model_inputs)
+
+    def _router_aux_loss(self, unwrapped, backbone_outputs, model_inputs):
+        """The strong model's MoE load-balancing loss from its router logits (None without `aux_loss_enabled`).
+
+        Mixtral's `load_balancing_loss_func`, the one every MoE family of transformers uses, with the arguments of
+        TRL's fused forward (padding-free rows have no attention mask: every token counts).
+        """
+        if not self.aux_loss_enabled:
+            return None
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        config = unwrapped.config.get_text_config()
+        return load_balancing_loss_func(
+            backbone_outputs.router_logits, config.num_experts, config.num_experts_per_tok,
+            model_inputs.get("attention_mask"),
+        )
 
     def _weak_hidden(self, unwrapped, model_inputs):
         """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients."""
@@ -262,7 +520,8 @@ class WMSSSFTTrainer(SFTTrainer):
 
     def _logits_mixed_loss(self, model, unwrapped, model_inputs, keep, targets):
         model_inputs = {**model_inputs, "logits_to_keep": keep}
-        strong_logits = model(**model_inputs).logits
+        strong = model(**model_inputs)
+        strong_logits = strong.logits
         with torch.no_grad():
             if self.weak_model is not None:
                 weak_logits = self.weak_model(**model_inputs).logits
@@ -282,17 +541,33 @@ class WMSSSFTTrainer(SFTTrainer):
                 (token_nll(weak_logits, safe, chunk) * mask).sum(),
                 (token_entropy(strong_logits, chunk) * mask).sum(),
                 (token_entropy(weak_logits, chunk) * mask).sum(),
+                ((strong_logits.argmax(-1) == safe) & mask).sum(),
             ]
-        )
-        return loss_sum, stats, n_local
+        ).float()  # in the order of `STAT_NAMES`
+        return loss_sum, stats, n_local, strong.aux_loss if self.aux_loss_enabled else None
 
     @torch.no_grad()
-    def _log_wmss_metrics(self, mode, loss_sum, stats_sum, n_local, inputs):
+    def _log_mixing_metrics(self, mode, loss_sum, stats_sum, n_local, inputs):
+        """TRL's SFT metrics of the strong model (`entropy`, `mean_token_accuracy`, `num_tokens`) and the `wmss/`
+        ones, from the per-token statistics the mixed loss computed anyway (global sums: every rank logs the same)."""
         sums = torch.cat([loss_sum.float().view(1), stats_sum.float(), n_local.float().view(1)])
-        sums = self.accelerator.reduce(sums, reduction="sum")  # global sums, so every rank logs the same value
-        n = sums[-1].clamp(min=1)
-        for name, value in zip(("mixed_loss", "strong_nll", "weak_nll", "strong_entropy", "weak_entropy"), sums[:-1]):
-            self._metrics[mode][f"wmss/{name}"].append((value / n).item())
-        if mode == "train" and "attention_mask" in inputs:  # like SFTTrainer's `num_tokens`
-            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        means = dict(zip(("mixed_loss", *STAT_NAMES), (sums[:-1] / sums[-1].clamp(min=1)).tolist()))
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(means["strong_entropy"])
+        metrics["mean_token_accuracy"].append(means["strong_top1"])
+        if mode == "train":
+            self._total_train_tokens += self._count_batch_tokens(inputs)
+        metrics["num_tokens"] = [self._total_train_tokens]
+        for name in ("mixed_loss", "strong_nll", "weak_nll", "strong_entropy", "weak_entropy"):
+            metrics[f"wmss/{name}"].append(means[name])
+
+    def _count_batch_tokens(self, inputs) -> int:
+        """Tokens of the global batch, counted as SFTTrainer counts `num_tokens` (padding-free: the packed row)."""
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        return self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size

@@ -2,7 +2,7 @@
 
     python tests/dist/sft_run.py STRONG WEAK OUT [--global_batch 4]
 
-Prints ``RESULT {json}`` on the main process with the world size, the distributed type, the logged WMSS
+Prints ``RESULT {json}`` on the main process with the world size, the distributed type, the logged WMSS and TRL
 metrics of step 1, and whether the weak model is ZeRO-3 partitioned; saves the trained strong model to OUT.
 """
 
@@ -19,6 +19,9 @@ from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
 from wmss_trl.weak import is_zero3_partitioned  # noqa: E402
 from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
+
+
+TRL_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")  # SFTTrainer's, kept under WD-JT
 
 
 def main():
@@ -45,7 +48,7 @@ def main():
             "weak_partitioned": is_zero3_partitioned(trainer.weak_model),
             "weak_local_numel": weak_local,
             "weak_full_numel": weak_full,
-            **{k: v for k, v in step1.items() if k.startswith("wmss/")},
+            **{k: v for k, v in step1.items() if k.startswith("wmss/") or k in TRL_METRICS},
         }
         print("RESULT " + json.dumps(result), flush=True)
     teardown()
