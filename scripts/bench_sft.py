@@ -125,7 +125,11 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
             kw["weak_model_name_or_path"] = weak
         if config == "wdjt_bf16weak":
             kw["weak_model_init_kwargs"] = {"dtype": "bfloat16"}
+        if config == "wdjt_lora":
+            kw["peft_base_as_weak"] = True
         trainer = WMSSSFTTrainer(strong, args=WMSSSFTConfig(**common, **kw), train_dataset=data, processing_class=tok, peft_config=peft_config)
+        if not trainer.use_mixing:
+            raise SystemExit(f"{config}: WD-JT is not active (no weak model); the benchmark would time plain SFT.")
 
     step_times: list[float] = []
     cpu_times: list[float] = []
