@@ -13,6 +13,7 @@ when ``WMSS_FAULT`` is set): it makes one checkpoint write stall (after writing 
 that the test can SIGKILL the process at that moment, or fills the disk after checkpoint-1.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,7 +127,7 @@ def child_env(harness, **fault):
 
 
 def run_until_stalled(cmd, env, marker: Path, log: Path, timeout=600) -> str:
-    """Start ``cmd`` in its own process group, wait until it stalls in the faulty write, SIGKILL the whole group."""
+    """Start ``cmd`` in its own process group, wait until it stalls in the faulty write, SIGKILL every process."""
     env = {**env, "WMSS_FAULT_MARKER": str(marker)}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -134,8 +136,14 @@ def run_until_stalled(cmd, env, marker: Path, log: Path, timeout=600) -> str:
             assert proc.poll() is None, f"ended before the fault (code {proc.returncode}):\n{log.read_text()[-5000:]}"
             assert time.time() < deadline, "timed out waiting for the fault"
             time.sleep(0.2)
+        # accelerate's workers run in sessions of their own (torch elastic starts them so): kill them by pid too
+        workers = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         assert proc.wait(timeout=60) == -signal.SIGKILL
+        psutil.wait_procs(workers, timeout=60)
     path = marker.read_text()
     marker.unlink()
     return path
@@ -418,3 +426,36 @@ def test_pipeline_killed_while_phase1_writes_a_checkpoint(harness, tmp_path):
     assert "wdjt: done" in text and (out / "final" / "model.safetensors").exists()
     steps = json.loads((out / "strong" / "checkpoint-8" / "trainer_state.json").read_text())["global_step"]
     assert steps == 8  # 32 samples / batch 8 x 2 epochs: phase 1 finished from checkpoint-1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_zero2_checkpoint_killed_mid_save_then_resume(sft_run, harness, tmp_path):
+    """2 processes under ZeRO-2: the checkpoint is DeepSpeed's `global_step*` folder (model states, one optimizer
+    shard per rank, `latest`) plus one RNG file per rank. Rank 1 is killed half-way through its optimizer shard of
+    checkpoint-2 (rank 0 has written `latest` already); the resume under ZeRO-2 skips it."""
+    out, config = tmp_path / "out", sft_run["config"]
+    cmd = sft_cmd(config, out, "--max_steps", "3", "--accelerate_config", "zero2")
+    shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    env = child_env(harness, kind="stall", checkpoint=2, file=shard, write="half")
+    assert run_until_stalled(cmd, env, tmp_path / "stalled", tmp_path / "killed.log") == str(
+        out / "checkpoint-2" / "global_step2" / shard)
+    torn, complete = out / "checkpoint-2", out / "checkpoint-1"
+    assert checkpoint_problems(complete) == []
+    assert any(f"global_step2/{shard} is not readable" in p for p in checkpoint_problems(torn))
+    assert get_last_checkpoint(str(out)) == str(torn)
+
+    # the rule on the real ZeRO layout: each rank's files, and DeepSpeed's `latest`
+    for damage, expected in [("latest", "`latest` file is missing"), ("rng_state_1.pth", "rng_state_1.pth is missing"),
+                             (f"global_step1/{shard.replace('rank_1', 'rank_0')}", "optimizer states of rank(s) [0]")]:
+        copy = tmp_path / "copy" / "checkpoint-1"
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        shutil.copytree(complete, copy)
+        (copy / damage).unlink()
+        assert any(expected in p for p in checkpoint_problems(copy)), (damage, checkpoint_problems(copy))
+
+    text = run_ok(cmd, child_env(harness))
+    assert "2 process(es), DEEPSPEED" in text
+    assert f"skipping incomplete checkpoint {torn}" in text and f"resuming from {complete}" in text
+    assert checkpoint_problems(out / "checkpoint-3") == []
+    assert sorted(losses(out / "checkpoint-3")) == [1, 2, 3]

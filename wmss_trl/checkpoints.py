@@ -165,7 +165,7 @@ def _deepspeed_problems(path: str, names: set[str]) -> tuple[list[str], int | No
         with open(os.path.join(path, "latest")) as f:
             tag = f.read().strip()
     except OSError:
-        return ["DeepSpeed's `latest` file is missing (it is written once every rank has saved)"], None
+        return ["DeepSpeed's `latest` file is missing (DeepSpeed writes it after the state files)"], None
     folder = os.path.join(path, tag)
     if not tag or not os.path.isdir(folder):
         return [f"DeepSpeed's `latest` names {tag!r}, which is not a folder here"], None
@@ -227,33 +227,43 @@ def checkpoint_problems(path) -> list[str]:
     if CONFIG_NAME in names:
         problems += [p] if (p := _json_problem(path, CONFIG_NAME)[1]) else []
     state, problem = _json_problem(path, TRAINER_STATE_NAME)
+    step = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
     if problem:
         problems.append(problem)
-    elif (m := _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))) and state.get("global_step") != int(
-        m.group(1)
-    ):
-        problems.append(f"{TRAINER_STATE_NAME} is at global_step {state.get('global_step')}, not {m.group(1)}")
+    elif step and state.get("global_step") != int(step.group(1)):
+        problems.append(f"{TRAINER_STATE_NAME} is at global_step {state.get('global_step')}, not {step.group(1)}")
     return problems
+
+
+def _newest_complete(output_dir) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """The newest complete ``checkpoint-N`` of ``output_dir`` and the newer incomplete ones, with their problems."""
+    skipped = []
+    for folder in reversed(checkpoint_folders(output_dir)):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder, skipped
+        skipped.append((folder, problems))
+    return None, skipped
+
+
+def _warn(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # every process decides the same: say it once
+        logger.warning(message)
 
 
 def last_complete_checkpoint(output_dir) -> str | None:
     """The newest complete ``checkpoint-N`` in ``output_dir`` (None if there is none), warning about every newer
     incomplete one it skipped, with what is missing. Nothing is deleted."""
-    skipped = []
-    for folder in reversed(checkpoint_folders(output_dir)):
-        problems = checkpoint_problems(folder)
-        if not problems:
-            if skipped:
-                logger.warning(f"resuming from {folder}, the last complete checkpoint (skipped: "
-                               f"{', '.join(os.path.basename(s) for s in skipped)}).")
-            return folder
-        skipped.append(folder)
-        logger.warning(f"skipping incomplete checkpoint {folder} (a save cut short by a kill or a full disk?): "
-                       f"{'; '.join(problems)}. It is left in place.")
-    if skipped:
-        logger.warning(f"no complete checkpoint in {output_dir} ({len(skipped)} incomplete skipped): training "
-                       "starts from scratch.")
-    return None
+    checkpoint, skipped = _newest_complete(output_dir)
+    for folder, problems in skipped:
+        _warn(f"skipping incomplete checkpoint {folder} (a save cut short by a kill or a full disk?): "
+              f"{'; '.join(problems)}. It is left in place.")
+    if skipped and checkpoint:
+        _warn(f"resuming from {checkpoint}, the last complete checkpoint.")
+    elif skipped:
+        _warn(f"no complete checkpoint in {output_dir} ({len(skipped)} incomplete skipped): training starts from "
+              "scratch.")
+    return checkpoint
 
 
 def resolve_resume_from_checkpoint(value, output_dir) -> str | None:
@@ -272,12 +282,12 @@ def resolve_resume_from_checkpoint(value, output_dir) -> str | None:
     if value is True:
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None and not checkpoint_folders(output_dir):
-            logger.warning(f"resume_from_checkpoint=True but {output_dir} holds no checkpoint yet: training starts "
-                           "from scratch.")
+            _warn(f"resume_from_checkpoint=True but {output_dir} holds no checkpoint yet: training starts from "
+                  "scratch.")
         return checkpoint
     problems = checkpoint_problems(value)
     if problems:
-        last = last_complete_checkpoint(os.path.dirname(os.path.normpath(str(value))))
+        last = _newest_complete(os.path.dirname(os.path.normpath(str(value))))[0]
         hint = f"the last complete one there is {last}" if last else "there is no complete one next to it"
         raise ValueError(
             f"resume_from_checkpoint {str(value)!r} is not a complete checkpoint: {'; '.join(problems)}. It may be "
