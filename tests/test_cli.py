@@ -74,3 +74,85 @@ def test_exit_worker_flushes_runs_atexit_and_keeps_the_code(world_size):
     assert proc.returncode == 3
     assert proc.stdout.startswith("work done") and "atexit ran" in proc.stdout and "never printed" not in proc.stdout
     assert "to stderr" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checked before any model loads: safetensors weights only, and a complete checkpoint to resume from
+# ------------------------------------------------------------------------------------------------------------------
+class ModelLoadReached(Exception):
+    pass
+
+
+@pytest.fixture
+def before_loading(monkeypatch):
+    """Stop a recipe at its first load (the tokenizer, right before the model): the checks must have run by then."""
+    import wmss_trl.recipes.dpo
+    import wmss_trl.recipes.sft
+
+    def reached(*args, **kwargs):
+        raise ModelLoadReached
+
+    for recipe in (wmss_trl.recipes.sft, wmss_trl.recipes.dpo):
+        monkeypatch.setattr(recipe, "load_tokenizer", reached)
+
+
+def pickle_only(tiny, path):
+    """A checkpoint folder with `pytorch_model.bin` and no safetensors (transformers 5 always writes safetensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    model.save_pretrained(path)
+    tiny["tokenizer"].save_pretrained(path)
+    torch.save(load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "pytorch_model.bin"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
+def recipe_main(command):
+    import importlib
+
+    return importlib.import_module(f"wmss_trl.recipes.{command}").main
+
+
+def recipe_args(tiny, tmp_path, **overrides):
+    args = {"model_name_or_path": tiny["strong"], "weak_model_name_or_path": tiny["weak"],
+            "dataset_name": str(tmp_path / "data.jsonl"), "output_dir": str(tmp_path / "out"), "report_to": "none",
+            **overrides}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+@pytest.mark.parametrize("role", ["model_name_or_path", "weak_model_name_or_path"])
+def test_pickle_only_model_refused_before_loading(tiny, tmp_path, before_loading, command, role):
+    folder = pickle_only(tiny, tmp_path / "pickled")
+    with pytest.raises(ValueError, match=r"has pickle weights only \(pytorch_model.bin\).*save_pretrained"):
+        recipe_main(command)(recipe_args(tiny, tmp_path, **{role: folder}))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A real output_dir with checkpoint-1 complete and checkpoint-2 missing its optimizer state."""
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import arithmetic_prompt_completion, cpu_args
+    from wmss_trl.toy import build_char_tokenizer, build_tiny_model
+
+    out = tmp_path_factory.mktemp("checkpoints") / "out"
+    tok = build_char_tokenizer()
+    args = cpu_args(SFTConfig, out, save_strategy="steps", save_steps=1, max_steps=2)
+    SFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(8),
+               processing_class=tok).train()
+    os.remove(out / "checkpoint-2" / "optimizer.pt")
+    return out
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_resume_resolves_to_a_complete_checkpoint(tiny, tmp_path, checkpoints, before_loading, command, caplog):
+    args = recipe_args(tiny, tmp_path, output_dir=checkpoints)
+    with pytest.raises(ValueError, match=r"checkpoint-2' is not a complete checkpoint: optimizer.pt is missing"):
+        recipe_main(command)(args + ["--resume_from_checkpoint", str(checkpoints / "checkpoint-2")])
+    with caplog.at_level("WARNING", logger="wmss_trl.checkpoints"), pytest.raises(ModelLoadReached):
+        recipe_main(command)(args + ["--resume_from_checkpoint", "true"])
+    assert f"skipping incomplete checkpoint {checkpoints}/checkpoint-2" in caplog.text
+    assert f"resuming from {checkpoints}/checkpoint-1" in caplog.text

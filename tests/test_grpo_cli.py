@@ -65,3 +65,63 @@ def test_accelerate_launch_zero3_module_cli(tiny, tmp_path):
     history = logged(tmp_path / "out")
     assert len(history) == 2 and all(h["kl"] > 0 and "wmss/weak_negatives_per_group" in h for h in history)
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checked before any model loads: safetensors weights only, and a complete checkpoint to resume from
+# ------------------------------------------------------------------------------------------------------------------
+class ModelLoadReached(Exception):
+    pass
+
+
+@pytest.fixture
+def grpo_main(monkeypatch):
+    """`wmss grpo`'s main, stopped at its first load (the tokenizer, right before the model)."""
+    import wmss_trl.recipes.grpo
+
+    def reached(*args, **kwargs):
+        raise ModelLoadReached
+
+    monkeypatch.setattr(wmss_trl.recipes.grpo, "load_tokenizer", reached)
+    return wmss_trl.recipes.grpo.main
+
+
+def grpo_args(tiny, tmp_path, **overrides):
+    args = {"model_name_or_path": tiny["strong"], "weak_model_name_or_path": tiny["weak"],
+            "dataset_name": str(tmp_path / "prompts.jsonl"), "reward_funcs": "numeric_accuracy_reward",
+            "output_dir": str(tmp_path / "out"), "report_to": "none", **overrides}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.mark.parametrize("role", ["model_name_or_path", "weak_model_name_or_path", "reward_model_name_or_path"])
+def test_grpo_refuses_pickle_only_model_before_loading(tiny, tmp_path, grpo_main, role):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    AutoModelForCausalLM.from_pretrained(tiny["strong"]).save_pretrained(folder)
+    tiny["tokenizer"].save_pretrained(folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"has pickle weights only \(pytorch_model.bin\)"):
+        grpo_main(grpo_args(tiny, tmp_path, **{role: folder}))
+
+
+def test_grpo_resume_resolves_to_a_complete_checkpoint(tiny, tmp_path, grpo_main, caplog):
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import arithmetic_prompt_completion, cpu_args
+    from wmss_trl.toy import build_char_tokenizer, build_tiny_model
+
+    out = tmp_path / "out"
+    tok = build_char_tokenizer()
+    args = cpu_args(SFTConfig, out, save_strategy="steps", save_steps=1, max_steps=2)
+    SFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(8),
+               processing_class=tok).train()
+    (out / "checkpoint-2" / "rng_state.pth").write_bytes(b"")  # cut short
+    with pytest.raises(ValueError, match=r"checkpoint-2' is not a complete checkpoint: rng_state.pth is not loadable"):
+        grpo_main(grpo_args(tiny, tmp_path, resume_from_checkpoint=out / "checkpoint-2"))
+    with caplog.at_level("WARNING", logger="wmss_trl.checkpoints"), pytest.raises(ModelLoadReached):
+        grpo_main(grpo_args(tiny, tmp_path, resume_from_checkpoint="true"))
+    assert f"skipping incomplete checkpoint {out}/checkpoint-2" in caplog.text
+    assert f"resuming from {out}/checkpoint-1" in caplog.text

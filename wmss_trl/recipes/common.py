@@ -36,6 +36,25 @@ def cpu_default_argv(argv: list[str] | None) -> list[str]:
     return argv
 
 
+def check_before_loading(model_args, training_args, role: str = "strong model") -> None:
+    """Check the inputs before any model loads, so a bad one fails in seconds, with its fix:
+
+    * ``model_name_or_path`` and ``weak_model_name_or_path`` hold safetensors weights (the project's one loading
+      policy, :func:`wmss_trl.weak.require_safetensors`);
+    * ``resume_from_checkpoint`` becomes a *complete* checkpoint (:mod:`wmss_trl.checkpoints`): ``true`` -> the last
+      complete one in ``output_dir`` (torn ones skipped with a warning; none: from scratch), a path -> that one,
+      refused with what is missing unless complete.
+    """
+    from ..checkpoints import resolve_resume_from_checkpoint
+    from ..weak import require_safetensors
+
+    require_safetensors(model_args.model_name_or_path, role)
+    require_safetensors(getattr(training_args, "weak_model_name_or_path", None), "weak model")
+    training_args.resume_from_checkpoint = resolve_resume_from_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer faithfully: the generic fast class when ``tokenizer.json`` exists (AutoTokenizer may swap in a
     model-specific class that re-wires the pre-tokenizer), AutoTokenizer otherwise."""

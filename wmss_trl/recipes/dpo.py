@@ -13,7 +13,14 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..dpo import WMSSDPOConfig, WMSSDPOTrainer
 from ..weak import is_zero3_partitioned
-from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
+from .common import (
+    DataArguments,
+    check_before_loading,
+    cpu_default_argv,
+    load_dataset_splits,
+    load_tokenizer,
+    teardown,
+)
 
 
 def make_parser(prog: str = "wmss dpo") -> TrlParser:
@@ -22,6 +29,7 @@ def make_parser(prog: str = "wmss dpo") -> TrlParser:
 
 def main(argv: list[str] | None = None) -> int:
     data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
+    check_before_loading(model_args, training_args)
 
     # 1. Model and tokenizer: the strong model is `model_name_or_path`; the weak one is the DPO reference.
     training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}

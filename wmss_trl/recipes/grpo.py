@@ -20,8 +20,15 @@ from dataclasses import dataclass, field
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
 from ..grpo import WMSSGRPOConfig, WMSSGRPOTrainer
-from ..weak import is_zero3_partitioned
-from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
+from ..weak import is_zero3_partitioned, require_safetensors
+from .common import (
+    DataArguments,
+    check_before_loading,
+    cpu_default_argv,
+    load_dataset_splits,
+    load_tokenizer,
+    teardown,
+)
 
 
 @dataclass
@@ -51,6 +58,8 @@ def make_parser(prog: str = "wmss grpo") -> TrlParser:
 
 def main(argv: list[str] | None = None) -> int:
     data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
+    check_before_loading(model_args, training_args, "policy model")
+    require_safetensors(data_args.reward_model_name_or_path, "reward model")
     from ..rewards import resolve_reward_funcs
 
     # 1. Model, tokenizer and rewards.

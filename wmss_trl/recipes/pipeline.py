@@ -284,9 +284,11 @@ def training_config(run: Run, section: str) -> dict:
 
 
 def last_checkpoint(folder: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The last *complete* checkpoint in ``folder``: a torn one (a kill or a full disk mid-save) is skipped with a
+    warning, so a re-run never resumes from it (:mod:`wmss_trl.checkpoints`)."""
+    from ..checkpoints import last_complete_checkpoint
 
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    return last_complete_checkpoint(folder)
 
 
 def phase_sft(run: Run) -> dict:

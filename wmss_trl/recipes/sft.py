@@ -11,7 +11,14 @@ from __future__ import annotations
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..sft import WMSSSFTConfig, WMSSSFTTrainer
-from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
+from .common import (
+    DataArguments,
+    check_before_loading,
+    cpu_default_argv,
+    load_dataset_splits,
+    load_tokenizer,
+    teardown,
+)
 
 
 def make_parser(prog: str = "wmss sft") -> TrlParser:
@@ -20,6 +27,7 @@ def make_parser(prog: str = "wmss sft") -> TrlParser:
 
 def main(argv: list[str] | None = None) -> int:
     data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
+    check_before_loading(model_args, training_args)
 
     # 1. Model and tokenizer: the strong model is whatever `model_name_or_path` holds (e.g. the phase-1 SFT output).
     training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
