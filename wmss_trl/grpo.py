@@ -1,7 +1,9 @@
 """WMSS-GRPO: TRL's ``GRPOTrainer`` with a frozen weak checkpoint as reference policy, source of negatives and
 entropy anchor.
 
-What the weak model does (each part can be switched on alone; with all of them off this *is* ``GRPOTrainer``):
+WMSS is active with a weak model (``weak_model=`` / ``weak_model_name_or_path``) or ``peft_base_as_weak=True`` (the
+PEFT policy with adapters disabled); without one this *is* ``GRPOTrainer``. What the weak model does (each part can be
+switched on alone; with all of them off this is ``GRPOTrainer`` too):
 
 * **Reference policy.** With ``beta > 0`` the KL term of TRL's loss is taken against the weak model (not a copy of
   the policy). It is loaded once, frozen, patched with TRL's fused LM head and prepared like TRL's reference model
@@ -9,7 +11,9 @@ What the weak model does (each part can be switched on alone; with all of them o
 * **Weak negatives** (``num_weak_generations = K > 0``). Per prompt the weak model samples K completions with the
   policy's sampling settings; TRL's reward functions score them; the wrong ones that the current policy finds most
   plausible (at most ``max_weak_negatives = M`` per group) join the group, count in its mean/std and only ever get a
-  non-positive advantage. They are off-policy, so their token advantages carry a truncated importance weight
+  non-positive advantage. A weak row's sample is drawn from noise seeded by (seed, epoch, generation batch, global
+  row, token), not from the training RNG (:class:`GumbelMaxSampler`), so resume, read-ahead and process count do not
+  change it. They are off-policy, so their token advantages carry a truncated importance weight
   ``rho_t = min(pi_old / pi_weak, c)``; see :mod:`wmss_trl.advantages` for the estimator.
 * **Entropy-weighted advantages** (``entropy_weighted_advantages=True``): token advantage = sequence advantage x a
   weight from the weak/policy entropy dynamics (WD-DS's three signals), normalised to mean 1 over the global batch.
@@ -128,7 +132,9 @@ class WMSSGRPOConfig(GRPOConfig):
             P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
             the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
             frozen, so sampling early draws from the same distribution; rewards are computed when a batch is used.
-            0 = sample each batch's weak completions when it is used.
+            0 = sample each batch's weak completions when it is used. Either way the weak completion of a row is drawn
+            from noise seeded by (seed, epoch, generation batch, global row, token), never from the training RNG, so
+            it is the same whatever P, the resume point or the process count.
         entropy_weighted_advantages (`bool`, defaults to `False`):
             Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
         entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
@@ -186,8 +192,9 @@ class WMSSGRPOConfig(GRPOConfig):
     weak_rollout_prefetch: int = field(
         default=3,
         metadata={"help": "P: sample the weak completions of the next P generation batches in the same weak generate "
-                  "call as the current batch's (one call every P + 1 generation batches). The weak model is frozen, "
-                  "so this draws from the same distribution and only amortises the decode. 0: sample per batch."},
+                  "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
+                  "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
+                  "amortises the decode. 0: sample per batch."},
     )
     entropy_weighted_advantages: bool = field(
         default=False,
@@ -285,12 +292,14 @@ class WMSSGRPOTrainer(GRPOTrainer):
         model, reward_funcs, args, ...: exactly as [`~trl.GRPOTrainer`] (`args` must be a [`WMSSGRPOConfig`]).
         weak_model (`PreTrainedModel` or `str`, *optional*):
             The weak checkpoint (a model or its local folder); overrides `args.weak_model_name_or_path`. With a PEFT
-            policy and no weak model, the same network with adapters disabled is the weak model.
+            policy, `args.peft_base_as_weak=True` uses the same network with adapters disabled instead. Without a weak
+            model this is TRL's `GRPOTrainer`.
 
     Overridden hooks: `_generate_and_score_completions` (calls TRL's, then adds weak rows, reference log-probs and
     token advantages), `_calculate_rewards` (remembers the gathered rewards), `_get_per_token_logps_and_entropies`
-    (mixed log-probs for the policy when `mixing_lambda < 1`) and `_compute_loss` (drops the zero-weight padding rows,
-    then calls TRL's).
+    (mixed log-probs for the policy when `mixing_lambda < 1`), `_compute_loss` (drops the zero-weight padding rows,
+    then calls TRL's), and, with weak negatives, transformers' `get_batch_samples` (read-ahead, batch numbering) and
+    `_run_epoch` (records the epoch and the batches a resumed run skips).
 
     Logged metrics (namespace `wmss/`): `weak_accuracy`, `weak_reward`, `weak_negatives_per_group`,
     `frac_groups_with_weak_negative`, `weak_negative_logp` (policy's mean token log-prob of the selected negatives),
