@@ -537,6 +537,28 @@ def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
     assert all(c is None or list(c) == answers[p][: len(c)] for _, rows in seen for p, c in rows)
 
 
+@pytest.mark.parametrize("peft", [False, True])
+def test_weak_sampling_draws_nothing_from_the_training_rng(tiny, tmp_path, peft):
+    """The weak model samples without touching torch's global RNG (the policy's sampling and TRL's shuffle draw from
+    it), and a row's completion is a function of its key: the same keys give the same completions, other keys others,
+    whatever the other rows of the call."""
+    from wmss_trl import WMSSGRPOTrainer
+
+    kw = dict(peft_config=lora(), peft_base_as_weak=True) if peft else dict(weak_model=tiny["weak"])
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, num_weak_generations=2, temperature=1.3, **kw)
+    prompts = wmss._tokenize_prompts([x["prompt"] for x in prompt_dataset(6)])[0]
+    keys = [(0, 0, 4, j) for j in range(6)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    ids, logps = wmss._weak_generate(prompts, keys)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len({tuple(x) for x in ids}) > 1 and all(len(a) == len(b) for a, b in zip(ids, logps))
+    again, _ = wmss._weak_generate(prompts[3:], keys[3:])  # rows 3-5 alone: their completions
+    assert again == ids[3:]
+    other, _ = wmss._weak_generate(prompts, [(0, 0, 5, j) for j in range(6)])  # the next batch's keys
+    assert other != ids
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
     """The loss (and its gradients) over [policy rows + zero-weight weak rows] equals TRL's loss over the policy rows
