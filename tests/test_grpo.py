@@ -518,22 +518,28 @@ def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
 
 def test_weak_rollout_prefetch_across_epochs(tiny, tmp_path):
     """The read-ahead stops at the end of an epoch's data and starts again with the next epoch's iterator."""
-    _, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8, train_dataset=prompt_dataset(6))
+    trainer, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8,
+                                                         train_dataset=prompt_dataset(6))
     # epoch 1: batches 0-3, then 4-5 (the data ends); epoch 2: batches 6-7 (training ends: max_steps)
     assert calls == [8, 4, 4] and len(seen) == 8
+    # the noise keys number the generation batches per epoch: (seed, epoch, batch, global row)
+    assert trainer.row_keys == [(0, e, b, j) for e, n in ((0, 6), (1, 2)) for b in range(n) for j in range(2)]
 
 
 def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
     """A run resumed from a checkpoint (nothing read ahead is saved) trains on the same batches as the uninterrupted
     run, each weak row still answering its own prompt."""
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=3)
-    _, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
+    uninterrupted, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
     checkpoint = tmp_path / "full" / "p3" / "WMSSGRPOTrainer" / "checkpoint-3"
     assert checkpoint.is_dir()
     resumed, answers, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path / "resumed", 3, resume=str(checkpoint),
                                                                **kw)
-    assert resumed.state.global_step == 6 and calls == [6]  # steps 4-6: one call, for the three batches left
+    assert resumed.state.global_step == 6 and calls == [12]  # steps 4-6: one call, for the three batches left
     assert [s[0] for s in seen] == [s[0] for s in full[3:]]
+    # the resumed run numbers the batches it skipped: the same noise keys as the uninterrupted run's last 3 batches
+    assert resumed.row_keys == [key for key in uninterrupted.row_keys if key[2] >= 3]
+    assert resumed.row_keys == [(0, 0, b, j) for b in (3, 4, 5) for j in range(4)]
     assert all(c is None or list(c) == answers[p][: len(c)] for _, rows in seen for p, c in rows)
 
 
