@@ -171,16 +171,57 @@ def test_truncated_importance_weights_bounded():
          "breaks the batch layout"),
         (dict(num_weak_generations=2, max_weak_negatives=3), "max_weak_negatives"),
         (dict(num_weak_generations=1, multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
-        (dict(weak_is_clip=0.0), "weak_is_clip"),
-        (dict(weak_rollout_prefetch=-1), "weak_rollout_prefetch"),
-        (dict(mixing_lambda=1.5), "mixing_lambda"),
-        (dict(entropy_weighted_advantages=True, entropy_weight_alpha=0, entropy_weight_beta=0, entropy_weight_gamma=0), "positive"),
-        (dict(entropy_weight_min=2.0, entropy_weight_max=1.0), "entropy_weight_min"),
+        (dict(entropy_weighted_advantages=True, entropy_weight_alpha=0, entropy_weight_beta=0, entropy_weight_gamma=0),
+         "at least one of entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma must be > 0"),
+        (dict(entropy_weight_min=2.0, entropy_weight_max=1.0), r"entropy_weight_min \(2.0\) must be <= entropy_weight_max"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         grpo_args(tmp_path, **kw)
+
+
+# every numeric WMSS field: values refused (non-finite, out of range, not a number) and a string that is kept converted
+NUMERIC_FIELDS = {
+    # field: (refused values, (accepted string, stored value), extra config the field needs)
+    "mixing_lambda": ([0.0, 1.5, -0.5, float("nan"), "half"], ("0.5", 0.5), {}),
+    "mixing_chunk_size": ([0, -3, 2.5, "many"], ("64", 64), {}),
+    "num_weak_generations": ([-1, 1.5, "two"], ("2", 2), {}),
+    "max_weak_negatives": ([0, 3, 1.5, "one"], ("1", 1), {"num_weak_generations": 2}),
+    "weak_negative_threshold": ([float("nan"), float("inf"), "low"], ("0.25", 0.25), {}),
+    "weak_is_clip": ([0.0, -1.0, float("nan"), float("inf")], ("1.5", 1.5), {}),
+    "weak_rollout_prefetch": ([-1, 0.5, "x"], ("2", 2), {}),
+    "entropy_weight_alpha": ([-0.1, float("nan"), "a"], ("0.2", 0.2), {}),
+    "entropy_weight_beta": ([-0.1, float("inf")], ("0.7", 0.7), {}),
+    "entropy_weight_gamma": ([-1.0, float("nan")], ("0.3", 0.3), {}),
+    "entropy_weight_min": ([-0.1, float("nan"), "low"], ("0.5", 0.5), {}),
+    "entropy_weight_max": ([-1.0, 0.0, float("nan"), float("inf")], ("2", 2.0), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMERIC_FIELDS))
+def test_every_numeric_field_is_validated_and_converted(tmp_path, name):
+    """Each numeric WMSS field is refused when non-finite, out of range or not a number (e.g. entropy_weight_max=-1
+    would flip the sign of every token advantage, weak_negative_threshold=NaN would make no answer wrong), with its
+    name in the message; a numeric string (as from some YAML/JSON paths) is stored as the number."""
+    refused, (text, value), extra = NUMERIC_FIELDS[name]
+    for bad in refused:
+        with pytest.raises(ValueError, match=name):
+            grpo_args(tmp_path, **extra, **{name: bad})
+    args = grpo_args(tmp_path, **extra, **{name: text})
+    stored = getattr(args, name)
+    assert stored == value and type(stored) is type(value), (stored, type(stored))
+
+
+def test_string_mixing_lambda_trains(tiny, tmp_path):
+    """mixing_lambda="0.5" is kept as the float 0.5: the trainer builds and a WD-JT step runs (a bare TypeError from
+    comparing a string before)."""
+    from wmss_trl import WMSSGRPOTrainer
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], mixing_lambda="0.5", max_steps=1)
+    assert wmss.mixing_lambda == 0.5 and wmss._use_mixing
+    wmss.train()
+    assert math.isfinite(wmss.state.log_history[0]["loss"])
 
 
 def test_config_divisibility_accepts_valid_layout(tmp_path):
@@ -427,9 +468,11 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
                    weak_rollout_prefetch=prefetch, logging_steps=100, **kw)
     answers, calls, seen = {}, [], []
     eos = trainer.eos_token_ids[0]
+    trainer.row_keys = []  # the noise key of every weak row sampled, in call order
 
-    def fake_weak_generate(prompt_ids_list):
+    def fake_weak_generate(prompt_ids_list, row_keys):
         calls.append(len(prompt_ids_list))
+        trainer.row_keys += row_keys
         ids = [answers.setdefault(tuple(p), [10 + len(answers) % 20, 11 + len(answers) % 20, eos])
                for p in prompt_ids_list]
         return [list(x) for x in ids], [[-1.0] * len(x) for x in ids]
@@ -462,6 +505,9 @@ def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
     ahead, answers, ahead_calls, ahead_seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, **kw)
     n_w = 2 * ga  # weak rows per generation batch: per_device_train_batch_size * ga * K / G = 4 * ga * 2 / 4
     assert eager_calls == [n_w] * 8 and ahead_calls == [4 * n_w] * 2
+    # the same noise keys (seed, epoch, generation batch, global row) for the same rows, in the same order
+    assert ahead.row_keys == eager.row_keys
+    assert eager.row_keys == [(0, 0, b, j) for b in range(8) for j in range(n_w)]
     assert [s[0] for s in ahead_seen] == [s[0] for s in eager_seen] and len(ahead_seen) == 8
     for _, rows in ahead_seen:  # each weak row holds the answer to its own prompt (or is an unused padding row)
         assert len(rows) == n_w and all(c is None or list(c) == answers[p][: len(c)] for p, c in rows)
@@ -472,23 +518,51 @@ def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
 
 def test_weak_rollout_prefetch_across_epochs(tiny, tmp_path):
     """The read-ahead stops at the end of an epoch's data and starts again with the next epoch's iterator."""
-    _, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8, train_dataset=prompt_dataset(6))
+    trainer, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8,
+                                                         train_dataset=prompt_dataset(6))
     # epoch 1: batches 0-3, then 4-5 (the data ends); epoch 2: batches 6-7 (training ends: max_steps)
     assert calls == [8, 4, 4] and len(seen) == 8
+    # the noise keys number the generation batches per epoch: (seed, epoch, batch, global row)
+    assert trainer.row_keys == [(0, e, b, j) for e, n in ((0, 6), (1, 2)) for b in range(n) for j in range(2)]
 
 
 def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
     """A run resumed from a checkpoint (nothing read ahead is saved) trains on the same batches as the uninterrupted
     run, each weak row still answering its own prompt."""
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=3)
-    _, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
+    uninterrupted, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
     checkpoint = tmp_path / "full" / "p3" / "WMSSGRPOTrainer" / "checkpoint-3"
     assert checkpoint.is_dir()
     resumed, answers, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path / "resumed", 3, resume=str(checkpoint),
                                                                **kw)
-    assert resumed.state.global_step == 6 and calls == [6]  # steps 4-6: one call, for the three batches left
+    assert resumed.state.global_step == 6 and calls == [12]  # steps 4-6: one call, for the three batches left
     assert [s[0] for s in seen] == [s[0] for s in full[3:]]
+    # the resumed run numbers the batches it skipped: the same noise keys as the uninterrupted run's last 3 batches
+    assert resumed.row_keys == [key for key in uninterrupted.row_keys if key[2] >= 3]
+    assert resumed.row_keys == [(0, 0, b, j) for b in (3, 4, 5) for j in range(4)]
     assert all(c is None or list(c) == answers[p][: len(c)] for _, rows in seen for p, c in rows)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_weak_sampling_draws_nothing_from_the_training_rng(tiny, tmp_path, peft):
+    """The weak model samples without touching torch's global RNG (the policy's sampling and TRL's shuffle draw from
+    it), and a row's completion is a function of its key: the same keys give the same completions, other keys others,
+    whatever the other rows of the call."""
+    from wmss_trl import WMSSGRPOTrainer
+
+    kw = dict(peft_config=lora(), peft_base_as_weak=True) if peft else dict(weak_model=tiny["weak"])
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, num_weak_generations=2, temperature=1.3, **kw)
+    prompts = wmss._tokenize_prompts([x["prompt"] for x in prompt_dataset(6)])[0]
+    keys = [(0, 0, 4, j) for j in range(6)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    ids, logps = wmss._weak_generate(prompts, keys)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len({tuple(x) for x in ids}) > 1 and all(len(a) == len(b) for a, b in zip(ids, logps))
+    again, _ = wmss._weak_generate(prompts[3:], keys[3:])  # rows 3-5 alone: their completions
+    assert again == ids[3:]
+    other, _ = wmss._weak_generate(prompts, [(0, 0, 5, j) for j in range(6)])  # the next batch's keys
+    assert other != ids
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -552,15 +626,98 @@ def test_clear_errors_at_construction(tiny, tmp_path):
     other = save_model_and_tokenizer(build_tiny_model(other_tok, seed=3), other_tok, str(tmp_path / "other"))
     with pytest.raises(ValueError, match="different vocabularies"):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=other, beta=0.04)
-    # WMSS options with no weak model and no PEFT
-    with pytest.raises(ValueError, match="no weak model"):
-        make(WMSSGRPOTrainer, tiny, tmp_path, entropy_weighted_advantages=True)
     with pytest.raises(ValueError, match="sync_ref_model"):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], beta=0.04, sync_ref_model=True)
     with pytest.raises(TypeError, match="WMSSGRPOConfig"):
         make(WMSSGRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
     with pytest.raises(FileNotFoundError):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=str(tmp_path / "missing"), beta=0.04)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# drop-in: no weak model = TRL's GRPOTrainer; refusals before any model loads
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(entropy_weighted_advantages=True), "entropy_weighted_advantages=True needs a weak model"),
+        (dict(num_weak_generations=2), "num_weak_generations > 0 needs a weak model"),
+        (dict(mixing_lambda=0.5), "mixing_lambda < 1 needs a weak model"),
+        (dict(num_weak_generations=2, peft=True), "or, with a PEFT policy, set peft_base_as_weak=True"),
+        (dict(peft_base_as_weak=True, beta=0.04), "peft_base_as_weak=True needs a PEFT policy"),
+        (dict(peft_base_as_weak=True, weak=True, peft=True), "were both given"),
+        (dict(rows=0), r"the training dataset is empty \(0 prompts\)"),
+        (dict(rows=3, per_device_train_batch_size=16), "has 3 prompt\\(s\\), fewer than the 4 distinct prompts"),
+        (dict(weak=True, beta=0.04, pickle_weak=True), "pickle weights only"),
+    ],
+)
+def test_refused_before_any_model_loads(tiny, tmp_path, kw, message):
+    """What cannot run is refused at construction with the fix in the message, before the policy loads (the policy
+    path here does not exist, so any later check would fail on loading it instead)."""
+    from datasets import Dataset
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    rows, peft, weak = kw.pop("rows", 16), kw.pop("peft", False), kw.pop("weak", False)
+    if kw.pop("pickle_weak", False):
+        weak = tmp_path / "pickle_weak"
+        weak.mkdir()
+        (weak / "config.json").write_text("{}")
+        (weak / "pytorch_model.bin").write_bytes(b"")
+    dataset = prompt_dataset(rows) if rows else Dataset.from_dict({"prompt": []})
+    args = grpo_args(tmp_path / "out", **kw)
+    with pytest.raises(ValueError, match=message):
+        WMSSGRPOTrainer(str(tmp_path / "no_such_policy"), has_digit, args=args, train_dataset=dataset,
+                        peft_config=lora() if peft else None, weak_model=str(weak or tiny["weak"]) if weak else None)
+
+
+def test_pickle_only_policy_refused(tmp_path):
+    from wmss_trl import WMSSGRPOTrainer
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="the policy checkpoint .* has pickle weights only"):
+        WMSSGRPOTrainer(str(policy), has_digit, args=grpo_args(tmp_path / "out"), train_dataset=prompt_dataset(8))
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_no_weak_model_is_trl_grpo_and_says_so(tiny, tmp_path, caplog, peft):
+    """No weak model, no WMSS option: TRL's GRPOTrainer (with a peft_config alone too: TRL's own LoRA run, its
+    adapter-disabled reference), the same batch, loss and gradients, and one info line saying WMSS is inactive."""
+    import logging
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    kw = dict(beta=0.04, peft_config=lora()) if peft else {}
+    vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig, **kw)
+    with caplog.at_level(logging.INFO, logger="wmss_trl.grpo"):
+        wmss = make(WMSSGRPOTrainer, tiny, tmp_path, **kw)
+    lines = [r.getMessage() for r in caplog.records if r.name == "wmss_trl.grpo"]
+    assert lines == [
+        "WMSS inactive: no weak model given, so this is TRL's GRPOTrainer. Pass weak_model= or "
+        "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
+    ]
+    assert wmss._weak_source is None and wmss.weak_model is None and not wmss._wmss_hook
+    batch_v, batch_w = generate(vanilla, 2), generate(wmss, 2)
+    assert batch_v.keys() == batch_w.keys()
+    for key in batch_v:
+        assert torch.equal(batch_v[key], batch_w[key]), key
+    loss_v, grads_v = loss_and_grads(vanilla, batch_v)
+    loss_w, grads_w = loss_and_grads(wmss, batch_w)
+    assert torch.equal(loss_v, loss_w) and grads_v.keys() == grads_w.keys() and len(grads_v) > 0
+    for name in grads_v:
+        assert torch.equal(grads_v[name], grads_w[name]), name
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -656,7 +813,8 @@ def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     wmss = make(WMSSGRPOTrainer, tiny, tmp_path, peft_config=peft_config, beta=0.04, num_weak_generations=2,
-                entropy_weighted_advantages=True, per_device_train_batch_size=8, log_completions=True)
+                entropy_weighted_advantages=True, per_device_train_batch_size=8, log_completions=True,
+                peft_base_as_weak=True)
     assert is_peft_model(wmss.model) and wmss.weak_model is None and wmss._weak_source == "peft_base"
     out = generate(wmss, 2)
     # the weak log-probs are the base model's (adapters off), which differ from the policy's (adapters on)

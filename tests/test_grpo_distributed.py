@@ -1,5 +1,10 @@
-"""WMSS-GRPO with 2 processes: DDP, ZeRO-2, ZeRO-3 (weak model sharded), LoRA, and global entropy-weight statistics."""
+"""WMSS-GRPO with 2 processes: DDP, ZeRO-2, ZeRO-3 (weak model sharded), LoRA, global entropy-weight statistics, and the
+weak completions of every batch equal to those of 1 process."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +65,22 @@ def test_wmss_grpo_two_processes_separate_weak_model(config, tiny, tmp_path):
 def test_wmss_grpo_two_processes_lora_weak_base(tiny, tmp_path):
     (result,) = accelerate_launch("zero3", DIST / "grpo_run.py", tiny["strong"], tiny["weak"], str(tmp_path), "--peft")
     check_run(result, "zero3", peft=True)
+
+
+@pytest.mark.distributed
+def test_two_processes_sample_the_weak_completions_of_one(tiny, tmp_path):
+    """The same global generation batches on 1 process (4 rows) and on 2 (2 rows each, read-ahead 3): every weak row
+    of every batch, keyed by (epoch, batch, global row), gets the same completion token for token, since its noise
+    comes from that key and not from the process's RNG or its share of the batch."""
+    script = DIST / "grpo_resume_run.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(script), tiny["strong"], tiny["weak"], str(tmp_path / "one"),
+                           "--processes_batch", "4"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    (one,) = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    (two,) = accelerate_launch("ddp", script, tiny["strong"], tiny["weak"], str(tmp_path / "two"),
+                               "--processes_batch", "2", "--prefetch", "3")
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert len(one["weak"]) == 16 and two["weak"] == one["weak"]  # 8 batches x 2 weak rows
+    for key, logps in one["weak_logps"].items():  # same behaviour log-probs, up to the last bits
+        assert two["weak_logps"][key] == pytest.approx(logps, rel=1e-5, abs=1e-6), key

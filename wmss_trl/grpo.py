@@ -1,7 +1,9 @@
 """WMSS-GRPO: TRL's ``GRPOTrainer`` with a frozen weak checkpoint as reference policy, source of negatives and
 entropy anchor.
 
-What the weak model does (each part can be switched on alone; with all of them off this *is* ``GRPOTrainer``):
+WMSS is active with a weak model (``weak_model=`` / ``weak_model_name_or_path``) or ``peft_base_as_weak=True`` (the
+PEFT policy with adapters disabled); without one this *is* ``GRPOTrainer``. What the weak model does (each part can be
+switched on alone; with all of them off this is ``GRPOTrainer`` too):
 
 * **Reference policy.** With ``beta > 0`` the KL term of TRL's loss is taken against the weak model (not a copy of
   the policy). It is loaded once, frozen, patched with TRL's fused LM head and prepared like TRL's reference model
@@ -9,7 +11,9 @@ What the weak model does (each part can be switched on alone; with all of them o
 * **Weak negatives** (``num_weak_generations = K > 0``). Per prompt the weak model samples K completions with the
   policy's sampling settings; TRL's reward functions score them; the wrong ones that the current policy finds most
   plausible (at most ``max_weak_negatives = M`` per group) join the group, count in its mean/std and only ever get a
-  non-positive advantage. They are off-policy, so their token advantages carry a truncated importance weight
+  non-positive advantage. A weak row's sample is drawn from noise seeded by (seed, epoch, generation batch, global
+  row, token), not from the training RNG (:class:`GumbelMaxSampler`), so resume, read-ahead and process count do not
+  change it. They are off-policy, so their token advantages carry a truncated importance weight
   ``rho_t = min(pi_old / pi_weak, c)``; see :mod:`wmss_trl.advantages` for the estimator.
 * **Entropy-weighted advantages** (``entropy_weighted_advantages=True``): token advantage = sequence advantage x a
   weight from the weak/policy entropy dynamics (WD-DS's three signals), normalised to mean 1 over the global batch.
@@ -40,14 +44,32 @@ add nothing to the loss, and row-averaged losses are rescaled to their mean over
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
+import inspect
 import logging
-from collections import Counter, defaultdict, deque
+import math
+import os
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from datasets import IterableDataset
+from transformers import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.generation.logits_process import TopHLogitsWarper
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
@@ -62,9 +84,10 @@ from .advantages import (
     truncated_importance_weights,
 )
 from .entropy import token_entropy
-from .mixing import DEFAULT_CHUNK_SIZE, check_lambda, mixed_token_logprobs
+from .checks import check_float, check_int, check_order, check_shares
+from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
 from .sft import WMSS_PAPER
-from .weak import check_weak_compatible, is_peft_model, prepare_weak_model, resolve_weak_model
+from .weak import check_weak_compatible, is_peft_model, prepare_weak_model, require_safetensors, resolve_weak_model
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +102,18 @@ ROW_AVERAGED_LOSSES = ("grpo", "sapo", "luspo", "dr_grpo")
 class WMSSGRPOConfig(GRPOConfig):
     r"""
     Configuration for [`WMSSGRPOTrainer`]: everything of [`~trl.GRPOConfig`] plus the weak model and the WMSS options.
-    With `num_weak_generations=0`, `entropy_weighted_advantages=False`, `mixing_lambda=1.0` and no weak model (or
-    `beta=0`), training is exactly TRL's GRPO.
+    WMSS is active only with a weak model (`weak_model=` or `weak_model_name_or_path`) or `peft_base_as_weak=True`.
+    Without one, training is exactly TRL's GRPO (a `peft_config` alone too: plain TRL GRPO with LoRA), and an option
+    that needs the weak model (`num_weak_generations > 0`, `entropy_weighted_advantages`, `mixing_lambda < 1`) is
+    refused.
 
     Parameters:
         weak_model_name_or_path (`str`, *optional*):
-            Local folder of the weak checkpoint (an earlier checkpoint of the same model, same tokenizer). Overridden by
-            the trainer's `weak_model` argument. With PEFT and no weak model, the adapter-disabled base is used.
+            Local folder of the weak checkpoint (an earlier checkpoint of the same model, same tokenizer, safetensors).
+            Overridden by the trainer's `weak_model` argument.
+        peft_base_as_weak (`bool`, defaults to `False`):
+            With a PEFT policy (a `PeftModel` or `peft_config`) and no weak model, use the policy with its adapters
+            disabled as the weak model; no second copy of the weights.
         weak_model_init_kwargs (`dict` or `str`, *optional*):
             Keyword arguments for `from_pretrained` of the weak model (dict or JSON string).
         num_weak_generations (`int`, defaults to `0`):
@@ -104,7 +132,9 @@ class WMSSGRPOConfig(GRPOConfig):
             P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
             the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
             frozen, so sampling early draws from the same distribution; rewards are computed when a batch is used.
-            0 = sample each batch's weak completions when it is used.
+            0 = sample each batch's weak completions when it is used. Either way the weak completion of a row is drawn
+            from noise seeded by (seed, epoch, generation batch, global row, token), never from the training RNG, so
+            it is the same whatever P, the resume point or the process count.
         entropy_weighted_advantages (`bool`, defaults to `False`):
             Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
         entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
@@ -122,12 +152,18 @@ class WMSSGRPOConfig(GRPOConfig):
 
     weak_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Not needed "
-                  "with PEFT: the adapter-disabled base is the weak model."},
+        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model, safetensors). "
+                  "With PEFT, peft_base_as_weak=True uses the adapter-disabled base instead."},
     )
     weak_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
+    )
+    peft_base_as_weak: bool = field(
+        default=False,
+        metadata={"help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
+                  "adapters disabled as the weak model (no second copy of the weights). Without it, a peft_config "
+                  "alone is plain TRL GRPO."},
     )
     num_weak_generations: int = field(
         default=0,
@@ -156,8 +192,9 @@ class WMSSGRPOConfig(GRPOConfig):
     weak_rollout_prefetch: int = field(
         default=3,
         metadata={"help": "P: sample the weak completions of the next P generation batches in the same weak generate "
-                  "call as the current batch's (one call every P + 1 generation batches). The weak model is frozen, "
-                  "so this draws from the same distribution and only amortises the decode. 0: sample per batch."},
+                  "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
+                  "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
+                  "amortises the decode. 0: sample per batch."},
     )
     entropy_weighted_advantages: bool = field(
         default=False,
@@ -189,17 +226,37 @@ class WMSSGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # every numeric WMSS field: converted (a YAML/JSON string "0.5" becomes 0.5), finite and in range, kept
+        self.mixing_lambda = check_float("mixing_lambda", self.mixing_lambda, low=0.0, low_open=True, high=1.0,
+                                         hint="It is the weight of the policy logits; 1.0 is off.")
+        self.mixing_chunk_size = check_int("mixing_chunk_size", self.mixing_chunk_size, low=1)
+        self.num_weak_generations = check_int("num_weak_generations", self.num_weak_generations, low=0,
+                                              hint="0 disables weak negatives.")
+        self.max_weak_negatives = check_int("max_weak_negatives", self.max_weak_negatives, low=1, optional=True)
+        self.weak_negative_threshold = check_float(
+            "weak_negative_threshold", self.weak_negative_threshold,
+            hint="A weak completion is wrong when its reward is below it (0.5 for 0/1 rewards).",
+        )
+        self.weak_is_clip = check_float("weak_is_clip", self.weak_is_clip, low=0.0, low_open=True,
+                                        hint="It truncates the importance weight min(pi_old / pi_weak, c).")
+        self.weak_rollout_prefetch = check_int("weak_rollout_prefetch", self.weak_rollout_prefetch, low=0,
+                                               hint="0 samples each batch's weak completions when it is used.")
+        self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma = check_shares(
+            ("entropy_weight_alpha", "entropy_weight_beta", "entropy_weight_gamma"),
+            (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma),
+            need_positive_sum=bool(self.entropy_weighted_advantages),
+        )
+        self.entropy_weight_min = check_float("entropy_weight_min", self.entropy_weight_min, low=0.0, optional=True,
+                                              hint="It is the lower clip of the token weights (mean 1).")
+        self.entropy_weight_max = check_float(
+            "entropy_weight_max", self.entropy_weight_max, low=0.0, low_open=True, optional=True,
+            hint="It is the upper clip of the token weights (mean 1); a weight <= 0 would flip or erase advantages.",
+        )
+        check_order("entropy_weight_min", self.entropy_weight_min, "entropy_weight_max", self.entropy_weight_max)
         super().__post_init__()
-        check_lambda(self.mixing_lambda)
-        if self.mixing_chunk_size < 1:
-            raise ValueError(f"mixing_chunk_size must be >= 1, got {self.mixing_chunk_size}.")
         k, g, p = self.num_weak_generations, self.num_generations, self.per_device_train_batch_size
-        if k < 0:
-            raise ValueError(f"num_weak_generations must be >= 0, got {k}.")
         if k > 0:
             if (p * k) % g != 0:
-                import math
-
                 step = g // math.gcd(p, g)
                 raise ValueError(
                     f"num_weak_generations={k} breaks the batch layout: every process appends "
@@ -221,20 +278,6 @@ class WMSSGRPOConfig(GRPOConfig):
                     f"(got {self.multi_objective_aggregation!r}): the negatives are scored by the weighted sum of the "
                     "rewards."
                 )
-        if not self.weak_is_clip > 0:
-            raise ValueError(f"weak_is_clip must be > 0, got {self.weak_is_clip}.")
-        if self.weak_rollout_prefetch < 0:
-            raise ValueError(f"weak_rollout_prefetch must be >= 0 (0 = no prefetch), got {self.weak_rollout_prefetch}.")
-        coefs = (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma)
-        if any(c < 0 for c in coefs):
-            raise ValueError(f"entropy_weight_alpha/beta/gamma must be >= 0, got {coefs}.")
-        if self.entropy_weighted_advantages and sum(coefs) <= 0:
-            raise ValueError("entropy_weighted_advantages needs at least one positive entropy_weight_alpha/beta/gamma.")
-        lo, hi = self.entropy_weight_min, self.entropy_weight_max
-        if lo is not None and lo < 0:
-            raise ValueError(f"entropy_weight_min must be >= 0, got {lo}.")
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"entropy_weight_min ({lo}) must be <= entropy_weight_max ({hi}).")
 
     @property
     def wmss_enabled(self) -> bool:
@@ -249,12 +292,14 @@ class WMSSGRPOTrainer(GRPOTrainer):
         model, reward_funcs, args, ...: exactly as [`~trl.GRPOTrainer`] (`args` must be a [`WMSSGRPOConfig`]).
         weak_model (`PreTrainedModel` or `str`, *optional*):
             The weak checkpoint (a model or its local folder); overrides `args.weak_model_name_or_path`. With a PEFT
-            policy and no weak model, the same network with adapters disabled is the weak model.
+            policy, `args.peft_base_as_weak=True` uses the same network with adapters disabled instead. Without a weak
+            model this is TRL's `GRPOTrainer`.
 
     Overridden hooks: `_generate_and_score_completions` (calls TRL's, then adds weak rows, reference log-probs and
     token advantages), `_calculate_rewards` (remembers the gathered rewards), `_get_per_token_logps_and_entropies`
-    (mixed log-probs for the policy when `mixing_lambda < 1`) and `_compute_loss` (drops the zero-weight padding rows,
-    then calls TRL's).
+    (mixed log-probs for the policy when `mixing_lambda < 1`), `_compute_loss` (drops the zero-weight padding rows,
+    then calls TRL's), and, with weak negatives, transformers' `get_batch_samples` (read-ahead, batch numbering) and
+    `_run_epoch` (records the epoch and the batches a resumed run skips).
 
     Logged metrics (namespace `wmss/`): `weak_accuracy`, `weak_reward`, `weak_negatives_per_group`,
     `frac_groups_with_weak_negative`, `weak_negative_logp` (policy's mean token log-prob of the selected negatives),
@@ -269,12 +314,15 @@ class WMSSGRPOTrainer(GRPOTrainer):
     _paper = WMSS_PAPER
 
     def __init__(self, model, reward_funcs=None, args: WMSSGRPOConfig | None = None, *pargs, weak_model=None, **kwargs):
+        require_safetensors(model, "policy")
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = WMSSGRPOConfig(f"{str(name).split('/')[-1]}-WMSS-GRPO")
         elif not isinstance(args, WMSSGRPOConfig):
             raise TypeError(f"args must be a WMSSGRPOConfig, got {type(args).__name__}.")
+        given = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pargs, **kwargs).arguments
         separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
+        self._check_request(model, args, weak_model, given.get("peft_config"), given.get("train_dataset"))
         if separate_weak and args.sync_ref_model:
             raise ValueError(
                 "sync_ref_model=True would overwrite the weak reference model with the policy; WMSS keeps the weak "
@@ -291,6 +339,53 @@ class WMSSGRPOTrainer(GRPOTrainer):
             args.beta = beta
         self.beta = beta
         self._setup_wmss(weak_model, separate_weak)
+
+    @staticmethod
+    def _check_request(model, args: WMSSGRPOConfig, weak_model, peft_config, train_dataset) -> None:
+        """Refuse, before any model loads, what cannot run: a WMSS option without a weak model, ``peft_base_as_weak``
+        without PEFT (or together with a weak model), a pickle-only weak folder, a training set with no batch."""
+        separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
+        peft = is_peft_model(model) or peft_config is not None
+        if args.peft_base_as_weak and separate_weak:
+            raise ValueError(
+                "peft_base_as_weak=True and a weak model (weak_model= or weak_model_name_or_path) were both given; "
+                "choose one: drop the weak model to use the adapter-disabled base, or set peft_base_as_weak=False."
+            )
+        if args.peft_base_as_weak and not peft:
+            raise ValueError(
+                "peft_base_as_weak=True needs a PEFT policy (a PeftModel or peft_config=, e.g. a LoraConfig), whose "
+                "adapter-disabled base is the weak model. Pass peft_config, or give a weak model with weak_model= or "
+                "weak_model_name_or_path instead."
+            )
+        if not (separate_weak or args.peft_base_as_weak) and args.wmss_enabled:
+            options = [name for name, on in (
+                ("num_weak_generations > 0", args.num_weak_generations > 0),
+                ("entropy_weighted_advantages=True", args.entropy_weighted_advantages),
+                ("mixing_lambda < 1", args.mixing_lambda < 1.0),
+            ) if on]
+            raise ValueError(
+                f"{', '.join(options)} needs a weak model, and none was given. Pass weak_model= to the trainer or set "
+                "weak_model_name_or_path (a local checkpoint folder of an earlier version of the model), or, with a "
+                "PEFT policy, set peft_base_as_weak=True to use its adapter-disabled base; or turn the option off."
+            )
+        for weak in (weak_model, args.weak_model_name_or_path):
+            if isinstance(weak, (str, os.PathLike)):
+                require_safetensors(weak, "weak model")
+        if train_dataset is not None and not isinstance(train_dataset, IterableDataset) and hasattr(train_dataset, "__len__"):
+            n, per_batch = len(train_dataset), args.generation_batch_size // args.num_generations
+            if n == 0:
+                raise ValueError(
+                    "the training dataset is empty (0 prompts), so GRPO would train 0 steps. Pass a train_dataset with "
+                    "a 'prompt' column holding at least one row (check the split and any filtering upstream)."
+                )
+            if n < per_batch:
+                raise ValueError(
+                    f"the training dataset has {n} prompt(s), fewer than the {per_batch} distinct prompts of one "
+                    f"generation batch (generation_batch_size {args.generation_batch_size} / num_generations "
+                    f"{args.num_generations}). TRL's sampler drops an incomplete generation batch, so GRPO would train "
+                    "0 steps. Add prompts, or lower per_device_train_batch_size or steps_per_generation (or raise "
+                    "num_generations)."
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -309,30 +404,36 @@ class WMSSGRPOTrainer(GRPOTrainer):
         # weak completions sampled ahead of use (see `get_batch_samples` and `_weak_samples`)
         self._weak_prefetch = args.weak_rollout_prefetch if self._use_negatives else 0
         self._prefetch_source, self._prefetched, self._returned = None, deque(), []
-        self._weak_cache: dict[tuple[int, ...], deque] = {}
+        self._epoch_start, self._epoch, self._next_position = (0, 0), 0, 0
+        self._weak_cache: dict[tuple[int, int], tuple[list, list]] = {}
         self._cached_policy_forward = None
         self.mixing_lambda = args.mixing_lambda
         self._use_mixing = args.mixing_lambda < 1.0
         self._wmss_rewards_per_func = None
         self._wmss_debug: dict[str, Any] = {}
 
-        needs_weak = args.wmss_enabled or (separate_weak and self.beta != 0.0)
         self.weak_model = None
         self._weak_source = None  # "model": a separate frozen model; "peft_base": the policy with adapters disabled
-        if self._use_negatives:
-            self._check_negative_rewards()  # before loading anything
-        if needs_weak:
+        if not (separate_weak or args.peft_base_as_weak):
+            if self.accelerator.is_main_process:
+                logger.info(
+                    "WMSS inactive: no weak model given, so this is TRL's GRPOTrainer. Pass weak_model= or "
+                    "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
+                )
+        elif args.wmss_enabled or self.beta != 0.0:
+            if self._use_negatives:
+                self._check_negative_rewards()  # before loading anything
             if self._is_vlm or self.tools or self.rollout_func is not None or self.environment_factories is not None:
                 raise NotImplementedError(
                     "WMSS-GRPO supports single-turn text generation; tools, environments, rollout_func and "
                     "vision-language models are not supported with a weak model or the WMSS options."
                 )
-            weak, path = resolve_weak_model(
-                weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model, required=True
-            )
-            if weak is None:
+            if args.peft_base_as_weak:
                 self._weak_source = "peft_base"
             else:
+                weak, path = resolve_weak_model(
+                    weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model, required=True
+                )
                 check_weak_compatible(self.model, weak, self.processing_class, path)
                 self.weak_model = prepare_weak_model(
                     weak,
@@ -346,7 +447,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
                 )
                 self.ref_model = self.weak_model  # the weak checkpoint IS the reference policy
                 self._weak_source = "model"
-        elif separate_weak:
+        else:
             logger.warning(
                 "A weak model was given, but beta=0 and every WMSS option is off, so it is not used and not loaded: "
                 "this run is vanilla GRPO."
@@ -356,6 +457,13 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
         if self._use_negatives:
             self._weak_generation_config = self._build_weak_generation_config()
+            if self._weak_generation_config.num_beams not in (None, 1) or (
+                self._weak_generation_config.watermarking_config is not None
+            ):
+                raise NotImplementedError(
+                    "weak negatives sample the weak model token by token with the policy's sampling settings; beam "
+                    "search (num_beams > 1) and watermarking in generation_kwargs are not supported with them."
+                )
             # the completions table holds the weak rows too: widen TRL's log buffers
             size = args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations
             self._logs = {
@@ -509,11 +617,17 @@ class WMSSGRPOTrainer(GRPOTrainer):
     # weak rollouts
     # ------------------------------------------------------------------------------------------------------------
 
-    def _weak_generate(self, prompt_ids_list: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+    def _weak_generate(
+        self, prompt_ids_list: list[list[int]], row_keys: list[tuple[int, ...]]
+    ) -> tuple[list[list[int]], list[list[float]]]:
         """Sample one completion per prompt from the weak model, on every process in lockstep (ZeRO-3 gathers the
         weak shards in ``unwrap_model_for_generation``). Returns completion ids cut after the first EOS, like TRL,
         and the weak model's log-prob of each sampled token, ``log softmax(z / T)``, recorded while sampling (the
-        behaviour log-probs of the importance weights, without a second forward)."""
+        behaviour log-probs of the importance weights, without a second forward).
+
+        Row ``i``'s tokens are drawn by :class:`GumbelMaxSampler` from the noise of ``row_keys[i]`` (see
+        :meth:`_weak_row_keys`), never from torch's global RNG, so the training RNG stream (the policy's samples,
+        TRL's shuffle) is the same whether and when the weak model samples."""
         device = self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids_list]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left",
@@ -533,10 +647,16 @@ class WMSSGRPOTrainer(GRPOTrainer):
         ):
             adapters_off = unwrapped.disable_adapter() if self._weak_source == "peft_base" else contextlib.nullcontext()
             recorder = SampledTokenLogProbs(self.temperature)
+            # the settings `generate` would use (ours over the model's generation_config over transformers' defaults)
+            settings = unwrapped._prepare_generation_config(self._weak_generation_config)[0]
+            processors = [recorder]
+            if settings.do_sample:  # decode greedily, with the sampling warpers and the seeded Gumbel-max draw
+                processors += [*sampling_warpers(settings), GumbelMaxSampler(row_keys, input_ids.size(1))]
+                settings = greedy_copy(settings)
             with adapters_off:
                 out = unwrapped.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=self._weak_generation_config,
-                    logits_processor=LogitsProcessorList([recorder]),
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
+                    logits_processor=LogitsProcessorList(processors),
                 )
         completion_ids = out[:, input_ids.size(1) :]
         logps = recorder.finish(completion_ids)
@@ -552,33 +672,49 @@ class WMSSGRPOTrainer(GRPOTrainer):
         """Micro-steps per generation batch: TRL's dataloader yields each generation batch this many times."""
         return self.args.steps_per_generation * self.num_iterations
 
+    def _run_epoch(self, *args, **kwargs):
+        """Transformers' epoch loop. Records the epoch and how many of its batches a resumed run skips, so that
+        :meth:`get_batch_samples` knows the position of every batch it reads (the key of its weak samples)."""
+        given = inspect.signature(super()._run_epoch).bind(*args, **kwargs).arguments
+        resumed = given["resume_from_checkpoint"] is not None and given["epoch"] == given["epochs_trained"]
+        skipped = given["steps_trained_in_current_epoch"] if resumed and not self.args.ignore_data_skip else 0
+        self._epoch_start = (given["epoch"], skipped)
+        return super()._run_epoch(*args, **kwargs)
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Transformers' method, reading ``weak_rollout_prefetch = P`` generation batches ahead of training so that
-        their weak completions can be sampled together with the current batch's (:meth:`_weak_samples`). Training
-        gets the same batches in the same order."""
-        if not self._weak_prefetch:
+        their weak completions can be sampled together with the current batch's (:meth:`_weak_samples`), and
+        numbering the batches of the epoch as they are read. Training gets the same batches in the same order."""
+        if not self._use_negatives:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         if epoch_iterator is not self._prefetch_source:  # a new epoch (or a resumed run): nothing read ahead yet
             self._prefetch_source, self._prefetched, self._weak_cache = epoch_iterator, deque(), {}
+            self._epoch, self._next_position = self._epoch_start
         every = self._generate_every
         # read no batch that training will not reach (max_steps), so no weak completion is sampled in vain
         left = (self.state.max_steps - self.state.global_step) * self.args.gradient_accumulation_steps
         while len(self._prefetched) < max(num_batches, min(num_batches + self._weak_prefetch * every, left)):
             try:
-                self._prefetched.append(next(epoch_iterator))
+                self._prefetched.append((self._next_position, next(epoch_iterator)))
             except StopIteration:
                 break
+            self._next_position += 1
         self._returned = [self._prefetched.popleft() for _ in range(min(num_batches, len(self._prefetched)))]
-        return self._returned, self._get_num_items_in_batch(self._returned, device)
+        batches = [batch for _, batch in self._returned]
+        return batches, self._get_num_items_in_batch(batches, device)
 
-    def _upcoming_generation_batches(self, current) -> list:
-        """The next (at most P) generation batches of this process, as far as :meth:`get_batch_samples` has read."""
-        window = [*self._returned, *self._prefetched]
-        here = next((i for i, batch in enumerate(window) if batch is current), None)
-        if here is None:  # a batch that did not come from the training loop (e.g. a direct call)
-            return []
+    def _generation_batches(self, current) -> list[tuple[tuple[int, int], list[dict] | None]]:
+        """``(key, batch)`` of the current generation batch, then of the next (at most P) ones that
+        :meth:`get_batch_samples` has read. ``key = (epoch, index of the generation batch in the epoch)``; a batch
+        that did not come from the training loop (a direct call) gets ``(-1, TRL's micro-step // micro-steps per
+        generation)``."""
         every = self._generate_every
-        return window[here + every :: every][: self._weak_prefetch]
+        window = [*self._returned, *self._prefetched]
+        here = next((i for i, (_, batch) in enumerate(window) if batch is current), None)
+        if here is None:
+            return [((-1, self._step // every), current)]
+        ahead = window[here :: every][: 1 + self._weak_prefetch]
+        return [((self._epoch, position // every), batch) for position, batch in ahead]
 
     def _weak_inputs(self, inputs: list[dict]) -> list[dict]:
         """The rows of this process's ``n_w = B * K / G`` weak completions (weak row ``l`` uses policy row
@@ -586,31 +722,38 @@ class WMSSGRPOTrainer(GRPOTrainer):
         g, k = self.num_generations, self.num_weak_generations
         return [inputs[(j * g) // k] for j in range(len(inputs) * k // g)]
 
+    def _weak_row_keys(self, key: tuple[int, int], n_rows: int) -> list[tuple[int, ...]]:
+        """The noise keys of this process's ``n_rows`` weak rows of the generation batch ``key = (epoch, index)``:
+        ``(seed, epoch, index, j)`` with ``j`` the row's position in the GLOBAL batch (``rank * n_rows + l``), so a
+        row's sample does not depend on the process count, the read-ahead or the resume point."""
+        first = self.accelerator.process_index * n_rows
+        return [(self.args.seed, *key, first + row) for row in range(n_rows)]
+
     def _weak_samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
         """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``.
 
         With ``weak_rollout_prefetch = P > 0`` they come from a cache that one weak ``generate`` call fills, every
         ``P + 1`` generation batches, with the completions of this batch and of the next P (already read by
-        :meth:`get_batch_samples`). The weak model is frozen, so each cached completion is a sample of the same
-        distribution as one drawn when its batch is used, and is used once. On small per-device batches a decode
-        step costs about the same for 2 rows as for 8 (every token runs the whole model whatever the row count),
-        which this amortises. Under several processes the decision to generate is taken together, since
-        ``generate`` is a collective under ZeRO-3.
+        :meth:`get_batch_samples`). The draws are keyed per row (:meth:`_weak_row_keys`), so each batch gets the
+        same completions as when sampled on use (up to floating point, see :class:`GumbelMaxSampler`). On small
+        per-device batches a decode step costs about the same for 2 rows as for 8 (every token runs the whole model
+        whatever the row count), which this amortises. Under several processes the decision to generate is taken
+        together, since ``generate`` is a collective under ZeRO-3.
         """
-        if not self._weak_prefetch:
-            return self._weak_generate(prompt_ids_list)
-        keys = [tuple(ids) for ids in prompt_ids_list]
-        missing = any(len(self._weak_cache.get(key, ())) < n for key, n in Counter(keys).items())
-        if self._max_over_processes(int(missing)):  # some process lacks completions: all generate
-            prompt_ids = list(prompt_ids_list)
-            for batch in self._upcoming_generation_batches(inputs):
-                prompt_ids += self._tokenize_prompts([x["prompt"] for x in self._weak_inputs(batch)])[0]
-            ids, logps = self._weak_generate(prompt_ids)
-            self._weak_cache = defaultdict(deque)
-            for key, sample in zip(map(tuple, prompt_ids), zip(ids, logps, strict=True), strict=True):
-                self._weak_cache[key].append(sample)
-        samples = [self._weak_cache[key].popleft() for key in keys]
-        return [ids for ids, _ in samples], [logps for _, logps in samples]
+        batches = self._generation_batches(inputs)
+        key = batches[0][0]
+        if self._max_over_processes(int(key not in self._weak_cache)):  # some process lacks them: all generate
+            prompt_ids, row_keys, spans = [], [], []
+            for batch_key, batch in batches:
+                ids = prompt_ids_list if batch is inputs else self._tokenize_prompts(
+                    [x["prompt"] for x in self._weak_inputs(batch)]
+                )[0]
+                spans.append((batch_key, len(prompt_ids), len(prompt_ids) + len(ids)))
+                prompt_ids += ids
+                row_keys += self._weak_row_keys(batch_key, len(ids))
+            ids, logps = self._weak_generate(prompt_ids, row_keys)
+            self._weak_cache = {k: (ids[a:b], logps[a:b]) for k, a, b in spans}
+        return self._weak_cache.pop(key)
 
     def _weak_rollouts(self, inputs: list[dict]) -> dict[str, Any]:
         """Generate and score this process's ``n_w = B * K / G`` weak completions (see the module docstring)."""
@@ -1058,3 +1201,77 @@ def _pad_to(t: torch.Tensor, width: int, value, side: str = "right") -> torch.Te
         return t
     filler = torch.full((t.size(0), extra), value, dtype=t.dtype, device=t.device)
     return torch.cat([filler, t] if side == "left" else [t, filler], dim=1)
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit generator seed from a tuple of integers (BLAKE2b of their text): distinct tuples, unrelated streams."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sampling_warpers(settings: GenerationConfig) -> list[LogitsProcessor]:
+    """The warpers ``generate`` applies after the logits processors when ``do_sample=True`` (transformers 5,
+    ``GenerationMixin._get_logits_processor``, one beam): temperature, top-h, top-k, top-p, min-p, typical-p, epsilon
+    and eta cutoffs, in that order, each only when its setting is active."""
+    c, warpers = settings, []
+    if c.temperature is not None and c.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(c.temperature))
+    if c.top_h is not None:
+        warpers.append(TopHLogitsWarper(top_h=c.top_h))
+    if c.top_k is not None and c.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=c.top_k, min_tokens_to_keep=1))
+    if c.top_p is not None and c.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=c.top_p, min_tokens_to_keep=1))
+    if c.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=c.min_p, min_tokens_to_keep=1))
+    if c.typical_p is not None and c.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(mass=c.typical_p, min_tokens_to_keep=1))
+    if c.epsilon_cutoff is not None and 0.0 < c.epsilon_cutoff < 1.0:
+        warpers.append(EpsilonLogitsWarper(epsilon=c.epsilon_cutoff, min_tokens_to_keep=1))
+    if c.eta_cutoff is not None and 0.0 < c.eta_cutoff < 1.0:
+        warpers.append(EtaLogitsWarper(epsilon=c.eta_cutoff, min_tokens_to_keep=1))
+    return warpers
+
+
+def greedy_copy(settings: GenerationConfig) -> GenerationConfig:
+    """``settings`` with ``do_sample=False`` and every warper setting at transformers' neutral default (the warpers
+    and the draw are passed as logits processors instead, see :class:`GumbelMaxSampler`)."""
+    greedy = copy.deepcopy(settings)
+    greedy.do_sample = False
+    for name, neutral in (("temperature", 1.0), ("top_h", None), ("top_k", 50), ("top_p", 1.0), ("min_p", None),
+                          ("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0)):
+        setattr(greedy, name, neutral)
+    return greedy
+
+
+class GumbelMaxSampler(LogitsProcessor):
+    """Draws each row's next token from ``softmax(scores)`` as ``argmax_v(scores_v + g_v)``, with Gumbel noise
+    ``g = -log(-log u)``, ``u ~ U(0, 1)`` in fp64 from a ``torch.Generator`` seeded by ``(row key, token position)``
+    (:func:`stream_seed`). By the Gumbel-max trick the argmax is an exact sample of the softmax; its randomness is the
+    row's own, so a row's draw depends only on its key and its logits: not on the other rows of the ``generate`` call,
+    nor on torch's global RNG. Placed after the sampling warpers (:func:`sampling_warpers`) in a greedy ``generate``,
+    it samples exactly what ``do_sample=True`` would. Returns 0 at the drawn token and -inf elsewhere.
+
+    Floating point: a row's logits can still differ in the last bits with the batch it is decoded in (another batch
+    size or padding width changes how the matrix products and the attention softmax are blocked and summed), and a
+    near-tie of ``scores + g`` (the two best within such a last-bit difference) can then flip a token, after which
+    the completion diverges. The tests measure it: no row flipped (16 weak rows between read-ahead 0 and 3 and
+    between 1 and 2 processes, 8 rows decoded alone and together), while the log-probs recorded with them moved by up
+    to 4.8e-7. The noise is fp64 and finite (``u`` clamped away from 0), so a filtered token (-inf) is never drawn.
+    """
+
+    def __init__(self, row_keys: list[tuple[int, ...]], prompt_width: int):
+        self.row_keys = row_keys
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        position = input_ids.size(1) - self.prompt_width  # the completion token being drawn
+        noise = torch.stack([self.gumbel(scores.size(1), stream_seed(*key, position)) for key in self.row_keys])
+        choice = (scores.double() + noise.to(scores.device)).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
+
+    @staticmethod
+    def gumbel(size: int, seed: int) -> torch.Tensor:
+        """``size`` standard Gumbel variates (fp64, finite) from a generator seeded with ``seed``."""
+        u = torch.rand(size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        return -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))

@@ -53,6 +53,7 @@ def main():
         entropy_weighted_advantages=True,
         mixing_lambda=0.7,
         weak_model_name_or_path=None if peft else weak,
+        peft_base_as_weak=peft,  # --peft: the adapter-disabled base is the weak model
         ds3_gather_for_generation="--no_gather" not in sys.argv,  # False: ZeRO-3 generation gathers layer by layer
     )
     peft_config = None

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trainer = WMSSGRPOTrainer(model_args.model_name_or_path, **common)
         weak = trainer.weak_model
-        where = {None: "none", "peft_base": "peft-base"}.get(trainer._weak_source)
+        where = {None: "none (WMSS inactive: TRL's GRPO)", "peft_base": "peft-base"}.get(trainer._weak_source)
         if where is None:
             where = "zero3-sharded" if is_zero3_partitioned(weak) else "replicated"
         what = (
