@@ -459,3 +459,39 @@ def test_deepspeed_zero2_checkpoint_killed_mid_save_then_resume(sft_run, harness
     assert f"skipping incomplete checkpoint {torn}" in text and f"resuming from {complete}" in text
     assert checkpoint_problems(out / "checkpoint-3") == []
     assert sorted(losses(out / "checkpoint-3")) == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Python users: trainer.train(resume_from_checkpoint=...) applies the same rule (CompleteCheckpointResume)
+# ------------------------------------------------------------------------------------------------------------------
+def test_trainer_train_resumes_from_the_last_complete_checkpoint(tiny, saved, tmp_path, caplog):
+    from conftest import arithmetic_prompt_completion, cpu_args
+    from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
+    from wmss_trl.toy import build_char_tokenizer, build_tiny_model
+
+    out, torn = damaged(saved, tmp_path)
+    (torn / "optimizer.pt").unlink()
+    tok = build_char_tokenizer()
+
+    def trainer(output_dir):
+        args = cpu_args(WMSSSFTConfig, output_dir, save_strategy="steps", save_steps=1, max_steps=3)
+        return WMSSSFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(16),
+                              processing_class=tok)
+
+    resumed = trainer(out)
+    with caplog.at_level("WARNING", logger="wmss_trl.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)  # transformers would pick the torn checkpoint-2
+    assert "skipping incomplete checkpoint" in caplog.text and "optimizer.pt" in caplog.text
+    assert f"resuming from {out / 'checkpoint-1'}" in caplog.text
+    # resumed at step 1: the steps 2 and 3 trained now, step 1 comes from the checkpoint's log history
+    steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert resumed.state.global_step == 3 and steps == [1, 2, 3]
+
+    assert not checkpoint_problems(torn)  # the resumed run wrote checkpoint-2 again, complete this time
+    (tmp_path / "again").mkdir()
+    _, torn = damaged(saved, tmp_path / "again")
+    (torn / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match="not a complete checkpoint: optimizer.pt is missing"):
+        trainer(tmp_path / "other").train(resume_from_checkpoint=str(torn))
+    with pytest.raises(ValueError, match="No valid checkpoint found"):  # no checkpoint at all: transformers' error
+        trainer(tmp_path / "empty").train(resume_from_checkpoint=True)

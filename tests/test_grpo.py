@@ -227,7 +227,7 @@ def test_string_mixing_lambda_trains(tiny, tmp_path):
 def test_config_divisibility_accepts_valid_layout(tmp_path):
     args = grpo_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8,
                      num_weak_generations=2)
-    assert args.max_weak_negatives == 2 and args.wmss_enabled
+    assert args.max_weak_negatives == 2 and args.needs_weak_model
 
 
 # ------------------------------------------------------------------------------------------------------------------

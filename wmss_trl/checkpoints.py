@@ -295,3 +295,19 @@ def resolve_resume_from_checkpoint(value, output_dir) -> str | None:
             "resume from the last complete checkpoint of output_dir."
         )
     return str(value)
+
+
+class CompleteCheckpointResume:
+    """Mixin for the wmss_trl trainers (listed before the TRL trainer): ``trainer.train(resume_from_checkpoint=...)``
+    resumes only from a complete checkpoint, as the ``wmss`` commands do.
+
+    ``True`` resolves to :func:`last_complete_checkpoint` (torn newer folders skipped, with a warning); a path must be
+    complete (:func:`resolve_resume_from_checkpoint`). With no checkpoint folder at all, ``True`` is passed on
+    unchanged, so transformers' own error ("No valid checkpoint found") stays what a TRL user knows.
+    """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        value = resume_from_checkpoint
+        if isinstance(value, str) or (value is True and checkpoint_folders(self.args.output_dir)):
+            value = resolve_resume_from_checkpoint(value, self.args.output_dir)
+        return super().train(value, *args, **kwargs)

@@ -42,6 +42,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_module
 
+from .checkpoints import CompleteCheckpointResume
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .checks import check_float, check_int, check_shares
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
@@ -396,7 +397,7 @@ def _identical_pair(example, window: slice) -> bool:
 # The trainer
 
 
-class WMSSDPOTrainer(DPOTrainer):
+class WMSSDPOTrainer(CompleteCheckpointResume, DPOTrainer):
     """[`~trl.DPOTrainer`] whose reference model is the weak checkpoint, with optional WD-JT and entropy-gap weights.
 
     Args:
@@ -482,7 +483,7 @@ class WMSSDPOTrainer(DPOTrainer):
         if args.peft_base_as_weak:
             self._use_peft_base_as_weak(defer_precompute)
         elif not has_weak and self.accelerator.is_main_process:
-            logger.info(
+            logger.warning(
                 "WMSS inactive: no weak model given, so this is TRL's DPOTrainer. Pass weak_model= or "
                 "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
             )

@@ -83,6 +83,7 @@ from .advantages import (
     sequence_mean,
     truncated_importance_weights,
 )
+from .checkpoints import CompleteCheckpointResume
 from .entropy import token_entropy
 from .checks import check_float, check_int, check_order, check_shares
 from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
@@ -280,12 +281,12 @@ class WMSSGRPOConfig(GRPOConfig):
                 )
 
     @property
-    def wmss_enabled(self) -> bool:
+    def needs_weak_model(self) -> bool:
         """True when an option that needs the weak model beyond the KL reference is on."""
         return self.num_weak_generations > 0 or self.entropy_weighted_advantages or self.mixing_lambda < 1.0
 
 
-class WMSSGRPOTrainer(GRPOTrainer):
+class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with a weak checkpoint as reference, source of negatives and entropy anchor.
 
     Args:
@@ -357,7 +358,7 @@ class WMSSGRPOTrainer(GRPOTrainer):
                 "adapter-disabled base is the weak model. Pass peft_config, or give a weak model with weak_model= or "
                 "weak_model_name_or_path instead."
             )
-        if not (separate_weak or args.peft_base_as_weak) and args.wmss_enabled:
+        if not (separate_weak or args.peft_base_as_weak) and args.needs_weak_model:
             options = [name for name, on in (
                 ("num_weak_generations > 0", args.num_weak_generations > 0),
                 ("entropy_weighted_advantages=True", args.entropy_weighted_advantages),
@@ -414,13 +415,14 @@ class WMSSGRPOTrainer(GRPOTrainer):
 
         self.weak_model = None
         self._weak_source = None  # "model": a separate frozen model; "peft_base": the policy with adapters disabled
-        if not (separate_weak or args.peft_base_as_weak):
+        self.wmss_enabled = separate_weak or args.peft_base_as_weak  # a weak model is in use
+        if not self.wmss_enabled:
             if self.accelerator.is_main_process:
-                logger.info(
+                logger.warning(
                     "WMSS inactive: no weak model given, so this is TRL's GRPOTrainer. Pass weak_model= or "
                     "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
                 )
-        elif args.wmss_enabled or self.beta != 0.0:
+        elif args.needs_weak_model or self.beta != 0.0:
             if self._use_negatives:
                 self._check_negative_rewards()  # before loading anything
             if self._is_vlm or self.tools or self.rollout_func is not None or self.environment_factories is not None:

@@ -28,6 +28,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 
+from .checkpoints import CompleteCheckpointResume
 from .checks import check_float, check_int, check_shares
 from .entropy import token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, STAT_NAMES, mixed_cross_entropy, mixed_head_loss, plain_lm_head
@@ -249,7 +250,7 @@ def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
         )
 
 
-class WMSSSFTTrainer(SFTTrainer):
+class WMSSSFTTrainer(CompleteCheckpointResume, SFTTrainer):
     """[`~trl.SFTTrainer`] whose loss is cross-entropy on the weak/strong mixed logits (WD-JT).
 
     Args:
@@ -305,8 +306,8 @@ class WMSSSFTTrainer(SFTTrainer):
                     "peft_base_as_weak=True and a weak model are both given; pick one: the adapter-disabled PEFT base "
                     "(drop weak_model / weak_model_name_or_path) or the weak checkpoint (peft_base_as_weak=False)."
                 )
-        self.wmss_active = weak_given or args.peft_base_as_weak
-        self.use_mixing = self.wmss_active and args.mixing_lambda < 1.0  # lambda = 1: z_mix = z_strong, TRL's loss
+        self.wmss_enabled = weak_given or args.peft_base_as_weak
+        self.use_mixing = self.wmss_enabled and args.mixing_lambda < 1.0  # lambda = 1: z_mix = z_strong, TRL's loss
         if self.use_mixing:
             _check_mixing_supported(model, args, named)
 
@@ -357,9 +358,9 @@ class WMSSSFTTrainer(SFTTrainer):
             )
 
     def _log_mode(self, weak_source: str | None):
-        """One info line: which of the three modes this trainer is in."""
+        """One log line: which of the three modes this trainer is in (a warning when WMSS is inactive)."""
         args = self.args
-        if not self.wmss_active:
+        if not self.wmss_enabled:
             selection = ""
             if args.selection_mode is not None:
                 selection = f" WD-DS selection (selection_mode={args.selection_mode!r}) still applies."
@@ -379,7 +380,7 @@ class WMSSSFTTrainer(SFTTrainer):
                 f"{1 - args.mixing_lambda:g} * z_weak, weak model: {weak_source}."
             )
         if self.accelerator.is_main_process:
-            logger.info(message)
+            (logger.info if self.wmss_enabled else logger.warning)(message)
 
     def _log_selection(self):
         """Record how many distinct samples WD-DS selection trains on (`selection_stats`, metric `wmss/unique_samples`)."""

@@ -331,8 +331,8 @@ def resolve_weak_model(weak_model, weak_model_name_or_path: str | None, init_kwa
     if required:
         raise ValueError(
             "no weak model: pass `weak_model=` to the trainer or set `weak_model_name_or_path` in the config "
-            "(a local checkpoint folder of an earlier version of the model), or train a PEFT model, whose "
-            "adapter-disabled base is then the weak model."
+            "(a local checkpoint folder of an earlier version of the model), or, with a PEFT model, set "
+            "`peft_base_as_weak=True` to use its adapter-disabled base as the weak model."
         )
     return None, None
 
