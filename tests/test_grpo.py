@@ -866,3 +866,30 @@ def test_evaluate_with_wmss_options(tiny, tmp_path):
     metrics = wmss.evaluate(eval_dataset=prompt_dataset(4))
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_kl"] > 0
     assert not any(k.startswith("eval_wmss/") for k in metrics)
+
+
+def test_epoch_ordered_sampler_is_trls_order_and_resumes_in_any_epoch():
+    from trl.trainer.utils import RepeatSampler
+
+    from wmss_trl.grpo import EpochOrderedSampler
+
+    def trl(seed=3):
+        return RepeatSampler(list(range(10)), mini_repeat_count=2, batch_size=3, repeat_count=2, seed=seed)
+
+    reference = trl()
+    epochs = [list(reference) for _ in range(4)]  # TRL's sampler, uninterrupted: one permutation per epoch
+    assert len({tuple(e) for e in epochs}) == 4
+    ours = EpochOrderedSampler(trl())
+    uninterrupted = []
+    for epoch in range(4):
+        ours.set_epoch(epoch)
+        uninterrupted.append(list(ours))
+    assert uninterrupted == epochs and len(ours) == len(reference)
+    fresh = trl()  # a resumed process: TRL's sampler replays epoch 0's order in epoch 2
+    assert list(fresh) == epochs[0] != epochs[2]
+    resumed = EpochOrderedSampler(trl())
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]
+    unshuffled = EpochOrderedSampler(RepeatSampler(list(range(4)), mini_repeat_count=1, shuffle=False))
+    unshuffled.set_epoch(5)
+    assert list(unshuffled) == [0, 1, 2, 3] and not hasattr(unshuffled, "generator")

@@ -40,10 +40,12 @@ def run(tiny, out, *flags, timeout=600):
     return json.loads(line[len("RESULT "):])
 
 
-def run_killed(tiny, out, *flags, timeout=600):
-    """Start a run that holds after checkpoint-3 + one more step, SIGKILL it there; return the checkpoint."""
+def run_killed(tiny, out, *flags, hold_after=3, timeout=600):
+    """Start a run that holds after checkpoint-``hold_after`` + one more step, SIGKILL it there; return the
+    checkpoint."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out), *flags,
-                             "--hold_after", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+                             "--hold_after", str(hold_after)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV,
+                            cwd=ROOT)
     deadline = time.time() + timeout
     while not (out / "holding").exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-6000:]
@@ -53,8 +55,9 @@ def run_killed(tiny, out, *flags, timeout=600):
     assert proc.wait() == -signal.SIGKILL
     proc.stdout.close()
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-3"], checkpoints  # step 4 trained and was lost with the process
-    return out / "checkpoint-3"
+    expected = [f"checkpoint-{k}" for k in range(3, hold_after + 1, 3)]
+    assert checkpoints == expected, checkpoints  # the step after the last checkpoint trained and was lost
+    return out / f"checkpoint-{hold_after}"
 
 
 def weights(out):
@@ -76,7 +79,7 @@ def runs(tiny, tmp_path_factory):
 
 def assert_same_run(a, b, exact: bool):
     (ra, wa), (rb, wb) = a, b
-    assert ra["steps"] == rb["steps"] == list(range(1, 9))
+    assert ra["steps"] == rb["steps"] == list(range(1, len(ra["steps"]) + 1)) and len(ra["steps"]) >= 8
     assert ra["reward"] == rb["reward"] and ra["weak_negatives"] == rb["weak_negatives"]  # the same samples
     if exact:
         assert ra["loss"] == rb["loss"]  # bit-identical floats
@@ -107,3 +110,17 @@ def test_kill_and_resume_gives_the_uninterrupted_run(runs, prefetch):
 def test_prefetch_0_and_3_are_the_same_run(runs):
     assert runs["full0"][0]["weak"] == runs["full3"][0]["weak"]  # every weak row of every batch, token for token
     assert_same_run(runs["full0"], runs["full3"], exact=False)
+
+
+@pytest.mark.slow
+def test_resume_in_a_later_epoch_sees_that_epochs_prompt_order(tiny, tmp_path):
+    """Killed after checkpoint-6 (the end of epoch 0: 6 prompts, one per step) and resumed: the resumed process
+    starts in epoch 1 and must draw epoch 1's prompt order. TRL's RepeatSampler has no ``set_epoch``: a new process
+    would replay epoch 0's order (the first permutation of its seeded generator) in epoch 1. 12 steps, so the whole
+    of epoch 1 is compared (with seed 7 the two orders share their first two prompts)."""
+    steps = ("--prefetch", "0", "--max_steps", "12")
+    full = (run(tiny, tmp_path / "full", *steps), weights(tmp_path / "full"))
+    checkpoint = run_killed(tiny, tmp_path / "killed", *steps, hold_after=6)
+    resumed = (run(tiny, tmp_path / "killed", *steps, "--resume", str(checkpoint)), weights(tmp_path / "killed"))
+    assert {key.rsplit("/", 1)[0] for key in resumed[0]["weak"]} == {f"1/{b}" for b in range(6)}
+    assert_same_run(full, resumed, exact=True)

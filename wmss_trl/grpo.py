@@ -73,7 +73,7 @@ from transformers.generation.logits_process import TopHLogitsWarper
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
-from trl.trainer.utils import pad
+from trl.trainer.utils import RepeatSampler, pad
 
 from .advantages import (
     _nanstd,
@@ -683,6 +683,12 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
         self._epoch_start = (given["epoch"], skipped)
         return super()._run_epoch(*args, **kwargs)
 
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, wrapped so that a run resumed in a later epoch gets that epoch's prompt order
+        (:class:`EpochOrderedSampler`); an uninterrupted run gets exactly TRL's order."""
+        sampler = super()._get_train_sampler(dataset)
+        return EpochOrderedSampler(sampler) if isinstance(sampler, RepeatSampler) else sampler
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Transformers' method, reading ``weak_rollout_prefetch = P`` generation batches ahead of training so that
         their weak completions can be sampled together with the current batch's (:meth:`_weak_samples`), and
@@ -1163,6 +1169,38 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
         inputs["advantages"] = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * factor
         self._cached_policy_forward = (input_ids, result)
         return inputs
+
+
+class EpochOrderedSampler(torch.utils.data.Sampler):
+    """TRL's ``RepeatSampler`` plus ``set_epoch``, so that resuming in epoch e >= 1 keeps epoch e's prompt order.
+
+    The order of epoch e is the (e + 1)-th ``randperm`` of a generator seeded once with ``seed``, which is what an
+    uninterrupted run draws. TRL's sampler has no ``set_epoch``, so a new process resumed in epoch e draws the first
+    permutation again and replays epoch 0's order. transformers / accelerate call ``set_epoch(e)`` before every
+    epoch: it re-seeds the generator and draws the e earlier permutations (one ``randperm(len(dataset))`` each), so
+    the order is the uninterrupted run's whether or not the process started in that epoch.
+    """
+
+    def __init__(self, sampler: RepeatSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    @property
+    def generator(self) -> torch.Generator:  # accelerate synchronises a sampler's `generator` across processes
+        return self.sampler.generator
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = self.sampler
+        if not sampler.shuffle or sampler.seed is None:
+            return
+        sampler.generator.manual_seed(sampler.seed)
+        for _ in range(epoch):
+            torch.randperm(sampler.num_samples, generator=sampler.generator)
 
 
 class SampledTokenLogProbs(LogitsProcessor):

@@ -2,7 +2,7 @@
 the kill/resume tests.
 
     python tests/dist/grpo_resume_run.py STRONG WEAK OUT --prefetch P [--resume CHECKPOINT] [--hold_after K]
-                                         [--ga 1] [--processes_batch 4]
+                                         [--ga 1] [--processes_batch 4] [--max_steps 8]
 
 ``--hold_after K``: after checkpoint-K is written and step K + 1 has trained, write ``OUT/holding`` and wait (the
 test SIGKILLs the process there). ``--resume``: resume from that checkpoint. At the end the policy is saved to
@@ -54,7 +54,7 @@ def main():
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=flag("--ga", 1),
         num_generations=4,
-        max_steps=8,
+        max_steps=flag("--max_steps", 8),
         save_strategy="steps",
         save_steps=3,
         beta=0.04,
