@@ -162,6 +162,8 @@ proc.wait()
     while alive and time.monotonic() < deadline:
         alive = {p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)}
         time.sleep(0.1)
+    for pid in alive:  # do not leave them running when the test fails
+        os.kill(pid, signal.SIGKILL)
     assert not alive, f"orphans survived the driver: {alive}"
 
 

@@ -3,8 +3,8 @@
 * :func:`write_json_atomic`: write to ``<path>.tmp``, fsync, ``os.replace``: a reader sees the old file or the new one.
 * Fingerprints record what made an artefact, cheaply:
 
-      model folder   config.json (sha256) + for every weight file: size, mtime_ns and sha256 of its safetensors
-                     header (names, dtypes, shapes, metadata); never a full hash of GBs of weights
+      model folder   config.json (sha256) + for every weight file: size, mtime_ns, sha256 of its safetensors
+                     header (names, dtypes, shapes, metadata) and of 16 sampled 4 KiB blocks; never a full hash of GBs
       loaded model   dtype, parameter count and sha256 of a strided sample of every parameter (<= 4096 values each)
       dataset        number of rows, column names and sha256 of the rows as canonical JSON (so the same rows give the
                      same fingerprint however they were loaded); datasets' own ``_fingerprint`` is recorded as a hint
@@ -83,9 +83,25 @@ def safetensors_header_sha256(path) -> str:
         return hashlib.sha256(head + f.read(n)).hexdigest()
 
 
+def file_sample_sha256(path, blocks: int = 16, block_size: int = 4096) -> str:
+    """sha256 of ``blocks`` blocks of ``block_size`` bytes at evenly spaced offsets of a file (the whole file when it
+    is small): a cheap look at the values of a weight file of any size."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= blocks * block_size:
+            h.update(f.read())
+        else:
+            for k in range(blocks):
+                f.seek(k * (size - block_size) // (blocks - 1))
+                h.update(f.read(block_size))
+    return h.hexdigest()
+
+
 def model_fingerprint(path) -> dict:
     """What identifies the weights of a checkpoint folder without reading them all: ``config.json``'s sha256, and per
-    weight file its size, mtime_ns and (safetensors) header sha256. Rewriting a weight file changes its mtime."""
+    weight file its size, mtime_ns, safetensors header sha256 and a sampled sha256 of its bytes
+    (:func:`file_sample_sha256`). Rewriting a weight file changes its mtime (and almost surely the sampled bytes)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a model checkpoint folder.")
@@ -97,6 +113,7 @@ def model_fingerprint(path) -> dict:
         entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if f.name.endswith(".safetensors"):
             entry["header_sha256"] = safetensors_header_sha256(f)
+            entry["sample_sha256"] = file_sample_sha256(f)
         elif f.name.endswith(".json"):
             entry["sha256"] = file_sha256(f)
         weights[f.name] = entry

@@ -341,7 +341,8 @@ def _merge_entropy_files(paths, columns):
         (first, m0), *rest = metas.items()
         for path, meta in rest:
             check_provenance(
-                f"entropy file {path!r}", m0["provenance"]["dataset"], meta["provenance"]["dataset"],
+                f"entropy file {path!r}", {"dataset": m0["provenance"]["dataset"]},
+                {"dataset": meta["provenance"]["dataset"]},
                 f"It was computed on another dataset than {first!r}; compute both on the same dataset.",
             )
     return idx_ref, found, metas
@@ -378,7 +379,7 @@ def dataset_wd_ds_weights(
         current = dataset_fingerprint(dataset)
         for path, meta in metas.items():
             check_provenance(
-                f"entropy file {path!r}", meta["provenance"]["dataset"], current,
+                f"entropy file {path!r}", {"dataset": meta["provenance"]["dataset"]}, {"dataset": current},
                 "It was computed on another dataset than this training dataset. Compute the entropies of this dataset "
                 f"(`wmss entropy --dataset ...` into a new --output, or delete {path} and its {META_SUFFIX} sidecar), "
                 "or train on the dataset the file was made for.",
