@@ -293,7 +293,7 @@ def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path):
         os.kill(driver.pid, signal.SIGKILL)  # the driver only: its child is in the same new session, not signalled
         driver.wait()
         assert not json.loads(Path(f"{ent}.meta.json").read_text())["complete"], "killed too late: use more samples"
-        _wait_for(lambda: not _alive(child), 30, f"the orphaned phase process {child} to exit")
+        _wait_for(lambda: not _alive(child), 10, f"the orphaned phase process {child} to exit")
         rows_at_kill = len(ent.read_text().splitlines())
         assert 0 < rows_at_kill < n
 
