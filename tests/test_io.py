@@ -1,5 +1,5 @@
-"""wmss_trl.io: the one-writer lock (real processes, real SIGKILL), fingerprints, provenance diffs, atomic JSON, and the
-parent-death signal of the processes the pipeline starts."""
+"""wmss_trl.io: the one-writer lock (real processes, real SIGKILL), fingerprints, provenance diffs, atomic JSON, and
+the parent-death signal of the processes the pipeline starts."""
 
 import json
 import os
@@ -92,7 +92,8 @@ def test_provenance_diff_names_every_leaf():
     new["dtype"] = "bfloat16"
     new["settings"]["k"] = (1, 3)
     assert provenance_diff(old, new) == [
-        'dtype: "float32" -> "bfloat16"', "model.weights.a.safetensors.mtime_ns: 5 -> 6", "settings.k: [1, 2] -> [1, 3]"
+        'dtype: "float32" -> "bfloat16"', "model.weights.a.safetensors.mtime_ns: 5 -> 6",
+        "settings.k: [1, 2] -> [1, 3]",
     ]
     with pytest.raises(ProvenanceError, match=r"thing.*dtype: \"float32\" -> \"bfloat16\".*Delete it\."):
         check_provenance("thing", old, new, "Delete it.")
@@ -122,7 +123,8 @@ def test_loaded_model_and_dataset_fingerprints(tiny):
     a = AutoModelForCausalLM.from_pretrained(tiny["weak"])
     b = AutoModelForCausalLM.from_pretrained(tiny["weak"])
     assert loaded_model_fingerprint(a) == loaded_model_fingerprint(b)
-    assert loaded_model_fingerprint(a) != loaded_model_fingerprint(AutoModelForCausalLM.from_pretrained(tiny["strong"]))
+    strong = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    assert loaded_model_fingerprint(a) != loaded_model_fingerprint(strong)
     assert loaded_model_fingerprint(a.to(torch.bfloat16))["dtype"] == "bfloat16"
     rows = [{"q": str(i), "a": i} for i in range(5)]
     d1, d2 = Dataset.from_list(rows), Dataset.from_dict({"a": list(range(5)), "q": [str(i) for i in range(5)]})

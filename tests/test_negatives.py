@@ -206,7 +206,8 @@ def test_resume_skips_done_chunks(models, tmp_path):
         weak.generate = generate
 
     with pytest.raises(ValueError, match="made by something else.*config.num_samples: 4 -> 3.*delete"):
-        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **{**SMALL, "num_samples": 3})
+        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path),
+                       **{**SMALL, "num_samples": 3})
     # a chunk read back must hold exactly its prompts
     chunk = tmp_path / "chunks" / "chunk-00001.jsonl"
     lines = chunk.read_text().splitlines(keepends=True)

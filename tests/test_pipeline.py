@@ -240,7 +240,8 @@ def _given_models_config(tmp_path, num_samples):
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
 
     tok = build_char_tokenizer()
-    base = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=1), tok, str(tmp_path / "b"))
+    base = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=1), tok,
+                                    str(tmp_path / "b"))
     strong = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=2), tok,
                                       str(tmp_path / "s"))
     data = tmp_path / "data.jsonl"

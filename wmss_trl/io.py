@@ -26,7 +26,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -34,8 +33,6 @@ import struct
 import sys
 import time
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 PIPELINE_PID_ENV = "WMSS_PIPELINE_PID"  # set by `wmss pipeline` in the environment of every phase it starts
 _PR_SET_PDEATHSIG = 1
@@ -47,7 +44,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 # Atomic writes
 # ---------------------------------------------------------------------------------------------------------------
 def write_json_atomic(path, obj, indent: int = 1) -> None:
-    """Write ``obj`` as JSON to ``path`` through ``<path>.tmp`` + fsync + ``os.replace`` (never a half-written file)."""
+    """Write ``obj`` as JSON to ``path`` via ``<path>.tmp`` + fsync + ``os.replace`` (never a half-written file)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=indent, sort_keys=True, default=str)
@@ -57,7 +54,7 @@ def write_json_atomic(path, obj, indent: int = 1) -> None:
 
 
 def jsonable(obj):
-    """``obj`` as it reads back from JSON (tuples -> lists, unknown types -> str), so stored and fresh records compare."""
+    """``obj`` as it reads back from JSON (tuples -> lists, other types -> str): stored and fresh records compare."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
@@ -74,7 +71,7 @@ def file_sha256(path) -> str:
 
 
 def safetensors_header_sha256(path) -> str:
-    """sha256 of a safetensors file's header (8-byte length + JSON: tensor names, dtypes, shapes, offsets, metadata)."""
+    """sha256 of a safetensors file's header (8-byte length + JSON: tensor names, dtypes, shapes, offsets, meta)."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -184,7 +181,7 @@ NOT_COMPARED = ("datasets_fingerprint",)  # recorded for the reader's informatio
 
 
 def provenance_diff(old, new, prefix: str = "") -> list[str]:
-    """Every leaf where two provenance records differ, as ``"key.sub: old -> new"`` (keys in ``NOT_COMPARED`` skipped)."""
+    """Every leaf where two provenance records differ, as ``"key.sub: old -> new"`` (``NOT_COMPARED`` keys skipped)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
@@ -292,10 +289,9 @@ class WriterLock:
         self._fd = fd
         stale = self.read_owner()
         if stale:
-            logger.warning(f"taking over the lock of {self.what}: its last writer ({describe_owner(stale)}) ended "
-                           "without releasing it (killed or crashed); what it wrote is checked before reuse.")
-            print(f"warning: taking over a stale lock on {self.what} left by {describe_owner(stale)}", file=sys.stderr,
-                  flush=True)
+            print(f"warning: taking over a stale lock on {self.what} left by {describe_owner(stale)}: that writer "
+                  "ended without releasing it (killed or crashed); what it wrote is checked before reuse.",
+                  file=sys.stderr, flush=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)

@@ -646,9 +646,12 @@ def mine_negatives(
         if state.is_main_process:
             try:
                 lock = WriterLock(os.path.join(output_dir, LOCK_FILE), f"the mining output {output_dir}").acquire()
-                provenance = mining_provenance(prompts_dataset, weak_model, strong_model, tokenizer, funcs, ref_col, cfg)
+                provenance = mining_provenance(
+                    prompts_dataset, weak_model, strong_model, tokenizer, funcs, ref_col, cfg
+                )
                 info = {"num_prompts": n, "weak_model": _model_id(weak_model), "strong_model": _model_id(strong_model)}
-                chunk_prompts = [range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, n)) for c in range(num_chunks)]
+                size = cfg.chunk_size
+                chunk_prompts = [range(c * size, min((c + 1) * size, n)) for c in range(num_chunks)]
                 payload = [{"ok": _open_output_dir(output_dir, provenance, info, chunk_prompts)}]
             except (LockedError, ProvenanceError) as e:
                 payload = [{"error": str(e)}]

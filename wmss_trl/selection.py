@@ -292,8 +292,9 @@ def read_entropy_meta(path: str, num_rows: int) -> dict | None:
         raise ValueError(f"entropy file {path!r} is incomplete ({meta.get('num_done')} of {meta.get('num_rows')} "
                          f"samples). {redo}")
     if meta.get("num_rows") != num_rows:
-        raise ValueError(f"entropy file {path!r} holds {num_rows} samples but its sidecar says {meta.get('num_rows')}. "
-                         f"{redo}")
+        raise ValueError(
+            f"entropy file {path!r} holds {num_rows} samples but its sidecar says {meta.get('num_rows')}. {redo}"
+        )
     return meta
 
 

@@ -115,7 +115,7 @@ def start_over(output: str) -> str:
 
 def read_rows(path: str, keys=None) -> dict[int, dict]:
     """Rows of an entropy file keyed by idx, VERIFIED: each idx at most once and (given ``keys``, the dataset's idx
-    values) only idx values of the dataset; SystemExit otherwise. A torn last line (crash during a write) is cut off."""
+    values) only idx values of the dataset; SystemExit otherwise. A torn last line (a crash mid-write) is cut off."""
     done: dict[int, dict] = {}
     duplicated: list[int] = []
     if not os.path.exists(path):
@@ -196,7 +196,7 @@ def read_meta(meta_path: str, expected: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------
-def _open_output(ent: EntropyArguments, output: str, expected: dict, keys) -> list[int]:
+def _open_output(output: str, expected: dict, keys) -> list[int]:
     """Main process, under the lock: check the sidecar, read and verify the rows already there (or create the file).
     Returns the idx values already scored."""
     meta_path = output + META_SUFFIX
@@ -263,7 +263,7 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
                     "idx_column": ent.idx_column,
                     "num_rows": len(dataset),
                 }
-                decision = [{"expected": expected, "done": _open_output(ent, output, expected, keys), "error": None}]
+                decision = [{"expected": expected, "done": _open_output(output, expected, keys), "error": None}]
             except (SystemExit, Exception) as e:  # noqa: BLE001 - every rank must learn about it, not hang
                 decision = [{"error": f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else str(e)}]
         if state.num_processes > 1:
@@ -285,7 +285,8 @@ def _score(ent, sft_args, dataset, keys, output, expected, done) -> dict:
     if not todo:
         if state.is_main_process:
             write_json_atomic(meta_path, final)
-            print(f"{output}: complete ({len(done)} samples, verified: one row per sample), nothing to do.", flush=True)
+            print(f"{output}: complete ({len(done)} samples, verified: one row per sample), nothing to do.",
+                  flush=True)
         return final
     if done and state.is_main_process:
         print(f"{output}: resuming, {len(done)} of {len(dataset)} samples already scored.", flush=True)

@@ -241,7 +241,7 @@ class Run:
         return out
 
     def check_reuse(self, phase: str) -> None:
-        """A finished phase is reused only while what it read and wrote is unchanged; SystemExit naming what changed."""
+        """A finished phase is reused only while what it read and wrote is unchanged; else SystemExit naming it."""
         with open(self.marker(phase)) as f:
             marker = json.load(f)
         later = PHASES[PHASES.index(phase):]
