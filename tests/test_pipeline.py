@@ -265,6 +265,21 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _descendants(pid) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+            out += kids
+            todo += kids
+    return sorted(set(out))
+
+
 def _alive(pid) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -274,31 +289,35 @@ def _alive(pid) -> bool:
 
 
 @pytest.mark.slow
-def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path):
-    """SIGKILL of the driver only (not its group) during the entropy phase: its child dies with it, the re-run at once
-    resumes, and the entropy files hold exactly one row per sample. While that re-run lives, a second run on the
-    folder is refused, naming its pid."""
+@pytest.mark.parametrize("launch", [None, pytest.param("ddp", marks=pytest.mark.distributed)])
+def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path, launch):
+    """SIGKILL of the driver only (not its group) during the entropy phase: its child dies with it (under
+    `accelerate launch`: the launcher and its workers, the writer being rank 0's worker), the re-run at once resumes,
+    and the entropy files hold exactly one row per sample. While that re-run lives, a second run on the folder is
+    refused, naming its pid."""
     n = 3000
     config = _given_models_config(tmp_path, n)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ent = run / "entropy" / "weak.jsonl"
     first_log, rerun_log = open(tmp_path / "first.log", "w"), open(tmp_path / "rerun.log", "w")
-    driver = subprocess.Popen(_pipeline_cmd(config, run), stdout=first_log, stderr=subprocess.STDOUT, env=env,
+    extra = ["--launch_config", launch] if launch else []
+    driver = subprocess.Popen(_pipeline_cmd(config, run) + extra, stdout=first_log, stderr=subprocess.STDOUT, env=env,
                               cwd=ROOT, start_new_session=True)
-    child, rerun = None, None
+    family, rerun = [], None
     try:
         _wait_for(lambda: ent.exists() and ent.stat().st_size > 0, 600, "the first entropy rows")
         child = json.loads(Path(f"{ent}.lock").read_text())["pid"]  # the writer named in the entropy file's lock
-        assert child != driver.pid and _alive(child)
+        family = _descendants(driver.pid)  # the phase process, and under accelerate the launcher and its workers
+        assert child in family and len(family) == (1 if launch is None else 3), family
         os.kill(driver.pid, signal.SIGKILL)  # the driver only: its child is in the same new session, not signalled
         driver.wait()
         assert not json.loads(Path(f"{ent}.meta.json").read_text())["complete"], "killed too late: use more samples"
-        _wait_for(lambda: not _alive(child), 10, f"the orphaned phase process {child} to exit")
+        _wait_for(lambda: not any(map(_alive, family)), 10, f"the orphaned phase processes {family} to exit")
         rows_at_kill = len(ent.read_text().splitlines())
         assert 0 < rows_at_kill < n
 
-        rerun = subprocess.Popen(_pipeline_cmd(config, run), stdout=rerun_log, stderr=subprocess.STDOUT, env=env,
+        rerun = subprocess.Popen(_pipeline_cmd(config, run) + extra, stdout=rerun_log, stderr=subprocess.STDOUT, env=env,
                                  cwd=ROOT, start_new_session=True)
         _wait_for(lambda: "running" in (tmp_path / "rerun.log").read_text(), 300, "the re-run to start its phases")
         second = subprocess.run(_pipeline_cmd(config, run), capture_output=True, text=True, env=env, cwd=ROOT,
@@ -311,8 +330,9 @@ def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path):
         for proc in (driver, rerun):
             if proc is not None and proc.poll() is None:
                 proc.kill()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
+        for pid in family:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
         first_log.close()
         rerun_log.close()
     stdout = (tmp_path / "rerun.log").read_text()
