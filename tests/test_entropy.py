@@ -316,6 +316,8 @@ def test_cli_refuses_a_pickle_only_model(tiny, tmp_path, data_file):
     folder = pickle_only_checkpoint(tiny, tmp_path / "pickled")
     with pytest.raises(SystemExit, match="pickle weights only.*safetensors"):
         _cli(str(folder), data_file, str(tmp_path / "h.jsonl"))
+    with pytest.raises(SystemExit, match="lock_timeout"):
+        _cli(tiny["weak"], data_file, str(tmp_path / "h.jsonl"), "--lock_timeout", "nan")
     assert not (tmp_path / "h.jsonl").exists()
 
 

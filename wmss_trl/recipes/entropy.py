@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, TrlParser
 
+from ..checks import check_float
 from ..io import (
     ProvenanceError,
     WriterLock,
@@ -234,6 +235,10 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
         raise SystemExit(str(e)) from e
     if ent.write_every < 1:
         raise SystemExit("--write_every must be >= 1.")
+    try:
+        ent.lock_timeout = check_float("--lock_timeout", ent.lock_timeout, low=0)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     output = os.path.abspath(ent.output)
     if sft_args.output_dir in (None, "", "trainer_output"):
         sft_args.output_dir = os.path.dirname(output)
