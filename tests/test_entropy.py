@@ -191,12 +191,13 @@ def test_cli_writes_datasets_readable_file_and_resumes(tiny, tmp_path, data_file
     np.testing.assert_allclose([_rows(out)[i]["entropy_0"] for i in range(10)], ref["entropy"], atol=1e-6)
     meta = json.load(open(out + ".meta.json"))
     assert meta["complete"] and meta["num_rows"] == 10 and meta["model"] == os.path.abspath(tiny["weak"])
+    assert meta["provenance"]["dtype"] == "float32" and meta["provenance"]["dataset"]["num_rows"] == 10
 
     # complete: nothing is recomputed, the file is untouched
     before = open(out).read()
     capsys.readouterr()
     _cli(tiny["weak"], data_file, out, "--entropy_column", "entropy_0")
-    assert "nothing to do" in capsys.readouterr().out
+    assert "verified: one row per sample), nothing to do" in capsys.readouterr().out
     assert open(out).read() == before
 
     # crash simulation: 4 rows written, then a torn 5th line; the sidecar says incomplete
@@ -220,20 +221,104 @@ def _rows_from_text(text):
 
 
 def test_cli_refuses_output_of_another_run(tiny, tmp_path, data_file):
+    """Every input that changes the scores is recorded in the sidecar, and a file made by anything else is refused,
+    naming what differs and how to start over; the matching run reuses it."""
+    import shutil
+
+    from wmss_trl.toy import build_tiny_model
+
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny["weak"], model)
     out = str(tmp_path / "h.jsonl")
-    _cli(tiny["weak"], data_file, out, "--entropy_column", "entropy_0")
-    with pytest.raises(SystemExit, match="model_fingerprint differs"):
+    _cli(model, data_file, out, "--entropy_column", "entropy_0")
+    before = open(out).read()
+    with pytest.raises(SystemExit, match=r"differs in: model\.weights\.model\.safetensors\.mtime_ns.*sample_sha256"):
         _cli(tiny["strong"], data_file, out, "--entropy_column", "entropy_0")
+    with pytest.raises(SystemExit, match=r'differs in: dtype: "float32" -> "bfloat16".*delete .*h\.jsonl and'):
+        _cli(model, data_file, out, "--entropy_column", "entropy_0", "--model_init_kwargs", '{"dtype": "bfloat16"}')
     other_data = str(tmp_path / "other.jsonl")
-    arithmetic_prompt_completion(10, offset=3).to_json(other_data)
-    with pytest.raises(SystemExit, match="dataset_fingerprint differs"):
-        _cli(tiny["weak"], other_data, out, "--entropy_column", "entropy_0")
-    with pytest.raises(SystemExit, match="masking differs"):
-        _cli(tiny["weak"], data_file, out, "--entropy_column", "entropy_0", "--max_length", "32")
+    arithmetic_prompt_completion(10, offset=3).to_json(other_data)  # same length, other rows
+    with pytest.raises(SystemExit, match=r"differs in: dataset\.rows_sha256"):
+        _cli(model, other_data, out, "--entropy_column", "entropy_0")
+    with pytest.raises(SystemExit, match=r"settings\.masking\.max_length: 1024 -> 32"):
+        _cli(model, data_file, out, "--entropy_column", "entropy_0", "--max_length", "32")
+    with pytest.raises(SystemExit, match=r'settings\.entropy_column: "entropy_0" -> "entropy_1"'):
+        _cli(model, data_file, out, "--entropy_column", "entropy_1")
+    assert open(out).read() == before  # nothing was appended by the refused runs
+    # other weights written at the same path (same config, same safetensors header): refused too
+    build_tiny_model(tiny["tokenizer"], seed=11).save_pretrained(model)
+    with pytest.raises(SystemExit, match=r"model\.weights\.model\.safetensors\.mtime_ns"):
+        _cli(model, data_file, out, "--entropy_column", "entropy_0")
+    # ... even when the rewrite kept the mtime (the sampled bytes differ)
+    stamp = json.load(open(out + ".meta.json"))["provenance"]["model"]["weights"]["model.safetensors"]["mtime_ns"]
+    os.utime(os.path.join(model, "model.safetensors"), ns=(stamp, stamp))
+    with pytest.raises(SystemExit, match=r"differs in: model\.weights\.model\.safetensors\.sample_sha256"):
+        _cli(model, data_file, out, "--entropy_column", "entropy_0")
     stray = tmp_path / "stray.jsonl"
     stray.write_text('{"idx": 0}\n')
     with pytest.raises(SystemExit, match="no .meta.json sidecar"):
-        _cli(tiny["weak"], data_file, str(stray))
+        _cli(model, data_file, str(stray))
+
+
+def test_cli_verifies_a_complete_file_and_refuses_duplicated_rows(tiny, tmp_path, data_file, capsys):
+    out = str(tmp_path / "h.jsonl")
+    _cli(tiny["weak"], data_file, out)
+    lines = open(out).read().splitlines(keepends=True)
+    with open(out, "a") as f:
+        f.write(lines[3])  # a second writer appended idx 3 again
+    with pytest.raises(SystemExit, match=r"1 duplicated rows \(idx \[3\].*two writers.*delete .*h\.jsonl and"):
+        _cli(tiny["weak"], data_file, out)
+    from wmss_trl.selection import dataset_wd_ds_weights
+
+    with pytest.raises(ValueError, match="duplicate idx values.*Delete"):
+        dataset_wd_ds_weights(arithmetic_prompt_completion(10), [out, out], "entropy", "entropy")
+    # marked complete but rows missing: the missing ones are scored, not assumed done
+    with open(out, "w") as f:
+        f.writelines(lines[:7])
+    _cli(tiny["weak"], data_file, out)
+    assert "marked complete but holds 7 of 10 samples" in capsys.readouterr().out
+    assert sorted(_rows(out)) == list(range(10)) and len(open(out).read().splitlines()) == 10
+    # a row for a sample that is not in the dataset
+    with open(out, "a") as f:
+        f.write(json.dumps({"idx": 99, "entropy": 1.0, "num_tokens": 2}) + "\n")
+    with pytest.raises(SystemExit, match=r"idx values that are not in the dataset \(\[99\]"):
+        _cli(tiny["weak"], data_file, out)
+
+
+def test_cli_one_writer_per_output(tiny, tmp_path, data_file):
+    from test_io import hold_lock
+
+    out = tmp_path / "h.jsonl"
+    holder = hold_lock(f"{out}.lock")
+    try:
+        with pytest.raises(SystemExit, match=rf"being written by another process \(pid {holder.pid} "):
+            _cli(tiny["weak"], data_file, str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()  # refused before anything was written
+    _cli(tiny["weak"], data_file, str(out))  # the dead holder's lock is taken over
+    assert sorted(_rows(out)) == list(range(10))
+
+
+def pickle_only_checkpoint(tiny, folder):
+    """The weak tiny model saved the pre-safetensors way: config + pytorch_model.bin (a pickle) + tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    tiny["tokenizer"].save_pretrained(folder)
+    return folder
+
+
+def test_cli_refuses_a_pickle_only_model(tiny, tmp_path, data_file):
+    folder = pickle_only_checkpoint(tiny, tmp_path / "pickled")
+    with pytest.raises(SystemExit, match="pickle weights only.*safetensors"):
+        _cli(str(folder), data_file, str(tmp_path / "h.jsonl"))
+    with pytest.raises(SystemExit, match="lock_timeout"):
+        _cli(tiny["weak"], data_file, str(tmp_path / "h.jsonl"), "--lock_timeout", "nan")
+    assert not (tmp_path / "h.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import accelerate_launch  # noqa: E402
 from mine_common import VERIFIER, mining_prompts, parity_verifier  # noqa: E402
+from test_io import hold_lock  # noqa: E402
 
 from wmss_trl.negatives import MiningConfig, block_seed, combine_rewards, cut_at_eos, mine_negatives  # noqa: E402
 from wmss_trl.rewards import (  # noqa: E402
@@ -204,8 +205,57 @@ def test_resume_skips_done_chunks(models, tmp_path):
     finally:
         weak.generate = generate
 
-    with pytest.raises(ValueError, match="different settings.*config"):
-        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **{**SMALL, "num_samples": 3})
+    with pytest.raises(ValueError, match="made by something else.*config.num_samples: 4 -> 3.*delete"):
+        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path),
+                       **{**SMALL, "num_samples": 3})
+    # a chunk read back must hold exactly its prompts
+    chunk = tmp_path / "chunks" / "chunk-00001.jsonl"
+    lines = chunk.read_text().splitlines(keepends=True)
+    chunk.write_text("".join(lines[:-1]))
+    with pytest.raises(ValueError, match="chunk-00001.jsonl holds prompts .* but chunk 1 is prompts 4..7"):
+        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)
+
+
+def test_resume_refuses_chunks_made_by_other_weights_or_tokenizer(models, tmp_path):
+    """Same objects, same path, same settings, but other weights / dtype / tokenizer / prompt rows of the same length:
+    every one is refused, naming what differs."""
+    weak, strong, tok = models
+    prompts = mining_prompts(4)
+    out = str(tmp_path / "mined")
+    mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=out, **SMALL)
+    other_weak = build_tiny_model(tok, seed=5)  # same architecture and config (same _name_or_path when saved)
+    other_weak.config._name_or_path = weak.config._name_or_path
+    with pytest.raises(ValueError, match=r"weak_model.weights_sample_sha256: .* -> "):
+        mine_negatives(prompts, other_weak, strong, tok, [parity_verifier], output_dir=out, **SMALL)
+    with pytest.raises(ValueError, match=r'strong_model.dtype: "float32" -> "bfloat16"'):
+        mine_negatives(prompts, weak, AutoModelForCausalLM.from_pretrained(strong.config._name_or_path,
+                       dtype=torch.bfloat16), tok, [parity_verifier], output_dir=out, **SMALL)
+    with pytest.raises(ValueError, match=r"dataset.rows_sha256"):
+        shifted = mining_prompts(5).select(range(1, 5))  # 4 prompts too, other rows
+        mine_negatives(shifted, weak, strong, tok, [parity_verifier], output_dir=out, **SMALL)
+    tok2 = load_tokenizer(strong.config._name_or_path)
+    tok2.chat_template = tok.chat_template.replace("<|assistant|>", "<|assistant|>\n")
+    with pytest.raises(ValueError, match=r"tokenizer: "):
+        mine_negatives(prompts, weak, strong, tok2, [parity_verifier], output_dir=out, **SMALL)
+    _, summary = mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=out, **SMALL)
+    assert summary["resumed_chunks"] == summary["chunks"] == 1  # what made them is unchanged: reused
+
+
+def test_one_writer_per_output_dir(models, tmp_path):
+    """A live process holding the output's lock: mining refuses at once, naming its pid; once it is SIGKILLed, the
+    lock is taken over (a stale owner record is reported) and mining runs."""
+    weak, strong, tok = models
+    out = tmp_path / "mined"
+    holder = hold_lock(out / "wmss.lock")
+    try:
+        with pytest.raises(ValueError, match=rf"being written by another process \(pid {holder.pid} "):
+            mine_negatives(mining_prompts(4), weak, strong, tok, [parity_verifier], output_dir=str(out), **SMALL)
+    finally:
+        holder.kill()
+        holder.wait()
+    _, summary = mine_negatives(mining_prompts(4), weak, strong, tok, [parity_verifier], output_dir=str(out), **SMALL)
+    assert summary["num_prompts"] == 4
+    assert (out / "wmss.lock").read_text() == ""  # released
 
 
 def test_bad_input_is_a_clear_error(models, tiny, tmp_path):
@@ -261,6 +311,21 @@ def test_mine_negatives_command(tiny, tmp_path):
     assert summary["num_prompts"] == 6 and summary["pairs"] == len(mined) > 0
     assert numeric_accuracy_reward(completions=mined["rejected"], answer=mined["answer"]) == [0.0] * len(mined)
     assert mined["chosen"] == [str(a) for a in mined["answer"]]
+
+    # Provenance through the command: another --dtype, or other weights written at the same path, are refused
+    with pytest.raises(ValueError, match=r'weak_model.dtype: "float32" -> "bfloat16"'):
+        main([*argv, "--dtype", "bfloat16"])
+    weak_copy = tmp_path / "weak"
+    tok = load_tokenizer(tiny["weak"])
+    build_tiny_model(tok, seed=2).save_pretrained(weak_copy)
+    tok.save_pretrained(weak_copy)
+    argv = [a if a != tiny["weak"] else str(weak_copy) for a in argv]
+    out2 = tmp_path / "mined2"
+    argv = [a if a != str(out) else str(out2) for a in argv]
+    assert main(argv) == 0
+    build_tiny_model(tok, seed=9).save_pretrained(weak_copy)  # other weights, same path, same config
+    with pytest.raises(ValueError, match=r"weak_model.weights_sample_sha256"):
+        main(argv)
 
 
 @pytest.mark.distributed

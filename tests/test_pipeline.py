@@ -1,11 +1,14 @@
 """`wmss pipeline`: config merging, the embedded data, end to end on a tiny model (single process and 2-process
-ZeRO-3), skipping finished phases, resuming after an interrupted phase, and the bad-input stops."""
+ZeRO-3), skipping finished phases, resuming after an interrupted phase, the bad-input stops, one writer per run folder
+(a SIGKILLed driver leaves no orphan, a concurrent run is refused), and the provenance of reused phases."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from wmss_trl.recipes.pipeline import PHASES, load_config, main, make_arithmetic_rows
 
@@ -226,3 +230,155 @@ def test_pipeline_two_processes_zero3(pipeline_run, tmp_path):
     h0 = np.mean([r["entropy_0"] for r in sharded.values()])
     h1 = np.mean([r["entropy_1"] for r in entropy_rows(run / "entropy" / "strong.jsonl").values()])
     assert h1 < h0 - 0.5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One writer, children die with the driver, provenance of reused phases, checkpoint formats
+# ------------------------------------------------------------------------------------------------------------------
+def _given_models_config(tmp_path, num_samples):
+    """Base and strong models and a dataset given by the user (phase 1 skipped), so the entropy phase starts fast."""
+    from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+
+    tok = build_char_tokenizer()
+    base = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=1), tok,
+                                    str(tmp_path / "b"))
+    strong = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=2), tok,
+                                      str(tmp_path / "s"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(num_samples, max_operand=20)))
+    cfg = {**SMALL, "base_model": base, "strong_model": strong, "dataset": str(data),
+           "entropy": {"per_device_eval_batch_size": 2, "write_every": 16}, "wdjt": {"max_steps": 1}}
+    return write_config(tmp_path / "given.yaml", cfg)
+
+
+def _pipeline_cmd(config, output_dir):
+    return [sys.executable, "-m", "wmss_trl.cli", "pipeline", "--config", config, "--output_dir", str(output_dir)]
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _descendants(pid) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+            out += kids
+            todo += kids
+    return sorted(set(out))
+
+
+def _alive(pid) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", [None, pytest.param("ddp", marks=pytest.mark.distributed)])
+def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path, launch):
+    """SIGKILL of the driver only (not its group) during the entropy phase: its child dies with it (under
+    `accelerate launch`: the launcher and its workers, the writer being rank 0's worker), the re-run at once resumes,
+    and the entropy files hold exactly one row per sample. While that re-run lives, a second run on the folder is
+    refused, naming its pid."""
+    n = 3000
+    config = _given_models_config(tmp_path, n)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ent = run / "entropy" / "weak.jsonl"
+    first_log, rerun_log = open(tmp_path / "first.log", "w"), open(tmp_path / "rerun.log", "w")
+    extra = ["--launch_config", launch] if launch else []
+    driver = subprocess.Popen(_pipeline_cmd(config, run) + extra, stdout=first_log, stderr=subprocess.STDOUT, env=env,
+                              cwd=ROOT, start_new_session=True)
+    family, rerun = [], None
+    try:
+        _wait_for(lambda: ent.exists() and ent.stat().st_size > 0, 600, "the first entropy rows")
+        child = json.loads(Path(f"{ent}.lock").read_text())["pid"]  # the writer named in the entropy file's lock
+        family = _descendants(driver.pid)  # the phase process, and under accelerate the launcher and its workers
+        assert child in family and len(family) == (1 if launch is None else 3), family
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only: its child is in the same new session, not signalled
+        driver.wait()
+        assert not json.loads(Path(f"{ent}.meta.json").read_text())["complete"], "killed too late: use more samples"
+        _wait_for(lambda: not any(map(_alive, family)), 10, f"the orphaned phase processes {family} to exit")
+        rows_at_kill = len(ent.read_text().splitlines())
+        assert 0 < rows_at_kill < n
+
+        rerun = subprocess.Popen(_pipeline_cmd(config, run) + extra, stdout=rerun_log, stderr=subprocess.STDOUT, env=env,
+                                 cwd=ROOT, start_new_session=True)
+        _wait_for(lambda: "running" in (tmp_path / "rerun.log").read_text(), 300, "the re-run to start its phases")
+        second = subprocess.run(_pipeline_cmd(config, run), capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=300)
+        assert rerun.poll() is None, "the re-run ended before the concurrent run was tried: use more samples"
+        assert second.returncode != 0
+        assert f"being written by another process (pid {rerun.pid} " in second.stderr, second.stderr[-3000:]
+        assert rerun.wait(timeout=1200) == 0, (tmp_path / "rerun.log").read_text()[-6000:]
+    finally:
+        for proc in (driver, rerun):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        for pid in family:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        first_log.close()
+        rerun_log.close()
+    stdout = (tmp_path / "rerun.log").read_text()
+    assert f"resuming, {rows_at_kill} of {n} samples already scored" in stdout
+    for which in ("weak", "strong"):
+        idx = [json.loads(line)["idx"] for line in (run / "entropy" / f"{which}.jsonl").read_text().splitlines()]
+        assert len(idx) == n and sorted(idx) == list(range(n)), which
+    assert (run / "markers" / "wdjt.done.json").exists()
+
+
+def test_pickle_only_base_fails_before_any_phase(tiny, tmp_path):
+    from wmss_trl.recipes.pipeline import main
+
+    folder = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tiny["tokenizer"].save_pretrained(folder)
+    config = write_config(tmp_path / "c.yaml", {**SMALL, "base_model": str(folder)})
+    with pytest.raises(SystemExit, match="base_model checkpoint .*pickle weights only.*safetensors"):
+        main(["--config", config, "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before the run folder, and any phase, was made
+    config = write_config(tmp_path / "c.yaml", {**SMALL, "strong_model": str(folder)})
+    with pytest.raises(SystemExit, match="strong_model checkpoint .*pickle weights only"):
+        main(["--config", config, "--output_dir", str(tmp_path / "run")])
+
+
+@pytest.mark.slow
+def test_reused_phases_are_checked_against_what_made_them(pipeline_run, tmp_path):
+    """A finished phase whose output (or input) changed since it was marked done is not reused: the re-run stops
+    before launching anything, naming the phase, the artefact and the field, and says how to redo it."""
+    from wmss_trl.recipes.pipeline import main
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["dir"], run)
+    shutil.copy(run / "base" / "model.safetensors", run / "strong" / "model.safetensors")  # other strong weights
+    with pytest.raises(SystemExit, match=r"phase 'sft' \(outputs\).*strong\.weights\.model\.safetensors\..*"
+                                         r"Delete .*markers/sft\.done\.json and the markers of the later phases"):
+        main(["--config", pipeline_run["config"], "--output_dir", str(run)])
+
+    shutil.rmtree(run)
+    shutil.copytree(pipeline_run["dir"], run)
+    ent = run / "entropy" / "weak.jsonl"
+    rows = [json.loads(line) for line in ent.read_text().splitlines()]
+    rows[0]["entropy_0"] += 1.0
+    ent.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"phase 'entropy_weak' \(outputs\).*entropy_weak\.sha256"):
+        main(["--config", pipeline_run["config"], "--output_dir", str(run)])
+    assert (run / "logs" / "wdjt.log").read_text().count("\n$ ") == 1  # nothing was launched again

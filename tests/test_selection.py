@@ -361,3 +361,62 @@ def test_trainer_selection_errors(tiny, tmp_path, sft_dataset, entropy_file):
     with pytest.raises(ValueError, match="packing"):
         WMSSSFTConfig(output_dir=str(tmp_path), selection_mode="weighted_sampler", entropy_files=[path], packing=True,
                       use_cpu=True, bf16=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Provenance of the entropy files (their `wmss entropy` sidecars)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scored_files(tiny, tmp_path_factory):
+    """`wmss entropy` of the weak (entropy_0) and strong (entropy_1) tiny models on a 16-row dataset."""
+    from conftest import arithmetic_prompt_completion
+
+    from wmss_trl.recipes.entropy import main
+
+    root = tmp_path_factory.mktemp("scored")
+    data = str(root / "data.jsonl")
+    arithmetic_prompt_completion(16).to_json(data)
+    files = []
+    for model, column in ((tiny["weak"], "entropy_0"), (tiny["strong"], "entropy_1")):
+        out = str(root / f"{column}.jsonl")
+        main(["--model", model, "--dataset", data, "--output", out, "--entropy_column", column, "--bf16", "false",
+              "--progress", "false"])
+        files.append(out)
+    return files
+
+
+def test_entropy_files_of_another_dataset_are_refused(scored_files, tiny, tmp_path):
+    from conftest import arithmetic_prompt_completion
+
+    from wmss_trl.io import ProvenanceError
+
+    weights = dataset_wd_ds_weights(arithmetic_prompt_completion(16), scored_files)  # the rows they were made on
+    trainer = _trainer(tiny, tmp_path, arithmetic_prompt_completion(16), selection_mode="top_fraction",
+                       entropy_files=scored_files)
+    assert trainer.selection_stats["num_rows"] == 16
+    assert weights.shape == (16,) and weights.sum() == pytest.approx(1.0)
+    other = arithmetic_prompt_completion(16, offset=5)  # same length, other rows
+    with pytest.raises(ProvenanceError, match=r"entropy_0\.jsonl.*differs in: dataset\.rows_sha256: "):
+        dataset_wd_ds_weights(other, scored_files)
+    with pytest.raises(ValueError, match="another dataset than this training dataset.*wmss entropy --dataset"):
+        _trainer(tiny, tmp_path, other, selection_mode="resample", entropy_files=scored_files)
+
+
+def test_incomplete_or_inconsistent_entropy_files_are_refused(scored_files, tmp_path):
+    import shutil
+
+    from conftest import arithmetic_prompt_completion
+
+    ds = arithmetic_prompt_completion(16)
+    weak, strong = (shutil.copy(p, tmp_path) for p in scored_files)
+    for p in scored_files:
+        shutil.copy(p + ".meta.json", tmp_path)
+    meta = json.load(open(weak + ".meta.json"))
+    json.dump({**meta, "complete": False, "num_done": 8}, open(weak + ".meta.json", "w"))
+    with pytest.raises(ValueError, match=r"is incomplete \(8 of 16 samples\).*Re-run `wmss entropy`"):
+        dataset_wd_ds_weights(ds, [weak, strong])
+    json.dump(meta, open(weak + ".meta.json", "w"))
+    lines = open(weak).read().splitlines(keepends=True)
+    open(weak, "w").writelines(lines[:15])  # a row lost although the file says complete
+    with pytest.raises(ValueError, match="holds 15 samples but its sidecar says 16"):
+        dataset_wd_ds_weights(ds.select(range(15)), [weak])

@@ -22,7 +22,11 @@ from (seed, b). Blocks are spread round-robin over the processes of an ``acceler
 order, so the result does not depend on the number of processes (same hardware and kernels assumed).
 
 Resume: with ``output_dir``, every chunk of ``chunk_size`` prompts is written to ``output_dir/chunks/`` as soon as it
-is done; a re-run with the same settings skips the chunks that exist (different settings raise an error).
+is done (atomically, whole); a re-run skips the chunks that exist. ``output_dir/mining_config.json`` records what made
+them (``wmss_trl.io``: a fingerprint of the weak and strong weights as loaded, dtype included, the tokenizer, the
+prompt rows, the verifiers and every setting that changes the result); a re-run made by anything else is refused,
+naming what differs. Only one process writes an ``output_dir`` at a time (``output_dir/wmss.lock`` names it), and a
+chunk read back must hold exactly its prompts.
 """
 
 from __future__ import annotations
@@ -39,10 +43,22 @@ from typing import Any
 import torch
 
 from .entropy import token_nll, trained_positions
+from .io import (
+    LockedError,
+    ProvenanceError,
+    WriterLock,
+    check_provenance,
+    dataset_fingerprint,
+    loaded_model_fingerprint,
+    tokenizer_fingerprint,
+    write_json_atomic,
+)
 from .rewards import reward_func_name
 
 CHUNKS_DIR = "chunks"
 META_FILE = "mining_config.json"
+META_FORMAT = "wmss-mining/2"
+LOCK_FILE = "wmss.lock"
 SUMMARY_FILE = "summary.json"
 DATASET_DIR = "dataset"
 _NOT_OUTPUT_FIELDS = ("progress",)  # settings that do not change the mined data
@@ -445,18 +461,57 @@ def check_references(dataset, column: str) -> None:
         )
 
 
-def _content_hash(dataset, reference_column: str | None) -> str:
-    h = hashlib.sha256()
-    for name in ("prompt", reference_column):
-        if name:
-            h.update(json.dumps(dataset[name], sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def mining_provenance(prompts_dataset, weak_model, strong_model, tokenizer, funcs, ref_col, cfg) -> dict:
+    """What the mined chunks depend on: both models' weights as loaded (dtype included), the tokenizer, every column
+    of the prompt rows (the verifiers may read any), the verifiers and the settings that change the result."""
+    return {
+        "weak_model": loaded_model_fingerprint(weak_model),
+        "strong_model": loaded_model_fingerprint(strong_model) if strong_model is not None else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dataset": dataset_fingerprint(prompts_dataset),
+        "reference_column": ref_col,
+        "reward_funcs": [reward_func_name(f) for f in funcs],
+        "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_OUTPUT_FIELDS},
+    }
 
 
 def _model_id(model) -> str | None:
     if model is None:
         return None
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+def _open_output_dir(output_dir: str, provenance: dict, info: dict, chunk_prompts: list[range]) -> dict[int, list]:
+    """Main process, under the lock: check (or write) the provenance record, then read back the finished chunks,
+    each verified to hold exactly its prompts."""
+    chunk_dir = os.path.join(output_dir, CHUNKS_DIR)
+    os.makedirs(chunk_dir, exist_ok=True)
+    meta_path = os.path.join(output_dir, META_FILE)
+    how = (f"To start over, delete {output_dir} (or its {CHUNKS_DIR}/ and {META_FILE}), or use another output_dir.")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get("format") != META_FORMAT:
+            raise ProvenanceError(f"{output_dir} holds a mining run of format {old.get('format')!r} (not "
+                                  f"{META_FORMAT!r}) whose provenance is not recorded. {how}")
+        check_provenance(f"the mined chunks in {output_dir}", old["provenance"], provenance, how)
+    else:
+        stray = sorted(os.listdir(chunk_dir))
+        if stray:
+            raise ProvenanceError(f"{chunk_dir} holds chunks ({stray[:3]}...) but no {META_FILE}: what made them is "
+                                  f"unknown. {how}")
+        write_json_atomic(meta_path, {"format": META_FORMAT, "provenance": provenance, **info}, indent=2)
+    done = {}
+    for c, expected in enumerate(chunk_prompts):
+        path = os.path.join(chunk_dir, f"chunk-{c:05d}.jsonl")
+        if os.path.exists(path):
+            results = _read_chunk(path)
+            got = [r["index"] for r in results]
+            if got != list(expected):
+                raise ProvenanceError(f"{path} holds prompts {got[:5]}... but chunk {c} is prompts "
+                                      f"{expected.start}..{expected.stop - 1}. {how}")
+            done[c] = results
+    return done
 
 
 def summarize(results: list[dict], num_chunks: int, resumed_chunks: int, cfg: MiningConfig) -> dict:
@@ -487,13 +542,6 @@ def summarize(results: list[dict], num_chunks: int, resumed_chunks: int, cfg: Mi
         "rank_by": cfg.rank_by,
         "chosen": cfg.chosen,
     }
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _write_chunk(path: str, results: list[dict]) -> None:
@@ -547,9 +595,8 @@ def mine_negatives(
         ``accelerate launch`` returns the same result.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import broadcast_object_list
     from datasets import Dataset
-    from tqdm.auto import tqdm
 
     from .rewards import resolve_reward_funcs
     from .weak import check_weak_compatible
@@ -589,54 +636,55 @@ def mine_negatives(
     conversational = _is_conversational_prompt(prompts_dataset[0]["prompt"])
 
     state = PartialState()
+    n = len(prompts_dataset)
+    num_chunks = math.ceil(n / cfg.chunk_size)  # chunk_size is a multiple of batch_size
+
+    # Resume: rank 0 takes the output's lock, validates the folder and reads the finished chunks; everyone gets them
+    # by broadcast. The lock is held until the dataset is saved.
+    done: dict[int, list[dict]] = {}
+    lock = None
+    if output_dir is not None:
+        payload = [None]
+        if state.is_main_process:
+            try:
+                lock = WriterLock(os.path.join(output_dir, LOCK_FILE), f"the mining output {output_dir}").acquire()
+                provenance = mining_provenance(
+                    prompts_dataset, weak_model, strong_model, tokenizer, funcs, ref_col, cfg
+                )
+                info = {"num_prompts": n, "weak_model": _model_id(weak_model), "strong_model": _model_id(strong_model)}
+                size = cfg.chunk_size
+                chunk_prompts = [range(c * size, min((c + 1) * size, n)) for c in range(num_chunks)]
+                payload = [{"ok": _open_output_dir(output_dir, provenance, info, chunk_prompts)}]
+            except (LockedError, ProvenanceError) as e:
+                payload = [{"error": str(e)}]
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                payload = [{"error": f"{type(e).__name__}: {e}"}]
+        if state.num_processes > 1:
+            broadcast_object_list(payload, from_process=0)
+        if "error" in payload[0]:
+            if lock is not None:
+                lock.release()
+            raise ValueError(payload[0]["error"])
+        done = {int(k): v for k, v in payload[0]["ok"].items()}
+    try:
+        return _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
+                            output_dir, done, state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
+                 output_dir, done, state):
+    from accelerate.utils import gather_object
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
     world, rank = state.num_processes, state.process_index
     n = len(prompts_dataset)
     num_blocks = math.ceil(n / cfg.batch_size)
     blocks_per_chunk = cfg.chunk_size // cfg.batch_size
     num_chunks = math.ceil(num_blocks / blocks_per_chunk)
-
-    # Resume: rank 0 validates the folder and reads the finished chunks; everyone gets them by broadcast
-    done: dict[int, list[dict]] = {}
-    if output_dir is not None:
-        chunk_dir = os.path.join(output_dir, CHUNKS_DIR)
-        meta = {
-            "format": 1,
-            "num_prompts": n,
-            "data_sha256": _content_hash(prompts_dataset, ref_col),
-            "reference_column": ref_col,
-            "reward_funcs": [reward_func_name(f) for f in funcs],
-            "weak_model": _model_id(weak_model),
-            "strong_model": _model_id(strong_model),
-            "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_OUTPUT_FIELDS},
-        }
-        payload = [None]
-        if state.is_main_process:
-            try:
-                os.makedirs(chunk_dir, exist_ok=True)
-                meta_path = os.path.join(output_dir, META_FILE)
-                if os.path.exists(meta_path):
-                    with open(meta_path) as f:
-                        old = json.load(f)
-                    if old != json.loads(json.dumps(meta, default=str)):
-                        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != json.loads(json.dumps(meta.get(k), default=str)))
-                        raise ValueError(
-                            f"{output_dir} holds a mining run with different settings ({', '.join(diff)} differ); "
-                            "use another output_dir, or delete this one to start over."
-                        )
-                else:
-                    _write_json_atomic(meta_path, meta)
-                for c in range(num_chunks):
-                    path = os.path.join(chunk_dir, f"chunk-{c:05d}.jsonl")
-                    if os.path.exists(path):
-                        done[c] = _read_chunk(path)
-                payload = [{"ok": done}]
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                payload = [{"error": f"{type(e).__name__}: {e}"}]
-        if world > 1:
-            broadcast_object_list(payload, from_process=0)
-        if "error" in payload[0]:
-            raise ValueError(payload[0]["error"])
-        done = {int(k): v for k, v in payload[0]["ok"].items()}
 
     miner = _Miner(weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational)
     bar = tqdm(total=n, desc="mining negatives", disable=not (cfg.progress and state.is_main_process))
@@ -684,7 +732,7 @@ def mine_negatives(
         )
     dataset = Dataset.from_list(rows)
     if output_dir is not None and state.is_main_process:
-        _write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary)
+        write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary, indent=2)
         dataset.save_to_disk(os.path.join(output_dir, DATASET_DIR))
     if world > 1:
         state.wait_for_everyone()

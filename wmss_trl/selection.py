@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .io import check_provenance, dataset_fingerprint
+
 logger = logging.getLogger(__name__)
 
 ZERO_TOTAL = 1e-12  # what the official code puts in place of a zero normaliser
@@ -267,21 +269,62 @@ def read_entropy_file(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+META_SUFFIX = ".meta.json"  # the sidecar `wmss entropy` writes next to an entropy file
+META_FORMAT = "wmss-entropy/2"
+
+
+def read_entropy_meta(path: str, num_rows: int) -> dict | None:
+    """The provenance sidecar of an entropy file, VERIFIED against the file: the file must be marked complete and
+    hold ``num_rows`` distinct rows, as recorded. ``None`` (with a warning) for a file without a sidecar."""
+    meta_path = path + META_SUFFIX
+    if not os.path.isfile(meta_path):
+        logger.warning(f"entropy file {path!r} has no {META_SUFFIX} sidecar: what made it (model, dataset) cannot be "
+                       "checked. Files written by `wmss entropy` have one.")
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    redo = (f"Re-run `wmss entropy` with the same arguments to finish it, or delete {path} and {meta_path} to "
+            "recompute it.")
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"entropy file {path!r} has the sidecar format {meta.get('format')!r}, not {META_FORMAT!r}. "
+                         f"{redo}")
+    if not meta.get("complete"):
+        raise ValueError(f"entropy file {path!r} is incomplete ({meta.get('num_done')} of {meta.get('num_rows')} "
+                         f"samples). {redo}")
+    if meta.get("num_rows") != num_rows:
+        raise ValueError(
+            f"entropy file {path!r} holds {num_rows} samples but its sidecar says {meta.get('num_rows')}. {redo}"
+        )
+    return meta
+
+
 def merge_entropy_files(paths: Sequence[str], columns: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Join entropy files on ``idx`` and return ``(idx, {column: values})`` for the requested columns.
 
-    Each column must come from exactly one file; every file must hold the same idx set (they describe one dataset).
+    Each column must come from exactly one file; every file must hold the same idx set (they describe one dataset),
+    each idx once, and, when the files have ``wmss entropy`` sidecars, be complete and made from the same dataset rows.
     """
+    idx, found, _ = _merge_entropy_files(paths, columns)
+    return idx, found
+
+
+def _merge_entropy_files(paths, columns):
     if isinstance(paths, str):
         paths = [paths]
     if not paths:
         raise ValueError("no entropy file given: set `entropy_files` (the outputs of `wmss entropy`).")
-    idx_ref, found = None, {}
+    idx_ref, found, metas = None, {}, {}
     for path in paths:
         data = read_entropy_file(path)
         idx = data["idx"]
         if len(np.unique(idx)) != len(idx):
-            raise ValueError(f"entropy file {path!r} has duplicate idx values.")
+            raise ValueError(
+                f"entropy file {path!r} has duplicate idx values ({len(idx) - len(np.unique(idx))} extra rows): two "
+                f"writers appended to it. Delete {path} and its {META_SUFFIX} sidecar and recompute it."
+            )
+        meta = read_entropy_meta(path, len(idx))
+        if meta is not None:
+            metas[path] = meta
         order = np.argsort(idx)
         if idx_ref is None:
             idx_ref = idx[order]
@@ -295,7 +338,15 @@ def merge_entropy_files(paths: Sequence[str], columns: Sequence[str]) -> tuple[n
     missing = [c for c in columns if c not in found]
     if missing:
         raise ValueError(f"entropy column(s) {missing} not found in {list(paths)}.")
-    return idx_ref, found
+    if len(metas) > 1:
+        (first, m0), *rest = metas.items()
+        for path, meta in rest:
+            check_provenance(
+                f"entropy file {path!r}", {"dataset": m0["provenance"]["dataset"]},
+                {"dataset": meta["provenance"]["dataset"]},
+                f"It was computed on another dataset than {first!r}; compute both on the same dataset.",
+            )
+    return idx_ref, found, metas
 
 
 def dataset_keys(dataset, idx_column: str = "idx") -> np.ndarray:
@@ -317,12 +368,23 @@ def dataset_wd_ds_weights(
 ) -> np.ndarray:
     """WD-DS weight of every row of ``dataset`` (float64, sums to 1), looked up by idx in the entropy file(s).
 
+    Files with a ``wmss entropy`` sidecar must be complete and made from exactly these rows (same rows' sha256): an
+    entropy file of another dataset, even of the same length, is refused (:class:`wmss_trl.io.ProvenanceError`).
     Rows whose entropies are null in both columns (``wmss entropy`` writes null for samples with no trained token,
     which TRL drops anyway) get weight 0. Raises ValueError when the files do not cover every row's idx, or when a
     row has one entropy but not the other.
     """
     keys = dataset_keys(dataset, idx_column)
-    idx, cols = merge_entropy_files(entropy_files, [weak_column, strong_column])
+    idx, cols, metas = _merge_entropy_files(entropy_files, [weak_column, strong_column])
+    if metas:
+        current = dataset_fingerprint(dataset)
+        for path, meta in metas.items():
+            check_provenance(
+                f"entropy file {path!r}", {"dataset": meta["provenance"]["dataset"]}, {"dataset": current},
+                "It was computed on another dataset than this training dataset. Compute the entropies of this dataset "
+                f"(`wmss entropy --dataset ...` into a new --output, or delete {path} and its {META_SUFFIX} sidecar), "
+                "or train on the dataset the file was made for.",
+            )
     pos = np.searchsorted(idx, keys)
     pos_clipped = np.minimum(pos, len(idx) - 1)
     covered = idx[pos_clipped] == keys

@@ -11,13 +11,16 @@ The scores cover exactly the tokens ``trl sft`` trains: the SFT flags (``--max_l
 Output: JSON lines ``{"idx": int, "<entropy_column>": float | null, "num_tokens": int}``, readable with
 ``datasets.load_dataset("json", data_files=...)``; null marks a sample with no trained token. The rows are appended
 in chunks of ``--write_every`` samples, so a re-run with the same ``--output`` skips the samples already scored and a
-complete file is left as is. A sidecar ``<output>.meta.json`` records the model and the dataset fingerprint: pointing
-``--output`` at a file written for another model, dataset, column or masking stops with an error.
+complete file is verified (exactly one row per sample) and left as is. A sidecar ``<output>.meta.json`` records what
+made the scores (``wmss_trl.io``: the weights' safetensors headers, sizes and mtimes, the dtype, the dataset rows'
+sha256, the column and masking settings): pointing ``--output`` at a file made by anything else stops with an error
+naming what differs. One writer at a time: ``<output>.lock`` names the process writing the file (``--lock_timeout``
+waits for it), a duplicated row is never appended, and a file with duplicated rows is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import math
 import os
@@ -25,10 +28,20 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, TrlParser
 
+from ..checks import check_float
+from ..io import (
+    ProvenanceError,
+    WriterLock,
+    check_provenance,
+    dataset_fingerprint,
+    die_with_parent,
+    model_fingerprint,
+    write_json_atomic,
+)
 from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
 
 META_SUFFIX = ".meta.json"
-META_FORMAT = "wmss-entropy/1"
+META_FORMAT = "wmss-entropy/2"
 MASK_FIELDS = ("max_length", "truncation_mode", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
                "chat_template_path", "pad_token")
 
@@ -55,6 +68,10 @@ class EntropyArguments:
     write_every: int = field(default=256, metadata={"help": "Samples scored between two appends to the output."})
     entropy_chunk_size: int = field(default=1024, metadata={"help": "Positions per fp32 entropy chunk."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process)."})
+    lock_timeout: float = field(
+        default=0.0,
+        metadata={"help": "Seconds to wait for another writer of --output to exit (0: refuse at once, naming it)."},
+    )
 
 
 def make_parser(prog: str = "wmss entropy") -> TrlParser:
@@ -62,36 +79,46 @@ def make_parser(prog: str = "wmss entropy") -> TrlParser:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fingerprints and the output file
+# Provenance and the output file
 # ---------------------------------------------------------------------------------------------------------------
-def dataset_fingerprint(dataset, batch_size: int = 1000) -> str:
-    """sha256 of the dataset's content (column names + rows as canonical JSON); independent of how it was loaded."""
-    h = hashlib.sha256(json.dumps(sorted(dataset.column_names)).encode())
-    h.update(str(len(dataset)).encode())
-    for batch in dataset.iter(batch_size=batch_size):
-        h.update(json.dumps(batch, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def resolved_dtype(model: str, sft_args: SFTConfig) -> str:
+    """The dtype the scored weights are loaded in: ``model_init_kwargs["dtype"]`` (TRL's default: float32), the
+    checkpoint's own dtype for ``"auto"``."""
+    dtype = (sft_args.model_init_kwargs or {}).get("dtype", "float32")
+    if dtype in ("auto", None):
+        with open(os.path.join(model, "config.json")) as f:
+            config = json.load(f)
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(dtype).removeprefix("torch.")
 
 
-def model_fingerprint(path: str) -> str:
-    """sha256 over the model folder's config and weight files (names and contents)."""
-    h = hashlib.sha256()
-    names = sorted(
-        f for f in os.listdir(path)
-        if f == "config.json" or f.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
-    )
-    if not names:
-        raise FileNotFoundError(f"{path!r} has no config.json or weight files; is it a model checkpoint folder?")
-    for name in names:
-        h.update(name.encode())
-        with open(os.path.join(path, name), "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
+def provenance(ent: EntropyArguments, sft_args: SFTConfig, dataset) -> dict:
+    """What makes the scores: the model weights, their dtype and autocast, the dataset rows, and the settings that
+    change a score (column names, split, the SFT masking fields)."""
+    return {
+        "model": model_fingerprint(ent.model),
+        "dtype": resolved_dtype(ent.model, sft_args),
+        "autocast": {"bf16": bool(sft_args.bf16), "fp16": bool(sft_args.fp16)},
+        "dataset": dataset_fingerprint(dataset),
+        "settings": {
+            "dataset_split": ent.dataset_split,
+            "entropy_column": ent.entropy_column,
+            "idx_column": ent.idx_column,
+            "masking": {k: getattr(sft_args, k, None) for k in MASK_FIELDS},
+        },
+    }
 
 
-def read_done(path: str) -> dict[int, dict]:
-    """Rows already in ``path`` keyed by idx. A torn last line (crash during a write) is cut off the file."""
+def start_over(output: str) -> str:
+    return (f"To start over, delete {output} and {output}{META_SUFFIX} (or choose another --output); they are "
+            "recomputed by the next run.")
+
+
+def read_rows(path: str, keys=None) -> dict[int, dict]:
+    """Rows of an entropy file keyed by idx, VERIFIED: each idx at most once and (given ``keys``, the dataset's idx
+    values) only idx values of the dataset; SystemExit otherwise. A torn last line (a crash mid-write) is cut off."""
     done: dict[int, dict] = {}
+    duplicated: list[int] = []
     if not os.path.exists(path):
         return done
     with open(path, "rb") as f:
@@ -104,64 +131,115 @@ def read_done(path: str) -> dict[int, dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             break
-        done[int(row["idx"])] = row
+        i = int(row["idx"])
+        if i in done:
+            duplicated.append(i)
+        done[i] = row
         good_end += len(line)
+    if duplicated:
+        raise SystemExit(
+            f"{path} holds {len(duplicated)} duplicated rows (idx {sorted(set(duplicated))[:5]}...): two writers "
+            f"appended to it at the same time. It cannot be trusted. {start_over(path)}"
+        )
+    if keys is not None:
+        extra = set(done) - {int(k) for k in keys}
+        if extra:
+            raise SystemExit(f"{path} holds rows for idx values that are not in the dataset ({sorted(extra)[:5]}...). "
+                             f"{start_over(path)}")
     if good_end != len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return done
 
 
-def append_rows(path: str, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class RowAppender:
+    """Appends rows to the entropy file, refusing an idx already in it and noticing any other writer (the file must
+    have exactly the size this writer left it at)."""
+
+    def __init__(self, path: str, done: set[int]):
+        self.path, self.done, self.size = path, set(done), os.path.getsize(path)
+
+    def append(self, rows: list[dict]) -> None:
+        new = [int(r["idx"]) for r in rows]
+        again = sorted(set(new) & self.done) or sorted({i for i in new if new.count(i) > 1})
+        if again:
+            raise RuntimeError(f"refusing to append idx {again[:5]} to {self.path}: already there.")
+        if os.path.getsize(self.path) != self.size:
+            raise RuntimeError(f"{self.path} changed size while this process was its only writer: another process "
+                               f"wrote to it. {start_over(self.path)}")
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(new)
+        self.size = os.path.getsize(self.path)
 
 
-def write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def check_meta(meta_path: str, expected: dict) -> dict | None:
-    """The existing sidecar (None if absent); SystemExit when it describes another model / dataset / masking."""
+def read_meta(meta_path: str, expected: dict) -> dict | None:
+    """The existing sidecar (None if absent); SystemExit naming every difference when it describes another model,
+    dtype, dataset or settings."""
     if not os.path.exists(meta_path):
         return None
+    output = meta_path[: -len(META_SUFFIX)]
     with open(meta_path) as f:
         meta = json.load(f)
-    for key in ("format", "model_fingerprint", "dataset_fingerprint", "entropy_column", "idx_column", "masking"):
-        if meta.get(key) != expected.get(key):
-            raise SystemExit(
-                f"{meta_path[: -len(META_SUFFIX)]} was written for another run ({key} differs: "
-                f"{meta.get(key)!r} in the file vs {expected.get(key)!r} now; model {meta.get('model')!r}, dataset "
-                f"{meta.get('dataset')!r}). Choose another --output, or delete the file and its {META_SUFFIX} sidecar "
-                "to recompute."
-            )
+    try:
+        if meta.get("format") != META_FORMAT:
+            raise ProvenanceError(f"{output} has the sidecar format {meta.get('format')!r}, not {META_FORMAT!r}. "
+                                  f"{start_over(output)}")
+        check_provenance(output, meta["provenance"], expected["provenance"], start_over(output))
+    except ProvenanceError as e:
+        raise SystemExit(str(e)) from e
     return meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------
+def _open_output(output: str, expected: dict, keys) -> list[int]:
+    """Main process, under the lock: check the sidecar, read and verify the rows already there (or create the file).
+    Returns the idx values already scored."""
+    meta_path = output + META_SUFFIX
+    meta = read_meta(meta_path, expected)
+    if meta is None and os.path.exists(output) and os.path.getsize(output) > 0:
+        raise SystemExit(f"{output} exists but has no {META_SUFFIX} sidecar: refusing to append to it. "
+                         f"{start_over(output)}")
+    if meta is None:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        open(output, "w").close()
+        write_json_atomic(meta_path, {**expected, "complete": False, "num_done": 0})
+        return []
+    done = read_rows(output, keys)
+    if meta.get("complete") and len(done) != len(keys):
+        print(f"{output}: marked complete but holds {len(done)} of {len(keys)} samples; scoring the missing ones.",
+              flush=True)
+        write_json_atomic(meta_path, {**expected, "complete": False, "num_done": len(done)})
+    return sorted(done)
+
+
 def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
     """Score ``ent.model`` on ``ent.dataset`` into ``ent.output``; returns the final meta. All processes call it."""
     from accelerate.utils import broadcast_object_list
-    from tqdm.auto import tqdm
 
     from ..entropy import EntropyScorer
+    from ..weak import require_safetensors
 
     if not ent.output.endswith((".jsonl", ".json")):
         raise SystemExit(f"--output must be a JSON-lines file ending in .jsonl, got {ent.output!r}.")
     if not os.path.isdir(ent.model):
         raise SystemExit(f"--model {ent.model!r} is not a local checkpoint folder.")
+    try:
+        require_safetensors(ent.model, "--model")
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     if ent.write_every < 1:
         raise SystemExit("--write_every must be >= 1.")
+    try:
+        ent.lock_timeout = check_float("--lock_timeout", ent.lock_timeout, low=0)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     output = os.path.abspath(ent.output)
-    meta_path = output + META_SUFFIX
     if sft_args.output_dir in (None, "", "trainer_output"):
         sft_args.output_dir = os.path.dirname(output)
 
@@ -174,45 +252,46 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
     keys = EntropyScorer._keys(dataset, ent.idx_column)
     state = sft_args.distributed_state  # set up with use_cpu as the trainer will be (never a bare PartialState())
 
-    expected = {
-        "format": META_FORMAT,
-        "model": os.path.abspath(ent.model),
-        "dataset": ent.dataset,
-        "dataset_split": ent.dataset_split,
-        "entropy_column": ent.entropy_column,
-        "idx_column": ent.idx_column,
-        "masking": {k: getattr(sft_args, k, None) for k in MASK_FIELDS},
-        "num_rows": len(dataset),
-    }
-    # Decide on the main process (hashing, reading the file), then tell everyone: the same work list on every rank.
-    decision = [None]
-    if state.is_main_process:
-        try:
-            expected["model_fingerprint"] = model_fingerprint(ent.model)
-            expected["dataset_fingerprint"] = dataset_fingerprint(dataset)
-            meta = check_meta(meta_path, expected)
-            if meta is None and os.path.exists(output) and os.path.getsize(output) > 0:
-                raise SystemExit(f"{output} exists but has no {META_SUFFIX} sidecar: refusing to append to it.")
-            done = read_done(output) if meta is not None else {}
-            if meta is None:
-                os.makedirs(os.path.dirname(output), exist_ok=True)
-                open(output, "w").close()
-                write_json(meta_path, {**expected, "complete": False, "num_done": 0})
-            decision = [{"expected": expected, "done": sorted(done), "error": None}]
-        except (SystemExit, Exception) as e:  # noqa: BLE001 - every rank must learn about it, not hang
-            decision = [{"error": f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else str(e)}]
-    if state.num_processes > 1:
-        decision = broadcast_object_list(decision)
-    if decision[0]["error"]:
-        raise SystemExit(decision[0]["error"])
-    expected, done = decision[0]["expected"], set(decision[0]["done"])
+    # Decide on the main process (lock, hashing, reading the file), then tell everyone: the same work list everywhere.
+    with contextlib.ExitStack() as stack:
+        decision = [None]
+        if state.is_main_process:
+            try:
+                lock = WriterLock(output + ".lock", f"the entropy file {output}")
+                stack.enter_context(lock.acquire(ent.lock_timeout))
+                expected = {
+                    "format": META_FORMAT,
+                    "provenance": provenance(ent, sft_args, dataset),
+                    "model": os.path.abspath(ent.model),
+                    "dataset": ent.dataset,
+                    "entropy_column": ent.entropy_column,
+                    "idx_column": ent.idx_column,
+                    "num_rows": len(dataset),
+                }
+                decision = [{"expected": expected, "done": _open_output(output, expected, keys), "error": None}]
+            except (SystemExit, Exception) as e:  # noqa: BLE001 - every rank must learn about it, not hang
+                decision = [{"error": f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else str(e)}]
+        if state.num_processes > 1:
+            decision = broadcast_object_list(decision)
+        if decision[0]["error"]:
+            raise SystemExit(decision[0]["error"])
+        return _score(ent, sft_args, dataset, keys, output, decision[0]["expected"], set(decision[0]["done"]))
 
+
+def _score(ent, sft_args, dataset, keys, output, expected, done) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..entropy import EntropyScorer
+
+    state = sft_args.distributed_state
+    meta_path = output + META_SUFFIX
     todo = [int(k) for k in keys if int(k) not in done]
     final = {**expected, "complete": True, "num_done": len(dataset)}
     if not todo:
         if state.is_main_process:
-            write_json(meta_path, final)
-            print(f"{output}: complete ({len(done)} samples), nothing to do.", flush=True)
+            write_json_atomic(meta_path, final)
+            print(f"{output}: complete ({len(done)} samples, verified: one row per sample), nothing to do.",
+                  flush=True)
         return final
     if done and state.is_main_process:
         print(f"{output}: resuming, {len(done)} of {len(dataset)} samples already scored.", flush=True)
@@ -221,30 +300,31 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
     scorer = EntropyScorer(ent.model, dataset, tokenizer, sft_args, ent.idx_column, ent.entropy_chunk_size)
     acc = scorer.accelerator
     acc.print(f"wmss entropy: {acc.num_processes} process(es), {acc.distributed_type.value}, {len(todo)} samples to score")
+    appender = RowAppender(output, done) if acc.is_main_process else None
     bar = tqdm(total=len(todo), desc=f"entropy {ent.entropy_column}", unit="sample",
                disable=not (ent.progress and acc.is_main_process) or not todo)
     for start in range(0, len(todo), ent.write_every):
         result = scorer.score(todo[start : start + ent.write_every], progress=bar)
         if acc.is_main_process:
-            rows = [
+            appender.append([
                 {"idx": int(i), ent.entropy_column: (None if math.isnan(h) else float(h)), "num_tokens": int(n)}
                 for i, h, n in zip(result["idx"], result["entropy"], result["num_tokens"])
-            ]
-            append_rows(output, rows)
+            ])
         acc.wait_for_everyone()
     bar.close()
 
     if acc.is_main_process:
-        n_lines = len(read_done(output))
-        if n_lines != len(dataset):
-            raise RuntimeError(f"{output} holds {n_lines} samples, expected {len(dataset)}.")
-        write_json(meta_path, final)
+        n_rows = len(read_rows(output, keys))
+        if n_rows != len(dataset):
+            raise RuntimeError(f"{output} holds {n_rows} samples, expected {len(dataset)}.")
+        write_json_atomic(meta_path, final)
         acc.print(f"entropies of {ent.model} written to {output} (column {ent.entropy_column!r}).")
     acc.wait_for_everyone()
     return final
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # started by `wmss pipeline`: stop when it stops
     ent, sft_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
     run(ent, sft_args)
     teardown()

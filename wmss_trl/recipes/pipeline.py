@@ -18,8 +18,14 @@ marker exists is skipped, so re-running the same command after a crash continues
 
 Every training / scoring phase runs in its own process: ``python -m wmss_trl.cli <command>``, or
 ``accelerate launch --config_file <launch.accelerate_config> -m wmss_trl.cli <command>`` (DDP, ZeRO-2, ZeRO-3), so
-no accelerate / DeepSpeed state leaks from one phase into the next. The run configuration is fingerprinted in
-``output_dir/wmss_pipeline.json``: an output dir that holds another run's files is refused.
+no accelerate / DeepSpeed state leaks from one phase into the next. Such a process dies with the driver (parent-death
+signal SIGTERM, also in accelerate's workers), and only one driver works in a run folder at a time (the lock
+``output_dir/wmss_pipeline.lock`` names its pid; each phase's writer holds a lock of its own too).
+
+Provenance: the run configuration and the user-given models / dataset are fingerprinted in
+``output_dir/wmss_pipeline.json`` (an output dir that holds another run's files is refused), and every phase marker
+records the fingerprints of what the phase read and wrote (``wmss_trl.io``); a finished phase is reused only while
+they still match, else the run stops naming what changed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,8 +45,24 @@ from pathlib import Path
 
 import yaml
 
+from ..io import (
+    PIPELINE_PID_ENV,
+    LockedError,
+    ProvenanceError,
+    WriterLock,
+    check_provenance,
+    child_dies_with,
+    die_with_parent,
+    model_fingerprint,
+    path_fingerprint,
+    write_json_atomic,
+)
+
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline_default.yaml")
 RUN_FILE = "wmss_pipeline.json"
+LOCK_FILE = "wmss_pipeline.lock"
+PHASE_LOCK_FILE = "phase.lock"
+CHILD_LOCK_TIMEOUT = 120.0  # seconds a phase waits for the writer of a killed earlier driver to exit
 PHASES = ("base", "data", "sft", "entropy_weak", "entropy_strong", "wd_ds", "wdjt")
 SECTIONS = ("toy_model", "toy_data", "launch", "common", "sft", "entropy", "selection", "wdjt")
 NOT_FINGERPRINTED = ("output_dir", "launch")
@@ -84,21 +107,9 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
     return cfg
 
 
-def path_fingerprint(path: str) -> str:
-    """sha256 of a file, or of every file of a folder (relative names + contents)."""
-    h = hashlib.sha256()
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
-    return h.hexdigest()
-
-
 def run_fingerprint(cfg: dict) -> tuple[str, dict]:
-    """What defines a run: the configuration (minus where it lives and how it is launched) and the content of the
-    user-given base model, strong model and dataset."""
+    """What defines a run: the configuration (minus where it lives and how it is launched) and the fingerprints of the
+    user-given base model, strong model (safetensors headers, sizes, mtimes) and dataset (content)."""
     ident = {k: v for k, v in cfg.items() if k not in NOT_FINGERPRINTED}
     for key in ("base_model", "strong_model", "dataset"):
         if cfg[key] is not None:
@@ -109,40 +120,64 @@ def run_fingerprint(cfg: dict) -> tuple[str, dict]:
     return hashlib.sha256(blob.encode()).hexdigest(), ident
 
 
-def claim_output_dir(cfg: dict) -> None:
-    """Create the run folder, or check that the existing one belongs to this very run."""
+def check_checkpoint_formats(cfg: dict) -> None:
+    """The user-given base and strong models must be safetensors checkpoints (checked before any phase runs)."""
+    from ..weak import require_safetensors
+
+    for key in ("base_model", "strong_model"):
+        try:
+            require_safetensors(cfg[key], key)
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
+
+
+def claim_output_dir(cfg: dict) -> WriterLock:
+    """Create the run folder, or check that the existing one belongs to this very run; returns the folder's writer
+    lock, held (refused, naming the owner, when another driver works in the folder)."""
     out = Path(cfg["output_dir"])
     fingerprint, ident = run_fingerprint(cfg)
     run_file = out / RUN_FILE
+    if out.exists() and any(out.iterdir()) and not run_file.exists() and not (out / LOCK_FILE).exists():
+        raise SystemExit(
+            f"{out} is not empty and holds no {RUN_FILE}: it is not a WMSS pipeline run folder. Use an empty or new "
+            "output_dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(out / LOCK_FILE, f"the pipeline run folder {out}")
+    try:
+        lock.acquire()
+    except LockedError as e:
+        raise SystemExit(str(e)) from e
+    try:
+        _claim_locked(out, run_file, fingerprint, ident, cfg)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _claim_locked(out: Path, run_file: Path, fingerprint: str, ident: dict, cfg: dict) -> None:
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous["fingerprint"] != fingerprint:
             old = previous.get("identity", {})
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            diff = sorted(k for k in set(old) | set(ident) if json.dumps(old.get(k), sort_keys=True, default=str)
+                          != json.dumps(ident.get(k), sort_keys=True, default=str))
             raise SystemExit(
                 f"{out} holds another WMSS pipeline run (different {', '.join(diff)}). Use a new output_dir, or "
                 "delete that folder to start over."
             )
         log(f"continuing the run in {out}")
         return
-    if out.exists() and any(out.iterdir()):
+    if any(p.name != LOCK_FILE for p in out.iterdir()):
         raise SystemExit(
             f"{out} is not empty and holds no {RUN_FILE}: it is not a WMSS pipeline run folder. Use an empty or new "
             "output_dir."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "markers").mkdir()
-    (out / "configs").mkdir()
-    (out / "logs").mkdir()
-    write_json(run_file, {"fingerprint": fingerprint, "identity": ident, "config": cfg})
+    for sub in ("markers", "configs", "logs"):
+        (out / sub).mkdir(exist_ok=True)
+    write_json_atomic(run_file, {"fingerprint": fingerprint, "identity": ident, "config": cfg})
     log(f"new run in {out}")
-
-
-def write_json(path, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def write_yaml(path, obj) -> str:
@@ -188,8 +223,53 @@ class Run:
     def done(self, phase: str) -> bool:
         return self.marker(phase).exists()
 
-    def mark(self, phase: str, seconds: float, **info) -> None:
-        write_json(self.marker(phase), {"phase": phase, "seconds": round(seconds, 2), **info})
+    def mark(self, phase: str, seconds: float, inputs: dict, **info) -> None:
+        """Mark ``phase`` done, with the fingerprints of what it read (``inputs``) and wrote (``outputs``)."""
+        write_json_atomic(self.marker(phase), {"phase": phase, "seconds": round(seconds, 2), "inputs": inputs,
+                                               "outputs": self.fingerprints(PHASE_OUTPUTS[phase]), **info})
+
+    def path_of(self, name: str) -> str:
+        return {"weak": self.weak, "data": self.data, "strong": self.strong, "entropy_weak": self.entropy("weak"),
+                "entropy_strong": self.entropy("strong"), "wd_ds": self.merged, "final": self.final}[name]
+
+    def fingerprints(self, names) -> dict:
+        """Fingerprints (``wmss_trl.io.path_fingerprint``) of the named artefacts of the run."""
+        out = {}
+        for name in names:
+            path = self.path_of(name)
+            out[name] = model_fingerprint(path) if name in ("weak", "strong", "final") else path_fingerprint(path)
+        return out
+
+    def check_reuse(self, phase: str) -> None:
+        """A finished phase is reused only while what it read and wrote is unchanged; else SystemExit naming it."""
+        with open(self.marker(phase)) as f:
+            marker = json.load(f)
+        later = PHASES[PHASES.index(phase):]
+        how = (f"Delete {self.marker(phase)} and the markers of the later phases ({', '.join(later[1:]) or 'none'}) "
+               f"to redo them from this phase, or use a new output_dir to start over.")
+        for kind, names in (("inputs", PHASE_INPUTS[phase]), ("outputs", PHASE_OUTPUTS[phase])):
+            if kind not in marker:
+                raise SystemExit(f"{self.marker(phase)} records no fingerprints (written by an older wmss_trl). {how}")
+            try:
+                current = self.fingerprints(names)
+            except FileNotFoundError as e:
+                raise SystemExit(f"phase {phase!r} is marked done but its {kind[:-1]} is missing: {e} {how}") from e
+            try:
+                check_provenance(f"phase {phase!r} ({kind})", marker[kind], current, how)
+            except ProvenanceError as e:
+                raise SystemExit(str(e)) from e
+
+
+# What each phase reads and writes, by artefact name (Run.path_of)
+PHASE_INPUTS = {
+    "base": (), "data": (), "sft": ("weak", "data"), "entropy_weak": ("weak", "data"),
+    "entropy_strong": ("strong", "data"), "wd_ds": ("entropy_weak", "entropy_strong"),
+    "wdjt": ("weak", "strong", "data", "wd_ds"),
+}
+PHASE_OUTPUTS = {
+    "base": ("weak",), "data": ("data",), "sft": ("strong",), "entropy_weak": ("entropy_weak",),
+    "entropy_strong": ("entropy_strong",), "wd_ds": ("wd_ds",), "wdjt": ("final",),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,19 +337,30 @@ def launch_prefix(cfg: dict) -> list[str]:
 
 
 def run_command(run: Run, phase: str, args: list[str]) -> None:
-    """Run ``wmss <args>`` (launched as configured); the output goes to the terminal and to logs/<phase>.log."""
+    """Run ``wmss <args>`` (launched as configured); the output goes to the terminal and to logs/<phase>.log.
+
+    The child dies with the driver: the kernel sends it SIGTERM when the driver exits, even by SIGKILL
+    (``PR_SET_PDEATHSIG``, see :func:`wmss_trl.io.child_dies_with`), and so do accelerate's workers (they inherit
+    ``WMSS_PIPELINE_PID`` and set the same signal, :func:`wmss_trl.io.die_with_parent`). On any other exit of the
+    driver (an exception, Ctrl-C) the child is terminated and waited for."""
     cmd = launch_prefix(run.cfg) + args
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), PIPELINE_PID_ENV: str(os.getpid())}
     log_path = run.dir / "logs" / f"{phase}.log"
     log(f"{phase}: {' '.join(cmd)}")
     with open(log_path, "ab") as logf:
         logf.write(f"\n$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        while chunk := proc.stdout.read1(65536):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            logf.write(chunk)
-        rc = proc.wait()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=child_dies_with(os.getpid()))
+        try:
+            while chunk := proc.stdout.read1(65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                logf.write(chunk)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
     if rc != 0:
         raise SystemExit(f"phase {phase!r} failed (exit code {rc}); see {log_path}. Re-run the same command to "
                          "continue from this phase.")
@@ -300,6 +391,18 @@ def phase_sft(run: Run) -> dict:
     if not os.path.isfile(os.path.join(run.strong, "config.json")):
         raise SystemExit(f"phase 1 finished but {run.strong} holds no model.")
     return {"strong_model": run.strong, "trained": True}
+
+
+def phase_lock(run: Run) -> WriterLock | None:
+    """The lock a launched training phase holds on the run folder's phases (main process only): a phase started by a
+    re-run waits until the process of a killed earlier driver has exited."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = WriterLock(run.dir / PHASE_LOCK_FILE, f"the training phases of {run.dir}")
+    try:
+        return lock.acquire(CHILD_LOCK_TIMEOUT)
+    except LockedError as e:
+        raise SystemExit(str(e)) from e
 
 
 def worker_sft(run: Run) -> int:
@@ -348,7 +451,7 @@ def phase_entropy(run: Run, which: str) -> dict:
     output = run.entropy(which)
     run_command(run, f"entropy_{which}", [
         "entropy", "--config", entropy_config(run), "--model", model, "--dataset", run.data, "--output", output,
-        "--entropy_column", column, "--progress", "false",
+        "--entropy_column", column, "--progress", "false", "--lock_timeout", str(CHILD_LOCK_TIMEOUT),
     ])
     with open(output + ".meta.json") as f:
         if not json.load(f)["complete"]:
@@ -363,7 +466,8 @@ def phase_wd_ds(run: Run) -> dict:
     from ..selection import merge_entropy_files, resample_indices, unique_count, wd_ds_weights
 
     sel = run.cfg["selection"]
-    idx, cols = merge_entropy_files([run.entropy("weak"), run.entropy("strong")], ["entropy_0", "entropy_1"])
+    sources = [run.entropy("weak"), run.entropy("strong")]
+    idx, cols = merge_entropy_files(sources, ["entropy_0", "entropy_1"])
     h0, h1 = cols["entropy_0"], cols["entropy_1"]
     valid = ~np.isnan(h0) & ~np.isnan(h1)
     weights = np.zeros(len(idx))
@@ -376,6 +480,13 @@ def phase_wd_ds(run: Run) -> dict:
             f.write(json.dumps({"idx": i, "entropy_0": None if nan else a, "entropy_1": None if b != b else b,
                                 "wd_ds_weight": w}) + "\n")
     os.replace(f"{run.merged}.tmp", run.merged)
+    with open(sources[0] + ".meta.json") as f:
+        dataset_provenance = json.load(f)["provenance"]["dataset"]  # the same in both: merge_entropy_files checked it
+    write_json_atomic(run.merged + ".meta.json", {
+        "format": "wmss-entropy/2", "complete": True, "num_rows": int(len(idx)), "num_done": int(len(idx)),
+        "entropy_column": ["entropy_0", "entropy_1", "wd_ds_weight"], "idx_column": "idx",
+        "provenance": {"dataset": dataset_provenance, "sources": run.fingerprints(["entropy_weak", "entropy_strong"])},
+    })
     dh = (h1 - h0)[valid]
     draw = resample_indices(weights, sel.get("selection_multiplier", 1.0), sel.get("selection_seed", 42))
     summary = {
@@ -388,7 +499,7 @@ def phase_wd_ds(run: Run) -> dict:
         "max_weight_times_n": float(weights.max() * valid.sum()),
         "unique_samples_in_resample": unique_count(draw),
     }
-    write_json(run.dir / "wd_ds" / "summary.json", summary)
+    write_json_atomic(run.dir / "wd_ds" / "summary.json", summary)
     log("WD-DS: " + json.dumps(summary))
     return {"output": run.merged, **summary}
 
@@ -411,7 +522,7 @@ def phase_wdjt(run: Run) -> dict:
     if checkpoint:
         cfg["resume_from_checkpoint"] = checkpoint
     config = write_yaml(run.dir / "configs" / "wdjt.yaml", cfg)
-    run_command(run, "wdjt", ["sft", "--config", config])
+    run_command(run, "wdjt", ["pipeline", "--phase", "wdjt", "--output_dir", str(run.dir), "--config", config])
     if not os.path.isfile(os.path.join(run.final, "config.json")):
         raise SystemExit(f"WD-JT finished but {run.final} holds no model.")
     return {"final_model": run.final}
@@ -421,8 +532,12 @@ def phase_wdjt(run: Run) -> dict:
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 def drive(cfg: dict) -> dict:
-    claim_output_dir(cfg)
-    run = Run(cfg)
+    check_checkpoint_formats(cfg)
+    with claim_output_dir(cfg):
+        return _drive(Run(cfg))
+
+
+def _drive(run: Run) -> dict:
     steps = {
         "base": lambda: phase_base(run),
         "data": lambda: phase_data(run),
@@ -436,15 +551,17 @@ def drive(cfg: dict) -> dict:
     start_all = time.time()
     for phase in PHASES:
         if run.done(phase):
+            run.check_reuse(phase)
             log(f"{phase}: complete, skipped")
             continue
         if phase == "entropy_weak":  # before any cross-model work: the pair must share a tokenizer
             check_pair(run)
         start = time.time()
         log(f"{phase}: running")
+        inputs = run.fingerprints(PHASE_INPUTS[phase])
         info = steps[phase]()
         timings[phase] = time.time() - start
-        run.mark(phase, timings[phase], **info)
+        run.mark(phase, timings[phase], inputs, **info)
         log(f"{phase}: done in {timings[phase]:.1f} s")
     total = time.time() - start_all
     log(f"finished in {total:.1f} s; final model: {run.final}")
@@ -459,15 +576,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch_config", help="accelerate config for every phase: ddp, zero2, zero3 or a path.")
     p.add_argument("--num_processes", type=int, help="Processes per launched phase (overrides the launch config).")
     p.add_argument("--print_config", action="store_true", help="Print the resolved configuration and exit.")
-    p.add_argument("--phase", choices=["sft"], help=argparse.SUPPRESS)  # internal: the launched phase-1 worker
+    p.add_argument("--phase", choices=["sft", "wdjt"], help=argparse.SUPPRESS)  # internal: a launched phase worker
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = make_parser().parse_args(argv)
     if opts.phase is not None:  # inside a launched phase: the run folder already holds the configuration
+        die_with_parent()
         with open(Path(opts.output_dir) / RUN_FILE) as f:
-            return worker_sft(Run(json.load(f)["config"]))
+            run = Run(json.load(f)["config"])
+        lock = phase_lock(run)
+        try:
+            if opts.phase == "sft":
+                return worker_sft(run)
+            from .sft import main as sft_main
+
+            return sft_main(["--config", opts.config])
+        finally:
+            if lock is not None:
+                lock.release()
     if "LOCAL_RANK" in os.environ:
         raise SystemExit(
             "`wmss pipeline` launches every phase itself; run it as a plain command, and give the accelerate "

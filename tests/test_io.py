@@ -1,0 +1,176 @@
+"""wmss_trl.io: the one-writer lock (real processes, real SIGKILL), fingerprints, provenance diffs, atomic JSON, and
+the parent-death signal of the processes the pipeline starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from wmss_trl.io import (
+    LockedError,
+    ProvenanceError,
+    WriterLock,
+    check_provenance,
+    dataset_fingerprint,
+    loaded_model_fingerprint,
+    model_fingerprint,
+    provenance_diff,
+    write_json_atomic,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# wmss_trl/io.py loaded on its own (no package import: a subprocess starts in a fraction of a second)
+LOAD_IO = (f"import importlib.util as u; s = u.spec_from_file_location('wio', {str(ROOT / 'wmss_trl' / 'io.py')!r}); "
+           "io = u.module_from_spec(s); s.loader.exec_module(io)")
+HOLDER = LOAD_IO + """
+import sys, time
+io.WriterLock(sys.argv[1], "test target").acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(lock_path) -> subprocess.Popen:
+    """A real process that takes the writer lock on ``lock_path`` and sleeps; returns once it holds it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_a_live_owner_naming_it_and_takes_over_after_sigkill(tmp_path, capfd):
+    lock_path = tmp_path / "out" / "x.lock"
+    holder = hold_lock(lock_path)
+    try:
+        with pytest.raises(LockedError, match=rf"being written by another process \(pid {holder.pid} on .*command: "):
+            WriterLock(lock_path, "x").acquire()
+        start = time.monotonic()
+        with pytest.raises(LockedError, match=f"kill {holder.pid}"):
+            WriterLock(lock_path, "x").acquire(timeout=1.0)  # waits, then refuses
+        assert time.monotonic() - start >= 1.0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the kernel released the dead holder's lock; its owner record is still there: a stale lock, taken over
+    assert json.loads(lock_path.read_text())["pid"] == holder.pid
+    capfd.readouterr()
+    with WriterLock(lock_path, "x").acquire() as lock:
+        assert f"stale lock on x left by pid {holder.pid}" in capfd.readouterr().err
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}"):  # a second writer in the same process too
+            WriterLock(lock_path, "x").acquire()
+    assert lock_path.read_text() == ""  # a clean release leaves no owner
+    with WriterLock(lock_path, "x").acquire():
+        assert "stale" not in capfd.readouterr().err
+
+
+def test_lock_waits_for_a_dying_owner(tmp_path):
+    lock_path = tmp_path / "x.lock"
+    holder = hold_lock(lock_path)
+    killer = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(1); os.kill({holder.pid}, 9)"])
+    try:
+        WriterLock(lock_path, "x").acquire(timeout=30).release()
+    finally:
+        killer.wait()
+        holder.kill()
+        holder.wait()
+
+
+def test_provenance_diff_names_every_leaf():
+    old = {"model": {"weights": {"a.safetensors": {"size": 1, "mtime_ns": 5}}}, "dtype": "float32",
+           "dataset": {"rows_sha256": "x", "datasets_fingerprint": "f1"}, "settings": {"k": [1, 2]}}
+    new = json.loads(json.dumps(old))
+    assert provenance_diff(old, new) == []
+    new["dataset"]["datasets_fingerprint"] = "f2"  # a hint only, never compared
+    assert provenance_diff(old, new) == []
+    new["model"]["weights"]["a.safetensors"]["mtime_ns"] = 6
+    new["dtype"] = "bfloat16"
+    new["settings"]["k"] = (1, 3)
+    assert provenance_diff(old, new) == [
+        'dtype: "float32" -> "bfloat16"', "model.weights.a.safetensors.mtime_ns: 5 -> 6",
+        "settings.k: [1, 2] -> [1, 3]",
+    ]
+    with pytest.raises(ProvenanceError, match=r"thing.*dtype: \"float32\" -> \"bfloat16\".*Delete it\."):
+        check_provenance("thing", old, new, "Delete it.")
+
+
+def test_model_fingerprint_sees_rewritten_weights_not_copies(tiny, tmp_path):
+    import shutil
+
+    from wmss_trl.toy import build_tiny_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny["weak"], folder)  # copy2 keeps mtimes: the same fingerprint
+    assert model_fingerprint(folder) == model_fingerprint(tiny["weak"])
+    fp = model_fingerprint(folder)
+    assert set(fp["weights"]) == {"model.safetensors"} and fp["weights"]["model.safetensors"]["header_sha256"]
+    time.sleep(0.01)
+    build_tiny_model(tiny["tokenizer"], seed=7).save_pretrained(folder)  # same shapes and header, other values
+    new = model_fingerprint(folder)
+    assert new["weights"]["model.safetensors"]["header_sha256"] == fp["weights"]["model.safetensors"]["header_sha256"]
+    assert any("mtime_ns" in d for d in provenance_diff(fp, new))
+
+
+def test_loaded_model_and_dataset_fingerprints(tiny):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    b = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    assert loaded_model_fingerprint(a) == loaded_model_fingerprint(b)
+    strong = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    assert loaded_model_fingerprint(a) != loaded_model_fingerprint(strong)
+    assert loaded_model_fingerprint(a.to(torch.bfloat16))["dtype"] == "bfloat16"
+    rows = [{"q": str(i), "a": i} for i in range(5)]
+    d1, d2 = Dataset.from_list(rows), Dataset.from_dict({"a": list(range(5)), "q": [str(i) for i in range(5)]})
+    strip = lambda fp: {k: v for k, v in fp.items() if k != "datasets_fingerprint"}  # noqa: E731
+    assert strip(dataset_fingerprint(d1)) == strip(dataset_fingerprint(d2))  # same rows, however built
+    d3 = Dataset.from_list([{**r, "a": r["a"] + 1} for r in rows])
+    assert provenance_diff(dataset_fingerprint(d1), dataset_fingerprint(d3))[0].startswith("rows_sha256:")
+
+
+def test_write_json_atomic_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "m.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": {(1, 2): 3}})  # fails halfway through the dump (tuple key)
+    assert json.loads(path.read_text()) == {"a": 1}  # the failed write did not touch the file
+
+
+def test_pipeline_children_die_with_the_driver(tmp_path):
+    """A driver that starts a child (and the child a grandchild, like accelerate launch) the way `wmss pipeline`
+    does, then is SIGKILLed: both die."""
+    script = tmp_path / "driver.py"
+    script.write_text(LOAD_IO + f"""
+import os, subprocess, sys, time
+grand = {LOAD_IO!r} + "; io.die_with_parent(); print(io.os.getpid(), flush=True); io.time.sleep(600)"
+child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', sys.argv[1]]); p.wait()"
+env = {{**os.environ, io.PIPELINE_PID_ENV: str(os.getpid())}}
+proc = subprocess.Popen([sys.executable, "-c", child, grand], env=env, preexec_fn=io.child_dies_with(os.getpid()))
+print(proc.pid, flush=True)
+proc.wait()
+""")
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child_pid, grand_pid = int(driver.stdout.readline()), int(driver.stdout.readline())
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 20
+    alive = {child_pid, grand_pid}
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)}
+        time.sleep(0.1)
+    for pid in alive:  # do not leave them running when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"orphans survived the driver: {alive}"
+
+
+def _state(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
