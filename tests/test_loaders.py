@@ -34,7 +34,8 @@ def test_single_file_is_the_train_split(tmp_path):
 def test_any_format_datasets_reads(tmp_path):
     """The builder comes from `datasets` (here the tab-separated csv builder), not from a list of ours."""
     (tmp_path / "d.tsv").write_text("prompt\tanswer\n1+1=\t2\n2+2=\t4\n")
-    assert load(tmp_path / "d.tsv")["train"].to_list() == [{"prompt": "1+1=", "answer": 2}, {"prompt": "2+2=", "answer": 4}]
+    rows = [{"prompt": "1+1=", "answer": 2}, {"prompt": "2+2=", "answer": 4}]
+    assert load(tmp_path / "d.tsv")["train"].to_list() == rows
 
 
 def test_folder_of_data_files_has_its_splits(tmp_path):
@@ -45,7 +46,8 @@ def test_folder_of_data_files_has_its_splits(tmp_path):
 
 
 def test_saved_folders_load_from_disk(tmp_path):
-    DatasetDict({"train": Dataset.from_list(ROWS[:2]), "test": Dataset.from_list(ROWS[2:])}).save_to_disk(tmp_path / "dd")
+    saved = DatasetDict({"train": Dataset.from_list(ROWS[:2]), "test": Dataset.from_list(ROWS[2:])})
+    saved.save_to_disk(tmp_path / "dd")
     assert load(tmp_path / "dd")["test"].to_list() == ROWS[2:]
     Dataset.from_list(ROWS).save_to_disk(tmp_path / "ds")
     assert load(tmp_path / "ds")["train"].to_list() == ROWS

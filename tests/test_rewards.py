@@ -1,4 +1,5 @@
-"""Reward functions by name: TRL's verifiers under TRL's names, ours only for what TRL's `accuracy_reward` cannot read."""
+"""Reward functions by name: TRL's verifiers under TRL's names; ours only for what TRL's `accuracy_reward` cannot
+read."""
 
 import pytest
 import trl.rewards

@@ -5,6 +5,10 @@ parsed by TRL's ``TrlParser`` (same keys as ``trl sft|grpo|dpo``). Run it under 
 (``accelerate launch --config_file ds_configs/zero3.yaml -m wmss_trl.cli sft --config run.yaml``), or let the
 command relaunch itself: ``wmss sft --config run.yaml --accelerate_config zero3`` (a name from
 ``wmss_trl/accelerate_configs`` (ddp, zero2, zero3) or a path; ``--num_processes N`` overrides the config's).
+
+The commands hide the pinned libraries' own deprecation notices (:data:`THIRD_PARTY_DEPRECATIONS`, each raised by
+TRL, DeepSpeed or accelerate calling an old name inside its own code); set ``PYTHONWARNINGS=default`` (or pass
+``python -W ...``) to see every warning.
 """
 
 from __future__ import annotations

@@ -181,7 +181,12 @@ math_verify_reward.__doc__ = (
 def _registry() -> dict[str, Callable]:
     """Ours, plus TRL's verifiers under the names ``trl grpo --reward_funcs`` gives them (trl/scripts/grpo.py, where
     the registry is local to ``main`` and cannot be imported), with the same arguments."""
-    from trl.rewards import accuracy_reward, get_soft_overlong_punishment, reasoning_accuracy_reward, think_format_reward
+    from trl.rewards import (
+        accuracy_reward,
+        get_soft_overlong_punishment,
+        reasoning_accuracy_reward,
+        think_format_reward,
+    )
 
     return {
         "numeric_accuracy_reward": numeric_accuracy_reward,

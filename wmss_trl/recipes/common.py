@@ -16,8 +16,9 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A local .json/.jsonl/.parquet file, a folder saved with `save_to_disk`, a hub dataset "
-                  "name, or `wmss:arith` for the embedded arithmetic task."},
+        metadata={"help": "A local data file (any format `datasets` reads: .json/.jsonl/.parquet/.csv/.tsv...), a "
+                  "folder of data files, a folder saved with `save_to_disk`, a hub dataset name, or `wmss:arith` for "
+                  "the embedded arithmetic task."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
