@@ -5,6 +5,10 @@ parsed by TRL's ``TrlParser`` (same keys as ``trl sft|grpo|dpo``). Run it under 
 (``accelerate launch --config_file ds_configs/zero3.yaml -m wmss_trl.cli sft --config run.yaml``), or let the
 command relaunch itself: ``wmss sft --config run.yaml --accelerate_config zero3`` (a name from
 ``wmss_trl/accelerate_configs`` (ddp, zero2, zero3) or a path; ``--num_processes N`` overrides the config's).
+
+The commands hide the pinned libraries' own deprecation notices (:data:`THIRD_PARTY_DEPRECATIONS`, each raised by
+TRL, DeepSpeed or accelerate calling an old name inside its own code); set ``PYTHONWARNINGS=default`` (or pass
+``python -W ...``) to see every warning.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 COMMANDS = {
@@ -26,6 +31,54 @@ COMMANDS = {
 }
 
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
+
+# Deprecation notices raised inside the pinned libraries by the libraries themselves, silenced in `wmss` commands
+# only (never on `import wmss_trl`: a library does not change its user's warning filters). A user cannot act on any
+# of them, and each deprecated name still does exactly what its new name does. (message regex, category, module
+# the warning is attributed to, where it comes from).
+THIRD_PARTY_DEPRECATIONS = (
+    (
+        r"`is_gradient_checkpointing` is deprecated",
+        FutureWarning,
+        r"transformers\.modeling_utils\Z",
+        "TRL 1.16's trl/models/utils.py (`unwrap_model_for_generation`, `disable_gradient_checkpointing`, called by "
+        "TRL's trainers and ours around every generation) reads transformers 5's deprecated alias of "
+        "`is_activation_checkpointing`, which returns the same value",
+    ),
+    (
+        r"`gradient_checkpointing_(enable|disable)` is deprecated",
+        FutureWarning,
+        r"transformers\.modeling_utils\Z",
+        "the same TRL helpers call transformers 5's deprecated aliases of `activation_checkpointing_enable/disable`",
+    ),
+    (
+        r"`gradient_checkpointing` is deprecated",
+        FutureWarning,
+        r"transformers\.training_args\Z",
+        "TRL 1.16's configs default `gradient_checkpointing=True` (trl/trainer/base_config.py), which transformers 5 "
+        "copies to `activation_checkpointing` with this notice: the value is honoured",
+    ),
+    (
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        FutureWarning,
+        r"torch\.distributed\.c10d_logger\Z",
+        "DeepSpeed 0.19 (deepspeed/comm/torch.py, every ZeRO-3 gather and reduce) and accelerate 1.15 "
+        "(utils/operations.py `gather`) call torch 2.13's old names of `all_gather_single` / `reduce_scatter_single`",
+    ),
+)
+
+
+def filter_third_party_deprecations() -> None:
+    """Ignore the :data:`THIRD_PARTY_DEPRECATIONS` notices, unless the user set their own warning policy
+    (``python -W ...`` or ``PYTHONWARNINGS``, which reach the launched processes too): then theirs rules.
+
+    Ignored, not shown once: each is raised again at every step, in every process, and says nothing a ``wmss`` user
+    can change. Call it inside ``warnings.catch_warnings()`` so that a caller's filters come back afterwards.
+    """
+    if sys.warnoptions:
+        return
+    for message, category, module, _source in THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def resolve_accelerate_config(value: str) -> str:
@@ -79,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     num_processes = _pop_flag(rest, "--num_processes") if config is not None else None
     if config is not None and "LOCAL_RANK" not in os.environ:
         return relaunch(command, rest, config, num_processes)
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    with warnings.catch_warnings():
+        filter_third_party_deprecations()
+        module = importlib.import_module(COMMANDS[command][0])
+        return module.main(rest) or 0
 
 
 if __name__ == "__main__":

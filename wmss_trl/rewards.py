@@ -7,6 +7,17 @@ Every function here has TRL GRPO's reward signature
 ``completions`` are strings (plain prompts) or ``[{"role": "assistant", "content": ...}]`` (conversational prompts);
 the reference answer arrives as a dataset column (``solution``, else ``answer``). The return value is 1.0 (correct),
 0.0 (wrong) or None (not applicable: the reference cannot be read), one per completion.
+
+Which verifier, by the answers a model writes (the names are those ``--reward_funcs`` takes):
+
+* ``\\boxed{...}`` answers, conversational completions, a ``solution`` column: TRL's ``accuracy_reward``
+  (math-verify), used as is.
+* plain numbers ("... so 42", GSM8K's "#### 72"): :func:`numeric_accuracy_reward`. TRL's ``accuracy_reward`` reads
+  only a LaTeX answer after an anchor or in ``\\boxed{}`` (it scores "42", "$42$" and "#### 42" as 0.0 against
+  "42"), only ``completion[0]["content"]`` (a plain-string completion is a TypeError) and only a ``solution``
+  column; it also needs math-verify, which wmss_trl does not require.
+* other unboxed math (``$\\frac{3}{4}$``, "1/2", "x + 1"): :func:`math_verify_reward`, math-verify with plain
+  expressions allowed, which TRL's ``accuracy_reward`` turns off.
 """
 
 from __future__ import annotations
@@ -81,6 +92,10 @@ def get_numeric_accuracy_reward(reference_column: str | None = None, rel_tol: fl
 
     A reference without a number gives None (not applicable); a completion without a number gives 0.0. Taking the
     *last* number of the reference also reads GSM8K-style solutions (``"... #### 72"``).
+
+    Kept beside TRL's ``accuracy_reward`` for what that cannot do: plain-number answers with no LaTeX, plain-string
+    completions, an ``answer`` (or any ``reference_column``) column, and no math-verify dependency. For
+    ``\\boxed{}`` answers use TRL's (``--reward_funcs accuracy_reward``).
     """
 
     def numeric_accuracy_reward(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
@@ -114,6 +129,10 @@ def get_math_verify_reward(reference_column: str | None = None) -> Callable:
 
     The completion's answer is the first match in math_verify's priority order (a ``\\boxed{}`` first, then anchored
     phrases such as "the answer is", then the last expression), so hedging ("41 or 42") is not rewarded.
+
+    The same math-verify calls as TRL's ``accuracy_reward``, plus what that turns off or cannot take: unanchored
+    LaTeX and plain expressions (``ExprExtractionConfig``: "1/2", "$\\frac{3}{4}$" without "answer is"),
+    plain-string completions and an ``answer`` (or any ``reference_column``) column.
     """
 
     def math_verify_reward(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
@@ -160,14 +179,23 @@ math_verify_reward.__doc__ = (
 
 
 def _registry() -> dict[str, Callable]:
-    registry = {"numeric_accuracy_reward": numeric_accuracy_reward, "math_verify_reward": math_verify_reward}
-    try:  # TRL's own verifiers, by the names `trl grpo --reward_funcs` accepts
-        from trl.rewards import accuracy_reward, reasoning_accuracy_reward
+    """Ours, plus TRL's verifiers under the names ``trl grpo --reward_funcs`` gives them (trl/scripts/grpo.py, where
+    the registry is local to ``main`` and cannot be imported), with the same arguments."""
+    from trl.rewards import (
+        accuracy_reward,
+        get_soft_overlong_punishment,
+        reasoning_accuracy_reward,
+        think_format_reward,
+    )
 
-        registry.update(accuracy_reward=accuracy_reward, reasoning_accuracy_reward=reasoning_accuracy_reward)
-    except ImportError:  # pragma: no cover
-        pass
-    return registry
+    return {
+        "numeric_accuracy_reward": numeric_accuracy_reward,
+        "math_verify_reward": math_verify_reward,
+        "accuracy_reward": accuracy_reward,
+        "reasoning_accuracy_reward": reasoning_accuracy_reward,
+        "think_format_reward": think_format_reward,
+        "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
+    }
 
 
 def resolve_reward_funcs(names: Sequence[str | Callable]) -> list[Callable]:

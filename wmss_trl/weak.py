@@ -156,7 +156,7 @@ def _find_tokenizer(model, path=None):
     Returns ``(tokenizer, "from <folder>")``, or ``(None, why)`` when no local folder with tokenizer files
     (:data:`TOKENIZER_FILES`) holds a loadable tokenizer.
     """
-    from .recipes.common import load_tokenizer
+    from transformers import AutoTokenizer
 
     tried = []
     for folder in dict.fromkeys(str(p) for p in (path, _source_of(model)) if p):
@@ -166,7 +166,7 @@ def _find_tokenizer(model, path=None):
             tried.append(f"{folder!r} has no tokenizer files")
         else:
             try:
-                return load_tokenizer(folder), f"from {folder}"
+                return AutoTokenizer.from_pretrained(folder), f"from {folder}"
             except Exception as e:  # noqa: BLE001 - any failure means: not comparable, said in the warning
                 tried.append(f"the tokenizer in {folder!r} could not be loaded ({type(e).__name__}: {e})")
     return None, "; ".join(tried) or "the model was not loaded from a folder (no config._name_or_path)"

@@ -16,8 +16,9 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A local .json/.jsonl/.parquet file, a folder saved with `save_to_disk`, a hub dataset "
-                  "name, or `wmss:arith` for the embedded arithmetic task."},
+        metadata={"help": "A local data file (any format `datasets` reads: .json/.jsonl/.parquet/.csv/.tsv...), a "
+                  "folder of data files, a folder saved with `save_to_disk`, a hub dataset name, or `wmss:arith` for "
+                  "the embedded arithmetic task."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -56,36 +57,59 @@ def check_before_loading(model_args, training_args, role: str = "strong model") 
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Load a tokenizer faithfully: the generic fast class when ``tokenizer.json`` exists (AutoTokenizer may swap in a
-    model-specific class that re-wires the pre-tokenizer), AutoTokenizer otherwise."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """``AutoTokenizer.from_pretrained(path, trust_remote_code=...)``: the recipes' one tokenizer loader, so that a
+    command loads exactly what a TRL user's own ``AutoTokenizer`` call would (the toy folders included)."""
+    from transformers import AutoTokenizer
 
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+# Suffixes of data files: a missing path ending so is a typo to report, not a hub dataset to look up (which would wait
+# for the hub's retries and then say "Couldn't reach ... on the Hub").
+_DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
+
+
 def load_dataset_splits(data_args: DataArguments):
-    """Return a ``DatasetDict`` from a local file, a ``save_to_disk`` folder, the embedded task or the hub."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    """Return a ``DatasetDict`` for ``--dataset_name``, loaded by ``datasets`` itself:
+
+    * ``wmss:<name>``: an embedded task (:func:`wmss_trl.tasks.load_embedded`);
+    * a folder written by ``save_to_disk``: ``datasets.load_from_disk`` (``load_dataset`` refuses those); a single
+      saved ``Dataset`` becomes the ``dataset_train_split`` split;
+    * a local data file: ``datasets.load_dataset(<its folder>, data_files={dataset_train_split: <file>})``, so datasets
+      picks the builder from the extension (every format it reads: json/jsonl, parquet, csv, tsv, txt, arrow...);
+    * anything else (a folder of data files, a hub name): ``datasets.load_dataset(name, name=dataset_config)``.
+
+    What it adds to ``datasets``: the ``wmss:`` names, one ``--dataset_name`` for all of the above (TRL's
+    ``get_dataset`` / ``DatasetMixtureConfig`` only call ``load_dataset`` on hub names / folders, with no
+    ``load_from_disk`` and no single local file), and clear, early errors for a missing name or file.
+    """
+    from datasets import DatasetDict, config, load_dataset, load_from_disk
+    from datasets.exceptions import DatasetNotFoundError
 
     name = data_args.dataset_name
     if name is None:
-        raise ValueError("no dataset: pass --dataset_name (a local file, a saved folder, or wmss:arith).")
+        raise ValueError("no dataset: pass --dataset_name (a local file or folder, a saved folder, a hub dataset, or "
+                         "wmss:arith).")
     if name.startswith("wmss:"):
         from .. import tasks
 
         return tasks.load_embedded(name.split(":", 1)[1])
-    if os.path.isdir(name):
+    if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in
+                                   (config.DATASETDICT_JSON_FILENAME, config.DATASET_STATE_JSON_FILENAME)):
         ds = load_from_disk(name)
         return ds if isinstance(ds, DatasetDict) else DatasetDict({data_args.dataset_train_split: ds})
-    ext = os.path.splitext(name)[1].lstrip(".")
-    if ext in ("json", "jsonl", "parquet", "csv"):
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"dataset file {name!r} does not exist.")
-        builder = "json" if ext in ("json", "jsonl") else ext
-        return load_dataset(builder, data_files={data_args.dataset_train_split: name})
-    return load_dataset(name, name=data_args.dataset_config)
+    if os.path.isfile(name):
+        folder, file = os.path.split(os.path.abspath(name))
+        return load_dataset(folder, data_files={data_args.dataset_train_split: file})
+    if name.lower().endswith(_DATA_FILE_SUFFIXES):
+        raise FileNotFoundError(f"dataset file {name!r} does not exist (looked in {os.path.abspath(name)}).")
+    try:
+        return load_dataset(name, name=data_args.dataset_config)
+    except (DatasetNotFoundError, ConnectionError) as e:
+        raise ValueError(
+            f"--dataset_name {name!r} is not a local file or folder (none at {os.path.abspath(name)}) and could not "
+            f"be loaded from the hub: {e}"
+        ) from e
 
 
 def teardown() -> None:
