@@ -651,6 +651,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
             recorder = SampledTokenLogProbs(self.temperature)
             # the settings `generate` would use (ours over the model's generation_config over transformers' defaults)
             settings = unwrapped._prepare_generation_config(self._weak_generation_config)[0]
+            if settings.max_new_tokens is not None:  # it filled in transformers' default max_length (20): unset it, as
+                settings.max_length = None  # generate would, or it warns "both max_new_tokens and max_length set"
             processors = [recorder]
             if settings.do_sample:  # decode greedily, with the sampling warpers and the seeded Gumbel-max draw
                 processors += [*sampling_warpers(settings), GumbelMaxSampler(row_keys, input_ids.size(1))]
