@@ -68,7 +68,8 @@ class WMSSModelCard:
     naming the WMSS run as TRL's cards name their method.
 
     WMSS active (`wmss_enabled`): method `_wmss_name`, the WMSS paper (`WMSS_PAPER`), tag `wmss`, the base model (a
-    local folder too, which TRL's template renders as "[None]"), the weak model and every WMSS setting of the config.
+    local folder too, which TRL's template renders as "[None]"; the quick start then loads `output_dir`), the TRL
+    method and its paper, the weak model and every WMSS setting of the config.
     WMSS inactive: TRL's card, exactly, plus one line saying so.
     """
 
@@ -107,6 +108,8 @@ class WMSSModelCard:
             base = get_config_model_id(self.model.config)
             if base and os.path.isdir(base):  # TRL names hub models only: "fine-tuned version of [None](...)"
                 text = text.replace("[None](https://huggingface.co/None)", f"`{base}` (local folder)", 1)
+            if self.hub_model_id is None:  # TRL's quick start would load model="None"
+                text = text.replace('model="None"', f'model="{self.args.output_dir}"', 1)
             text = _insert_before(text, "### Framework versions", self._wmss_card_section(base))
         else:
             line = (f"WMSS was inactive in this run (no weak model given): it was trained by TRL's "
@@ -132,11 +135,13 @@ class WMSSModelCard:
             weak_text = f"`{args.weak_model_name_or_path}` (given; not loaded, this configuration does not use it)"
         else:
             weak_text = "given as a model object; not loaded, this configuration does not use it"
+        trl_paper = super()._paper
+        built_on = f" ([{trl_paper['title']}](https://huggingface.co/papers/{trl_paper['id']}))" if trl_paper else ""
         lines = [
             "### WMSS (Weak-Driven Learning)",
             "",
-            f"{self._wmss_name}: TRL's {self._trl_name} with a weak model, from [{WMSS_PAPER['title']}]"
-            f"(https://arxiv.org/abs/{WMSS_PAPER['id']}) (arXiv:{WMSS_PAPER['id']}), trained with wmss_trl.",
+            f"{self._wmss_name} (arXiv:{WMSS_PAPER['id']}) is TRL's {self._trl_name}{built_on} with a weak model, "
+            "trained with wmss_trl:",
             "",
             f"- Base (strong) model: `{base}`",
             f"- Weak model: {weak_text}",
