@@ -131,12 +131,12 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("make,example,kw,message", REFUSED, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("make,example,kw,message", REFUSED,
+                         ids=["grpo-no-prompt", "grpo-reward-column", "sft-no-text", "sft-no-completion",
+                              "sft-text-field", "dpo-no-rejected"])
 def test_missing_columns_refused_before_any_model_loads(tiny, tmp_path, no_model_loads, make, example, kw, message,
                                                         streamed):
-    dataset = rows(example)
-    if streamed and make is not dpo:  # DPO's own row check reads lengths first
-        dataset = iterable(dataset)
+    dataset = iterable(rows(example)) if streamed else rows(example)
     with pytest.raises(ValueError, match=message):
         make(tiny, tmp_path, dataset, **kw)
 
