@@ -65,6 +65,7 @@ def test_accelerate_launch_zero3_module_cli(tiny, tmp_path):
     history = logged(tmp_path / "out")
     assert len(history) == 2 and all(h["wmss/kl_weak_ref"] > 0 and "kl" not in h and "wmss/weak_negatives_per_group" in h for h in history)
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert f"- Weak model: `{tiny['weak']}`" in (tmp_path / "out" / "README.md").read_text()  # the sharded weak model
 
 
 # ------------------------------------------------------------------------------------------------------------------
