@@ -86,7 +86,9 @@ def _grpo_missing(columns: list[str], reward_funcs) -> str | None:
         missing = [name for name in required_reward_columns(func) if name not in forwarded]
         if missing:
             name = getattr(func, "__name__", type(func).__name__)
-            return f"the column(s) {missing}, which the reward function {name!r} requires as keyword arguments"
+            never = sorted(set(missing) & _NOT_FORWARDED)
+            note = f" (TRL never passes {never} as columns: give those parameters a default)" if never else ""
+            return f"the column(s) {missing}, which the reward function {name!r} requires as keyword arguments{note}"
     return None
 
 
@@ -98,6 +100,14 @@ EXPECTED = {
     "(conversational)",
     "grpo": "a 'prompt' column (a string, or a list of {'role', 'content'} messages); the other columns are passed "
     "to the reward functions as keyword arguments",
+}
+FIX = {
+    "sft": "Rename the columns (e.g. `dataset.rename_columns({'question': 'prompt', 'answer': 'completion'})`), set "
+    "`dataset_text_field`, or pass a `formatting_func`",
+    "dpo": "Rename the columns (e.g. `dataset.rename_columns({'good': 'chosen', 'bad': 'rejected'})`), or build pairs "
+    "from a prompt dataset with `wmss mine-negatives`",
+    "grpo": "Rename the column (e.g. `dataset.rename_column('question', 'prompt')`) or add the ones the reward "
+    "functions need",
 }
 
 
@@ -136,6 +146,5 @@ def check_dataset_columns(
     kind = "conversational" if is_conversational(row) else "standard"
     raise ValueError(
         f"{name} has the columns {columns} ({kind} format) but lacks {missing}. TRL's {trainer.upper()} trainer reads "
-        f"{EXPECTED[trainer]}. Rename or add the column(s) (e.g. `dataset.rename_column('question', 'prompt')`) and "
-        "run again; nothing has been loaded or trained yet."
+        f"{EXPECTED[trainer]}. {FIX[trainer]}, and run again (no model has been loaded yet)."
     )
