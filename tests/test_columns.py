@@ -96,6 +96,15 @@ def test_required_reward_columns_follow_the_signature():
     assert required_reward_columns("a/reward-model") == []
 
 
+def test_reward_requiring_a_name_trl_never_passes():
+    def needs_completion(prompts, completions, completion, **kwargs):  # TRL passes `completions`, never `completion`
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"\['completion'\], which the reward function 'needs_completion' requires as "
+                       r"keyword arguments \(TRL never passes \['completion'\] as columns"):
+        check_dataset_columns(rows({"prompt": "1+2=", "completion": "3"}), "grpo", reward_funcs=[needs_completion])
+
+
 # ---- what TRL would fail on is refused, before any model loads, saying what was found and what is expected ---------
 
 
