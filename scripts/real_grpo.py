@@ -128,9 +128,11 @@ class StepLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:
             return
-        keys = ["reward", "reward_std", "kl", "entropy", "wmss/weak_accuracy", "wmss/weak_negatives_per_group",
-                "wmss/is_weight_mean", "wmss/adv_weight_std", "completions/mean_length"]
-        shown = " ".join(f"{k.split('/')[-1]}={logs[k]:.3g}" for k in keys if isinstance(logs.get(k), (int, float)))
+        # `kl` is TRL's KL to a copy of the initial policy (vanilla); `wmss/kl_weak_ref` the KL to the weak reference
+        keys = ["reward", "reward_std", "kl", "wmss/kl_weak_ref", "entropy", "wmss/weak_accuracy",
+                "wmss/weak_negatives_per_group", "wmss/is_weight_mean", "wmss/adv_weight_std",
+                "completions/mean_length"]
+        shown = " ".join(f"{k}={logs[k]:.3g}" for k in keys if isinstance(logs.get(k), (int, float)))
         last = self.step_times[-1] if self.step_times else float("nan")
         log(f"{self.name} step {state.global_step}/{state.max_steps} ({last:.0f}s): {shown}")
 
@@ -292,7 +294,8 @@ def main(argv=None):
                         "mean_reward": a["eval"]["mean_reward"],
                         "train_seconds": a["seconds"], "step_seconds": a["step_seconds"],
                         "train_reward": [h.get("reward") for h in a["history"]],
-                        "kl": [h.get("kl") for h in a["history"]],
+                        "kl": [h.get("kl") for h in a["history"]],  # to TRL's copy of M_s (vanilla, beta > 0)
+                        "kl_weak_ref": [h.get("wmss/kl_weak_ref") for h in a["history"]],  # to M_w (WMSS, beta > 0)
                         "history": a["history"], "examples": a["eval"]["examples"]} for name, a in runs.items()},
         "examples_before": {name: r["examples"] for name, r in before.items()},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -368,7 +371,8 @@ def markdown(r):
         f"max_completion_length {s['max_completion_length']}, seeds {s['seeds']}; WMSS: "
         f"num_weak_generations {s['num_weak_generations']}, entropy-weighted advantages "
         f"{'off' if s['no_entropy_weights'] else 'on'}, "
-        + ("KL reference = M_w (vanilla: TRL's copy of M_s)." if s["beta"] else "no KL term (beta 0) in either arm."),
+        + ("KL reference = M_w, logged as `wmss/kl_weak_ref` (vanilla: TRL's copy of M_s, logged as `kl`)."
+           if s["beta"] else "no KL term (beta 0) in either arm."),
         "",
         "| model | held-out accuracy (95 % CI) | mean reward | train reward, first -> last step | GRPO wall time |",
         "| --- | --- | --- | --- | --- |",

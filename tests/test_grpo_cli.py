@@ -63,8 +63,9 @@ def test_accelerate_launch_zero3_module_cli(tiny, tmp_path):
                "-m", "wmss_trl.cli", "grpo", "--config", str(config), "--output_dir", str(tmp_path / "out")])
     assert "wmss grpo: 2 process(es), DEEPSPEED, zero_stage=3, WMSS-GRPO: weak model zero3-sharded" in out
     history = logged(tmp_path / "out")
-    assert len(history) == 2 and all(h["kl"] > 0 and "wmss/weak_negatives_per_group" in h for h in history)
+    assert len(history) == 2 and all(h["wmss/kl_weak_ref"] > 0 and "kl" not in h and "wmss/weak_negatives_per_group" in h for h in history)
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert f"- Weak model: `{tiny['weak']}`" in (tmp_path / "out" / "README.md").read_text()  # the sharded weak model
 
 
 # ------------------------------------------------------------------------------------------------------------------

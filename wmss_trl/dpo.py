@@ -45,8 +45,9 @@ from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_modul
 from .checkpoints import CompleteCheckpointResume
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .checks import check_float, check_int, check_shares
+from .data_checks import check_dataset_columns
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
-from .sft import WMSS_PAPER
+from .sft import WMSSModelCard
 from .weak import (
     check_weak_compatible,
     freeze,
@@ -397,7 +398,7 @@ def _identical_pair(example, window: slice) -> bool:
 # The trainer
 
 
-class WMSSDPOTrainer(CompleteCheckpointResume, DPOTrainer):
+class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
     """[`~trl.DPOTrainer`] whose reference model is the weak checkpoint, with optional WD-JT and entropy-gap weights.
 
     Args:
@@ -413,9 +414,7 @@ class WMSSDPOTrainer(CompleteCheckpointResume, DPOTrainer):
     per batch, for the logits and entropies).
     """
 
-    _tag_names = ["trl", "dpo", "wmss"]
-    _name = "WMSS-DPO"
-    _paper = WMSS_PAPER
+    _wmss_name = "WMSS-DPO"
 
     def __init__(
         self,
@@ -449,6 +448,8 @@ class WMSSDPOTrainer(CompleteCheckpointResume, DPOTrainer):
         _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
         if train_dataset is not None:  # None and wrong types: TRL's own messages
             _require_rows(train_dataset, "train")
+        check_dataset_columns(train_dataset, "dpo", name="train_dataset")  # before any model loads
+        check_dataset_columns(eval_dataset, "dpo", name="eval_dataset")
         self.wmss_enabled = has_weak or args.peft_base_as_weak
         self.identical_pairs_dropped: dict[str, int] = {}
 

@@ -86,8 +86,9 @@ from .advantages import (
 from .checkpoints import CompleteCheckpointResume
 from .entropy import token_entropy
 from .checks import check_float, check_int, check_order, check_shares
+from .data_checks import check_dataset_columns
 from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
-from .sft import WMSS_PAPER
+from .sft import WMSSModelCard
 from .weak import check_weak_compatible, is_peft_model, prepare_weak_model, require_safetensors, resolve_weak_model
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class WMSSGRPOConfig(GRPOConfig):
         return self.num_weak_generations > 0 or self.entropy_weighted_advantages or self.mixing_lambda < 1.0
 
 
-class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
+class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with a weak checkpoint as reference, source of negatives and entropy anchor.
 
     Args:
@@ -306,13 +307,12 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
     `frac_groups_with_weak_negative`, `weak_negative_logp` (policy's mean token log-prob of the selected negatives),
     `weak_negative_advantage`, `is_weight_mean`/`is_weight_max`, `adv_weight_mean`/`adv_weight_std`/`adv_weight_max`,
     `weak_entropy`, `policy_entropy`, `kl_weak` (k3 estimate of KL(policy || weak) on the policy's samples, when both
-    log-probs are at hand); with `beta > 0` TRL's `kl` is the KL to the weak model. The completions table gets a
+    log-probs are at hand), `kl_weak_ref` (with `beta > 0` and a weak model: the KL term of the loss, to the weak
+    reference; TRL's `kl`, the KL to a copy of the initial policy, is then not logged). The completions table gets a
     `wmss_source` column (`policy`, `weak_negative` or `weak_unused`).
     """
 
-    _tag_names = ["trl", "grpo", "wmss"]
-    _name = "WMSS-GRPO"
-    _paper = WMSS_PAPER
+    _wmss_name = "WMSS-GRPO"
 
     def __init__(self, model, reward_funcs=None, args: WMSSGRPOConfig | None = None, *pargs, weak_model=None, **kwargs):
         require_safetensors(model, "policy")
@@ -324,6 +324,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
         given = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pargs, **kwargs).arguments
         separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
         self._check_request(model, args, weak_model, given.get("peft_config"), given.get("train_dataset"))
+        for which in ("train_dataset", "eval_dataset"):  # before any model loads
+            check_dataset_columns(given.get(which), "grpo", name=which, reward_funcs=reward_funcs)
         if separate_weak and args.sync_ref_model:
             raise ValueError(
                 "sync_ref_model=True would overwrite the weak reference model with the policy; WMSS keeps the weak "
@@ -1124,6 +1126,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
             loss = super()._compute_loss(model, inputs)
         finally:
             self._cached_policy_forward = None
+        if self._weak_ref:
+            self._rename_kl_metric()
         if rows is not None and 0 < n_real < rows and self.loss_type in ROW_AVERAGED_LOSSES:
             loss = loss * (rows / n_real)
         return loss
@@ -1133,6 +1137,17 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, GRPOTrainer):
         if self.accelerator.num_processes == 1:
             return n
         return int(self.accelerator.gather(torch.tensor([n], device=self.accelerator.device)).max())
+
+    def _rename_kl_metric(self):
+        """Move the value TRL's loss just logged as ``kl`` to ``wmss/kl_weak_ref``. With the weak model as reference
+        it is mean_t [exp(r_t) - r_t - 1], r_t = log pi_weak(y_t) - log pi(y_t) (k3 estimate of KL(policy || weak)),
+        over the loss's tokens, 0 on weak-negative rows (their reference is the generating policy). TRL's ``kl`` means
+        the KL to a frozen copy of the initial policy; a WMSS run with a weak reference has none: it logs no ``kl``."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        if metrics.get("kl"):
+            metrics["wmss/kl_weak_ref"].append(metrics["kl"].pop())
+            if not metrics["kl"]:
+                del metrics["kl"]
 
     def _apply_deferred_weights(self, model, inputs):
         """Entropy weights and/or the negatives' importance weights from the loss's own policy forward (one

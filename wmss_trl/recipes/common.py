@@ -1,4 +1,4 @@
-"""Small helpers shared by the recipes: CPU defaults, tokenizer and dataset loading, teardown."""
+"""Small helpers shared by the recipes: CPU defaults, tokenizer and dataset loading, the run's outputs, teardown."""
 
 from __future__ import annotations
 
@@ -110,6 +110,20 @@ def load_dataset_splits(data_args: DataArguments):
             f"--dataset_name {name!r} is not a local file or folder (none at {os.path.abspath(name)}) and could not "
             f"be loaded from the hub: {e}"
         ) from e
+
+
+def finish_run(trainer, what: str) -> None:
+    """Write what every command leaves in ``output_dir`` once training ends, the same for each: the final model
+    (``trainer.save_model``: weights, config, tokenizer), ``trainer_state.json`` (the log history) and TRL's model
+    card ``README.md`` (``trainer.create_model_card``, named as TRL names it at each checkpoint; for our trainers it
+    names the base and weak model and the WMSS settings, see :class:`wmss_trl.sft.WMSSModelCard`)."""
+    args = trainer.args
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+    name = os.path.basename(os.path.normpath(args.output_dir)) if args.hub_model_id is None else args.hub_model_id
+    trainer.create_model_card(model_name=name.split("/")[-1])
+    trainer.accelerator.print(f"{what} saved to {args.output_dir} (model, trainer_state.json, README.md model card)")
 
 
 def teardown() -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from ..data_checks import check_dataset_columns
 from ..dpo import WMSSDPOConfig, WMSSDPOTrainer
 from ..weak import is_zero3_partitioned
 from .common import (
     DataArguments,
     check_before_loading,
     cpu_default_argv,
+    finish_run,
     load_dataset_splits,
     load_tokenizer,
     teardown,
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_dataset_splits(data_args)
     train = splits[data_args.dataset_train_split]
     evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+    for split, dataset in ((data_args.dataset_train_split, train), (data_args.dataset_test_split, evaluation)):
+        where = f"--dataset_name {data_args.dataset_name} (split {split!r})"
+        check_dataset_columns(dataset, "dpo", name=where)  # before any model loads
 
     # 3. DPO with the weak checkpoint as reference; only the strong model is saved.
     trainer = WMSSDPOTrainer(
@@ -58,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         f"entropy_pair_weights={training_args.entropy_pair_weights}"
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"WMSS-DPO model saved to {training_args.output_dir}")
+    finish_run(trainer, "WMSS-DPO model" if trainer.wmss_enabled else "DPO model (WMSS inactive)")
     teardown()
     return 0

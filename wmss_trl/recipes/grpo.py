@@ -8,23 +8,24 @@ or ``accelerate launch --config_file ds_configs/zero3.yaml -m wmss_trl.cli grpo 
 ``trl grpo`` (``GRPOConfig`` + ``ModelConfig``; ``--reward_funcs`` takes registered names or dotted import paths),
 plus the WMSS ones of ``WMSSGRPOConfig``. ``--vanilla true`` runs TRL's plain ``GRPOTrainer`` with the same
 configuration (the WMSS options are ignored; with ``beta > 0`` the reference is then TRL's copy of the policy), so a
-comparison against vanilla GRPO is one switch. Besides the model, the run writes ``trainer_state.json`` (the logged
-metrics) to ``output_dir``.
+comparison against vanilla GRPO is one switch. Like every ``wmss`` training command, the run writes the model,
+``trainer_state.json`` (the logged metrics) and the model card ``README.md`` to ``output_dir``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
+from ..data_checks import check_dataset_columns
 from ..grpo import WMSSGRPOConfig, WMSSGRPOTrainer
 from ..weak import is_zero3_partitioned, require_safetensors
 from .common import (
     DataArguments,
     check_before_loading,
     cpu_default_argv,
+    finish_run,
     load_dataset_splits,
     load_tokenizer,
     teardown,
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_dataset_splits(data_args)
     train = splits[data_args.dataset_train_split]
     evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+    for split, dataset in ((data_args.dataset_train_split, train), (data_args.dataset_test_split, evaluation)):
+        where = f"--dataset_name {data_args.dataset_name} (split {split!r})"
+        check_dataset_columns(dataset, "grpo", name=where, reward_funcs=reward_funcs)  # before any model loads
 
     # 3. WMSS-GRPO, or TRL's GRPO with the same configuration.
     common = dict(
@@ -105,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         f"wmss grpo: {state.num_processes} process(es), {state.distributed_type.value}, zero_stage={zero}, {what}"
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
-    trainer.accelerator.print(f"GRPO model saved to {training_args.output_dir}")
+    finish_run(trainer, "GRPO model")
     teardown()
     return 0

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from ..data_checks import check_dataset_columns
 from ..sft import WMSSSFTConfig, WMSSSFTTrainer
 from .common import (
     DataArguments,
     check_before_loading,
     cpu_default_argv,
+    finish_run,
     load_dataset_splits,
     load_tokenizer,
     teardown,
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_dataset_splits(data_args)
     train = splits[data_args.dataset_train_split]
     evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+    for split, dataset in ((data_args.dataset_train_split, train), (data_args.dataset_test_split, evaluation)):
+        where = f"--dataset_name {data_args.dataset_name} (split {split!r})"
+        check_dataset_columns(dataset, "sft", name=where, args=training_args)  # before any model loads
 
     # 3. Train with the weak model mixed into the logits; only the strong model is saved.
     trainer = WMSSSFTTrainer(
@@ -50,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     state = trainer.accelerator.state
     trainer.accelerator.print(f"wmss sft: {state.num_processes} process(es), {state.distributed_type.value}, lambda={training_args.mixing_lambda}")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"WD-JT model saved to {training_args.output_dir}")
+    finish_run(trainer, "WD-JT model" if trainer.wmss_enabled else "SFT model (WMSS inactive)")
     teardown()
     return 0
