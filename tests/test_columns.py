@@ -185,3 +185,28 @@ def test_commands_refuse_missing_columns_before_any_model_loads(tiny, tmp_path, 
             "--output_dir", str(tmp_path / "out"), "--report_to", "none", *extra]
     with pytest.raises(ValueError, match=message):
         importlib.import_module(f"wmss_trl.recipes.{command}").main(argv)
+
+
+@pytest.mark.parametrize("command,argv,message", [
+    ("entropy", ["--model", "{strong}", "--dataset", "{data}", "--output", "{out}/h.jsonl"],
+     r"--dataset .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\]"),
+    ("mine_negatives", ["--weak_model_name_or_path", "{weak}", "--dataset_name", "{data}", "--output_dir", "{out}"],
+     r"--dataset_name .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'"),
+])
+def test_entropy_and_mining_commands_check_columns_before_any_model_loads(tiny, tmp_path, no_model_loads, command,
+                                                                         argv, message):
+    import importlib
+
+    data = write_jsonl(tmp_path / "data.jsonl", {"question": "1+2=", "answer": "3"})
+    values = {"strong": tiny["strong"], "weak": tiny["weak"], "data": data, "out": str(tmp_path / "out")}
+    with pytest.raises(ValueError, match=message):
+        importlib.import_module(f"wmss_trl.recipes.{command}").main([a.format(**values) for a in argv])
+
+
+def test_mining_command_needs_the_reference_column_before_any_model_loads(tiny, tmp_path, no_model_loads):
+    from wmss_trl.recipes import mine_negatives
+
+    data = write_jsonl(tmp_path / "data.jsonl", {"prompt": "1+2=", "result": "3"})
+    argv = ["--weak_model_name_or_path", tiny["weak"], "--dataset_name", data, "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=r"reference answers missing: .* no column 'solution' or 'answer'"):
+        mine_negatives.main(argv)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, TrlParser
 
 from ..checks import check_float
+from ..data_checks import check_dataset_columns
 from ..io import (
     ProvenanceError,
     WriterLock,
@@ -249,6 +250,8 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
     if ent.dataset_split not in splits:
         raise SystemExit(f"split {ent.dataset_split!r} not in {ent.dataset!r} (splits: {list(splits)}).")
     dataset = splits[ent.dataset_split]
+    # the scorer prepares rows as TRL's SFT does: its columns, checked before any model loads
+    check_dataset_columns(dataset, "sft", name=f"--dataset {ent.dataset} (split {ent.dataset_split!r})", args=sft_args)
     keys = EntropyScorer._keys(dataset, ent.idx_column)
     state = sft_args.distributed_state  # set up with use_cpu as the trainer will be (never a bare PartialState())
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from trl import TrlParser
 
-from ..negatives import MiningConfig, mine_negatives
+from ..data_checks import check_dataset_columns
+from ..negatives import MiningConfig, find_reference_column, mine_negatives
+from ..rewards import resolve_reward_funcs
 from ..weak import check_weak_compatible, require_safetensors
 from .common import DataArguments, load_dataset_splits, load_tokenizer, teardown
 
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = splits[data_args.dataset_train_split]
     if args.max_prompts is not None:
         prompts = prompts.select(range(min(args.max_prompts, len(prompts))))
+    # the columns the verifiers and the chosen answers read, before any model loads
+    name = f"--dataset_name {data_args.dataset_name} (split {data_args.dataset_train_split!r})"
+    check_dataset_columns(prompts, "grpo", name=name, reward_funcs=resolve_reward_funcs(args.reward_funcs))
+    find_reference_column(prompts.column_names, mining.reference_column, required=mining.chosen == "reference")
 
     # 2. Models (safetensors, no remote code) and the shared tokenizer, checked before either model loads: the
     # tokenizer used for the weak model must be the strong model's (found in its folder).
