@@ -1,4 +1,4 @@
-"""Size of GRPO's k3 KL term on the weak negatives' tokens: weak model as reference vs the reference used since the fix.
+"""Size of GRPO's k3 KL term on the weak negatives' tokens: the weak model as reference vs the reference used now.
 
 The repro of docs/real_model.md section 5 (toy models from the test helpers, about 20 s on a CPU):
 

@@ -1,10 +1,10 @@
 """Tiny models and tokenizers built locally from config: no hub, no download.
 
-Used by the embedded demo and by the tests. The tokenizer is character-level: one id per character, plus special
-tokens, with a small ChatML-like chat template (with generation tags, so TRL's ``assistant_only_loss`` works). It is
-built the way transformers' ``Qwen2Tokenizer`` rebuilds a qwen2 folder's tokenizer (a byte-level BPE with no merges,
-behind Qwen2's pre-tokenizer split), so a saved folder loads with ``AutoTokenizer`` alone and gives the same ids
-and text as the tokenizer that saved it.
+Used by the embedded demo, the tests and the docs' examples (:func:`save_toy_checkpoints`). The tokenizer is
+character-level: one id per character, plus special tokens, with a small ChatML-like chat template (with generation
+tags, so TRL's ``assistant_only_loss`` works). It is built the way transformers' ``Qwen2Tokenizer`` rebuilds a qwen2
+folder's tokenizer (a byte-level BPE with no merges, behind Qwen2's pre-tokenizer split), so a saved folder loads
+with ``AutoTokenizer`` alone and gives the same ids and text as the tokenizer that saved it.
 """
 
 from __future__ import annotations
