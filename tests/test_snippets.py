@@ -43,8 +43,8 @@ def test_extraction_finds_the_blocks(tmp_path):
     assert {"README.md", "dpo.md", "grpo.md"} <= found  # the quickstart and the trainer docs have snippets
 
 
-@pytest.mark.parametrize("path, line, code", python_blocks())
-def test_snippet_runs_as_written(path, line, code, tmp_path):
+def run_block(where: str, code: str, folder: Path, timeout: float = TIMEOUT) -> str | None:
+    """Run ``code`` as a script in ``folder`` in a fresh interpreter; None when it exits with 0, else why not."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -52,14 +52,28 @@ def test_snippet_runs_as_written(path, line, code, tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
-    where = f"{path.relative_to(ROOT)}:{line}"
-    script = tmp_path / "snippet.py"
+    script = folder / "snippet.py"
     script.write_text(code, encoding="utf-8")
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT)
+        proc = subprocess.run([sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the ```python block at {where} did not finish in {TIMEOUT} s")
+        return f"the ```python block at {where} did not finish in {timeout} s"
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-        pytest.fail(f"the ```python block at {where} failed (exit code {proc.returncode}):\n{tail}", pytrace=False)
+        return f"the ```python block at {where} failed (exit code {proc.returncode}):\n{tail}"
+    return None
+
+
+def test_a_failing_block_is_reported_with_its_place(tmp_path):
+    code = "import os\nassert os.listdir('.') == ['snippet.py']\nraise SystemExit('boom')\n"  # runs in an empty folder
+    assert run_block("doc.md:7", code, tmp_path) == "the ```python block at doc.md:7 failed (exit code 1):\nboom"
+    assert run_block("doc.md:9", "print('ok')\n", tmp_path) is None
+    assert "did not finish in 0.5 s" in run_block("doc.md:11", "import time\ntime.sleep(30)\n", tmp_path, 0.5)
+
+
+@pytest.mark.parametrize("path, line, code", python_blocks())
+def test_snippet_runs_as_written(path, line, code, tmp_path):
+    failure = run_block(f"{path.relative_to(ROOT)}:{line}", code, tmp_path)
+    if failure:
+        pytest.fail(failure, pytrace=False)
