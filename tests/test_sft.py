@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
-from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
+from wmss_trl.toy import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
 
 
 def first_batch(trainer):
@@ -152,8 +152,7 @@ def test_bad_input_errors(tiny, sft_dataset, tmp_path):
         WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "o", weak_model_name_or_path=other), train_dataset=sft_dataset, processing_class=tok)
 
     # same size, different token -> id map
-    shuffled_chars = "".join(reversed(build_char_tokenizer().convert_ids_to_tokens(list(range(7, len(tok))))))
-    shuffled = build_char_tokenizer(shuffled_chars)
+    shuffled = build_char_tokenizer(DEFAULT_CHARS[::-1])
     assert len(shuffled) == len(tok)
     path = save_model_and_tokenizer(build_tiny_model(shuffled, seed=4), shuffled, str(tmp_path / "shuffled"))
     with pytest.raises(ValueError, match="tokenizer"):
