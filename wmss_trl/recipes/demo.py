@@ -117,6 +117,13 @@ class DemoArguments:
                   "and the accuracy curves (eval_test_accuracy, eval_ood_accuracy) go there too."},
     )
     plot: bool = field(default=True, metadata={"help": "Write accuracy.png (needs matplotlib)."})
+    reproducible_numerics: bool = field(
+        default=True,
+        metadata={"help": "Pin the kernels to their AVX2 code paths and one thread before torch loads (MKL_CBWR, "
+                  "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS; a variable you set is kept), so the "
+                  "same seed gives the same table on every Intel CPU with AVX2. false: the fastest kernels for this "
+                  "CPU, whose table differs across CPUs (docs/demo.md)."},
+    )
 
     def __post_init__(self):
         from ..checks import check_int
@@ -587,10 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser  # does not import torch: bad flags fail before the pins and models
 
     (cfg,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
-    pins = pin_numerics()
+    pins = pin_numerics() if cfg.reproducible_numerics else None
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = run_demo(cfg, pins)
     print(f"\nWMSS demo, seed {cfg.seed}: greedy accuracy (%) from the strong checkpoint, equal steps per family, "
           f"{results['eval_problems']['test']} held-out / {results['eval_problems']['ood']} OOD problems")
