@@ -525,8 +525,7 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path)
         r = results["phases"][name] = {"test": evaluate(model, tokenizer, data["test"]),
                                        "ood": evaluate(model, tokenizer, data["ood"])}
-        pace.stop()
-        print(f"{name}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%", flush=True)
+        print(f"{name}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({pace.stop():.0f} s)", flush=True)
 
     # 3. WD-DS entropies H0 (weak) and H1 (strong) on every training problem
     pace.start(f"[3/4] WD-DS entropies: mean token entropy of the weak (H0) and strong (H1) model on the "
@@ -541,7 +540,7 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
                     f.write(json.dumps({"idx": int(i), column: float(h)}) + "\n")
             os.replace(file + ".tmp", file)
         entropy_files.append(file)
-    pace.stop()
+    print(f"entropies: {', '.join(entropy_files)}  ({pace.stop():.0f} s)", flush=True)
 
     # 4-5. the arms, each from the strong checkpoint
     for i, arm in enumerate(arms, 1):
@@ -560,7 +559,7 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
              "train_seconds": curve.train_time(), "seconds": pace.stop(), "curve": points}
         results["arms"][arm] = r
         print(f"{arm}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({r['steps']} steps, "
-              f"{r['train_seconds']:.0f}s training)", flush=True)
+              f"{r['train_seconds']:.0f} s training, {r['seconds']:.0f} s in all)", flush=True)
 
     results["seconds"] = time.perf_counter() - t0
     with open(os.path.join(cfg.output_dir, f"results_seed{cfg.seed}.json"), "w") as f:
