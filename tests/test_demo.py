@@ -14,14 +14,23 @@ from wmss_trl.tasks import correctness_reward, final_answer, load_embedded
 # Run the CLI the way the `wmss` console script does (wmss_trl.cli:main), and report the pin variables as they are
 # at the moment something first imports torch.
 SPY = """
-import importlib.abc, json, os, sys
-class Spy(importlib.abc.MetaPathFinder):
+import importlib.abc, importlib.util, json, os, sys
+class Spy(importlib.abc.MetaPathFinder):  # availability probes (find_spec) do not count, only executing torch
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
-            sys.meta_path.remove(self)
-            keys = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
-            print("ENV_AT_TORCH_IMPORT " + json.dumps({k: os.environ.get(k) for k in keys}), file=sys.stderr)
-        return None
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        sys.meta_path.insert(0, self)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+                keys = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+                print("ENV_AT_TORCH_IMPORT " + json.dumps({k: os.environ.get(k) for k in keys}), file=sys.stderr)
+            run(module)
+        spec.loader.exec_module = exec_module
+        return spec
 sys.meta_path.insert(0, Spy())
 from wmss_trl.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -128,6 +137,10 @@ def test_pin_numerics_keeps_the_users_values_and_warns_when_torch_chose_its_kern
         assert "MKL_CBWR" not in os.environ and state["MKL_CBWR"].startswith("unset (not pinned")
 
 
-def test_bad_arm_is_refused_before_anything_loads():
+def test_bad_arm_is_refused_before_torch_loads():
     with pytest.raises(ValueError, match="unknown arm.*'sfx'.*choose among"):
         demo.DemoArguments(arms="sft,sfx")
+    proc = subprocess.run([sys.executable, "-c", SPY, "demo", "--arms", "sft,sfx"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "wmss demo: --arms: unknown arm(s) ['sfx']" in proc.stderr
+    assert "ENV_AT_TORCH_IMPORT" not in proc.stderr and "Traceback" not in proc.stderr

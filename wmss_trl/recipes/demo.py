@@ -413,8 +413,9 @@ def plot(results: dict, path: str) -> None:
     for row, (family, arms) in zip(axes, families):
         for ax, split, label in zip(row, ("test", "ood"), ("held-out", "OOD (3 steps, unseen)")):
             for ref, style in (("weak", ":"), ("strong", "--")):
-                ax.axhline(100 * results["phases"][ref][split], color="grey" if ref == "weak" else "black",
-                           linestyle=style, linewidth=1, label=f"{ref} checkpoint")
+                value = 100 * results["phases"][ref][split]
+                ax.axhline(value, color="grey" if ref == "weak" else "black", linestyle=style, linewidth=1,
+                           label=f"{ref} checkpoint ({value:.1f}%)")
             for arm in arms:
                 pts = results["arms"][arm]["curve"]
                 ax.plot([p["step"] for p in pts], [100 * p[split] for p in pts], marker="o", ms=3, label=arm)
@@ -592,7 +593,10 @@ def _signed(x: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser  # does not import torch: bad flags fail before the pins and models
 
-    (cfg,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        (cfg,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # DemoArguments.__post_init__: a bad value, named
+        raise SystemExit(f"wmss demo: {e}") from None
     pins = pin_numerics() if cfg.reproducible_numerics else None
     import torch
 
