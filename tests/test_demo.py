@@ -82,7 +82,8 @@ def test_demo_command_runs_end_to_end(tmp_path):
 
     headers = ["[1/4] weak checkpoint:", "[2/4] strong checkpoint:", "[3/4] WD-DS entropies:",
                "[4/4] arm 1/4 sft: continued SFT", "[4/4] arm 2/4 wmss: WMSS", "[4/4] arm 3/4 grpo: TRL's GRPO",
-               "[4/4] arm 4/4 wmss_grpo: WMSS-GRPO", "held-out", "Reading: WMSS is", "plot:"]
+               "[4/4] arm 4/4 wmss_grpo: WMSS-GRPO", "greedy accuracy (%) from the strong checkpoint",
+               "Reading: WMSS is", "plot:"]
     positions = [out.index(h) for h in headers]
     assert positions == sorted(positions), out
     assert "6 steps from the strong checkpoint" in out and "(~" in out

@@ -68,11 +68,11 @@ NUMERICS_PINS = {
     "OMP_NUM_THREADS": "1",  # one thread: MKL's reproducibility holds for a fixed thread count only
 }
 
-# Rough seconds on an unloaded 2-core Xeon with the pins (measured, see docs/demo.md); the header scales them by how
-# fast this run has gone so far.
-SECONDS_PER_STEP = {"sft": 0.25, "neftune": 0.25, "wmss": 0.45, "wmss_uniform": 0.45, "wmss_shuffled": 0.45,
-                    "grpo": 1.6, "wmss_grpo": 2.2, "dpo_mined": 0.5, "dpo_random": 0.5}  # "sft" also: weak, strong
-SECONDS_PER_EVAL = 5.0  # greedy decoding of the 200 + 200 problems
+# Rough seconds on an idle 2-core Xeon with the pins (from the CPU time of measured runs, docs/demo.md); the phase
+# headers scale them by how fast this run has gone so far.
+SECONDS_PER_STEP = {"sft": 0.16, "neftune": 0.16, "wmss": 0.4, "wmss_uniform": 0.4, "wmss_shuffled": 0.4,
+                    "grpo": 0.55, "wmss_grpo": 0.8, "dpo_mined": 0.35, "dpo_random": 0.35}  # "sft" also: weak, strong
+SECONDS_PER_EVAL = 2.0  # greedy decoding of the 200 + 200 problems by a trained model
 SECONDS_ENTROPIES = 12.0  # H0 and H1 on the 4000 training problems
 
 
@@ -510,7 +510,8 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
     check_made_by(run_dir, {**made_by, "numerics": numerics["variables"], "torch": numerics["torch"]})
     weak, strong = os.path.join(run_dir, "weak"), os.path.join(run_dir, "strong")
     for name, path, steps, what in (
-        ("weak", weak, cfg.weak_steps, "a ~0.5M-parameter Qwen2 trained from scratch with SFT"),
+        ("weak", weak, cfg.weak_steps, f"a small Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, char "
+         "tokenizer) trained from scratch with SFT"),
         ("strong", strong, cfg.strong_steps, "the weak checkpoint after more SFT"),
     ):
         n = 1 if name == "weak" else 2
