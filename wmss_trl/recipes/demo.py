@@ -68,12 +68,13 @@ NUMERICS_PINS = {
     "OMP_NUM_THREADS": "1",  # one thread: MKL's reproducibility holds for a fixed thread count only
 }
 
-# Rough seconds on an idle 2-core Xeon with the pins (from the CPU time of measured runs, docs/demo.md); the phase
-# headers scale them by how fast this run has gone so far.
-SECONDS_PER_STEP = {"sft": 0.16, "neftune": 0.16, "wmss": 0.4, "wmss_uniform": 0.4, "wmss_shuffled": 0.4,
-                    "grpo": 0.55, "wmss_grpo": 0.8, "dpo_mined": 0.35, "dpo_random": 0.35}  # "sft" also: weak, strong
+# Rough seconds on a 2-core Xeon at load ~2 with the pins (measured, docs/demo.md); the phase headers scale them by
+# how fast this run has gone so far.
+SECONDS_PER_STEP = {"sft": 0.23, "neftune": 0.23, "wmss": 0.28, "wmss_uniform": 0.28, "wmss_shuffled": 0.28,
+                    "grpo": 0.35, "wmss_grpo": 0.5, "dpo_mined": 0.35, "dpo_random": 0.35}  # "sft" also: weak, strong
 SECONDS_PER_EVAL = 2.0  # greedy decoding of the 200 + 200 problems by a trained model
-SECONDS_ENTROPIES = 12.0  # H0 and H1 on the 4000 training problems
+SECONDS_SETUP = 6.0  # building a trainer (TRL tokenizes the 4000 training problems)
+SECONDS_ENTROPIES = 20.0  # H0 and H1 on the 4000 training problems
 
 
 @dataclass
@@ -519,7 +520,7 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
             pace.start(f"[{n}/4] {name} checkpoint: reusing {path} (same settings, made_by.json)", None)
         else:
             pace.start(f"[{n}/4] {name} checkpoint: {what}, {steps} steps x {cfg.batch_size} problems",
-                       steps * SECONDS_PER_STEP["sft"] + SECONDS_PER_EVAL)
+                       steps * SECONDS_PER_STEP["sft"] + SECONDS_SETUP + SECONDS_PER_EVAL)
             source = weak if name == "strong" else build_tiny_model(
                 tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=4, seed=cfg.seed)
             sft_phase(source, tokenizer, data["train"], path, cfg.seed, steps, cfg.learning_rate, cfg.batch_size,
@@ -550,9 +551,9 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
         steps = arm_steps(arm, cfg)
         evals = len(curve_steps(cfg, steps) | {steps})
         if cfg.time_budget is None:
-            what, nominal = f"{steps} steps", steps * SECONDS_PER_STEP[arm] + evals * SECONDS_PER_EVAL
+            what, nominal = f"{steps} steps", steps * SECONDS_PER_STEP[arm] + SECONDS_SETUP + evals * SECONDS_PER_EVAL
         else:
-            what, nominal = f"{cfg.time_budget:.0f} s of training", cfg.time_budget + SECONDS_PER_EVAL
+            what, nominal = f"{cfg.time_budget:.0f} s of training", cfg.time_budget + SECONDS_SETUP + SECONDS_PER_EVAL
         pace.start(f"[4/4] arm {i}/{len(arms)} {arm}: {ARM_INFO[arm]}; {what} from the strong checkpoint, greedy "
                    f"accuracy {evals}x on all {len(data['test'])} held-out + {len(data['ood'])} OOD problems", nominal)
         trainer, curve = run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg, os.path.join(run_dir, arm))
