@@ -49,11 +49,10 @@ def main():
     parser.add_argument("--only", default=None, help="re-run only these equal-steps arms and merge them into the "
                         "existing <out>/benchmark.json (e.g. after changing their settings)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from wmss_trl.recipes.demo import DemoArguments, pin_numerics, run_demo
 
+    pins = pin_numerics()  # before torch runs a kernel: the numerics of `wmss demo` (docs/demo.md), 1 thread
     import torch
-
-    from wmss_trl.recipes.demo import DemoArguments, run_demo
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -68,18 +67,18 @@ def main():
         commands = previous.get("commands", [previous.get("argv")]) + [sys.argv]
         for seed in seeds:
             common = dict(output_dir=args.out, seed=seed, plot=False, **steps)
-            runs[seed]["equal_steps"].update(run_demo(DemoArguments(arms=args.only, **common))["arms"])
+            runs[seed]["equal_steps"].update(run_demo(DemoArguments(arms=args.only, **common), pins)["arms"])
         with open(path, "w") as f:
             json.dump({"seeds": seeds, "runs": runs, "commands": commands}, f, indent=1)
         report(runs, seeds, args.out, commands, time.time() - t0)
         return
     for seed in seeds:
         common = dict(output_dir=args.out, seed=seed, plot=False, **steps)
-        equal_steps = run_demo(DemoArguments(arms=",".join(SFT_ARMS + RL_ARMS + DPO_ARMS), **common))
+        equal_steps = run_demo(DemoArguments(arms=",".join(SFT_ARMS + RL_ARMS + DPO_ARMS), **common), pins)
         arms = equal_steps["arms"]
         budget_sft, budget_rl = arms["wmss"]["train_seconds"], arms["wmss_grpo"]["train_seconds"]
-        timed = run_demo(DemoArguments(arms="sft,neftune", time_budget=budget_sft, **common))["arms"]
-        timed.update(run_demo(DemoArguments(arms="grpo", time_budget=budget_rl, **common))["arms"])
+        timed = run_demo(DemoArguments(arms="sft,neftune", time_budget=budget_sft, **common), pins)["arms"]
+        timed.update(run_demo(DemoArguments(arms="grpo", time_budget=budget_rl, **common), pins)["arms"])
         runs[seed] = {"phases": equal_steps["phases"], "equal_steps": arms, "equal_time": timed,
                       "budgets": {"sft": budget_sft, "rl": budget_rl}}
         with open(path, "w") as f:

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    code = main()  # first: `wmss demo` pins the numerics before anything imports torch
     from wmss_trl.recipes.common import exit_worker
 
-    exit_worker(main())
+    exit_worker(code)

@@ -12,7 +12,8 @@ import platform
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
+def cpu_info() -> tuple[str, set[str]]:
+    """``(CPU model name, CPU feature flags)`` from ``/proc/cpuinfo`` (empty flags where it cannot be read)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -30,7 +31,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 def machine_info() -> dict:
     """CPU model, logical CPUs, bf16 units, torch / OMP threads and the 1/5/15-minute load averages."""
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     info = {
         "cpu": model,
         "logical_cpus": os.cpu_count(),

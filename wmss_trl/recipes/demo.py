@@ -140,9 +140,9 @@ class DemoArguments:
 
 def _has_avx2() -> bool:
     """x86-64 with AVX2 and FMA (what ATen's and MKL's AVX2 code paths execute)."""
-    from ..machine import _cpuinfo
+    from ..machine import cpu_info
 
-    _, flags = _cpuinfo()
+    _, flags = cpu_info()
     return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= flags
 
 
