@@ -438,3 +438,16 @@ def test_chosen_mismatch_rule():
     what = chosen_mismatch(tok, ["1+2=3\nso: 3", "4+4=8\nso: 8", "2+5=7\nso: 7"], worked)
     assert what == "100% of the model's answers write the final-answer marker '####', 0% of the chosen ones do"
     assert chosen_mismatch(tok, ["The Answer is 3"], ["the answer is 4"]) is None  # case-insensitive marker
+
+
+def test_chunks_of_the_previous_pair_layout_are_not_reused(models, tmp_path):
+    """Pairs of format wmss-mining/2 carried the chosen column itself (a `completion` column with
+    reference_column="completion") and not the short `answer`: their chunks must not be mixed into a new dataset."""
+    weak, strong, tok = models
+    prompts = mining_prompts(4)
+    mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)
+    meta = tmp_path / "mining_config.json"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "format": "wmss-mining/2"}))
+    with pytest.raises(ValueError, match="format 'wmss-mining/2', written by another wmss_trl version.*delete"):
+        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)

@@ -66,7 +66,7 @@ from .rewards import reward_func_name
 
 CHUNKS_DIR = "chunks"
 META_FILE = "mining_config.json"
-META_FORMAT = "wmss-mining/2"
+META_FORMAT = "wmss-mining/3"  # /3: pairs carry the short references, never a `completion` column
 LOCK_FILE = "wmss.lock"
 SUMMARY_FILE = "summary.json"
 DATASET_DIR = "dataset"
@@ -556,8 +556,9 @@ def _open_output_dir(output_dir: str, provenance: dict, info: dict, chunk_prompt
         with open(meta_path) as f:
             old = json.load(f)
         if old.get("format") != META_FORMAT:
-            raise ProvenanceError(f"{output_dir} holds a mining run of format {old.get('format')!r} (not "
-                                  f"{META_FORMAT!r}) whose provenance is not recorded. {how}")
+            raise ProvenanceError(f"{output_dir} holds a mining run of format {old.get('format')!r}, written by "
+                                  f"another wmss_trl version (this one writes {META_FORMAT!r}); its chunks cannot be "
+                                  f"reused. {how}")
         check_provenance(f"the mined chunks in {output_dir}", old["provenance"], provenance, how)
     else:
         stray = sorted(os.listdir(chunk_dir))
