@@ -398,7 +398,8 @@ def test_default_chosen_on_arith_is_the_worked_completion_and_the_verifier_reads
     assert "completion" not in data.column_names  # a TRL key: its text is `chosen`
     assert seen == [a for a in prompts["answer"] for _ in range(SMALL["num_samples"])]  # the short references
     # the bare answer stays available on request
-    bare, summary = mine_negatives(prompts, weak, strong, tok, [recording_verifier], reference_column="answer", **SMALL)
+    bare, summary = mine_negatives(prompts, weak, strong, tok, [recording_verifier], reference_column="answer",
+                                   **SMALL)
     assert summary["chosen_column"] == "answer"
     assert all(r["chosen"][0]["content"] == prompts[r["prompt_index"]]["answer"] for r in bare)
 

@@ -416,7 +416,8 @@ def test_flat_config_resolves_like_its_sectioned_equivalent(tmp_path):
     sft, wdjt = training_config(run, "sft"), training_config(run, "wdjt")
     assert sft["learning_rate"] == 1.0e-5 and wdjt["learning_rate"] == 2.0e-5
     assert sft["max_length"] == wdjt["max_length"] == 48 and "mixing_lambda" not in sft
-    assert wdjt["mixing_lambda"] == 0.3 and flat["selection"]["selection_mode"] == "resample"  # merged with the default
+    assert wdjt["mixing_lambda"] == 0.3
+    assert flat["selection"]["selection_mode"] == "resample"  # merged with the default
     entropy = yaml.safe_load(open(entropy_config(run)))
     assert entropy["max_length"] == 48 and entropy["entropy_chunk_size"] == 256
 

@@ -120,9 +120,10 @@ class MiningConfig:
     reference_column: str | None = field(
         default=None,
         metadata={"help": "Column of the chosen (reference) answers. Default: the first of 'completion', 'solution', "
-                  "'answer' present, so a worked answer is preferred over a bare final answer (the model writes worked "
-                  "steps). The verifiers read their own columns (e.g. 'answer') whatever this is. A warning names this "
-                  "flag when chosen and the model's answers differ grossly in length or final-answer marker."},
+                  "'answer' present, so a worked answer is preferred over a bare final answer (the model writes "
+                  "worked steps). The verifiers read their own columns (e.g. 'answer') whatever this is. A warning "
+                  "names this flag when chosen and the model's answers differ grossly in length or final-answer "
+                  "marker (median token length ratio beyond 3x, or a marker such as '####' missing)."},
     )
     reward_threshold: float = field(
         default=0.5, metadata={"help": "A completion is wrong when its combined reward is below this threshold."}
@@ -299,8 +300,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class _Miner:
-    def __init__(self, weak_model, strong_model, tokenizer, reward_funcs, cfg: MiningConfig, reference_column, conversational,
-                 columns):
+    def __init__(self, weak_model, strong_model, tokenizer, reward_funcs, cfg: MiningConfig, reference_column,
+                 conversational, columns):
         self.weak, self.strong, self.tok, self.funcs, self.cfg = weak_model, strong_model, tokenizer, reward_funcs, cfg
         self.ref_col, self.conversational = reference_column, conversational
         self.extra_cols = pair_reference_columns(columns, reference_column)
@@ -751,7 +752,8 @@ def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cf
     blocks_per_chunk = cfg.chunk_size // cfg.batch_size
     num_chunks = math.ceil(num_blocks / blocks_per_chunk)
 
-    miner = _Miner(weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational, prompts_dataset.column_names)
+    miner = _Miner(weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
+                   prompts_dataset.column_names)
     bar = tqdm(total=n, desc="mining negatives", disable=not (cfg.progress and state.is_main_process))
     results: dict[int, list[dict]] = {}
     first_fresh = True
@@ -815,7 +817,7 @@ def _warn_chosen_mismatch(rows, tokenizer, ref_col, columns, state) -> str | Non
     if what and state.is_main_process:
         others = [c for c in columns if c not in ("prompt", ref_col)]
         logger.warning(
-            "the chosen answers (column %r) differ grossly from the model's answers: %s. DPO on these pairs starts "
+            "the chosen answers (column %r) differ grossly from the model's answers: %s. DPO on these pairs is likely to start "
             "with negative margins. Pass --reference_column (reference_column=) naming a column of answers written "
             "like the model's (other columns: %s), or --chosen correct_sample (chosen=\"correct_sample\": the model's "
             "most plausible correct answer); the verifiers keep reading their own columns.", ref_col, what, others)
