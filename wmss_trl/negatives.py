@@ -818,9 +818,10 @@ def _warn_chosen_mismatch(rows, tokenizer, ref_col, columns, state) -> str | Non
         others = [c for c in columns if c not in ("prompt", ref_col)]
         logger.warning(
             "the chosen answers (column %r) differ grossly from the model's answers: %s. DPO on these pairs is "
-            "likely to start with negative margins. Pass --reference_column (reference_column=) naming a column of answers written "
-            "like the model's (other columns: %s), or --chosen correct_sample (chosen=\"correct_sample\": the model's "
-            "most plausible correct answer); the verifiers keep reading their own columns.", ref_col, what, others)
+            "likely to start with negative margins. Pass --reference_column (reference_column=) naming a column of "
+            "answers written like the model's (other columns: %s), or --chosen correct_sample "
+            "(chosen=\"correct_sample\": the model's most plausible correct answer); the verifiers keep reading their "
+            "own columns.", ref_col, what, others)
     return what
 
 
