@@ -468,10 +468,11 @@ def find_reference_column(columns: Sequence[str], reference_column: str | None, 
         if name in columns:
             return name
     if required:
+        wanted = repr(reference_column) if reference_column else (
+            "'completion' (a worked answer), and no column 'solution' or 'answer'")
         raise ValueError(
-            f"reference answers missing: the prompt dataset has no column {' or '.join(repr(c) for c in candidates)} "
-            f"(its columns: {list(columns)}). Pass `reference_column=` (flag --reference_column) naming the column "
-            "that holds the reference answers."
+            f"reference answers missing: the prompt dataset has no column {wanted} (its columns: {list(columns)}). "
+            "Pass `reference_column=` (flag --reference_column) naming the column that holds the reference answers."
         )
     return None
 
