@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 import statistics
 from collections import Counter
