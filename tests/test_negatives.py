@@ -370,3 +370,85 @@ def test_conversational_reference_column_gives_its_content():
     assert _reference_text([{"role": "assistant", "content": "5+9=14\n#### 14"}]) == "5+9=14\n#### 14"
     assert _reference_text("42") == "42"
     assert _reference_text(7) == "7"
+
+
+# -- the chosen column and the chosen-vs-model check (issue 15, item 7) --------------------------------------------
+
+
+def test_default_chosen_on_arith_is_the_worked_completion_and_the_verifier_reads_answer(models):
+    """On `wmss:arith` (prompt, completion, answer) the chosen answer is the worked `completion` (what the model is
+    trained to write), not the bare `answer`; the verifier still gets the short `answer`, and the pairs carry it."""
+    from wmss_trl.tasks import correctness_reward, load_embedded
+
+    weak, strong, tok = models
+    prompts = load_embedded("arith", sizes={"train": 8, "test": 2, "ood": 2})["train"]
+    seen = []
+
+    def recording_verifier(prompts, completions, answer, **kwargs):
+        seen.extend(answer)
+        return correctness_reward(prompts, completions, answer)
+
+    data, summary = mine_negatives(prompts, weak, strong, tok, [recording_verifier], **SMALL)
+    assert len(data) > 0
+    for row in data:
+        source = prompts[row["prompt_index"]]
+        assert row["chosen"] == source["completion"] and "####" in row["chosen"][0]["content"]
+        assert row["answer"] == source["answer"]
+    assert summary["chosen_column"] == "completion"
+    assert "completion" not in data.column_names  # a TRL key: its text is `chosen`
+    assert seen == [a for a in prompts["answer"] for _ in range(SMALL["num_samples"])]  # the short references
+    # the bare answer stays available on request
+    bare, summary = mine_negatives(prompts, weak, strong, tok, [recording_verifier], reference_column="answer",
+                                   **SMALL)
+    assert summary["chosen_column"] == "answer"
+    assert all(r["chosen"][0]["content"] == prompts[r["prompt_index"]]["answer"] for r in bare)
+
+
+def test_bare_answer_is_kept_but_a_long_worked_model_answer_is_warned_about(models, caplog):
+    """Only a bare `answer` column: it stays the chosen answer, but when the model writes answers many times longer
+    a warning says so and names the fix; answers of the model's length give no warning."""
+    weak, strong, tok = models
+    long = {**SMALL, "max_new_tokens": 12, "generation_kwargs": {"min_new_tokens": 12, "suppress_tokens": _SPECIAL}}
+    prompts = mining_prompts(8).rename_column("solution", "answer")
+    with caplog.at_level("WARNING", logger="wmss_trl.negatives"):
+        data, summary = mine_negatives(prompts, weak, strong, tok, [parity_verifier], **long)
+    assert len(data) > 0
+    assert all(r["chosen"][0]["content"] == prompts[r["prompt_index"]]["answer"] for r in data)
+    assert "the chosen answers (column 'answer') differ grossly from the model's answers" in caplog.text
+    assert "median of 12 tokens" in caplog.text and "beyond the factor 3" in caplog.text
+    assert "--reference_column" in caplog.text and "--chosen correct_sample" in caplog.text
+    assert summary["chosen_column"] == "answer"
+    assert summary["chosen_mismatch"].startswith("the model's answers have a median of 12 tokens")
+
+    caplog.clear()
+    sized = Dataset.from_list([{**r, "answer": "abcdef"} for r in prompts])  # 6 tokens, as the model writes
+    with caplog.at_level("WARNING", logger="wmss_trl.negatives"):
+        _, summary = mine_negatives(sized, weak, strong, tok, [parity_verifier], **SMALL)
+    assert "differ grossly" not in caplog.text and summary["chosen_mismatch"] is None
+
+
+def test_chosen_mismatch_rule():
+    from wmss_trl.negatives import chosen_mismatch
+
+    tok = build_char_tokenizer()
+    worked = ["1+2=3\n#### 3", "4+4=8\n#### 8", "2+5=7\n#### 7"]
+    assert chosen_mismatch(tok, worked, worked) is None
+    assert "ratio 12.0" in chosen_mismatch(tok, ["3", "8", "7"], worked)  # median 12 chars vs 1
+    assert "ratio 0.1" in chosen_mismatch(tok, worked, ["3", "8", "7"])  # and the other way round
+    # same length, but the model writes the '####' marker and the chosen answers do not
+    what = chosen_mismatch(tok, ["1+2=3\nso: 3", "4+4=8\nso: 8", "2+5=7\nso: 7"], worked)
+    assert what == "100% of the model's answers write the final-answer marker '####', 0% of the chosen ones do"
+    assert chosen_mismatch(tok, ["The Answer is 3"], ["the answer is 4"]) is None  # case-insensitive marker
+
+
+def test_chunks_of_the_previous_pair_layout_are_not_reused(models, tmp_path):
+    """Pairs of format wmss-mining/2 carried the chosen column itself (a `completion` column with
+    reference_column="completion") and not the short `answer`: their chunks must not be mixed into a new dataset."""
+    weak, strong, tok = models
+    prompts = mining_prompts(4)
+    mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)
+    meta = tmp_path / "mining_config.json"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "format": "wmss-mining/2"}))
+    with pytest.raises(ValueError, match="format 'wmss-mining/2', written by another wmss_trl version.*delete"):
+        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)

@@ -382,3 +382,86 @@ def test_reused_phases_are_checked_against_what_made_them(pipeline_run, tmp_path
     with pytest.raises(SystemExit, match=r"phase 'entropy_weak' \(outputs\).*entropy_weak\.sha256"):
         main(["--config", pipeline_run["config"], "--output_dir", str(run)])
     assert (run / "logs" / "wdjt.log").read_text().count("\n$ ") == 1  # nothing was launched again
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The flat form (TRL's keys at the top level) and the documented sections (issue 15, item 10)
+# ------------------------------------------------------------------------------------------------------------------
+FLAT = {
+    "output_dir": "runs/flat", "model_name_or_path": "base", "dataset_name": "data.jsonl",
+    "learning_rate": 1.0e-5, "max_length": 48, "bf16": False, "gradient_accumulation_steps": 2,  # SFTConfig
+    "mixing_lambda": 0.3, "mixing_chunk_size": 256,  # WMSSSFTConfig only
+    "selection_alpha": 0.2, "selection_beta": 0.7, "selection_gamma": 0.1,  # WD-DS
+    "entropy_chunk_size": 256, "accelerate_config": "ddp", "num_processes": 2,
+    "wdjt": {"num_train_epochs": 3, "learning_rate": 2.0e-5},  # a section in the same file wins over its flat keys
+}
+SECTIONED = {
+    "output_dir": "runs/flat", "base_model": "base", "dataset": "data.jsonl",
+    "sft": {"learning_rate": 1.0e-5, "max_length": 48, "bf16": False, "gradient_accumulation_steps": 2},
+    "wdjt": {"learning_rate": 2.0e-5, "max_length": 48, "bf16": False, "gradient_accumulation_steps": 2,
+             "mixing_lambda": 0.3, "mixing_chunk_size": 256, "num_train_epochs": 3},
+    "selection": {"selection_alpha": 0.2, "selection_beta": 0.7, "selection_gamma": 0.1},
+    "entropy": {"entropy_chunk_size": 256}, "launch": {"accelerate_config": "ddp", "num_processes": 2},
+}
+
+
+def test_flat_config_resolves_like_its_sectioned_equivalent(tmp_path):
+    from wmss_trl.recipes.pipeline import Run, entropy_config, training_config
+
+    flat = load_config(write_config(tmp_path / "flat.yaml", FLAT))
+    assert flat == load_config(write_config(tmp_path / "sectioned.yaml", SECTIONED))
+    # what each phase receives: the flat SFTConfig keys reach both trainings and, through WD-JT, the entropy passes
+    (tmp_path / "configs").mkdir()
+    run = Run({**flat, "output_dir": str(tmp_path)})
+    sft, wdjt = training_config(run, "sft"), training_config(run, "wdjt")
+    assert sft["learning_rate"] == 1.0e-5 and wdjt["learning_rate"] == 2.0e-5
+    assert sft["max_length"] == wdjt["max_length"] == 48 and "mixing_lambda" not in sft
+    assert wdjt["mixing_lambda"] == 0.3
+    assert flat["selection"]["selection_mode"] == "resample"  # merged with the default
+    entropy = yaml.safe_load(open(entropy_config(run)))
+    assert entropy["max_length"] == 48 and entropy["entropy_chunk_size"] == 256
+
+
+def test_flat_keys_that_fit_no_section_or_several_are_refused(tmp_path):
+    cases = {
+        "per_device_eval_batch_size": "ambiguous key 'per_device_eval_batch_size' in .*: it fits several sections "
+                                      r"\(`sft \+ wdjt` or `entropy`\)",
+        "hidden_size": "unknown key 'hidden_size' in .*: it fits no section",
+        "weak_model_name_or_path": "'weak_model_name_or_path' in .* is set by the pipeline .*`base_model`",
+    }
+    for key, message in cases.items():
+        path = write_config(tmp_path / f"{key}.yaml", {key: 8})
+        with pytest.raises(SystemExit, match=message) as err:
+            load_config(path)
+        if "section" in message:
+            assert "Sections: toy_model, toy_data, launch, common, sft, entropy, selection, wdjt" in str(err.value)
+    with pytest.raises(SystemExit, match="sets both 'model_name_or_path' and 'base_model'"):
+        load_config(write_config(tmp_path / "both.yaml", {"model_name_or_path": "a", "base_model": "b"}))
+
+
+def test_pipeline_help_lists_the_sections_and_the_default():
+    from wmss_trl.recipes.pipeline import DEFAULT_CONFIG
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "wmss_trl.cli", "pipeline", "--help"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
+    out = ok(proc)
+    for section in ("toy_model", "toy_data", "launch", "common", "sft", "entropy", "selection", "wdjt"):
+        assert f"\n  {section} " in out, section
+    assert "Flat form: TRL's keys may also be given at the top level" in out
+    assert DEFAULT_CONFIG.read_text() in out  # the embedded default, as the example
+
+
+def test_flat_config_prints_and_runs(tmp_path):
+    """`--print_config` of a flat file shows its sections; and a flat config drives a (tiny) run to the end."""
+    flat = {"toy_model": SMALL["toy_model"], "toy_data": {"num_samples": 32, "max_operand": 20},
+            "per_device_train_batch_size": 8, "max_length": 32, "logging_steps": 4, "num_train_epochs": 1,
+            "mixing_lambda": 0.4, "entropy_chunk_size": 512}
+    config = write_config(tmp_path / "flat.yaml", flat)
+    printed = yaml.safe_load(ok(run_pipeline(config, tmp_path / "p", "--print_config")))
+    assert printed["wdjt"]["mixing_lambda"] == 0.4 and printed["sft"]["num_train_epochs"] == 1
+    assert printed["entropy"]["entropy_chunk_size"] == 512
+    out = ok(run_pipeline(config, tmp_path / "run"))
+    assert "finished in" in out and os.path.isfile(tmp_path / "run" / "final" / "config.json")
+    wdjt = yaml.safe_load(open(tmp_path / "run" / "configs" / "wdjt.yaml"))
+    assert wdjt["mixing_lambda"] == 0.4 and wdjt["num_train_epochs"] == 1

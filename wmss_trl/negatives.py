@@ -17,6 +17,13 @@ For every prompt x with a reference answer:
 
 Prompts without a usable wrong answer are dropped and counted in the returned summary, per reason.
 
+The chosen answer is read from ``reference_column``, by default the first of ``completion``, ``solution``, ``answer``
+that the dataset has: a worked answer (TRL's prompt-completion target, or a worked solution) is preferred over a bare
+final answer, because the model is trained to write it. The verifiers read their own columns (e.g. the short
+``answer``), whatever the chosen column is. When the chosen answers and the model's own answers (the rejected ones)
+differ grossly, median token length ratio beyond ``CHOSEN_LENGTH_FACTOR`` either way or a final-answer marker
+(``FINAL_ANSWER_MARKERS``) that most model answers write and most chosen answers lack, a warning names the fix.
+
 Determinism: prompts are cut into fixed blocks of ``batch_size`` prompts; block b is generated with the RNG seeded
 from (seed, b). Blocks are spread round-robin over the processes of an ``accelerate launch`` and gathered back in
 order, so the result does not depend on the number of processes (same hardware and kernels assumed).
@@ -33,8 +40,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,11 +66,17 @@ from .rewards import reward_func_name
 
 CHUNKS_DIR = "chunks"
 META_FILE = "mining_config.json"
-META_FORMAT = "wmss-mining/2"
+META_FORMAT = "wmss-mining/3"  # /3: pairs carry the short references, never a `completion` column
 LOCK_FILE = "wmss.lock"
 SUMMARY_FILE = "summary.json"
 DATASET_DIR = "dataset"
 _NOT_OUTPUT_FIELDS = ("progress",)  # settings that do not change the mined data
+REFERENCE_COLUMNS = ("completion", "solution", "answer")  # default chosen column: the first one present
+CHOSEN_LENGTH_FACTOR = 3.0  # warn when median |model answer| / median |chosen| is beyond this factor either way
+FINAL_ANSWER_MARKERS = ("####", "\\boxed", "answer is")
+_TRL_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")  # never copied into a pair as extra columns
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +90,10 @@ class MiningConfig:
             (the answers the strong model finds most plausible) or `"weak"`.
         chosen (`str`, defaults to `"reference"`): `"reference"` (the reference answer) or `"correct_sample"` (the most
             plausible correct sample; falls back to the reference when no sample is correct and a reference exists).
-        reference_column (`str`, *optional*): Column holding the reference answers; default: `solution`, else `answer`.
+        reference_column (`str`, *optional*): Column of the chosen (reference) answers; default: the first of
+            `completion`, `solution`, `answer` present, so a worked answer is preferred over a bare final answer. The
+            verifiers read their own columns (e.g. `answer`) whatever this is. A warning names this setting when the
+            chosen answers and the model's answers differ grossly in length or final-answer marker.
         reward_threshold (`float`, defaults to `0.5`): A completion is wrong when its combined reward is below this.
         reward_weights (`list[float]`, *optional*): Weights of the reward functions (default: all 1), as in TRL GRPO.
         max_pairs_per_prompt (`int`, defaults to `1`): Most plausible distinct wrong answers kept per prompt.
@@ -100,7 +118,12 @@ class MiningConfig:
                   "(falls back to the reference).", "choices": ["reference", "correct_sample"]},
     )
     reference_column: str | None = field(
-        default=None, metadata={"help": "Column of the reference answers (default: 'solution', else 'answer')."}
+        default=None,
+        metadata={"help": "Column of the chosen (reference) answers. Default: the first of 'completion', 'solution', "
+                  "'answer' present, so a worked answer is preferred over a bare final answer (the model writes "
+                  "worked steps). The verifiers read their own columns (e.g. 'answer') whatever this is. A warning "
+                  "names this flag when chosen and the model's answers differ grossly in length or final-answer "
+                  "marker (median token length ratio beyond 3x, or a marker such as '####' missing)."},
     )
     reward_threshold: float = field(
         default=0.5, metadata={"help": "A completion is wrong when its combined reward is below this threshold."}
@@ -277,9 +300,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class _Miner:
-    def __init__(self, weak_model, strong_model, tokenizer, reward_funcs, cfg: MiningConfig, reference_column, conversational):
+    def __init__(self, weak_model, strong_model, tokenizer, reward_funcs, cfg: MiningConfig, reference_column,
+                 conversational, columns):
         self.weak, self.strong, self.tok, self.funcs, self.cfg = weak_model, strong_model, tokenizer, reward_funcs, cfg
         self.ref_col, self.conversational = reference_column, conversational
+        self.extra_cols = pair_reference_columns(columns, reference_column)
         self.weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(reward_funcs)
         self.ranker = strong_model if cfg.rank_by == "strong" else weak_model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -407,8 +432,7 @@ class _Miner:
                 "num_correct": len(rec["correct"]),
                 "prompt_index": rec["index"],
             }
-            if self.ref_col:
-                pair[self.ref_col] = ref
+            pair.update({c: row[c] for c in self.extra_cols})
             result["pairs"].append(pair)
             rank += 1
         if not result["pairs"]:
@@ -437,18 +461,60 @@ def _reference_text(ref) -> str:
 
 
 def find_reference_column(columns: Sequence[str], reference_column: str | None, required: bool) -> str | None:
-    """The reference column: the one asked for, else ``solution``, else ``answer``. Raise when required and absent."""
-    candidates = (reference_column,) if reference_column else ("solution", "answer")
+    """The chosen (reference) column: the one asked for, else the first of ``completion``, ``solution``, ``answer``
+    present (a worked answer before a bare final answer). Raise when required and absent."""
+    candidates = (reference_column,) if reference_column else REFERENCE_COLUMNS
     for name in candidates:
         if name in columns:
             return name
     if required:
+        wanted = repr(reference_column) if reference_column else (
+            "'completion' (a worked answer), and no column 'solution' or 'answer'")
         raise ValueError(
-            f"reference answers missing: the prompt dataset has no column {' or '.join(repr(c) for c in candidates)} "
-            f"(its columns: {list(columns)}). Pass `reference_column=` (flag --reference_column) naming the column "
-            "that holds the reference answers."
+            f"reference answers missing: the prompt dataset has no column {wanted} (its columns: {list(columns)}). "
+            "Pass `reference_column=` (flag --reference_column) naming the column that holds the reference answers."
         )
     return None
+
+
+def pair_reference_columns(columns: Sequence[str], reference_column: str | None) -> list[str]:
+    """Columns copied into every pair: the chosen column and the short references (``solution``, ``answer``) the
+    dataset has, except TRL's own keys (a ``completion`` column is already the pair's ``chosen``)."""
+    wanted = dict.fromkeys(c for c in (reference_column, *REFERENCE_COLUMNS) if c)
+    return [c for c in wanted if c in columns and c not in _TRL_KEYS]
+
+
+def _token_length(tokenizer, text: str) -> int:
+    return len(tokenizer(text=text, add_special_tokens=False)["input_ids"])
+
+
+def _marker_share(texts: Sequence[str], marker: str) -> float:
+    return sum(marker.lower() in t.lower() for t in texts) / len(texts)
+
+
+def chosen_mismatch(tokenizer, chosen: Sequence[str], model_answers: Sequence[str],
+                    factor: float = CHOSEN_LENGTH_FACTOR) -> str | None:
+    """How the chosen answers differ grossly from the model's own answers, or None. Gross means either
+
+        r = median_j |y_model_j| / median_i |y_chosen_i|   (token lengths)   with r > factor or r < 1 / factor,
+
+    or a final-answer marker (``FINAL_ANSWER_MARKERS``, case-insensitive) in more than half of the model's answers and
+    in at most half of the chosen ones."""
+    if not chosen or not model_answers:
+        return None
+    problems = []
+    len_chosen = statistics.median(_token_length(tokenizer, t) for t in chosen)
+    len_model = statistics.median(_token_length(tokenizer, t) for t in model_answers)
+    ratio = len_model / max(len_chosen, 1)
+    if ratio > factor or ratio < 1 / factor:
+        problems.append(f"the model's answers have a median of {len_model:g} tokens, the chosen ones {len_chosen:g} "
+                        f"(ratio {ratio:.1f}, beyond the factor {factor:g})")
+    for marker in FINAL_ANSWER_MARKERS:
+        in_model, in_chosen = _marker_share(model_answers, marker), _marker_share(chosen, marker)
+        if in_model > 0.5 and in_chosen <= 0.5:
+            problems.append(f"{in_model:.0%} of the model's answers write the final-answer marker {marker!r}, "
+                            f"{in_chosen:.0%} of the chosen ones do")
+    return "; ".join(problems) or None
 
 
 def check_references(dataset, column: str) -> None:
@@ -492,8 +558,9 @@ def _open_output_dir(output_dir: str, provenance: dict, info: dict, chunk_prompt
         with open(meta_path) as f:
             old = json.load(f)
         if old.get("format") != META_FORMAT:
-            raise ProvenanceError(f"{output_dir} holds a mining run of format {old.get('format')!r} (not "
-                                  f"{META_FORMAT!r}) whose provenance is not recorded. {how}")
+            raise ProvenanceError(f"{output_dir} holds a mining run of format {old.get('format')!r}, written by "
+                                  f"another wmss_trl version (this one writes {META_FORMAT!r}); its chunks cannot be "
+                                  f"reused. {how}")
         check_provenance(f"the mined chunks in {output_dir}", old["provenance"], provenance, how)
     else:
         stray = sorted(os.listdir(chunk_dir))
@@ -686,7 +753,8 @@ def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cf
     blocks_per_chunk = cfg.chunk_size // cfg.batch_size
     num_chunks = math.ceil(num_blocks / blocks_per_chunk)
 
-    miner = _Miner(weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational)
+    miner = _Miner(weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
+                   prompts_dataset.column_names)
     bar = tqdm(total=n, desc="mining negatives", disable=not (cfg.progress and state.is_main_process))
     results: dict[int, list[dict]] = {}
     first_fresh = True
@@ -730,6 +798,8 @@ def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cf
             "excluded). Sample more (num_samples), raise max_new_tokens (or set keep_truncated), or check the "
             "verifier and its threshold."
         )
+    summary["chosen_column"] = ref_col
+    summary["chosen_mismatch"] = _warn_chosen_mismatch(rows, tokenizer, ref_col, prompts_dataset.column_names, state)
     dataset = Dataset.from_list(rows)
     if output_dir is not None and state.is_main_process:
         write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary, indent=2)
@@ -737,6 +807,23 @@ def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cf
     if world > 1:
         state.wait_for_everyone()
     return dataset, summary
+
+
+def _warn_chosen_mismatch(rows, tokenizer, ref_col, columns, state) -> str | None:
+    """[`chosen_mismatch`] of the reference-chosen pairs against their rejected (the model's own) answers; warned
+    about on the main process, naming the fix. Returned for the summary."""
+    pairs = [r for r in rows if r["chosen_source"] == "reference"]
+    what = chosen_mismatch(tokenizer, [_reference_text(r["chosen"]) for r in pairs],
+                           [_reference_text(r["rejected"]) for r in pairs])
+    if what and state.is_main_process:
+        others = [c for c in columns if c not in ("prompt", ref_col)]
+        logger.warning(
+            "the chosen answers (column %r) differ grossly from the model's answers: %s. DPO on these pairs is "
+            "likely to start with negative margins. Pass --reference_column (reference_column=) naming a column of "
+            "answers written like the model's (other columns: %s), or --chosen correct_sample "
+            "(chosen=\"correct_sample\": the model's most plausible correct answer); the verifiers keep reading their "
+            "own columns.", ref_col, what, others)
+    return what
 
 
 def _raise_all_unscorable(funcs, num_prompts: int, num_samples: int, partial: bool) -> None:

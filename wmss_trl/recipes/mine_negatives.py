@@ -4,8 +4,11 @@
         --strong_model_name_or_path STRONG --reward_funcs numeric_accuracy_reward --num_samples 8 \
         --output_dir mined [--rank_by strong|weak] [--chosen reference|correct_sample] [--accelerate_config ddp]
 
-The prompt dataset needs a ``prompt`` column (text or messages) and the reference answers (``solution`` or
-``answer``, or ``--reference_column``). ``--reward_funcs`` takes names (``numeric_accuracy_reward``,
+The prompt dataset needs a ``prompt`` column (text or messages) and the chosen (reference) answers: by default the
+first of ``completion``, ``solution``, ``answer`` present (a worked answer, as the model writes it, before a bare final
+answer; on ``wmss:arith`` the worked ``completion``), or ``--reference_column``. The verifiers read their own columns
+(e.g. the short ``answer``). A warning names the fix when the chosen answers and the model's answers differ grossly in
+length or final-answer marker. ``--reward_funcs`` takes names (``numeric_accuracy_reward``,
 ``math_verify_reward``, TRL's ``accuracy_reward``) or dotted import paths, like ``trl grpo``. Writes
 ``OUTPUT/dataset`` (``save_to_disk``; pass it to ``wmss dpo --dataset_name``), ``OUTPUT/summary.json`` and the chunks;
 re-running with the same ``--output_dir`` resumes. Under ``accelerate launch`` every process generates a share.
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # the columns the verifiers and the chosen answers read, before any model loads
     name = f"--dataset_name {data_args.dataset_name} (split {data_args.dataset_train_split!r})"
     check_dataset_columns(prompts, "grpo", name=name, reward_funcs=resolve_reward_funcs(args.reward_funcs))
-    find_reference_column(prompts.column_names, mining.reference_column, required=mining.chosen == "reference")
+    chosen_column = find_reference_column(prompts.column_names, mining.reference_column,
+                                          required=mining.chosen == "reference")
 
     # 2. Models (safetensors, no remote code) and the shared tokenizer, checked before either model loads: the
     # tokenizer used for the weak model must be the strong model's (found in its folder).
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     strong = _load(args.strong_model_name_or_path, args.dtype, state.device) if args.strong_model_name_or_path else None
     state.print(
         f"wmss mine-negatives: {state.num_processes} process(es), {state.distributed_type.value}, "
-        f"{len(prompts)} prompts x {mining.num_samples} samples, rank_by={mining.rank_by}, chosen={mining.chosen}"
+        f"{len(prompts)} prompts x {mining.num_samples} samples, rank_by={mining.rank_by}, chosen={mining.chosen} "
+        f"(column {chosen_column!r})"
     )
 
     # 3. Sample, verify, rank; chunks are written as they finish.
