@@ -217,3 +217,32 @@ def test_fused_head_and_logits_paths_agree(tiny, sft_dataset, tmp_path, peft):
     metrics = trainer._metrics["train" if trainer.model.training else "eval"]
     assert metrics["wmss/weak_nll"][0] == pytest.approx(metrics["wmss/weak_nll"][1], rel=1e-5)
     assert metrics["wmss/strong_entropy"][0] == pytest.approx(metrics["wmss/strong_entropy"][1], rel=1e-5)
+
+
+def test_modules_to_save_lm_head_mixes_the_heads_the_models_compute(tiny, sft_dataset, tmp_path):
+    """`modules_to_save=["lm_head"]`: the head's `.weight` is the trained copy even with the adapters disabled, so
+    the fused loss (which reads the weights) would use it for the weak side too; the trainer mixes the models' own
+    logits instead. Checked against a naive mix of the PEFT model's logits and its adapter-disabled logits. (LoRA on
+    lm_head itself is refused by TRL's SFTTrainer.)"""
+    from peft import LoraConfig
+
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    args = cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=0.4, peft_base_as_weak=True)
+    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"],
+                             peft_config=peft)
+    assert not trainer._fused_head
+    model = trainer.model
+    with torch.no_grad():  # the trained copy has moved away from the base head
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(3.0)
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(model, dict(batch))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        strong = model(**inputs).logits.float()
+        with model.disable_adapter():
+            weak = model(**inputs).logits.float()
+    labels = batch["labels"][:, 1:]
+    mixed = torch.log_softmax(0.4 * strong[:, :-1] + 0.6 * weak[:, :-1], dim=-1)
+    mask = labels != -100
+    naive = -(mixed.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss.detach(), naive, rtol=1e-5, atol=1e-6)

@@ -329,15 +329,15 @@ def weightless_copy(path, dest):
     return str(dest)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_mixing_with_moe_adds_the_router_aux_loss(tiny, moe, tmp_path, fused):
+def test_mixing_with_moe_adds_the_router_aux_loss(tiny, moe, tmp_path):
     """WD-JT on an MoE model: loss = mixed CE + router_aux_loss_coef * load-balancing loss, as SFTTrainer adds it;
-    checked against the model's own forward (HF's aux_loss) and a naive fp64 mixed CE; `aux_loss` is logged."""
+    checked against the model's own forward (HF's aux_loss) and a naive fp64 mixed CE; `aux_loss` is logged. The
+    fused head computes no router loss, so an MoE model takes the logits path (the model's own aux_loss: each MoE
+    family computes it its own way)."""
     lam = 0.4
     args = cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=moe["weak"], mixing_lambda=lam)
     trainer = WMSSSFTTrainer(moe["strong"], args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
-    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.01
-    trainer._fused_head = fused
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.01 and not trainer._fused_head
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch))

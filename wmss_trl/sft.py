@@ -306,6 +306,16 @@ def _check_not_empty(dataset) -> None:
         )
 
 
+def _peft_wrapped_head(model) -> bool:
+    """True when PEFT wraps the model's LM head (LoRA on ``lm_head``, ``modules_to_save=["lm_head"]``): its
+    ``.weight`` is then not what the head computes (the LoRA delta is missing; a saved module's trained copy stays
+    on with the adapters disabled), so the fused loss, which reads the weights, must not be used."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return isinstance(lm_head_of(model), (BaseTunerLayer, ModulesToSaveWrapper))
+
+
 def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
     """Refuse, before anything loads, what the WD-JT loss (``mixing_lambda < 1``) does not implement.
 
@@ -426,7 +436,13 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
                 check_weak_compatible(self.model, weak, self.processing_class, weak_path)
                 self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
                 weak_source = weak_path or f"a loaded {type(weak).__name__}"
-            self._fused_head = plain_lm_head(self.accelerator.unwrap_model(self.model))
+            # the fused loss reads the LM heads' weights and computes no router loss: the models' own logits when
+            # a head is PEFT-wrapped (LoRA on lm_head, modules_to_save) or the MoE router loss is on
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            heads = [unwrapped] if self.weak_model is None else [unwrapped, self.accelerator.unwrap_model(self.weak_model)]
+            self._fused_head = (
+                plain_lm_head(unwrapped) and not self.aux_loss_enabled and not any(map(_peft_wrapped_head, heads))
+            )
             self._forward_redirection = _ForwardRedirection()
         self._check_trainable_tokens(train_dataset)
         self._log_selection()
@@ -585,23 +601,7 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             strong_hidden, lm_head_of(unwrapped), weak_hidden, lm_head_of(weak), targets[mask],
             self.mixing_lambda, self.args.mixing_chunk_size,
         )
-        return loss_sum, stats.sum(0), mask.sum(), self._router_aux_loss(unwrapped, strong, model_inputs)
-
-    def _router_aux_loss(self, unwrapped, backbone_outputs, model_inputs):
-        """The strong model's MoE load-balancing loss from its router logits (None without `aux_loss_enabled`).
-
-        Mixtral's `load_balancing_loss_func`, the one every MoE family of transformers uses, with the arguments of
-        TRL's fused forward (padding-free rows have no attention mask: every token counts).
-        """
-        if not self.aux_loss_enabled:
-            return None
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-        config = unwrapped.config.get_text_config()
-        return load_balancing_loss_func(
-            backbone_outputs.router_logits, config.num_experts, config.num_experts_per_tok,
-            model_inputs.get("attention_mask"),
-        )
+        return loss_sum, stats.sum(0), mask.sum(), None  # no router loss on this path (see `_fused_head`)
 
     def _weak_hidden(self, unwrapped, model_inputs):
         """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients."""
