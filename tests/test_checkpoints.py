@@ -495,3 +495,29 @@ def test_trainer_train_resumes_from_the_last_complete_checkpoint(tiny, saved, tm
         trainer(tmp_path / "other").train(resume_from_checkpoint=str(torn))
     with pytest.raises(ValueError, match="No valid checkpoint found"):  # no checkpoint at all: transformers' error
         trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
+
+
+def test_model_only_checkpoint_is_complete_and_says_the_resume_is_not_exact(saved, tmp_path, caplog):
+    """save_only_model=True writes weights + trainer_state.json only; transformers resumes from it (fresh
+    optimizer). It is not torn: a cut-short save has no trainer_state.json (written last)."""
+    out, ckpt = damaged(saved, tmp_path)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (ckpt / name).unlink()
+    assert checkpoint_problems(ckpt) == []
+    with caplog.at_level("WARNING", logger="wmss_trl.checkpoints"):
+        assert last_complete_checkpoint(out) == str(ckpt)
+    assert "holds the model only (save_only_model=True)" in caplog.text
+    (ckpt / "trainer_state.json").unlink()  # the same files without trainer_state.json: a save cut short
+    assert checkpoint_problems(ckpt)
+    out2, ckpt2 = damaged(saved, tmp_path / "b")
+    (ckpt2 / "optimizer.pt").unlink()  # one training file missing, others present: torn, not model-only
+    assert checkpoint_problems(ckpt2) == ["optimizer.pt is missing"]
+
+
+def test_every_rank_of_the_resuming_run_needs_its_rng_state(saved, tmp_path):
+    """DDP: each rank writes rng_state_<rank>.pth with no barrier before rank 0's trainer_state.json, so a later
+    rank's file may be missing from a checkpoint that otherwise looks complete."""
+    _, ckpt = damaged(saved, tmp_path)
+    (ckpt / "rng_state.pth").rename(ckpt / "rng_state_0.pth")
+    assert checkpoint_problems(ckpt, world_size=1) == []
+    assert checkpoint_problems(ckpt, world_size=2) == ["rng_state_1.pth is missing"]

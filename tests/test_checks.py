@@ -64,3 +64,25 @@ def test_require_safetensors_refuses_pickle_only_folders(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     require_safetensors(str(tmp_path))
     require_safetensors("org/name")  # not a local folder
+
+
+def test_trl_configs_are_accepted_and_converted(tmp_path):
+    from transformers import TrainingArguments
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    from wmss_trl import WMSSDPOConfig, WMSSGRPOConfig, WMSSSFTConfig
+    from wmss_trl.checks import as_wmss_config
+
+    for trl_cls, ours, kw in ((SFTConfig, WMSSSFTConfig, dict(eos_token="<|end|>", max_length=77)),
+                              (DPOConfig, WMSSDPOConfig, dict(beta=0.3, loss_type=["ipo"])),
+                              (GRPOConfig, WMSSGRPOConfig, dict(num_generations=4, per_device_train_batch_size=4,
+                                                                 generation_batch_size=8))):
+        given = trl_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, learning_rate=3e-5, **kw)
+        got = as_wmss_config(given, ours, "m", "X")
+        assert type(got) is ours and got.learning_rate == 3e-5 and got.output_dir == str(tmp_path)
+        assert all(getattr(got, k) == getattr(given, k) for k in kw)  # eos_token too (to_dict() masks *_token)
+        assert as_wmss_config(got, ours, "m", "X") is got
+    plain = as_wmss_config(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, seed=5), WMSSDPOConfig, "m", "X")
+    assert isinstance(plain, WMSSDPOConfig) and plain.seed == 5
+    with pytest.raises(TypeError, match="args must be a WMSSDPOConfig"):
+        as_wmss_config({"beta": 0.1}, WMSSDPOConfig, "m", "DPO")

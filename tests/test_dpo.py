@@ -304,8 +304,12 @@ def test_bad_configuration_is_a_clear_error(tiny, tmp_path):
                        processing_class=tok)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         wmss(tiny, tmp_path, weak=str(tmp_path / "missing"))
+    # TRL's DPOConfig is accepted, as TRL's trainer accepts it (converted, the WMSS fields at their defaults)
+    converted = WMSSDPOTrainer(tiny["strong"], args=cpu_args(DPOConfig, tmp_path), train_dataset=PAIRS,
+                               processing_class=tok, weak_model=tiny["weak"])
+    assert isinstance(converted.args, WMSSDPOConfig) and converted.wmss_enabled
     with pytest.raises(TypeError, match="WMSSDPOConfig"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(DPOConfig, tmp_path), train_dataset=PAIRS, processing_class=tok, weak_model=tiny["weak"])
+        WMSSDPOTrainer(tiny["strong"], args={"beta": 0.1}, train_dataset=PAIRS, processing_class=tok)
     with pytest.raises(ValueError, match="pass the weak model once"):
         WMSSDPOTrainer(tiny["strong"], AutoModelForCausalLM.from_pretrained(tiny["weak"]), args=cpu_args(WMSSDPOConfig, tmp_path),
                        train_dataset=PAIRS, processing_class=tok, weak_model=tiny["weak"])

@@ -372,3 +372,14 @@ def test_weak_checked_before_its_first_forward(tiny, tmp_path, precompute):
         WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
                        train_dataset=preference_pairs(4), weak_model=weak)
     assert calls == []
+
+
+@pytest.mark.parametrize("option", [dict(mixing_lambda=0.5), dict(entropy_pair_weights=True)])
+def test_prompt_learning_refused_with_mixing_or_pair_weights(tiny, tmp_path, option):
+    from peft import PromptTuningConfig, TaskType
+
+    args = cpu_args(WMSSDPOConfig, tmp_path, weak_model_name_or_path=tiny["weak"], **option)
+    with pytest.raises(ValueError, match=r"PromptTuningConfig \(prompt learning\) is not supported"):
+        WMSSDPOTrainer(tiny["strong"], args=args, train_dataset=preference_pairs(8),
+                       processing_class=tiny["tokenizer"],
+                       peft_config=PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))

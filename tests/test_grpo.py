@@ -628,8 +628,8 @@ def test_clear_errors_at_construction(tiny, tmp_path):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=other, beta=0.04)
     with pytest.raises(ValueError, match="sync_ref_model"):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], beta=0.04, sync_ref_model=True)
-    with pytest.raises(TypeError, match="WMSSGRPOConfig"):
-        make(WMSSGRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
+    with pytest.raises(TypeError, match="args must be a WMSSGRPOConfig"):  # TRL's GRPOConfig is accepted (converted)
+        WMSSGRPOTrainer(tiny["strong"], has_digit, args={"beta": 0.0}, train_dataset=prompt_dataset(4))
     with pytest.raises(FileNotFoundError):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=str(tmp_path / "missing"), beta=0.04)
 
@@ -893,3 +893,13 @@ def test_epoch_ordered_sampler_is_trls_order_and_resumes_in_any_epoch():
     unshuffled = EpochOrderedSampler(RepeatSampler(list(range(4)), mini_repeat_count=1, shuffle=False))
     unshuffled.set_epoch(5)
     assert list(unshuffled) == [0, 1, 2, 3] and not hasattr(unshuffled, "generator")
+
+
+def test_trl_grpo_config_is_accepted(tiny, tmp_path):
+    """args=GRPOConfig(...) works as with TRL's trainer (converted, WMSS fields at their defaults)."""
+    from trl import GRPOConfig
+
+    from wmss_trl import WMSSGRPOConfig, WMSSGRPOTrainer
+
+    trainer = make(WMSSGRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
+    assert isinstance(trainer.args, WMSSGRPOConfig) and not trainer.wmss_enabled

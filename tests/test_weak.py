@@ -100,6 +100,14 @@ def test_mine_negatives_refuses_a_tokenizer_that_is_not_the_models(tiny, permute
                        [parity_verifier], **MINING)
 
 
+def test_mine_negatives_without_a_strong_model_checks_the_tokenizer_against_the_weak_one(tiny, permuted_weak):
+    from wmss_trl.negatives import mine_negatives
+
+    with pytest.raises(ValueError, match=REFUSED):
+        mine_negatives(mining_prompts(), load(tiny["weak"]), None, permuted_weak["tokenizer"], [parity_verifier],
+                       **{**MINING, "rank_by": "weak"})
+
+
 def write_prompts(path):
     with open(path, "w") as f:
         for i in range(4):

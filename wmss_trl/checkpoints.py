@@ -13,8 +13,12 @@ silent restart of the optimizer when ``scheduler.pt`` is missing). The rule appl
 * ``optimizer.pt`` (not under DeepSpeed / FSDP) and ``scheduler.pt`` (under DeepSpeed only when written), loadable
   with ``torch.load(weights_only=True)`` as the Trainer loads them; ``scaler.pt`` too when present;
 * the RNG state: ``rng_state.pth``, or ``rng_state_0.pth`` ... ``rng_state_{n-1}.pth`` (n = the ZeRO rank count
-  under DeepSpeed), each loadable;
+  under DeepSpeed; else at least the resuming run's process count), each loadable;
 * ``trainer_state.json`` (written last) parses and its ``global_step`` is N; ``config.json`` parses when present.
+
+A ``save_only_model=True`` checkpoint (weights and ``trainer_state.json``, and no optimizer, scheduler or RNG file at
+all) is complete too: transformers resumes from it with a fresh optimizer, and a warning says the resumed run is then
+not the uninterrupted one.
 
 :func:`last_complete_checkpoint` returns the newest complete ``checkpoint-N`` of a folder, with a warning naming each
 newer one it skipped and why (skipped folders are left in place). :func:`resolve_resume_from_checkpoint` applies the
@@ -184,26 +188,42 @@ def _deepspeed_problems(path: str, names: set[str]) -> tuple[list[str], int | No
     return problems, (max(optim) + 1 if optim else None)
 
 
-def _rng_problems(path: str, names: set[str], ranks: int | None) -> list[str]:
+def _rng_problems(path: str, names: set[str], ranks: int | None, world_size: int | None) -> list[str]:
     numbered = sorted(int(m.group(1)) for n in names if (m := _RNG.fullmatch(n)))
     if ranks is not None and ranks > 1:
         expected = [f"rng_state_{i}.pth" for i in range(ranks)]
     elif numbered:
         if problem := _ranks_problem(numbered, "rng_state_<rank>.pth"):
             return [problem]
-        expected = [f"rng_state_{i}.pth" for i in numbered]
+        # each rank writes its own file with no barrier before rank 0's trainer_state.json: a later rank's may be
+        # missing; the resuming run's process count says how many there must be
+        expected = [f"rng_state_{i}.pth" for i in range(max(numbered[-1] + 1, world_size or 1))]
     else:
         expected = ["rng_state.pth"]
     return [p for name in expected if (p := _torch_problem(path, name))]
 
 
-def checkpoint_problems(path) -> list[str]:
-    """What keeps ``path`` from being a complete checkpoint (the rule in the module docstring); [] when complete."""
+def _model_only(names: set[str]) -> bool:
+    """A ``save_only_model=True`` checkpoint: weights and trainer_state.json (written last) but no optimizer,
+    scheduler or RNG state at all. A save cut short leaves no trainer_state.json, so it cannot look like this."""
+    training_state = {OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, "rng_state.pth"}
+    return TRAINER_STATE_NAME in names and not (names & training_state) and not any(_RNG.fullmatch(n) for n in names)
+
+
+def checkpoint_problems(path, world_size: int | None = None) -> list[str]:
+    """What keeps ``path`` from being a complete checkpoint (the rule in the module docstring); [] when complete.
+
+    ``world_size``: the number of processes of the run that resumes (default: ``WORLD_SIZE``, else 1); a checkpoint
+    written by several processes needs the RNG state of each of them.
+    """
     path = str(path)
     if not os.path.isdir(path):
         return [f"{path} is not a folder"]
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     names = set(os.listdir(path))
     problems, ranks = [], None
+    model_only = _model_only(names)
     deepspeed = "latest" in names or any(n.startswith("global_step") for n in names)
     fsdp = sorted(n for n in names if n.startswith(FSDP_MODEL_NAME))
     if deepspeed:
@@ -218,12 +238,14 @@ def checkpoint_problems(path) -> list[str]:
             problems += [f"{n} is empty" for n in entries if _empty(os.path.join(path, n))]
     else:
         problems = _weights_problems(path, names)
-        problems += [p] if (p := _torch_problem(path, OPTIMIZER_NAME, mmap=True)) else []
-    if not deepspeed or SCHEDULER_NAME in names:  # DeepSpeed keeps its own scheduler in its model states
+        if not model_only:
+            problems += [p] if (p := _torch_problem(path, OPTIMIZER_NAME, mmap=True)) else []
+    if not model_only and (not deepspeed or SCHEDULER_NAME in names):  # DeepSpeed keeps its scheduler in its states
         problems += [p] if (p := _torch_problem(path, SCHEDULER_NAME)) else []
     if SCALER_NAME in names:
         problems += [p] if (p := _torch_problem(path, SCALER_NAME)) else []
-    problems += _rng_problems(path, names, ranks)
+    if not model_only:
+        problems += _rng_problems(path, names, ranks, world_size)
     if CONFIG_NAME in names:
         problems += [p] if (p := _json_problem(path, CONFIG_NAME)[1]) else []
     state, problem = _json_problem(path, TRAINER_STATE_NAME)
@@ -260,6 +282,8 @@ def last_complete_checkpoint(output_dir) -> str | None:
               f"{'; '.join(problems)}. It is left in place.")
     if skipped and checkpoint:
         _warn(f"resuming from {checkpoint}, the last complete checkpoint.")
+    if checkpoint:
+        _warn_model_only(checkpoint)
     elif skipped:
         _warn(f"no complete checkpoint in {output_dir} ({len(skipped)} incomplete skipped): training starts from "
               "scratch.")
@@ -294,7 +318,14 @@ def resolve_resume_from_checkpoint(value, output_dir) -> str | None:
             f"a save cut short by a kill or a full disk. Resume from another checkpoint ({hint}), or pass `true` to "
             "resume from the last complete checkpoint of output_dir."
         )
+    _warn_model_only(str(value))
     return str(value)
+
+
+def _warn_model_only(checkpoint: str) -> None:
+    if _model_only(set(os.listdir(checkpoint))):
+        _warn(f"{checkpoint} holds the model only (save_only_model=True): the optimizer, scheduler and RNG state start "
+              "fresh, so the resumed run is not the uninterrupted one.")
 
 
 class CompleteCheckpointResume:

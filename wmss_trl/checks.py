@@ -86,3 +86,30 @@ def _interval(low, high, low_open, high_open) -> str:
 
 def _suffix(hint: str) -> str:
     return f" {hint}" if hint else ""
+
+
+def as_wmss_config(args, config_class, model, suffix: str):
+    """The config a wmss_trl trainer runs with, accepting what TRL's trainer accepts.
+
+    ``args`` itself when it is a ``config_class``; TRL's own config (``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``)
+    or any ``TrainingArguments``, converted field by field with the WMSS fields at their defaults (not through
+    ``to_dict()``, which masks every ``*_token`` field, SFT's ``eos_token`` / ``pad_token`` too); with ``None``, TRL's
+    default ``<model name>-<suffix>`` output folder (``suffix`` = ``"SFT"``, ``"DPO"``, ``"GRPO"``).
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+    from trl.trainer.utils import get_config_model_id
+
+    if args is None:
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return config_class(f"{str(name).split('/')[-1]}-{suffix}")
+    if isinstance(args, config_class):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"args must be a {config_class.__name__}, TRL's config or TrainingArguments, got {type(args).__name__}."
+        )
+    # fields the config's __post_init__ derives from others are left for it to derive again (GRPO: generation batch)
+    own = {f.name for f in fields(config_class) if f.init} - set(getattr(config_class, "_DERIVED_FIELDS", ()))
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name in own})

@@ -44,7 +44,7 @@ from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_modul
 
 from .checkpoints import CompleteCheckpointResume
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
-from .checks import check_float, check_int, check_shares
+from .checks import as_wmss_config, check_float, check_int, check_shares
 from .data_checks import check_dataset_columns
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
 from .sft import WMSSModelCard
@@ -347,6 +347,21 @@ def _check_wmss_mode(args: WMSSDPOConfig, has_weak: bool, peft_policy: bool) -> 
         )
 
 
+def _check_prompt_learning(args: WMSSDPOConfig, model, peft_config) -> None:
+    """PEFT prompt learning puts virtual tokens before the sequence: the WD-JT forward (``logits_to_keep`` as
+    positions) and the pair weights (TRL's entropies) would then read shifted positions. Refused with those options."""
+    options = [n for n, on in (("mixing_lambda < 1", args.mixing_lambda < 1.0),
+                               ("entropy_pair_weights", args.entropy_pair_weights)) if on]
+    if peft_config is None and is_peft_model(model):
+        peft_config = model.active_peft_config
+    if options and peft_config is not None and peft_config.is_prompt_learning:
+        raise ValueError(
+            f"PEFT {type(peft_config).__name__} (prompt learning) is not supported with {' and '.join(options)}: the "
+            "virtual tokens shift every position those options read. Use an adapter that keeps the sequence (e.g. "
+            "peft.LoraConfig), or turn the option off (mixing_lambda=1.0, entropy_pair_weights=False)."
+        )
+
+
 def _require_rows(dataset, name: str) -> None:
     """An empty dataset is an error that says so (TRL would stop with a bare ``StopIteration``)."""
     empty = (isinstance(dataset, Dataset) and len(dataset) == 0) or (
@@ -433,11 +448,7 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
         *,
         weak_model=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = WMSSDPOConfig(f"{str(name).split('/')[-1]}-WMSS-DPO")
-        elif not isinstance(args, WMSSDPOConfig):
-            raise TypeError(f"args must be a WMSSDPOConfig, got {type(args).__name__}.")
+        args = as_wmss_config(args, WMSSDPOConfig, model, "DPO")
         if ref_model is not None:
             if weak_model is not None and weak_model is not ref_model:
                 raise ValueError("pass the weak model once: as `weak_model=` (or `ref_model=`, which means the same).")
@@ -446,6 +457,7 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
         require_safetensors(weak_model if weak_model is not None else args.weak_model_name_or_path, "weak model")
         has_weak = weak_model is not None or bool(args.weak_model_name_or_path)
         _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
+        _check_prompt_learning(args, model, peft_config)
         if train_dataset is not None:  # None and wrong types: TRL's own messages
             _require_rows(train_dataset, "train")
         check_dataset_columns(train_dataset, "dpo", name="train_dataset")  # before any model loads

@@ -85,7 +85,7 @@ from .advantages import (
 )
 from .checkpoints import CompleteCheckpointResume
 from .entropy import token_entropy
-from .checks import check_float, check_int, check_order, check_shares
+from .checks import as_wmss_config, check_float, check_int, check_order, check_shares
 from .data_checks import check_dataset_columns
 from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
 from .sft import WMSSModelCard
@@ -151,6 +151,8 @@ class WMSSGRPOConfig(GRPOConfig):
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
+    # set by GRPOConfig.__post_init__ from steps_per_generation (or the reverse): not copied from a GRPOConfig
+    _DERIVED_FIELDS = ("generation_batch_size",)
 
     weak_model_name_or_path: str | None = field(
         default=None,
@@ -316,11 +318,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: WMSSGRPOConfig | None = None, *pargs, weak_model=None, **kwargs):
         require_safetensors(model, "policy")
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = WMSSGRPOConfig(f"{str(name).split('/')[-1]}-WMSS-GRPO")
-        elif not isinstance(args, WMSSGRPOConfig):
-            raise TypeError(f"args must be a WMSSGRPOConfig, got {type(args).__name__}.")
+        args = as_wmss_config(args, WMSSGRPOConfig, model, "GRPO")
         given = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pargs, **kwargs).arguments
         separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
         self._check_request(model, args, weak_model, given.get("peft_config"), given.get("train_dataset"))

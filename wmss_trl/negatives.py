@@ -672,6 +672,8 @@ def mine_negatives(
         check_weak_compatible(strong_model, weak_model)  # the tokenizers saved with them
         if tokenizer is not None:
             check_weak_compatible(strong_model, weak_model, tokenizer)  # and the one given
+    elif weak_model is not None and tokenizer is not None:  # no strong model: the given tokenizer is the weak one's
+        check_weak_compatible(weak_model, weak_model, tokenizer)
     overrides = {k: v for k, v in dict(num_samples=num_samples, rank_by=rank_by, chosen=chosen).items() if v is not None}
     if config is None:
         cfg = MiningConfig(**overrides, **kwargs)

@@ -30,7 +30,7 @@ from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import CompleteCheckpointResume
-from .checks import check_float, check_int, check_shares
+from .checks import as_wmss_config, check_float, check_int, check_shares
 from .data_checks import check_dataset_columns
 from .entropy import token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, STAT_NAMES, mixed_cross_entropy, mixed_head_loss, plain_lm_head
@@ -282,16 +282,6 @@ class WMSSSFTConfig(SFTConfig):
 _SFT_INIT = inspect.signature(SFTTrainer.__init__)
 
 
-def _as_wmss_config(args: TrainingArguments) -> WMSSSFTConfig:
-    """A [`WMSSSFTConfig`] with the values of an `SFTConfig` / `TrainingArguments` (the WMSS fields at defaults).
-
-    Read field by field: ``to_dict()`` would mask every ``*_token`` field, SFT's ``eos_token`` / ``pad_token`` too.
-    """
-    if not isinstance(args, TrainingArguments):
-        raise TypeError(f"args must be a WMSSSFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
-    return WMSSSFTConfig(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
-
-
 def _check_not_empty(dataset) -> None:
     """Refuse an empty training dataset before TRL reads its first row (which ends in a bare ``StopIteration``)."""
     empty = False
@@ -386,11 +376,7 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         weak_model=None,
         **kwargs,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = WMSSSFTConfig(f"{str(name).split('/')[-1]}-WMSS")
-        elif not isinstance(args, WMSSSFTConfig):
-            args = _as_wmss_config(args)
+        args = as_wmss_config(args, WMSSSFTConfig, model, "SFT")
         named = _SFT_INIT.bind(self, model, args, *pargs, **kwargs).arguments  # TypeError like SFTTrainer's
         if isinstance(model, (str, os.PathLike)):
             require_safetensors(model, "policy")

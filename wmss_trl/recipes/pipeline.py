@@ -244,16 +244,17 @@ def _claim_locked(out: Path, run_file: Path, fingerprint: str, ident: dict, cfg:
                 "delete that folder to start over."
             )
         log(f"continuing the run in {out}")
-        return
-    if any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise SystemExit(
-            f"{out} is not empty and holds no {RUN_FILE}: it is not a WMSS pipeline run folder. Use an empty or new "
-            "output_dir."
-        )
+    else:
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise SystemExit(
+                f"{out} is not empty and holds no {RUN_FILE}: it is not a WMSS pipeline run folder. Use an empty or "
+                "new output_dir."
+            )
+        # the run file first: a kill right after it leaves a run folder the next run continues
+        write_json_atomic(run_file, {"fingerprint": fingerprint, "identity": ident, "config": cfg})
+        log(f"new run in {out}")
     for sub in ("markers", "configs", "logs"):
         (out / sub).mkdir(exist_ok=True)
-    write_json_atomic(run_file, {"fingerprint": fingerprint, "identity": ident, "config": cfg})
-    log(f"new run in {out}")
 
 
 def write_yaml(path, obj) -> str:
