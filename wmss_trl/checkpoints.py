@@ -280,9 +280,9 @@ def last_complete_checkpoint(output_dir) -> str | None:
     for folder, problems in skipped:
         _warn(f"skipping incomplete checkpoint {folder} (a save cut short by a kill or a full disk?): "
               f"{'; '.join(problems)}. It is left in place.")
-    if skipped and checkpoint:
-        _warn(f"resuming from {checkpoint}, the last complete checkpoint.")
     if checkpoint:
+        if skipped:
+            _warn(f"resuming from {checkpoint}, the last complete checkpoint.")
         _warn_model_only(checkpoint)
     elif skipped:
         _warn(f"no complete checkpoint in {output_dir} ({len(skipped)} incomplete skipped): training starts from "
