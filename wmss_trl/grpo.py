@@ -651,8 +651,12 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             recorder = SampledTokenLogProbs(self.temperature)
             # the settings `generate` would use (ours over the model's generation_config over transformers' defaults)
             settings = unwrapped._prepare_generation_config(self._weak_generation_config)[0]
-            if settings.max_new_tokens is not None:  # it filled in transformers' default max_length (20): unset it, as
-                settings.max_length = None  # generate would, or it warns "both max_new_tokens and max_length set"
+            # it filled in transformers' default max_length (20) / min_length (0): unset those, as generate would, or
+            # every call warns "both max_new_tokens and max_length (min_new_tokens and min_length) seem to be set"
+            if settings.max_new_tokens is not None:
+                settings.max_length = None
+            if settings.min_new_tokens is not None:
+                settings.min_length = None
             processors = [recorder]
             if settings.do_sample:  # decode greedily, with the sampling warpers and the seeded Gumbel-max draw
                 processors += [*sampling_warpers(settings), GumbelMaxSampler(row_keys, input_ids.size(1))]
