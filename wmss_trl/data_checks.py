@@ -148,3 +148,13 @@ def check_dataset_columns(
         f"{name} has the columns {columns} ({kind} format) but lacks {missing}. TRL's {trainer.upper()} trainer reads "
         f"{EXPECTED[trainer]}. {FIX[trainer]}, and run again (no model has been loaded yet)."
     )
+
+
+def require_rows(dataset, label: str, hint: str) -> None:
+    """Refuse an empty dataset (map-style: 0 rows; iterable: no first row) before TRL reads its first row, which ends
+    in a bare ``StopIteration``. The message is ``f"{label} is empty (0 rows){hint}"``. Other types pass."""
+    empty = (isinstance(dataset, Dataset) and len(dataset) == 0) or (
+        isinstance(dataset, IterableDataset) and next(iter(dataset), None) is None
+    )
+    if empty:
+        raise ValueError(f"{label} is empty (0 rows){hint}")

@@ -45,7 +45,7 @@ from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_modul
 from .checkpoints import CompleteCheckpointResume
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .checks import as_wmss_config, check_float, check_int, check_shares
-from .data_checks import check_dataset_columns
+from .data_checks import check_dataset_columns, require_rows
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
 from .sft import WMSSModelCard
 from .weak import (
@@ -362,16 +362,9 @@ def _check_prompt_learning(args: WMSSDPOConfig, model, peft_config) -> None:
         )
 
 
-def _require_rows(dataset, name: str) -> None:
-    """An empty dataset is an error that says so (TRL would stop with a bare ``StopIteration``)."""
-    empty = (isinstance(dataset, Dataset) and len(dataset) == 0) or (
-        isinstance(dataset, IterableDataset) and next(iter(dataset), None) is None
-    )
-    if empty:
-        raise ValueError(
-            f"the {name} dataset is empty (0 rows). Pass a dataset with at least one preference pair (prompt, chosen, "
-            "rejected); check the split name and any filter applied before the trainer."
-        )
+def _require_pairs(dataset, name: str) -> None:
+    require_rows(dataset, f"the {name} dataset", ". Pass a dataset with at least one preference pair (prompt, chosen, "
+                 "rejected); check the split name and any filter applied before the trainer.")
 
 
 def _report_truncation_drops(rows_before: int, rows_after: int, args, name: str) -> None:
@@ -459,7 +452,7 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
         _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
         _check_prompt_learning(args, model, peft_config)
         if train_dataset is not None:  # None and wrong types: TRL's own messages
-            _require_rows(train_dataset, "train")
+            _require_pairs(train_dataset, "train")
         check_dataset_columns(train_dataset, "dpo", name="train_dataset")  # before any model loads
         check_dataset_columns(eval_dataset, "dpo", name="eval_dataset")
         self.wmss_enabled = has_weak or args.peft_base_as_weak
@@ -539,7 +532,7 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
     # -- data ------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        _require_rows(dataset, dataset_name)
+        _require_pairs(dataset, dataset_name)
         rows_before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if rows_before is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
@@ -31,7 +31,7 @@ from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import CompleteCheckpointResume
 from .checks import as_wmss_config, check_float, check_int, check_shares
-from .data_checks import check_dataset_columns
+from .data_checks import check_dataset_columns, require_rows
 from .entropy import token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, STAT_NAMES, mixed_cross_entropy, mixed_head_loss, plain_lm_head
 from .selection import (
@@ -282,20 +282,6 @@ class WMSSSFTConfig(SFTConfig):
 _SFT_INIT = inspect.signature(SFTTrainer.__init__)
 
 
-def _check_not_empty(dataset) -> None:
-    """Refuse an empty training dataset before TRL reads its first row (which ends in a bare ``StopIteration``)."""
-    empty = False
-    if isinstance(dataset, Dataset):
-        empty = len(dataset) == 0
-    elif isinstance(dataset, IterableDataset):
-        empty = next(iter(dataset), None) is None
-    if empty:
-        raise ValueError(
-            "train_dataset is empty (0 rows), so there is nothing to train on. Check the split, filter or file that "
-            "produced it, and pass a dataset with at least one row."
-        )
-
-
 def _peft_wrapped_head(model) -> bool:
     """True when PEFT wraps the model's LM head (LoRA on ``lm_head``, ``modules_to_save=["lm_head"]``): its
     ``.weight`` is then not what the head computes (the LoRA delta is missing; a saved module's trained copy stays
@@ -380,7 +366,8 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         named = _SFT_INIT.bind(self, model, args, *pargs, **kwargs).arguments  # TypeError like SFTTrainer's
         if isinstance(model, (str, os.PathLike)):
             require_safetensors(model, "policy")
-        _check_not_empty(named.get("train_dataset"))
+        require_rows(named.get("train_dataset"), "train_dataset", ", so there is nothing to train on. Check the split, "
+                     "filter or file that produced it, and pass a dataset with at least one row.")
         for which in ("train_dataset", "eval_dataset"):  # before any model loads
             check_dataset_columns(named.get(which), "sft", name=which, args=args,
                                   formatting_func=named.get("formatting_func"))
