@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -82,8 +83,12 @@ def build_models(root, hidden, layers):
 
     tok = build_char_tokenizer()
     heads = max(1, hidden // 32)
-    strong = save_model_and_tokenizer(build_tiny_model(tok, hidden, layers, heads, seed=1), tok, os.path.join(root, "strong"))
-    weak = save_model_and_tokenizer(build_tiny_model(tok, hidden, layers, heads, seed=2), tok, os.path.join(root, "weak"))
+    strong = save_model_and_tokenizer(
+        build_tiny_model(tok, hidden, layers, heads, seed=1), tok, os.path.join(root, "strong")
+    )
+    weak = save_model_and_tokenizer(
+        build_tiny_model(tok, hidden, layers, heads, seed=2), tok, os.path.join(root, "weak")
+    )
     return strong, weak
 
 
@@ -102,10 +107,21 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
 
     g = a.num_generations
     kw = dict(
-        output_dir=os.path.join(out, kind), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        activation_checkpointing=False, logging_steps=10_000, per_device_train_batch_size=a.batch, num_generations=g,
-        max_completion_length=a.completion_length, max_steps=a.steps + 1 + a.weak_rollout_prefetch,
-        learning_rate=1e-5, seed=0, disable_tqdm=True, beta=beta,
+        output_dir=os.path.join(out, kind),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        activation_checkpointing=False,
+        logging_steps=10_000,
+        per_device_train_batch_size=a.batch,
+        num_generations=g,
+        max_completion_length=a.completion_length,
+        max_steps=a.steps + 1 + a.weak_rollout_prefetch,
+        learning_rate=1e-5,
+        seed=0,
+        disable_tqdm=True,
+        beta=beta,
     )
     if not a.free_length:  # every completion (policy and weak) decodes max_completion_length tokens
         kw["generation_kwargs"] = {"min_new_tokens": a.completion_length}
@@ -145,9 +161,11 @@ def measure_memory(strong, weak, a, kinds, argv):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"memory run of {kind} failed:\n{proc.stderr[-4000:]}")
-        results[kind] = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-        print(f"memory {kind:>10}: train {results[kind]['train_mb']:.0f} MB, peak RSS {results[kind]['peak_mb']:.0f} MB",
-              flush=True)
+        results[kind] = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        print(
+            f"memory {kind:>10}: train {results[kind]['train_mb']:.0f} MB, peak RSS {results[kind]['peak_mb']:.0f} MB",
+            flush=True,
+        )
     return results
 
 
@@ -162,14 +180,21 @@ def main(argv=None):
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
     p.add_argument("--completion_length", type=int, default=32)
-    p.add_argument("--free_length", action="store_true",
-                   help="let completions stop at EOS (default: force max_completion_length tokens, so both arms decode "
-                   "the same number of tokens and the comparison is not blurred by sampled lengths)")
+    p.add_argument(
+        "--free_length",
+        action="store_true",
+        help="let completions stop at EOS (default: force max_completion_length tokens, so both arms decode "
+        "the same number of tokens and the comparison is not blurred by sampled lengths)",
+    )
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pairs", default="negatives,full")
-    p.add_argument("--weak_rollout_prefetch", type=int, default=WMSSGRPOConfig.weak_rollout_prefetch,
-                   help="WMSS arms: generation batches whose weak completions are sampled ahead (default: the config's)")
+    p.add_argument(
+        "--weak_rollout_prefetch",
+        type=int,
+        default=WMSSGRPOConfig.weak_rollout_prefetch,
+        help="WMSS arms: generation batches whose weak completions are sampled ahead (default: the config's)",
+    )
     p.add_argument("--memory_steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
@@ -179,8 +204,10 @@ def main(argv=None):
     if a.num_generations % 4:
         raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
     if a.steps % (a.weak_rollout_prefetch + 1) and not a.child:
-        raise SystemExit(f"--steps must be a multiple of weak_rollout_prefetch + 1 = {a.weak_rollout_prefetch + 1}, "
-                         "so that every round times whole prefetch cycles.")
+        raise SystemExit(
+            f"--steps must be a multiple of weak_rollout_prefetch + 1 = {a.weak_rollout_prefetch + 1}, "
+            "so that every round times whole prefetch cycles."
+        )
     if a.child:
         print("RESULT " + json.dumps(run_child(a.child, *a.paths.split(","), a)), flush=True)
         return 0
@@ -205,32 +232,50 @@ def main(argv=None):
                 timed = slice(1, a.steps + 1)  # drop the warm-up step and the P steps after the window
                 times[kind] += timer.times[timed]
                 cpu_times[kind] += timer.cpu_times[timed]
-                print(f"round {r} {kind:>10}: wall " + ", ".join(f"{t:.3f}" for t in timer.times[timed]) + " s; cpu "
-                      + ", ".join(f"{t:.3f}" for t in timer.cpu_times[timed]) + " s", flush=True)
+                print(
+                    f"round {r} {kind:>10}: wall "
+                    + ", ".join(f"{t:.3f}" for t in timer.times[timed])
+                    + " s; cpu "
+                    + ", ".join(f"{t:.3f}" for t in timer.cpu_times[timed])
+                    + " s",
+                    flush=True,
+                )
                 del trainer
 
-    print(f"\nmodel: {'toy hidden=%d layers=%d' % (a.hidden, a.layers) if not a.model else a.model}; "
-          f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
-          f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
-          f"weak_rollout_prefetch={a.weak_rollout_prefetch} "
-          f"({'sampled lengths' if a.free_length else 'every completion at full length'}), "
-          f"torch threads={torch.get_num_threads()}")
+    print(
+        f"\nmodel: {f'toy hidden={a.hidden} layers={a.layers}' if not a.model else a.model}; "
+        f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
+        f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
+        f"weak_rollout_prefetch={a.weak_rollout_prefetch} "
+        f"({'sampled lengths' if a.free_length else 'every completion at full length'}), "
+        f"torch threads={torch.get_num_threads()}"
+    )
     summary = {}
     for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
         summary[name] = {"beta": beta, "n": len(times[vk])}
         for clock, data in (("wall", times), ("cpu", cpu_times)):
             v, w = statistics.mean(data[vk]), statistics.mean(data[wk])
             summary[name].update({f"vanilla_{clock}_s": v, f"wmss_{clock}_s": w, f"ratio_{clock}": w / v})
-            print(f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (mean of "
-                  f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)")
+            print(
+                f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (mean of "
+                f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)"
+            )
     if a.memory_steps > 0:
         memory = measure_memory(strong, weak, a, list(times), argv)
-        for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
+        for name, (vk, wk, _beta) in zip(a.pairs.split(","), chosen):
             v, w = memory[vk]["train_mb"], memory[wk]["train_mb"]
-            summary[name].update({"vanilla_train_mb": v, "wmss_train_mb": w, "ratio_train_mb": w / v,
-                                  "ratio_peak_rss": memory[wk]["peak_mb"] / memory[vk]["peak_mb"]})
-            print(f"{name:>10} (memory): vanilla {v:.0f} MB, WMSS {w:.0f} MB train memory, ratio {w / v:.2f}x; "
-                  f"peak RSS ratio {memory[wk]['peak_mb'] / memory[vk]['peak_mb']:.2f}x")
+            summary[name].update(
+                {
+                    "vanilla_train_mb": v,
+                    "wmss_train_mb": w,
+                    "ratio_train_mb": w / v,
+                    "ratio_peak_rss": memory[wk]["peak_mb"] / memory[vk]["peak_mb"],
+                }
+            )
+            print(
+                f"{name:>10} (memory): vanilla {v:.0f} MB, WMSS {w:.0f} MB train memory, ratio {w / v:.2f}x; "
+                f"peak RSS ratio {memory[wk]['peak_mb'] / memory[vk]['peak_mb']:.2f}x"
+            )
     machine_end = machine_info()
     print(describe_machine(machine_end) + " (at the end)")
     summary["machine"] = {**machine_start, "load_avg_end": machine_end["load_avg"]}

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 
+
 CONFIGS = ["sft", "sft_hf", "wdjt", "wdjt_bf16weak", "sft_lora", "sft_hf_lora", "wdjt_lora"]
 
 
@@ -72,9 +73,16 @@ def build_models(root: str, hidden: int, layers: int, vocab: int) -> tuple[str, 
     for name, seed in (("strong", 1), ("weak", 2)):
         torch.manual_seed(seed)
         cfg = Qwen2Config(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
         )
         path = os.path.join(root, name)
         Qwen2ForCausalLM(cfg).save_pretrained(path)
@@ -106,19 +114,35 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
     data = Dataset.from_list(rows)
 
     common = dict(
-        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        activation_checkpointing=False, logging_steps=1, per_device_train_batch_size=batch, max_steps=steps,
-        seed=0, disable_tqdm=True, max_length=seq + 8, dataloader_num_workers=0,
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        activation_checkpointing=False,
+        logging_steps=1,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        seed=0,
+        disable_tqdm=True,
+        max_length=seq + 8,
+        dataloader_num_workers=0,
     )
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
     peft_config = lora if config.endswith("lora") else None
     if config.startswith("sft"):
-        trainer = SFTTrainer(strong, args=SFTConfig(**common), train_dataset=data, processing_class=tok, peft_config=peft_config)
+        trainer = SFTTrainer(
+            strong, args=SFTConfig(**common), train_dataset=data, processing_class=tok, peft_config=peft_config
+        )
         if config.startswith("sft_hf"):  # same prepared data, model and collator; the model's own full-logits loss
             from transformers import Trainer, TrainingArguments
 
-            hf_args = TrainingArguments(**{k: v for k, v in common.items() if k != "max_length"}, remove_unused_columns=False)
-            trainer = Trainer(trainer.model, args=hf_args, train_dataset=trainer.train_dataset, data_collator=trainer.data_collator)
+            hf_args = TrainingArguments(
+                **{k: v for k, v in common.items() if k != "max_length"}, remove_unused_columns=False
+            )
+            trainer = Trainer(
+                trainer.model, args=hf_args, train_dataset=trainer.train_dataset, data_collator=trainer.data_collator
+            )
     else:
         kw = dict(mixing_lambda=0.5, mixing_chunk_size=chunk)
         if config in ("wdjt", "wdjt_bf16weak"):
@@ -127,7 +151,13 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
             kw["weak_model_init_kwargs"] = {"dtype": "bfloat16"}
         if config == "wdjt_lora":
             kw["peft_base_as_weak"] = True
-        trainer = WMSSSFTTrainer(strong, args=WMSSSFTConfig(**common, **kw), train_dataset=data, processing_class=tok, peft_config=peft_config)
+        trainer = WMSSSFTTrainer(
+            strong,
+            args=WMSSSFTConfig(**common, **kw),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config,
+        )
         if not trainer.use_mixing:
             raise SystemExit(f"{config}: WD-JT is not active (no weak model); the benchmark would time plain SFT.")
 
@@ -173,7 +203,10 @@ def main():
 
     if args.child:  # inside a fresh subprocess
         strong, weak = args.paths.split(",")
-        print("RESULT " + json.dumps(run_one(args.child, strong, weak, args.steps, args.batch, args.seq, args.chunk_size)))
+        print(
+            "RESULT "
+            + json.dumps(run_one(args.child, strong, weak, args.steps, args.batch, args.seq, args.chunk_size))
+        )
         return
 
     from wmss_trl.machine import describe_machine, machine_info
@@ -186,29 +219,46 @@ def main():
     results = {}
     for config in args.configs.split(","):
         cmd = [sys.executable, __file__, "--child", config, "--paths", f"{strong},{weak}"]
-        cmd += [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "batch", "seq", "steps", "chunk_size")]
+        cmd += [
+            f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "vocab", "batch", "seq", "steps", "chunk_size")
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"{config} failed:\n{proc.stderr[-4000:]}")
-        results[config] = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        results[config] = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
         r = results[config]
-        print(f"{config:<14} step {r['step_s']:.3f}s (CPU {r['cpu_s']:.3f}s)  peak RSS {r['peak_mb']:.0f} MB  train mem {r['train_mb']:.0f} MB  loss {r['loss']}", flush=True)
+        print(
+            f"{config:<14} step {r['step_s']:.3f}s (CPU {r['cpu_s']:.3f}s)  peak RSS {r['peak_mb']:.0f} MB  train mem {r['train_mb']:.0f} MB  loss {r['loss']}",
+            flush=True,
+        )
 
-    print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; "
-          f"{args.steps} steps; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+    print(
+        f"\nmodel: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; "
+        f"{args.steps} steps; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+    )
     print(f"{'comparison':<28}{'time':>8}{'CPU time':>10}{'train mem':>11}{'peak RSS':>10}   targets")
-    pairs = [("wdjt", "sft", "<=1.45x, <=1.3x"), ("wdjt", "sft_hf", "<=1.45x, <=1.3x"),
-             ("wdjt_bf16weak", "sft", "<=1.45x, <=1.3x"), ("wdjt_bf16weak", "sft_hf", "<=1.45x, <=1.3x"),
-             ("wdjt_lora", "sft_lora", "<=1.45x, <=1.1x"), ("wdjt_lora", "sft_hf_lora", "<=1.45x, <=1.1x")]
+    pairs = [
+        ("wdjt", "sft", "<=1.45x, <=1.3x"),
+        ("wdjt", "sft_hf", "<=1.45x, <=1.3x"),
+        ("wdjt_bf16weak", "sft", "<=1.45x, <=1.3x"),
+        ("wdjt_bf16weak", "sft_hf", "<=1.45x, <=1.3x"),
+        ("wdjt_lora", "sft_lora", "<=1.45x, <=1.1x"),
+        ("wdjt_lora", "sft_hf_lora", "<=1.45x, <=1.1x"),
+    ]
     for wd, base, target in pairs:
         if wd in results and base in results:
             a, b = results[wd], results[base]
-            print(f"{wd + ' / ' + base:<28}{a['step_s'] / b['step_s']:>7.2f}x{a['cpu_s'] / b['cpu_s']:>9.2f}x"
-                  f"{a['train_mb'] / b['train_mb']:>10.2f}x"
-                  f"{a['peak_mb'] / b['peak_mb']:>9.2f}x   {target}")
+            print(
+                f"{wd + ' / ' + base:<28}{a['step_s'] / b['step_s']:>7.2f}x{a['cpu_s'] / b['cpu_s']:>9.2f}x"
+                f"{a['train_mb'] / b['train_mb']:>10.2f}x"
+                f"{a['peak_mb'] / b['peak_mb']:>9.2f}x   {target}"
+            )
     machine_end = machine_info()
     print(describe_machine(machine_end) + " (at the end)")
-    print("RESULT " + json.dumps({"results": results, "machine": {**machine_start, "load_avg_end": machine_end["load_avg"]}}))
+    print(
+        "RESULT "
+        + json.dumps({"results": results, "machine": {**machine_start, "load_avg_end": machine_end["load_avg"]}})
+    )
 
 
 if __name__ == "__main__":

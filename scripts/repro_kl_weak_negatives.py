@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "dist")]
 
@@ -40,10 +41,12 @@ def no_digit(prompts, completions, **kw):
 def main():
     root, tok = tempfile.mkdtemp(), build_char_tokenizer()
     strong, weak = saved(root, tok, 1, 10, "strong"), saved(root, tok, 2, 20, "weak")
-    args = grpo_args(f"{root}/out", beta=0.04, num_weak_generations=4, per_device_train_batch_size=16,
-                     weak_model_name_or_path=weak)
-    tr = WMSSGRPOTrainer(strong, no_digit, args=args, train_dataset=prompt_dataset(16),
-                         processing_class=load_tokenizer(strong))
+    args = grpo_args(
+        f"{root}/out", beta=0.04, num_weak_generations=4, per_device_train_batch_size=16, weak_model_name_or_path=weak
+    )
+    tr = WMSSGRPOTrainer(
+        strong, no_digit, args=args, train_dataset=prompt_dataset(16), processing_class=load_tokenizer(strong)
+    )
     tr.model.train()  # weak negatives are drawn in training mode only
     torch.manual_seed(0)
     batch = tr._generate_and_score_completions([dict(tr.train_dataset[i]) for i in range(4) for _ in range(4)])

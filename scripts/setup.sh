@@ -10,7 +10,7 @@ start=$(date +%s)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import wmss_trl, trl, deepspeed, pytest, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import wmss_trl, trl, deepspeed, pytest, matplotlib" 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.13.0
   DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[test,demo]"

@@ -32,6 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from wmss_trl.checkpoints import checkpoint_problems, last_complete_checkpoint, resolve_resume_from_checkpoint
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HARNESS = '''
@@ -120,8 +121,13 @@ def harness(tmp_path_factory):
 
 
 def child_env(harness, **fault):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(harness), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(harness), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.update({f"WMSS_FAULT{'_' + k.upper() if k != 'kind' else ''}": str(v) for k, v in fault.items()})
     return env
 
@@ -172,8 +178,15 @@ def sft_run(tiny, harness, tmp_path_factory):
     with open(data, "w") as f:
         for i in range(24):
             a, b = i % 10, (3 * i) % 10
-            f.write(json.dumps({"prompt": [{"role": "user", "content": f"{a}+{b}="}],
-                                "completion": [{"role": "assistant", "content": str(a + b)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": f"{a}+{b}="}],
+                        "completion": [{"role": "assistant", "content": str(a + b)}],
+                    }
+                )
+                + "\n"
+            )
     config = root / "run.yaml"
     config.write_text(
         f"model_name_or_path: {tiny['strong']}\nweak_model_name_or_path: {tiny['weak']}\ndataset_name: {data}\n"
@@ -206,10 +219,10 @@ def assert_same_run(out, reference):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Two real TRL SFT runs that checkpoint every step: a full model and a LoRA adapter."""
+    from conftest import arithmetic_prompt_completion, cpu_args
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import arithmetic_prompt_completion, cpu_args
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model
 
     root = tmp_path_factory.mktemp("saved")
@@ -217,8 +230,13 @@ def saved(tmp_path_factory):
     runs = {}
     for name, peft in (("full", None), ("lora", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))):
         args = cpu_args(SFTConfig, root / name, save_strategy="steps", save_steps=1, max_steps=2)
-        SFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(16),
-                   processing_class=tok, peft_config=peft).train()
+        SFTTrainer(
+            build_tiny_model(tok),
+            args=args,
+            train_dataset=arithmetic_prompt_completion(16),
+            processing_class=tok,
+            peft_config=peft,
+        ).train()
         runs[name] = root / name
     return runs
 
@@ -246,8 +264,13 @@ DAMAGE = {
     "weights missing": (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
     "weights cut short": (lambda c: cut(c / "model.safetensors", 0.9), "model.safetensors is not readable"),
     "weights header only": (lambda c: cut(c / "model.safetensors", 0.01), "model.safetensors is not readable"),
-    "pickle weights": (lambda c: (torch.save(load_file(c / "model.safetensors"), c / "pytorch_model.bin"),
-                                  (c / "model.safetensors").unlink()), "pickle weights only (pytorch_model.bin)"),
+    "pickle weights": (
+        lambda c: (
+            torch.save(load_file(c / "model.safetensors"), c / "pytorch_model.bin"),
+            (c / "model.safetensors").unlink(),
+        ),
+        "pickle weights only (pytorch_model.bin)",
+    ),
     "optimizer missing": (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
     "optimizer cut short": (lambda c: cut(c / "optimizer.pt", 0.95), "optimizer.pt is not loadable"),
     "scheduler missing": (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
@@ -274,16 +297,22 @@ def test_each_required_file(saved, tmp_path, damage):
     assert last_complete_checkpoint(out) == str(out / "checkpoint-1")
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("adapter missing", "no model weights"),
-    ("adapter cut short", "adapter_model.safetensors is not readable safetensors"),
-    ("adapter config missing", "adapter_config.json is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("adapter missing", "no model weights"),
+        ("adapter cut short", "adapter_model.safetensors is not readable safetensors"),
+        ("adapter config missing", "adapter_config.json is missing"),
+    ],
+)
 def test_peft_checkpoint_needs_its_adapter(saved, tmp_path, damage, expected):
     out, torn = damaged(saved, tmp_path, "lora")
     adapter = torn / "adapter_model.safetensors"
-    {"adapter missing": adapter.unlink, "adapter cut short": lambda: cut(adapter),
-     "adapter config missing": (torn / "adapter_config.json").unlink}[damage]()
+    {
+        "adapter missing": adapter.unlink,
+        "adapter cut short": lambda: cut(adapter),
+        "adapter config missing": (torn / "adapter_config.json").unlink,
+    }[damage]()
     assert any(expected in p for p in checkpoint_problems(torn)), checkpoint_problems(torn)
     assert last_complete_checkpoint(out) == str(out / "checkpoint-1")
 
@@ -316,8 +345,11 @@ def test_resolve_resume_from_checkpoint(saved, tmp_path, caplog):
     assert f"skipping incomplete checkpoint {torn}" in caplog.text and "scheduler.pt is missing" in caplog.text
     assert resolve_resume_from_checkpoint(str(out / "checkpoint-1"), out) == str(out / "checkpoint-1")
     # an explicitly named incomplete checkpoint is refused, saying what is missing and what else there is
-    with pytest.raises(ValueError, match=r"checkpoint-2' is not a complete checkpoint: scheduler.pt is missing.*"
-                                         r"the last complete one there is .*checkpoint-1"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-2' is not a complete checkpoint: scheduler.pt is missing.*"
+        r"the last complete one there is .*checkpoint-1",
+    ):
         resolve_resume_from_checkpoint(str(torn), out)
     # nothing complete: from scratch, with a warning
     shutil.rmtree(out / "checkpoint-1")
@@ -363,9 +395,13 @@ def test_sigkill_during_checkpoint_saves_then_resume(sft_run, harness, tmp_path)
 
 
 def tmpfs_available() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True
-    ).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(
+            ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.slow
@@ -377,11 +413,19 @@ def test_full_disk_during_checkpoint_save_then_resume(sft_run, harness, tmp_path
     if tmpfs_available():
         disk = tmp_path / "disk"
         disk.mkdir()
-        script = (f'mount -t tmpfs -o size=16m tmpfs "{disk}" && {" ".join(sft_cmd(config, disk / "out"))}; '
-                  f'code=$?; df -B1 --output=avail "{disk}" | tail -1 > "{tmp_path}/free"; '
-                  f'cp -a "{disk}/out" "{out}"; exit $code')
-        proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=child_env(harness, kind="fill"), cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+        script = (
+            f'mount -t tmpfs -o size=16m tmpfs "{disk}" && {" ".join(sft_cmd(config, disk / "out"))}; '
+            f'code=$?; df -B1 --output=avail "{disk}" | tail -1 > "{tmp_path}/free"; '
+            f'cp -a "{disk}/out" "{out}"; exit $code'
+        )
+        proc = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", script],
+            env=child_env(harness, kind="fill"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         crash = proc.stdout + proc.stderr
         # the run died writing checkpoint-2's optimizer state, on a disk with less room left than that file needs
         assert proc.returncode != 0 and "_save_optimizer_and_scheduler" in crash, crash[-4000:]
@@ -406,14 +450,18 @@ def test_pipeline_killed_while_phase1_writes_a_checkpoint(harness, tmp_path):
     import yaml
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "toy_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
-        "toy_data": {"num_samples": 32, "max_operand": 20},
-        "common": {"per_device_train_batch_size": 8, "max_length": 32, "logging_steps": 4},
-        "sft": {"num_train_epochs": 2, "learning_rate": 1.0e-2, "save_strategy": "steps", "save_steps": 1},
-        "entropy": {"per_device_eval_batch_size": 16},
-        "wdjt": {"num_train_epochs": 1},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "toy_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+                "toy_data": {"num_samples": 32, "max_operand": 20},
+                "common": {"per_device_train_batch_size": 8, "max_length": 32, "logging_steps": 4},
+                "sft": {"num_train_epochs": 2, "learning_rate": 1.0e-2, "save_strategy": "steps", "save_steps": 1},
+                "entropy": {"per_device_eval_batch_size": 16},
+                "wdjt": {"num_train_epochs": 1},
+            }
+        )
+    )
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "wmss_trl.cli", "pipeline", "--config", str(config), "--output_dir", str(out)]
     env = child_env(harness, kind="stall", checkpoint=2, file="model.safetensors", write="half")
@@ -439,15 +487,19 @@ def test_deepspeed_zero2_checkpoint_killed_mid_save_then_resume(sft_run, harness
     shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     env = child_env(harness, kind="stall", checkpoint=2, file=shard, write="half")
     assert run_until_stalled(cmd, env, tmp_path / "stalled", tmp_path / "killed.log") == str(
-        out / "checkpoint-2" / "global_step2" / shard)
+        out / "checkpoint-2" / "global_step2" / shard
+    )
     torn, complete = out / "checkpoint-2", out / "checkpoint-1"
     assert checkpoint_problems(complete) == []
     assert any(f"global_step2/{shard} is not readable" in p for p in checkpoint_problems(torn))
     assert get_last_checkpoint(str(out)) == str(torn)
 
     # the rule on the real ZeRO layout: each rank's files, and DeepSpeed's `latest`
-    for damage, expected in [("latest", "`latest` file is missing"), ("rng_state_1.pth", "rng_state_1.pth is missing"),
-                             (f"global_step1/{shard.replace('rank_1', 'rank_0')}", "optimizer states of rank(s) [0]")]:
+    for damage, expected in [
+        ("latest", "`latest` file is missing"),
+        ("rng_state_1.pth", "rng_state_1.pth is missing"),
+        (f"global_step1/{shard.replace('rank_1', 'rank_0')}", "optimizer states of rank(s) [0]"),
+    ]:
         copy = tmp_path / "copy" / "checkpoint-1"
         shutil.rmtree(copy.parent, ignore_errors=True)
         shutil.copytree(complete, copy)
@@ -466,6 +518,7 @@ def test_deepspeed_zero2_checkpoint_killed_mid_save_then_resume(sft_run, harness
 # ------------------------------------------------------------------------------------------------------------------
 def test_trainer_train_resumes_from_the_last_complete_checkpoint(tiny, saved, tmp_path, caplog):
     from conftest import arithmetic_prompt_completion, cpu_args
+
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model
 
@@ -475,8 +528,9 @@ def test_trainer_train_resumes_from_the_last_complete_checkpoint(tiny, saved, tm
 
     def trainer(output_dir):
         args = cpu_args(WMSSSFTConfig, output_dir, save_strategy="steps", save_steps=1, max_steps=3)
-        return WMSSSFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(16),
-                              processing_class=tok)
+        return WMSSSFTTrainer(
+            build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(16), processing_class=tok
+        )
 
     resumed = trainer(out)
     with caplog.at_level("WARNING", logger="wmss_trl.checkpoints"):

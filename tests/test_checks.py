@@ -20,7 +20,12 @@ def test_check_float_refuses_non_finite_and_non_numbers(bad):
 
 @pytest.mark.parametrize(
     "value, kw",
-    [(0.0, dict(low=0.0, low_open=True)), (-1.0, dict(low=0.0)), (1.5, dict(high=1.0)), (1.0, dict(high=1.0, high_open=True))],
+    [
+        (0.0, dict(low=0.0, low_open=True)),
+        (-1.0, dict(low=0.0)),
+        (1.5, dict(high=1.0)),
+        (1.0, dict(high=1.0, high_open=True)),
+    ],
 )
 def test_check_float_ranges(value, kw):
     with pytest.raises(ValueError, match="must be in"):
@@ -59,7 +64,9 @@ def test_require_safetensors_refuses_pickle_only_folders(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     require_safetensors(str(tmp_path))  # no weights at all: from_pretrained reports it
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"weak model checkpoint .* pickle weights only \(pytorch_model.bin\).*save_pretrained"):
+    with pytest.raises(
+        ValueError, match=r"weak model checkpoint .* pickle weights only \(pytorch_model.bin\).*save_pretrained"
+    ):
         require_safetensors(str(tmp_path), "weak model")
     (tmp_path / "model.safetensors").write_bytes(b"x")
     require_safetensors(str(tmp_path))
@@ -73,10 +80,11 @@ def test_trl_configs_are_accepted_and_converted(tmp_path):
     from wmss_trl import WMSSDPOConfig, WMSSGRPOConfig, WMSSSFTConfig
     from wmss_trl.checks import as_wmss_config
 
-    for trl_cls, ours, kw in ((SFTConfig, WMSSSFTConfig, dict(eos_token="<|end|>", max_length=77)),
-                              (DPOConfig, WMSSDPOConfig, dict(beta=0.3, loss_type=["ipo"])),
-                              (GRPOConfig, WMSSGRPOConfig, dict(num_generations=4, per_device_train_batch_size=4,
-                                                                 generation_batch_size=8))):
+    for trl_cls, ours, kw in (
+        (SFTConfig, WMSSSFTConfig, dict(eos_token="<|end|>", max_length=77)),
+        (DPOConfig, WMSSDPOConfig, dict(beta=0.3, loss_type=["ipo"])),
+        (GRPOConfig, WMSSGRPOConfig, dict(num_generations=4, per_device_train_batch_size=4, generation_batch_size=8)),
+    ):
         given = trl_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, learning_rate=3e-5, **kw)
         got = as_wmss_config(given, ours, "m", "X")
         assert type(got) is ours and got.learning_rate == 3e-5 and got.output_dir == str(tmp_path)

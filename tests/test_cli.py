@@ -14,7 +14,15 @@ def write_run(tmp_path, tiny):
     with open(data, "w") as f:
         for i in range(8):
             a, b = i % 10, (3 * i) % 10
-            f.write(json.dumps({"prompt": [{"role": "user", "content": f"{a}+{b}="}], "completion": [{"role": "assistant", "content": str(a + b)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": f"{a}+{b}="}],
+                        "completion": [{"role": "assistant", "content": str(a + b)}],
+                    }
+                )
+                + "\n"
+            )
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model_name_or_path: {tiny['strong']}\nweak_model_name_or_path: {tiny['weak']}\ndataset_name: {data}\n"
@@ -26,7 +34,9 @@ def write_run(tmp_path, tiny):
 
 def run(args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "wmss_trl.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmss_trl.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -53,7 +63,11 @@ def test_sft_relaunches_under_accelerate(tiny, tmp_path):
 
 def test_unknown_accelerate_config_is_a_clear_error(tiny, tmp_path):
     config = write_run(tmp_path, tiny)
-    proc = subprocess.run([sys.executable, "-m", "wmss_trl.cli", "sft", "--config", str(config), "--accelerate_config", "zero9"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmss_trl.cli", "sft", "--config", str(config), "--accelerate_config", "zero9"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "zero9" in proc.stderr and "zero3" in proc.stderr
 
 
@@ -116,9 +130,14 @@ def recipe_main(command):
 
 
 def recipe_args(tiny, tmp_path, **overrides):
-    args = {"model_name_or_path": tiny["strong"], "weak_model_name_or_path": tiny["weak"],
-            "dataset_name": str(tmp_path / "data.jsonl"), "output_dir": str(tmp_path / "out"), "report_to": "none",
-            **overrides}
+    args = {
+        "model_name_or_path": tiny["strong"],
+        "weak_model_name_or_path": tiny["weak"],
+        "dataset_name": str(tmp_path / "data.jsonl"),
+        "output_dir": str(tmp_path / "out"),
+        "report_to": "none",
+        **overrides,
+    }
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -133,16 +152,17 @@ def test_pickle_only_model_refused_before_loading(tiny, tmp_path, before_loading
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A real output_dir with checkpoint-1 complete and checkpoint-2 missing its optimizer state."""
+    from conftest import arithmetic_prompt_completion, cpu_args
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import arithmetic_prompt_completion, cpu_args
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model
 
     out = tmp_path_factory.mktemp("checkpoints") / "out"
     tok = build_char_tokenizer()
     args = cpu_args(SFTConfig, out, save_strategy="steps", save_steps=1, max_steps=2)
-    SFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(8),
-               processing_class=tok).train()
+    SFTTrainer(
+        build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(8), processing_class=tok
+    ).train()
     os.remove(out / "checkpoint-2" / "optimizer.pt")
     return out
 

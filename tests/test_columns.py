@@ -16,11 +16,13 @@ from conftest import cpu_args
 from datasets import Dataset, IterableDataset
 from trl.rewards import accuracy_reward
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from grpo_common import digit_fraction, grpo_args  # noqa: E402
 
 from wmss_trl import WMSSDPOConfig, WMSSDPOTrainer, WMSSGRPOTrainer, WMSSSFTConfig, WMSSSFTTrainer  # noqa: E402
 from wmss_trl.data_checks import check_dataset_columns, required_reward_columns  # noqa: E402
+
 
 CONV_PROMPT = [{"role": "user", "content": "1+2="}]
 CONV_ANSWER = [{"role": "assistant", "content": "3"}]
@@ -100,8 +102,11 @@ def test_reward_requiring_a_name_trl_never_passes():
     def needs_completion(prompts, completions, completion, **kwargs):  # TRL passes `completions`, never `completion`
         return [0.0] * len(completions)
 
-    with pytest.raises(ValueError, match=r"\['completion'\], which the reward function 'needs_completion' requires as "
-                       r"keyword arguments \(TRL never passes \['completion'\] as columns"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['completion'\], which the reward function 'needs_completion' requires as "
+        r"keyword arguments \(TRL never passes \['completion'\] as columns",
+    ):
         check_dataset_columns(rows({"prompt": "1+2=", "completion": "3"}), "grpo", reward_funcs=[needs_completion])
 
 
@@ -125,26 +130,55 @@ def grpo(tiny, tmp_path, train, eval_dataset=None, reward=digit_fraction):
 
 REFUSED = [
     # the case: a GRPO dataset with `question` instead of `prompt`
-    (grpo, {"question": "1+2=", "answer": "3"}, {}, r"train_dataset has the columns \['question', 'answer'\] "
-     r"\(standard format\) but lacks a 'prompt' column\. TRL's GRPO trainer reads a 'prompt' column"),
-    (grpo, {"prompt": CONV_PROMPT, "answer": "3"}, {"reward": accuracy_reward},
-     r"\['prompt', 'answer'\] \(conversational format\) but lacks the column\(s\) \['solution'\], which the reward "
-     r"function 'accuracy_reward' requires"),
-    (sft, {"question": "1+2=", "answer": "3"}, {}, r"\['question', 'answer'\] \(standard format\) but lacks a 'text' "
-     r"column \(`dataset_text_field`\)\. TRL's SFT trainer reads one of: 'text'.*'messages'.*'prompt' \+ 'completion'"),
+    (
+        grpo,
+        {"question": "1+2=", "answer": "3"},
+        {},
+        r"train_dataset has the columns \['question', 'answer'\] "
+        r"\(standard format\) but lacks a 'prompt' column\. TRL's GRPO trainer reads a 'prompt' column",
+    ),
+    (
+        grpo,
+        {"prompt": CONV_PROMPT, "answer": "3"},
+        {"reward": accuracy_reward},
+        r"\['prompt', 'answer'\] \(conversational format\) but lacks the column\(s\) \['solution'\], which the reward "
+        r"function 'accuracy_reward' requires",
+    ),
+    (
+        sft,
+        {"question": "1+2=", "answer": "3"},
+        {},
+        r"\['question', 'answer'\] \(standard format\) but lacks a 'text' "
+        r"column \(`dataset_text_field`\)\. TRL's SFT trainer reads one of: 'text'.*'messages'.*'prompt' \+ 'completion'",
+    ),
     (sft, {"prompt": CONV_PROMPT}, {}, r"\['prompt'\] \(conversational format\) but lacks a 'completion' column"),
     (sft, {"text": "1+2=3"}, {"dataset_text_field": "content"}, r"lacks a 'content' column \(`dataset_text_field`\)"),
-    (dpo, {"prompt": "1+2=", "chosen": "3"}, {}, r"\['prompt', 'chosen'\] \(standard format\) but lacks the "
-     r"column\(s\) \['rejected'\]\. TRL's DPO trainer reads 'chosen' \+ 'rejected', with an optional 'prompt'"),
+    (
+        dpo,
+        {"prompt": "1+2=", "chosen": "3"},
+        {},
+        r"\['prompt', 'chosen'\] \(standard format\) but lacks the "
+        r"column\(s\) \['rejected'\]\. TRL's DPO trainer reads 'chosen' \+ 'rejected', with an optional 'prompt'",
+    ),
 ]
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("make,example,kw,message", REFUSED,
-                         ids=["grpo-no-prompt", "grpo-reward-column", "sft-no-text", "sft-no-completion",
-                              "sft-text-field", "dpo-no-rejected"])
-def test_missing_columns_refused_before_any_model_loads(tiny, tmp_path, no_model_loads, make, example, kw, message,
-                                                        streamed):
+@pytest.mark.parametrize(
+    "make,example,kw,message",
+    REFUSED,
+    ids=[
+        "grpo-no-prompt",
+        "grpo-reward-column",
+        "sft-no-text",
+        "sft-no-completion",
+        "sft-text-field",
+        "dpo-no-rejected",
+    ],
+)
+def test_missing_columns_refused_before_any_model_loads(
+    tiny, tmp_path, no_model_loads, make, example, kw, message, streamed
+):
     dataset = iterable(rows(example)) if streamed else rows(example)
     with pytest.raises(ValueError, match=message):
         make(tiny, tmp_path, dataset, **kw)
@@ -168,33 +202,71 @@ def write_jsonl(path, example, n=8):
     return str(path)
 
 
-@pytest.mark.parametrize("command,example,extra,message", [
-    ("grpo", {"question": "1+2=", "answer": "3"}, ["--reward_funcs", "numeric_accuracy_reward"],
-     r"--dataset_name .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'"),
-    ("grpo", {"question": "1+2=", "answer": "3"}, ["--reward_funcs", "numeric_accuracy_reward", "--vanilla", "true"],
-     r"\(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'"),
-    ("sft", {"question": "1+2=", "answer": "3"}, [], r"\(split 'train'\) has the columns .*lacks a 'text' column"),
-    ("dpo", {"prompt": "1+2=", "answer": "3"}, [], r"\(split 'train'\) has the columns .*\['chosen', 'rejected'\]"),
-])
-def test_commands_refuse_missing_columns_before_any_model_loads(tiny, tmp_path, no_model_loads, command, example,
-                                                                extra, message):
+@pytest.mark.parametrize(
+    "command,example,extra,message",
+    [
+        (
+            "grpo",
+            {"question": "1+2=", "answer": "3"},
+            ["--reward_funcs", "numeric_accuracy_reward"],
+            r"--dataset_name .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'",
+        ),
+        (
+            "grpo",
+            {"question": "1+2=", "answer": "3"},
+            ["--reward_funcs", "numeric_accuracy_reward", "--vanilla", "true"],
+            r"\(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'",
+        ),
+        ("sft", {"question": "1+2=", "answer": "3"}, [], r"\(split 'train'\) has the columns .*lacks a 'text' column"),
+        (
+            "dpo",
+            {"prompt": "1+2=", "answer": "3"},
+            [],
+            r"\(split 'train'\) has the columns .*\['chosen', 'rejected'\]",
+        ),
+    ],
+)
+def test_commands_refuse_missing_columns_before_any_model_loads(
+    tiny, tmp_path, no_model_loads, command, example, extra, message
+):
     import importlib
 
     data = write_jsonl(tmp_path / "data.jsonl", example)
-    argv = ["--model_name_or_path", tiny["strong"], "--weak_model_name_or_path", tiny["weak"], "--dataset_name", data,
-            "--output_dir", str(tmp_path / "out"), "--report_to", "none", *extra]
+    argv = [
+        "--model_name_or_path",
+        tiny["strong"],
+        "--weak_model_name_or_path",
+        tiny["weak"],
+        "--dataset_name",
+        data,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--report_to",
+        "none",
+        *extra,
+    ]
     with pytest.raises(ValueError, match=message):
         importlib.import_module(f"wmss_trl.recipes.{command}").main(argv)
 
 
-@pytest.mark.parametrize("command,argv,message", [
-    ("entropy", ["--model", "{strong}", "--dataset", "{data}", "--output", "{out}/h.jsonl"],
-     r"--dataset .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\]"),
-    ("mine_negatives", ["--weak_model_name_or_path", "{weak}", "--dataset_name", "{data}", "--output_dir", "{out}"],
-     r"--dataset_name .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'"),
-])
-def test_entropy_and_mining_commands_check_columns_before_any_model_loads(tiny, tmp_path, no_model_loads, command,
-                                                                         argv, message):
+@pytest.mark.parametrize(
+    "command,argv,message",
+    [
+        (
+            "entropy",
+            ["--model", "{strong}", "--dataset", "{data}", "--output", "{out}/h.jsonl"],
+            r"--dataset .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\]",
+        ),
+        (
+            "mine_negatives",
+            ["--weak_model_name_or_path", "{weak}", "--dataset_name", "{data}", "--output_dir", "{out}"],
+            r"--dataset_name .*data\.jsonl \(split 'train'\) has the columns \['question', 'answer'\].*lacks a 'prompt'",
+        ),
+    ],
+)
+def test_entropy_and_mining_commands_check_columns_before_any_model_loads(
+    tiny, tmp_path, no_model_loads, command, argv, message
+):
     import importlib
 
     data = write_jsonl(tmp_path / "data.jsonl", {"question": "1+2=", "answer": "3"})

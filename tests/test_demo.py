@@ -11,6 +11,7 @@ import pytest
 from wmss_trl.recipes import demo
 from wmss_trl.tasks import correctness_reward, final_answer, load_embedded
 
+
 # Run the CLI the way the `wmss` console script does (wmss_trl.cli:main), and report the pin variables as they are
 # at the moment something first imports torch.
 SPY = """
@@ -35,8 +36,20 @@ sys.meta_path.insert(0, Spy())
 from wmss_trl.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-QUICK = ["--weak_steps", "20", "--strong_steps", "10", "--arm_steps", "6", "--grpo_steps", "2", "--eval_every", "3",
-         "--arms", "sft,wmss,grpo,wmss_grpo"]
+QUICK = [
+    "--weak_steps",
+    "20",
+    "--strong_steps",
+    "10",
+    "--arm_steps",
+    "6",
+    "--grpo_steps",
+    "2",
+    "--eval_every",
+    "3",
+    "--arms",
+    "sft,wmss,grpo,wmss_grpo",
+]
 
 
 def test_embedded_task_splits_are_disjoint_and_verifiable():
@@ -58,8 +71,9 @@ def test_embedded_task_splits_are_disjoint_and_verifiable():
 
 
 def _run(args, env):
-    return subprocess.run([sys.executable, "-c", SPY, "demo", *args], capture_output=True, text=True, timeout=900,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-c", SPY, "demo", *args], capture_output=True, text=True, timeout=900, env=env
+    )
 
 
 def test_demo_command_runs_end_to_end(tmp_path):
@@ -73,17 +87,29 @@ def test_demo_command_runs_end_to_end(tmp_path):
 
     seen = json.loads(proc.stderr.split("ENV_AT_TORCH_IMPORT ", 1)[1].splitlines()[0])
     pinned = "avx2" if demo._has_avx2() else None
-    assert seen == {"MKL_CBWR": "AVX2,STRICT", "ATEN_CPU_CAPABILITY": pinned,
-                    "ONEDNN_MAX_CPU_ISA": pinned and "AVX2", "OMP_NUM_THREADS": "1"}
+    assert seen == {
+        "MKL_CBWR": "AVX2,STRICT",
+        "ATEN_CPU_CAPABILITY": pinned,
+        "ONEDNN_MAX_CPU_ISA": pinned and "AVX2",
+        "OMP_NUM_THREADS": "1",
+    }
     assert "numerics: MKL_CBWR=AVX2,STRICT (yours)" in out and "OMP_NUM_THREADS=1 (pinned by the demo)" in out
     assert "MKL_CBWR=AVX2,STRICT (the demo's: AVX2): kept, but the table may differ" in proc.stderr
     if pinned:
         assert "ATEN_CPU_CAPABILITY=avx2 (pinned by the demo)" in out and "ATen kernels in effect AVX2" in out
 
-    headers = ["[1/4] weak checkpoint:", "[2/4] strong checkpoint:", "[3/4] WD-DS entropies:",
-               "[4/4] arm 1/4 sft: continued SFT", "[4/4] arm 2/4 wmss: WMSS", "[4/4] arm 3/4 grpo: TRL's GRPO",
-               "[4/4] arm 4/4 wmss_grpo: WMSS-GRPO", "greedy accuracy (%) from the strong checkpoint",
-               "Reading: WMSS is", "plot:"]
+    headers = [
+        "[1/4] weak checkpoint:",
+        "[2/4] strong checkpoint:",
+        "[3/4] WD-DS entropies:",
+        "[4/4] arm 1/4 sft: continued SFT",
+        "[4/4] arm 2/4 wmss: WMSS",
+        "[4/4] arm 3/4 grpo: TRL's GRPO",
+        "[4/4] arm 4/4 wmss_grpo: WMSS-GRPO",
+        "greedy accuracy (%) from the strong checkpoint",
+        "Reading: WMSS is",
+        "plot:",
+    ]
     positions = [out.index(h) for h in headers]
     assert positions == sorted(positions), out
     assert "6 steps from the strong checkpoint" in out and "(~" in out
@@ -102,10 +128,14 @@ def test_demo_command_runs_end_to_end(tmp_path):
         assert curve[0] == {"step": 0, **results["phases"]["strong"]}
         assert [p["step"] for p in curve[1:]] == ([2] if "grpo" in arm else [3, 6])
         assert (curve[-1]["test"], curve[-1]["ood"]) == (r["test"], r["ood"])  # the table is the curve's last point
-        logged = [h for h in json.load(open(run_dir / arm / "trainer_state.json"))["log_history"]
-                  if "eval_test_accuracy" in h]  # the library's record holds the same curve
+        logged = [
+            h
+            for h in json.load(open(run_dir / arm / "trainer_state.json"))["log_history"]
+            if "eval_test_accuracy" in h
+        ]  # the library's record holds the same curve
         assert [(h["step"], h["eval_test_accuracy"], h["eval_ood_accuracy"]) for h in logged] == [
-            (p["step"], p["test"], p["ood"]) for p in curve[1:]]
+            (p["step"], p["test"], p["ood"]) for p in curve[1:]
+        ]
     assert os.path.getsize(tmp_path / "accuracy.png") > 10_000
 
     # the cached checkpoints were made with MKL_CBWR=AVX2,STRICT: with other numerics they are refused, not reused
@@ -141,7 +171,8 @@ def test_pin_numerics_keeps_the_users_values_and_warns_when_torch_chose_its_kern
 def test_bad_arm_is_refused_before_torch_loads():
     with pytest.raises(ValueError, match="unknown arm.*'sfx'.*choose among"):
         demo.DemoArguments(arms="sft,sfx")
-    proc = subprocess.run([sys.executable, "-c", SPY, "demo", "--arms", "sft,sfx"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SPY, "demo", "--arms", "sft,sfx"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "wmss demo: --arms: unknown arm(s) ['sfx']" in proc.stderr
     assert "ENV_AT_TORCH_IMPORT" not in proc.stderr and "Traceback" not in proc.stderr

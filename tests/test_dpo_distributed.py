@@ -13,8 +13,10 @@ from launch import accelerate_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dpo_run import make_sharp, preference_pairs  # noqa: E402
+
 
 SCRIPT = Path(__file__).parent / "dist" / "dpo_run.py"
 
@@ -27,8 +29,13 @@ def sharp(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(sharp, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    proc = subprocess.run([sys.executable, str(SCRIPT), sharp["strong"], sharp["weak"], str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), sharp["strong"], sharp["weak"], str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")][0]
     return result, out
@@ -67,11 +74,43 @@ def test_wmss_dpo_command_under_deepspeed(config, sharp, tmp_path):
     data = tmp_path / "pairs.jsonl"
     preference_pairs(8).to_json(str(data))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "wmss_trl.cli", "dpo", "--model_name_or_path", sharp["strong"], "--weak_model_name_or_path",
-           sharp["weak"], "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2",
-           "--per_device_train_batch_size", "2", "--mixing_lambda", "0.5", "--entropy_pair_weights", "true",
-           "--loss_type", "sigmoid", "ipo", "--report_to", "none", "--bf16", "false", "--activation_checkpointing", "false",
-           "--save_strategy", "no", "--logging_steps", "1", "--accelerate_config", config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wmss_trl.cli",
+        "dpo",
+        "--model_name_or_path",
+        sharp["strong"],
+        "--weak_model_name_or_path",
+        sharp["weak"],
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--mixing_lambda",
+        "0.5",
+        "--entropy_pair_weights",
+        "true",
+        "--loss_type",
+        "sigmoid",
+        "ipo",
+        "--report_to",
+        "none",
+        "--bf16",
+        "false",
+        "--activation_checkpointing",
+        "false",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--accelerate_config",
+        config,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

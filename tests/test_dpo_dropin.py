@@ -21,26 +21,35 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
+
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dpo_run import preference_pairs  # noqa: E402
 
 from wmss_trl import WMSSDPOConfig, WMSSDPOTrainer  # noqa: E402
-from wmss_trl.toy import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, load_tokenizer  # noqa: E402
-from wmss_trl.toy import save_model_and_tokenizer  # noqa: E402
+from wmss_trl.toy import (  # noqa: E402
+    DEFAULT_CHARS,
+    build_char_tokenizer,
+    build_tiny_model,
+    load_tokenizer,
+    save_model_and_tokenizer,  # noqa: E402
+)
+
 
 TIMING = ("_runtime", "_per_second")
 
 
 def standard_pairs(n=8):
     """TRL's "standard_preference" shape: text prompt / chosen / rejected."""
-    return Dataset.from_list([{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": f"{i + 7} no"}
-                              for i in range(n)])
+    return Dataset.from_list(
+        [{"prompt": f"{i}+{i % 3}=", "chosen": str(i + i % 3), "rejected": f"{i + 7} no"} for i in range(n)]
+    )
 
 
 def implicit_prompt_pairs(n=8):
     """TRL's "standard_implicit_prompt_preference" shape: no prompt column, TRL extracts the shared prefix."""
-    return Dataset.from_list([{"chosen": f"{i}+{i % 3}={i + i % 3}", "rejected": f"{i}+{i % 3}={i + 7} no"}
-                              for i in range(n)])
+    return Dataset.from_list(
+        [{"chosen": f"{i}+{i % 3}={i + i % 3}", "rejected": f"{i}+{i % 3}={i + 7} no"} for i in range(n)]
+    )
 
 
 DATASETS = {"standard": standard_pairs, "conversational": preference_pairs, "implicit_prompt": implicit_prompt_pairs}
@@ -115,16 +124,31 @@ def test_train_dataset_shapes(tiny, tmp_path, shape, caplog):
 )
 def test_train_loss_types(tiny, tmp_path, config):
     theirs_cfg = {k: v for k, v in config.items() if k != "mixing_lambda"}
-    theirs = DPOTrainer(tiny["strong"], args=cpu_args(DPOConfig, tmp_path / "t", learning_rate=1e-2, **theirs_cfg),
-                        train_dataset=preference_pairs(8), processing_class=load_tokenizer(tiny["strong"]))
-    ours = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "o", learning_rate=1e-2, **config),
-                          train_dataset=preference_pairs(8), processing_class=load_tokenizer(tiny["strong"]))
+    theirs = DPOTrainer(
+        tiny["strong"],
+        args=cpu_args(DPOConfig, tmp_path / "t", learning_rate=1e-2, **theirs_cfg),
+        train_dataset=preference_pairs(8),
+        processing_class=load_tokenizer(tiny["strong"]),
+    )
+    ours = WMSSDPOTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSDPOConfig, tmp_path / "o", learning_rate=1e-2, **config),
+        train_dataset=preference_pairs(8),
+        processing_class=load_tokenizer(tiny["strong"]),
+    )
     assert_same_run(theirs, ours)
 
 
 def test_train_with_eval_and_precompute_ref_log_probs(tiny, tmp_path):
-    theirs, ours = both(tiny, tmp_path, preference_pairs(8), trainer_kw={"eval_dataset": preference_pairs(4)},
-                        precompute_ref_log_probs=True, eval_strategy="steps", eval_steps=1)
+    theirs, ours = both(
+        tiny,
+        tmp_path,
+        preference_pairs(8),
+        trainer_kw={"eval_dataset": preference_pairs(4)},
+        precompute_ref_log_probs=True,
+        eval_strategy="steps",
+        eval_steps=1,
+    )
     assert ours.ref_model is None and "ref_chosen_logps" in ours.train_dataset.column_names  # TRL's precompute
     assert ours.train_dataset["ref_chosen_logps"] == theirs.train_dataset["ref_chosen_logps"]
     assert_same_run(theirs, ours)
@@ -180,8 +204,12 @@ def test_trl_input_checks_come_first(tiny, tmp_path):
     errors = []
     for cls, cfg in ((DPOTrainer, DPOConfig), (WMSSDPOTrainer, WMSSDPOConfig)):
         with pytest.raises(ValueError, match="not supported with IterableDataset") as err:
-            cls(tiny["strong"], args=cpu_args(cfg, tmp_path, precompute_ref_log_probs=True),
-                train_dataset=IterableDataset.from_generator(gen), processing_class=load_tokenizer(tiny["strong"]))
+            cls(
+                tiny["strong"],
+                args=cpu_args(cfg, tmp_path, precompute_ref_log_probs=True),
+                train_dataset=IterableDataset.from_generator(gen),
+                processing_class=load_tokenizer(tiny["strong"]),
+            )
         errors.append(str(err.value))
     assert errors[0] == errors[1]
 
@@ -189,40 +217,63 @@ def test_trl_input_checks_come_first(tiny, tmp_path):
 # -- refusals: a WMSS option without a weak model ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [{"mixing_lambda": 0.5}, {"entropy_pair_weights": True},
-                                    {"mixing_lambda": 0.5, "entropy_pair_weights": True}])
+@pytest.mark.parametrize(
+    "option",
+    [{"mixing_lambda": 0.5}, {"entropy_pair_weights": True}, {"mixing_lambda": 0.5, "entropy_pair_weights": True}],
+)
 def test_wmss_option_without_weak_model_is_refused_before_loading(tiny, tmp_path, option):
     # the policy path does not exist: the refusal comes before anything is loaded
     with pytest.raises(ValueError, match=r"need\(s\) a weak model.*weak_model_name_or_path.*peft_base_as_weak=True"):
-        WMSSDPOTrainer(str(tmp_path / "not-loaded"), args=cpu_args(WMSSDPOConfig, tmp_path, **option),
-                       train_dataset=preference_pairs(4))
+        WMSSDPOTrainer(
+            str(tmp_path / "not-loaded"),
+            args=cpu_args(WMSSDPOConfig, tmp_path, **option),
+            train_dataset=preference_pairs(4),
+        )
 
 
 def test_peft_base_as_weak_refusals(tiny, tmp_path):
     tok = load_tokenizer(tiny["strong"])
     with pytest.raises(ValueError, match="peft_base_as_weak=True needs a PEFT policy"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, peft_base_as_weak=True),
-                       train_dataset=preference_pairs(4), processing_class=tok)
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path, peft_base_as_weak=True),
+            train_dataset=preference_pairs(4),
+            processing_class=tok,
+        )
     with pytest.raises(ValueError, match="peft_base_as_weak=True and a weak model were both given"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, peft_base_as_weak=True,
-                                                     weak_model_name_or_path=tiny["weak"]),
-                       train_dataset=preference_pairs(4), processing_class=tok)
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path, peft_base_as_weak=True, weak_model_name_or_path=tiny["weak"]),
+            train_dataset=preference_pairs(4),
+            processing_class=tok,
+        )
 
 
 # -- numeric config fields (checks.py), stored converted --------------------------------------------------------------
 
 
 def test_numeric_fields_are_converted_and_used(tiny, tmp_path):
-    args = cpu_args(WMSSDPOConfig, tmp_path / "s", mixing_lambda="0.5", mixing_chunk_size="3", pair_weight_alpha="0.2",
-                    pair_weight_beta=1, pair_weight_gamma="0", weak_model_name_or_path=tiny["weak"])
+    args = cpu_args(
+        WMSSDPOConfig,
+        tmp_path / "s",
+        mixing_lambda="0.5",
+        mixing_chunk_size="3",
+        pair_weight_alpha="0.2",
+        pair_weight_beta=1,
+        pair_weight_gamma="0",
+        weak_model_name_or_path=tiny["weak"],
+    )
     assert (args.mixing_lambda, args.mixing_chunk_size) == (0.5, 3) and type(args.mixing_lambda) is float
     assert (args.pair_weight_alpha, args.pair_weight_beta, args.pair_weight_gamma) == (0.2, 1.0, 0.0)
     tok = load_tokenizer(tiny["strong"])
     losses = []
     for lam, sub in (("0.5", "s"), (0.5, "f")):
-        trainer = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / sub, mixing_lambda=lam,
-                                                               weak_model_name_or_path=tiny["weak"]),
-                                 train_dataset=preference_pairs(8), processing_class=tok)
+        trainer = WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path / sub, mixing_lambda=lam, weak_model_name_or_path=tiny["weak"]),
+            train_dataset=preference_pairs(8),
+            processing_class=tok,
+        )
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         losses.append(trainer.compute_loss(trainer.model, batch).item())  # a bare TypeError with the string before
     assert losses[0] == losses[1]
@@ -260,9 +311,13 @@ def truncation_pairs(mode):
             chosen, rejected = f"{i} {tail}x", (f"{i} {tail}y" if i % 2 else f"{i + 1} {tail}x")
         else:
             chosen, rejected = f"x{tail} {i}", (f"y{tail} {i}" if i % 2 else f"x{tail} {i + 1}")
-        rows.append({"prompt": [{"role": "user", "content": f"{i}?"}],
-                     "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"{i}?"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return Dataset.from_list(rows)
 
 
@@ -270,25 +325,40 @@ def truncation_pairs(mode):
 def test_pairs_identical_after_truncation(tiny, tmp_path, mode, caplog):
     data, tok = truncation_pairs(mode), load_tokenizer(tiny["strong"])
     cfg = dict(max_length=12, truncation_mode=mode, weak_model_name_or_path=tiny["weak"])
-    expected = (r"4 of 8 pairs .*0 have chosen == rejected, 4 became identical only after truncation to "
-                rf"max_length=12 \(truncation_mode='{mode}'\).*raise max_length")
+    expected = (
+        r"4 of 8 pairs .*0 have chosen == rejected, 4 became identical only after truncation to "
+        rf"max_length=12 \(truncation_mode='{mode}'\).*raise max_length"
+    )
     with pytest.raises(ValueError, match=expected):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "a", **cfg), train_dataset=data,
-                       processing_class=tok)
-    trainer = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "b", drop_identical_pairs=True,
-                                                           **cfg), train_dataset=data, processing_class=tok)
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path / "a", **cfg),
+            train_dataset=data,
+            processing_class=tok,
+        )
+    trainer = WMSSDPOTrainer(
+        tiny["strong"],
+        args=cpu_args(WMSSDPOConfig, tmp_path / "b", drop_identical_pairs=True, **cfg),
+        train_dataset=data,
+        processing_class=tok,
+    )
     assert trainer.identical_pairs_dropped == {"train": 4} and len(trainer.train_dataset) == 4
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     chosen, rejected = batch["input_ids"].chunk(2)
     assert all(not torch.equal(c, r) for c, r in zip(chosen, rejected))  # what is left carries a preference
     # WMSS inactive: kept, as TRL keeps them, with a warning that says why
     with caplog.at_level(logging.WARNING, logger="wmss_trl.dpo"):
-        plain = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path / "c", max_length=12,
-                                                             truncation_mode=mode),
-                               train_dataset=data, processing_class=tok)
+        plain = WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path / "c", max_length=12, truncation_mode=mode),
+            train_dataset=data,
+            processing_class=tok,
+        )
     assert len(plain.train_dataset) == 8 and plain.identical_pairs_dropped == {"train": 0}
-    assert any("4 became identical only after truncation" in r.getMessage() and "kept, as TRL does" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "4 became identical only after truncation" in r.getMessage() and "kept, as TRL does" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # -- empty and fully truncated datasets ----------------------------------------------------------------------------
@@ -298,25 +368,44 @@ def test_empty_dataset_says_so(tiny, tmp_path):
     tok, empty = load_tokenizer(tiny["strong"]), preference_pairs(4).select([])
     for weak in ({"weak_model_name_or_path": tiny["weak"]}, {}):
         with pytest.raises(ValueError, match="the train dataset is empty"):  # TRL: a bare StopIteration
-            WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, **weak), train_dataset=empty,
-                           processing_class=tok)
+            WMSSDPOTrainer(
+                tiny["strong"],
+                args=cpu_args(WMSSDPOConfig, tmp_path, **weak),
+                train_dataset=empty,
+                processing_class=tok,
+            )
     with pytest.raises(ValueError, match="the eval dataset is empty"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path), train_dataset=preference_pairs(4),
-                       eval_dataset=empty, processing_class=tok)
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path),
+            train_dataset=preference_pairs(4),
+            eval_dataset=empty,
+            processing_class=tok,
+        )
 
 
 def test_prompts_longer_than_max_length(tiny, tmp_path, caplog):
     tok = load_tokenizer(tiny["strong"])
     long = Dataset.from_list([{"prompt": "1+1=" * 10, "chosen": "2", "rejected": "3"}] * 4)
-    with pytest.raises(ValueError, match=r"4 of 4 examples were dropped because their prompt alone has at least "
-                                         r"max_length=8 tokens.*nothing is left.*raise max_length.*keep_end"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, max_length=8,
-                                                     weak_model_name_or_path=tiny["weak"]),
-                       train_dataset=long, processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"4 of 4 examples were dropped because their prompt alone has at least "
+        r"max_length=8 tokens.*nothing is left.*raise max_length.*keep_end",
+    ):
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path, max_length=8, weak_model_name_or_path=tiny["weak"]),
+            train_dataset=long,
+            processing_class=tok,
+        )
     mixed = Dataset.from_list(long.to_list()[:1] + standard_pairs(3).to_list())
     with caplog.at_level(logging.WARNING, logger="wmss_trl.dpo"):
-        trainer = WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, max_length=8),
-                                 train_dataset=mixed, processing_class=tok)
+        trainer = WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path, max_length=8),
+            train_dataset=mixed,
+            processing_class=tok,
+        )
     assert len(trainer.train_dataset) == 3
     assert any("1 of 4 examples were dropped" in r.getMessage() for r in caplog.records)
 
@@ -330,8 +419,12 @@ def test_pickle_only_policy_is_refused_before_loading(tiny, tmp_path):
     model.config.save_pretrained(str(tmp_path / "pickle"))
     torch.save(model.state_dict(), str(tmp_path / "pickle" / "pytorch_model.bin"))  # what transformers would load
     with pytest.raises(ValueError, match="policy checkpoint .* has pickle weights only"):
-        WMSSDPOTrainer(str(tmp_path / "pickle"), args=cpu_args(WMSSDPOConfig, tmp_path),
-                       train_dataset=preference_pairs(4), processing_class=load_tokenizer(tiny["strong"]))
+        WMSSDPOTrainer(
+            str(tmp_path / "pickle"),
+            args=cpu_args(WMSSDPOConfig, tmp_path),
+            train_dataset=preference_pairs(4),
+            processing_class=load_tokenizer(tiny["strong"]),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -355,8 +448,12 @@ def test_permuted_vocabulary_refused_when_trl_loads_the_tokenizer(tiny, tmp_path
     if given_as == "model":
         weak.register_forward_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="tokenizer"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
-                       train_dataset=preference_pairs(4), weak_model=weak)
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
+            train_dataset=preference_pairs(4),
+            weak_model=weak,
+        )
     assert calls == []  # refused before the weak model ran (TRL's precompute is a weak forward)
 
 
@@ -369,8 +466,12 @@ def test_weak_checked_before_its_first_forward(tiny, tmp_path, precompute):
     calls = []
     weak.register_forward_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="different vocabularies"):
-        WMSSDPOTrainer(tiny["strong"], args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
-                       train_dataset=preference_pairs(4), weak_model=weak)
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSDPOConfig, tmp_path, precompute_ref_log_probs=precompute),
+            train_dataset=preference_pairs(4),
+            weak_model=weak,
+        )
     assert calls == []
 
 
@@ -380,6 +481,10 @@ def test_prompt_learning_refused_with_mixing_or_pair_weights(tiny, tmp_path, opt
 
     args = cpu_args(WMSSDPOConfig, tmp_path, weak_model_name_or_path=tiny["weak"], **option)
     with pytest.raises(ValueError, match=r"PromptTuningConfig \(prompt learning\) is not supported"):
-        WMSSDPOTrainer(tiny["strong"], args=args, train_dataset=preference_pairs(8),
-                       processing_class=tiny["tokenizer"],
-                       peft_config=PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+        WMSSDPOTrainer(
+            tiny["strong"],
+            args=args,
+            train_dataset=preference_pairs(8),
+            processing_class=tiny["tokenizer"],
+            peft_config=PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+        )

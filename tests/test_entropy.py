@@ -17,6 +17,7 @@ from launch import accelerate_launch
 
 from wmss_trl.entropy import sample_mean_entropy, score_entropies, token_entropy
 
+
 SCRIPT = Path(__file__).parent / "dist" / "entropy_run.py"
 
 
@@ -71,9 +72,11 @@ def test_sample_mean_entropy_counts_only_trained_positions():
     table = torch.randn(vocab, vocab) * 2
     ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 1, 0, 0], [2, 2, 2, 2, 2, 2]])
     labels = torch.tensor(
-        [[-100, -100, 3, 4, 5, -100],      # positions 1, 2, 3 predict trained labels
-         [-100, 7, -100, 1, -100, -100],   # positions 0 and 2
-         [-100] * 6]                       # nothing trained
+        [
+            [-100, -100, 3, 4, 5, -100],  # positions 1, 2, 3 predict trained labels
+            [-100, 7, -100, 1, -100, -100],  # positions 0 and 2
+            [-100] * 6,
+        ]  # nothing trained
     )
     h, n = sample_mean_entropy(TableLM(table), ids, torch.ones_like(ids), labels)
     per_token = naive_entropy(table)  # entropy of each table row
@@ -127,8 +130,9 @@ def test_score_entropies_matches_naive(tiny, tmp_path):
     dataset = arithmetic_prompt_completion(9)
     ref = naive_dataset_entropies(tiny["strong"], tiny["tokenizer"], dataset)
     for batch in (1, 4):  # padding does not change a sample's entropy
-        result = score_entropies(tiny["strong"], dataset, tiny["tokenizer"],
-                                 _sft_args(tmp_path, per_device_eval_batch_size=batch))
+        result = score_entropies(
+            tiny["strong"], dataset, tiny["tokenizer"], _sft_args(tmp_path, per_device_eval_batch_size=batch)
+        )
         np.testing.assert_allclose(result["entropy"], ref, atol=2e-6, rtol=0)
         np.testing.assert_array_equal(result["idx"], np.arange(9))
     # completion tokens: the digits of the sum + the end-of-turn token
@@ -142,7 +146,9 @@ def test_score_entropies_matches_naive(tiny, tmp_path):
 def test_score_entropies_full_sequence_mask(tiny, tmp_path):
     dataset = arithmetic_prompt_completion(3)
     ref = naive_dataset_entropies(tiny["strong"], tiny["tokenizer"], dataset, completion_only=False)
-    result = score_entropies(tiny["strong"], dataset, tiny["tokenizer"], _sft_args(tmp_path, completion_only_loss=False))
+    result = score_entropies(
+        tiny["strong"], dataset, tiny["tokenizer"], _sft_args(tmp_path, completion_only_loss=False)
+    )
     np.testing.assert_allclose(result["entropy"], ref, atol=2e-6, rtol=0)
 
 
@@ -154,8 +160,12 @@ def test_score_entropies_idx_column_and_dropped_samples(tiny, tmp_path):
     short = score_entropies(tiny["strong"], dataset, tiny["tokenizer"], _sft_args(tmp_path, max_length=4))
     assert np.isnan(short["entropy"]).all() and (short["num_tokens"] == 0).all()
     with pytest.raises(ValueError, match="duplicate"):
-        score_entropies(tiny["strong"], dataset.remove_columns("idx").add_column("idx", [1, 1, 2, 3, 4, 5]),
-                        tiny["tokenizer"], _sft_args(tmp_path))
+        score_entropies(
+            tiny["strong"],
+            dataset.remove_columns("idx").add_column("idx", [1, 1, 2, 3, 4, 5]),
+            tiny["tokenizer"],
+            _sft_args(tmp_path),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -164,8 +174,23 @@ def test_score_entropies_idx_column_and_dropped_samples(tiny, tmp_path):
 def _cli(model, data, output, *extra):
     from wmss_trl.recipes.entropy import main
 
-    return main(["--model", model, "--dataset", data, "--output", output, "--bf16", "false", "--progress", "false",
-                 "--per_device_eval_batch_size", "2", *extra])
+    return main(
+        [
+            "--model",
+            model,
+            "--dataset",
+            data,
+            "--output",
+            output,
+            "--bf16",
+            "false",
+            "--progress",
+            "false",
+            "--per_device_eval_batch_size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def _rows(path):
@@ -327,8 +352,13 @@ def test_cli_refuses_a_pickle_only_model(tiny, tmp_path, data_file):
 @pytest.fixture(scope="module")
 def single_process_scores(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("ent_single")
-    proc = subprocess.run([sys.executable, str(SCRIPT), tiny["strong"], str(out)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), tiny["strong"], str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")][0]
 
@@ -356,9 +386,28 @@ def test_cli_two_processes_zero2_equals_single_process(tiny, tmp_path, data_file
     _cli(tiny["strong"], data_file, single, "--write_every", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = str(tmp_path / "two.jsonl")
-    cmd = [sys.executable, "-m", "wmss_trl.cli", "entropy", "--model", tiny["strong"], "--dataset", data_file,
-           "--output", out, "--bf16", "false", "--progress", "false", "--write_every", "3",
-           "--per_device_eval_batch_size", "2", "--accelerate_config", "zero2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wmss_trl.cli",
+        "entropy",
+        "--model",
+        tiny["strong"],
+        "--dataset",
+        data_file,
+        "--output",
+        out,
+        "--bf16",
+        "false",
+        "--progress",
+        "false",
+        "--write_every",
+        "3",
+        "--per_device_eval_batch_size",
+        "2",
+        "--accelerate_config",
+        "zero2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "wmss entropy: 2 process(es), DEEPSPEED" in proc.stdout

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from grpo_common import digit_fraction, grpo_args, has_digit, prompt_dataset  # noqa: E402
 
@@ -61,7 +62,9 @@ def test_entropy_weights_match_naive_formula(coefs):
     assert (w[~mask] == 0).all()
     # clipping after normalisation
     wc = entropy_advantage_weights(hw, hp, mask, *coefs, min_weight=0.5, max_weight=1.5)
-    torch.testing.assert_close(wc.double(), naive_entropy_weights(hw, hp, mask, *coefs, 0.5, 1.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        wc.double(), naive_entropy_weights(hw, hp, mask, *coefs, 0.5, 1.5), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_entropy_weights_degenerate_cases():
@@ -167,13 +170,24 @@ def test_truncated_importance_weights_bounded():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8, num_weak_generations=1),
-         "breaks the batch layout"),
+        (
+            dict(
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8, num_weak_generations=1
+            ),
+            "breaks the batch layout",
+        ),
         (dict(num_weak_generations=2, max_weak_negatives=3), "max_weak_negatives"),
         (dict(num_weak_generations=1, multi_objective_aggregation="normalize_then_sum"), "sum_then_normalize"),
-        (dict(entropy_weighted_advantages=True, entropy_weight_alpha=0, entropy_weight_beta=0, entropy_weight_gamma=0),
-         "at least one of entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma must be > 0"),
-        (dict(entropy_weight_min=2.0, entropy_weight_max=1.0), r"entropy_weight_min \(2.0\) must be <= entropy_weight_max"),
+        (
+            dict(
+                entropy_weighted_advantages=True, entropy_weight_alpha=0, entropy_weight_beta=0, entropy_weight_gamma=0
+            ),
+            "at least one of entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma must be > 0",
+        ),
+        (
+            dict(entropy_weight_min=2.0, entropy_weight_max=1.0),
+            r"entropy_weight_min \(2.0\) must be <= entropy_weight_max",
+        ),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, kw, message):
@@ -225,8 +239,13 @@ def test_string_mixing_lambda_trains(tiny, tmp_path):
 
 
 def test_config_divisibility_accepts_valid_layout(tmp_path):
-    args = grpo_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=8,
-                     num_weak_generations=2)
+    args = grpo_args(
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=8,
+        num_weak_generations=2,
+    )
     assert args.max_weak_negatives == 2 and args.needs_weak_model
 
 
@@ -244,8 +263,15 @@ def make(cls, tiny, tmp_path, reward=has_digit, **kw):
     dataset = kw.pop("train_dataset", None) or prompt_dataset(16)
     args = grpo_args(tmp_path / cls.__name__, **({"config_class": config_class} if config_class else {}), **kw)
     extra = {"weak_model": weak} if weak is not None else {}
-    trainer = cls(tiny["strong"], reward, args=args, train_dataset=dataset,
-                  processing_class=load_tokenizer(tiny["strong"]), peft_config=peft_config, **extra)
+    trainer = cls(
+        tiny["strong"],
+        reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=load_tokenizer(tiny["strong"]),
+        peft_config=peft_config,
+        **extra,
+    )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     return trainer
@@ -328,7 +354,9 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
     from wmss_trl.grpo import SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
 
     common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4)
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5, **common)
+    wmss = make(
+        WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5, **common
+    )
     vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig, **common)
     n_prompts, g, k = 8, 4, 2  # B = 4 * 2 * 4 = 32 policy rows... of 8 groups; n_w = 32 * 2 / 4 = 16
     out = generate(wmss, n_prompts)
@@ -354,7 +382,9 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
         if not touched[groups[i]]:
             assert torch.equal(adv[i], torch.full_like(adv[i], ref["advantages"][i].item())), i
         else:
-            pooled = torch.cat([stats["policy_rewards"][groups[i]], stats["weak_rewards"][groups[i]][selected[groups[i]]]])
+            pooled = torch.cat(
+                [stats["policy_rewards"][groups[i]], stats["weak_rewards"][groups[i]][selected[groups[i]]]]
+            )
             expected = (stats["policy_rewards"][groups[i]][i % g] - pooled.mean()) / (pooled.std() + 1e-4)
             torch.testing.assert_close(adv[i], expected.expand_as(adv[i]))
     # weak rows: never a positive advantage; unused rows carry nothing
@@ -376,10 +406,12 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
     am = torch.cat([out["prompt_mask"][n_pol:], wmss._wmss_debug_weak_mask], 1)
     with torch.no_grad():
         forward_lp, _ = wmss._plain_logps(wmss.weak_model, ids, am, out["completion_ids"].size(1), False)
-    sampled = am[:, -out["completion_ids"].size(1):].bool()
+    sampled = am[:, -out["completion_ids"].size(1) :].bool()
     torch.testing.assert_close(dbg["behaviour_logps"][sampled], forward_lp[sampled], rtol=1e-4, atol=1e-4)
     # token advantage of a negative = its sequence advantage x rho
-    torch.testing.assert_close(adv[negatives] * mask[negatives], stats["weak_adv"][selected].unsqueeze(1) * rho[negatives] * mask[negatives])
+    torch.testing.assert_close(
+        adv[negatives] * mask[negatives], stats["weak_adv"][selected].unsqueeze(1) * rho[negatives] * mask[negatives]
+    )
     # the loss normaliser counts the negatives' tokens
     assert out["num_items_in_batch"].item() == mask.sum().item()
     # a full step through TRL's shuffle/split and loss
@@ -396,8 +428,9 @@ def test_groups_without_wrong_weak_answers_are_untouched(tiny, tmp_path):
     from wmss_trl import WMSSGRPOTrainer
     from wmss_trl.grpo import SOURCE_WEAK_UNUSED
 
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2,
-                weak_negative_threshold=-1.0)
+    wmss = make(
+        WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_negative_threshold=-1.0
+    )
     vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
     out, ref = generate(wmss, 2), generate(vanilla, 2)
     n = ref["advantages"].size(0)
@@ -417,8 +450,9 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
     from wmss_trl import WMSSGRPOTrainer
     from wmss_trl.grpo import SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
 
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5,
-                beta=beta)
+    wmss = make(
+        WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5, beta=beta
+    )
     assert wmss._defer_to_loss and wmss.max_weak_negatives == 2
     names = ("wmss/is_weight_mean", "wmss/is_weight_max", "wmss/weak_negative_logp")
 
@@ -464,8 +498,16 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
     numbers; record its calls and, at every generation, the batch's prompts and weak rows."""
     from wmss_trl import WMSSGRPOTrainer
 
-    trainer = make(WMSSGRPOTrainer, tiny, tmp_path / f"p{prefetch}", weak_model=tiny["weak"], num_weak_generations=2,
-                   weak_rollout_prefetch=prefetch, logging_steps=100, **kw)
+    trainer = make(
+        WMSSGRPOTrainer,
+        tiny,
+        tmp_path / f"p{prefetch}",
+        weak_model=tiny["weak"],
+        num_weak_generations=2,
+        weak_rollout_prefetch=prefetch,
+        logging_steps=100,
+        **kw,
+    )
     answers, calls, seen = {}, [], []
     eos = trainer.eos_token_ids[0]
     trainer.row_keys = []  # the noise key of every weak row sampled, in call order
@@ -473,8 +515,10 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
     def fake_weak_generate(prompt_ids_list, row_keys):
         calls.append(len(prompt_ids_list))
         trainer.row_keys += row_keys
-        ids = [answers.setdefault(tuple(p), [10 + len(answers) % 20, 11 + len(answers) % 20, eos])
-               for p in prompt_ids_list]
+        ids = [
+            answers.setdefault(tuple(p), [10 + len(answers) % 20, 11 + len(answers) % 20, eos])
+            for p in prompt_ids_list
+        ]
         return [list(x) for x in ids], [[-1.0] * len(x) for x in ids]
 
     add_wmss = trainer._add_wmss
@@ -482,9 +526,15 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
     def spy(inputs, out, rewards_per_func):
         out = add_wmss(inputs, out, rewards_per_func)
         weak = out["wmss_source"] != 0
-        rows = [(tuple(p[m.bool()].tolist()), tuple(c[cm.bool()].tolist()) if cm.any() else None)
-                for p, m, c, cm in zip(out["prompt_ids"][weak], out["prompt_mask"][weak],
-                                       out["completion_ids"][weak], trainer._wmss_debug_weak_mask)]
+        rows = [
+            (tuple(p[m.bool()].tolist()), tuple(c[cm.bool()].tolist()) if cm.any() else None)
+            for p, m, c, cm in zip(
+                out["prompt_ids"][weak],
+                out["prompt_mask"][weak],
+                out["completion_ids"][weak],
+                trainer._wmss_debug_weak_mask,
+            )
+        ]
         seen.append(([x["prompt"][0]["content"] for x in inputs], rows))
         return out
 
@@ -518,8 +568,9 @@ def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
 
 def test_weak_rollout_prefetch_across_epochs(tiny, tmp_path):
     """The read-ahead stops at the end of an epoch's data and starts again with the next epoch's iterator."""
-    trainer, _, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, max_steps=8,
-                                                         train_dataset=prompt_dataset(6))
+    trainer, _, calls, seen = run_with_fake_weak_sampler(
+        tiny, tmp_path, 3, max_steps=8, train_dataset=prompt_dataset(6)
+    )
     # epoch 1: batches 0-3, then 4-5 (the data ends); epoch 2: batches 6-7 (training ends: max_steps)
     assert calls == [8, 4, 4] and len(seen) == 8
     # the noise keys number the generation batches per epoch: (seed, epoch, batch, global row)
@@ -533,8 +584,9 @@ def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
     uninterrupted, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
     checkpoint = tmp_path / "full" / "p3" / "WMSSGRPOTrainer" / "checkpoint-3"
     assert checkpoint.is_dir()
-    resumed, answers, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path / "resumed", 3, resume=str(checkpoint),
-                                                               **kw)
+    resumed, answers, calls, seen = run_with_fake_weak_sampler(
+        tiny, tmp_path / "resumed", 3, resume=str(checkpoint), **kw
+    )
     assert resumed.state.global_step == 6 and calls == [12]  # steps 4-6: one call, for the three batches left
     assert [s[0] for s in seen] == [s[0] for s in full[3:]]
     # the resumed run numbers the batches it skipped: the same noise keys as the uninterrupted run's last 3 batches
@@ -573,8 +625,15 @@ def test_padding_rows_do_not_change_the_loss(tiny, tmp_path, loss_type):
 
     from wmss_trl import WMSSGRPOTrainer
 
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2,
-                weak_negative_threshold=-1.0, loss_type=loss_type)
+    wmss = make(
+        WMSSGRPOTrainer,
+        tiny,
+        tmp_path,
+        weak_model=tiny["weak"],
+        num_weak_generations=2,
+        weak_negative_threshold=-1.0,
+        loss_type=loss_type,
+    )
     out = generate(wmss, 2)
     n = (out["wmss_source"] == 0).sum().item()
     policy_only = {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()}
@@ -604,20 +663,31 @@ def test_negatives_need_a_reward_that_can_mark_wrong(tiny, tmp_path):
     with pytest.raises(ValueError, match="every reward weight"):
         make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=1, reward_weights=[0.0])
     with pytest.raises(ValueError, match="weak_correctness_reward"):
-        make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=1,
-             weak_correctness_reward="nope")
+        make(
+            WMSSGRPOTrainer,
+            tiny,
+            tmp_path,
+            weak_model=tiny["weak"],
+            num_weak_generations=1,
+            weak_correctness_reward="nope",
+        )
     # a named verifier works even when its weight is 0 (it decides wrongness, the other reward drives learning)
     from wmss_trl.toy import load_tokenizer
 
-    args = grpo_args(tmp_path / "named", num_weak_generations=1, weak_correctness_reward="has_digit",
-                     reward_weights=[0.0, 1.0])
-    WMSSGRPOTrainer(tiny["strong"], [has_digit, digit_fraction], args=args, train_dataset=prompt_dataset(8),
-                    processing_class=load_tokenizer(tiny["strong"]), weak_model=tiny["weak"])
+    args = grpo_args(
+        tmp_path / "named", num_weak_generations=1, weak_correctness_reward="has_digit", reward_weights=[0.0, 1.0]
+    )
+    WMSSGRPOTrainer(
+        tiny["strong"],
+        [has_digit, digit_fraction],
+        args=args,
+        train_dataset=prompt_dataset(8),
+        processing_class=load_tokenizer(tiny["strong"]),
+        weak_model=tiny["weak"],
+    )
 
 
 def test_clear_errors_at_construction(tiny, tmp_path):
-    from trl import GRPOConfig
-
     from wmss_trl import WMSSGRPOTrainer
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
 
@@ -675,8 +745,14 @@ def test_refused_before_any_model_loads(tiny, tmp_path, kw, message):
     dataset = prompt_dataset(rows) if rows else Dataset.from_dict({"prompt": []})
     args = grpo_args(tmp_path / "out", **kw)
     with pytest.raises(ValueError, match=message):
-        WMSSGRPOTrainer(str(tmp_path / "no_such_policy"), has_digit, args=args, train_dataset=dataset,
-                        peft_config=lora() if peft else None, weak_model=str(weak or tiny["weak"]) if weak else None)
+        WMSSGRPOTrainer(
+            str(tmp_path / "no_such_policy"),
+            has_digit,
+            args=args,
+            train_dataset=dataset,
+            peft_config=lora() if peft else None,
+            weak_model=str(weak or tiny["weak"]) if weak else None,
+        )
 
 
 def test_pickle_only_policy_refused(tmp_path):
@@ -730,8 +806,14 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
 
     from wmss_trl import WMSSGRPOTrainer
 
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], entropy_weighted_advantages=True,
-                entropy_weight_max=3.0)
+    wmss = make(
+        WMSSGRPOTrainer,
+        tiny,
+        tmp_path,
+        weak_model=tiny["weak"],
+        entropy_weighted_advantages=True,
+        entropy_weight_max=3.0,
+    )
     vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
     ref = generate(vanilla, 2)
     # 1. weights computed at generation time (the path for steps_per_generation > 1 or num_iterations > 1)
@@ -754,7 +836,9 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
     width = out["completion_ids"].size(1)
     with torch.no_grad():
         for name, path in (("weak_entropy", tiny["weak"]), ("policy_entropy", tiny["strong"])):
-            logits = AutoModelForCausalLM.from_pretrained(path)(input_ids=ids, attention_mask=am, logits_to_keep=width + 1).logits
+            logits = AutoModelForCausalLM.from_pretrained(path)(
+                input_ids=ids, attention_mask=am, logits_to_keep=width + 1
+            ).logits
             h = token_entropy(logits[:, :-1] / wmss.temperature)
             torch.testing.assert_close(dbg[name] * mask, h * mask, rtol=1e-4, atol=1e-4)
     loss_eager = wmss.compute_loss(wmss.model, out)
@@ -812,9 +896,18 @@ def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
     from wmss_trl.weak import is_peft_model
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, peft_config=peft_config, beta=0.04, num_weak_generations=2,
-                entropy_weighted_advantages=True, per_device_train_batch_size=8, log_completions=True,
-                peft_base_as_weak=True)
+    wmss = make(
+        WMSSGRPOTrainer,
+        tiny,
+        tmp_path,
+        peft_config=peft_config,
+        beta=0.04,
+        num_weak_generations=2,
+        entropy_weighted_advantages=True,
+        per_device_train_batch_size=8,
+        log_completions=True,
+        peft_base_as_weak=True,
+    )
     assert is_peft_model(wmss.model) and wmss.weak_model is None and wmss._weak_source == "peft_base"
     out = generate(wmss, 2)
     # the weak log-probs are the base model's (adapters off), which differ from the policy's (adapters on)
@@ -860,8 +953,17 @@ def test_evaluate_with_wmss_options(tiny, tmp_path):
     """Evaluation runs TRL's eval loop: KL against the weak model, no weak rollouts, no training-only metrics."""
     from wmss_trl import WMSSGRPOTrainer
 
-    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], beta=0.04, num_weak_generations=2,
-                entropy_weighted_advantages=True, per_device_eval_batch_size=4, eval_strategy="no")
+    wmss = make(
+        WMSSGRPOTrainer,
+        tiny,
+        tmp_path,
+        weak_model=tiny["weak"],
+        beta=0.04,
+        num_weak_generations=2,
+        entropy_weighted_advantages=True,
+        per_device_eval_batch_size=4,
+        eval_strategy="no",
+    )
     wmss.model.eval()
     metrics = wmss.evaluate(eval_dataset=prompt_dataset(4))
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_wmss/kl_weak_ref"] > 0 and "eval_kl" not in metrics

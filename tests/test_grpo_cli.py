@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,12 +45,38 @@ def logged(out_dir):
 
 def test_grpo_vanilla_is_one_switch(tiny, tmp_path):
     config = write_run(tmp_path, tiny)
-    out = run([sys.executable, "-m", "wmss_trl.cli", "grpo", "--config", str(config), "--output_dir", str(tmp_path / "w"),
-               "--per_device_train_batch_size", "4"])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "wmss_trl.cli",
+            "grpo",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(tmp_path / "w"),
+            "--per_device_train_batch_size",
+            "4",
+        ]
+    )
     assert "WMSS-GRPO: weak model replicated, beta=0.04, num_weak_generations=2" in out
     assert all("wmss/weak_accuracy" in h and "wmss/adv_weight_mean" in h for h in logged(tmp_path / "w"))
-    out = run([sys.executable, "-m", "wmss_trl.cli", "grpo", "--config", str(config), "--output_dir", str(tmp_path / "v"),
-               "--per_device_train_batch_size", "4", "--vanilla", "true"])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "wmss_trl.cli",
+            "grpo",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(tmp_path / "v"),
+            "--per_device_train_batch_size",
+            "4",
+            "--vanilla",
+            "true",
+        ]
+    )
     assert "vanilla TRL GRPO" in out
     history = logged(tmp_path / "v")
     assert len(history) == 2 and not any(k.startswith("wmss/") for h in history for k in h)
@@ -59,11 +86,27 @@ def test_grpo_vanilla_is_one_switch(tiny, tmp_path):
 @pytest.mark.distributed
 def test_accelerate_launch_zero3_module_cli(tiny, tmp_path):
     config = write_run(tmp_path, tiny)
-    out = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "ds_configs" / "zero3.yaml"),
-               "-m", "wmss_trl.cli", "grpo", "--config", str(config), "--output_dir", str(tmp_path / "out")])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "ds_configs" / "zero3.yaml"),
+            "-m",
+            "wmss_trl.cli",
+            "grpo",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "wmss grpo: 2 process(es), DEEPSPEED, zero_stage=3, WMSS-GRPO: weak model zero3-sharded" in out
     history = logged(tmp_path / "out")
-    assert len(history) == 2 and all(h["wmss/kl_weak_ref"] > 0 and "kl" not in h and "wmss/weak_negatives_per_group" in h for h in history)
+    assert len(history) == 2 and all(
+        h["wmss/kl_weak_ref"] > 0 and "kl" not in h and "wmss/weak_negatives_per_group" in h for h in history
+    )
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert f"- Weak model: `{tiny['weak']}`" in (tmp_path / "out" / "README.md").read_text()  # the sharded weak model
 
@@ -88,9 +131,15 @@ def grpo_main(monkeypatch):
 
 
 def grpo_args(tiny, tmp_path, **overrides):
-    args = {"model_name_or_path": tiny["strong"], "weak_model_name_or_path": tiny["weak"],
-            "dataset_name": str(tmp_path / "prompts.jsonl"), "reward_funcs": "numeric_accuracy_reward",
-            "output_dir": str(tmp_path / "out"), "report_to": "none", **overrides}
+    args = {
+        "model_name_or_path": tiny["strong"],
+        "weak_model_name_or_path": tiny["weak"],
+        "dataset_name": str(tmp_path / "prompts.jsonl"),
+        "reward_funcs": "numeric_accuracy_reward",
+        "output_dir": str(tmp_path / "out"),
+        "report_to": "none",
+        **overrides,
+    }
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -109,16 +158,17 @@ def test_grpo_refuses_pickle_only_model_before_loading(tiny, tmp_path, grpo_main
 
 
 def test_grpo_resume_resolves_to_a_complete_checkpoint(tiny, tmp_path, grpo_main, caplog):
+    from conftest import arithmetic_prompt_completion, cpu_args
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import arithmetic_prompt_completion, cpu_args
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model
 
     out = tmp_path / "out"
     tok = build_char_tokenizer()
     args = cpu_args(SFTConfig, out, save_strategy="steps", save_steps=1, max_steps=2)
-    SFTTrainer(build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(8),
-               processing_class=tok).train()
+    SFTTrainer(
+        build_tiny_model(tok), args=args, train_dataset=arithmetic_prompt_completion(8), processing_class=tok
+    ).train()
     (out / "checkpoint-2" / "rng_state.pth").write_bytes(b"")  # cut short
     with pytest.raises(ValueError, match=r"checkpoint-2' is not a complete checkpoint: rng_state.pth is not loadable"):
         grpo_main(grpo_args(tiny, tmp_path, resume_from_checkpoint=out / "checkpoint-2"))

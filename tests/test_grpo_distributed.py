@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from launch import accelerate_launch
 
+
 DIST = Path(__file__).parent / "dist"
 
 
@@ -29,7 +30,12 @@ def check_run(result, config, peft=False, steps=3, micro_batches=1):
     assert result["steps"] == steps and result["losses_finite"] and result["policy_changed"]
     metrics = {k: [v for v in values if v is not None] for k, values in result["metrics"].items()}
     # the weak model is the KL reference: a non-zero KL, the same quantity as measured at generation time
-    assert all(k > 0 for k in metrics["wmss/kl_weak_ref"]) and "kl" not in metrics and metrics["wmss/kl_weak"] and all(k > 0 for k in metrics["wmss/kl_weak"])
+    assert (
+        all(k > 0 for k in metrics["wmss/kl_weak_ref"])
+        and "kl" not in metrics
+        and metrics["wmss/kl_weak"]
+        and all(k > 0 for k in metrics["wmss/kl_weak"])
+    )
     # weak negatives joined the groups, never with a positive advantage
     assert sum(metrics["wmss/weak_negatives_per_group"]) > 0
     assert all(a <= 0 for a in metrics["wmss/weak_negative_advantage"])
@@ -74,12 +80,18 @@ def test_two_processes_sample_the_weak_completions_of_one(tiny, tmp_path):
     comes from that key and not from the process's RNG or its share of the batch."""
     script = DIST / "grpo_resume_run.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(script), tiny["strong"], tiny["weak"], str(tmp_path / "one"),
-                           "--processes_batch", "4"], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(script), tiny["strong"], tiny["weak"], str(tmp_path / "one"), "--processes_batch", "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    (one,) = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    (two,) = accelerate_launch("ddp", script, tiny["strong"], tiny["weak"], str(tmp_path / "two"),
-                               "--processes_batch", "2", "--prefetch", "3")
+    (one,) = [json.loads(x[len("RESULT ") :]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    (two,) = accelerate_launch(
+        "ddp", script, tiny["strong"], tiny["weak"], str(tmp_path / "two"), "--processes_batch", "2", "--prefetch", "3"
+    )
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert len(one["weak"]) == 16 and two["weak"] == one["weak"]  # 8 batches x 2 weak rows
     for key, logps in one["weak_logps"].items():  # same behaviour log-probs, up to the last bits

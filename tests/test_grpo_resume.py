@@ -27,25 +27,36 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist" / "grpo_resume_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(tiny, out, *flags, timeout=600):
-    proc = subprocess.run([sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out), *flags],
-                          capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def run_killed(tiny, out, *flags, hold_after=3, timeout=600):
     """Start a run that holds after checkpoint-``hold_after`` + one more step, SIGKILL it there; return the
     checkpoint."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out), *flags,
-                             "--hold_after", str(hold_after)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out), *flags, "--hold_after", str(hold_after)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=ENV,
+        cwd=ROOT,
+    )
     deadline = time.time() + timeout
     while not (out / "holding").exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-6000:]

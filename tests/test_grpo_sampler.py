@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor
 
 from wmss_trl.grpo import GumbelMaxSampler, greedy_copy, sampling_warpers, stream_seed
 
+
 SETTINGS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),  # TRL's defaults: the plain softmax
     dict(temperature=0.7, top_k=5, top_p=0.9),
@@ -46,7 +47,9 @@ def test_gumbel_max_draws_have_the_warped_softmax_distribution(kw):
     scores = logits.expand(n, -1).clone()
     for warper in sampling_warpers(settings):
         scores = warper(None, scores)
-    out = GumbelMaxSampler([(0, 0, 0, j) for j in range(n)], prompt_width=1)(torch.zeros(n, 1, dtype=torch.long), scores)
+    out = GumbelMaxSampler([(0, 0, 0, j) for j in range(n)], prompt_width=1)(
+        torch.zeros(n, 1, dtype=torch.long), scores
+    )
     assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == n * 11  # one token per row
     counts = torch.bincount(out.argmax(-1), minlength=12)
     assert (counts[probs == 0] == 0).all()
@@ -80,8 +83,12 @@ def test_same_warpers_and_distribution_as_transformers_do_sample(tiny, kw):
         torch.manual_seed(0)
         sampled = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings)[:, -1]
         processors = LogitsProcessorList([*ours, GumbelMaxSampler([(0, 0, 0, j) for j in range(n)], ids.size(1))])
-        gumbel = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy_copy(settings),
-                                logits_processor=processors)[:, -1]
+        gumbel = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=greedy_copy(settings),
+            logits_processor=processors,
+        )[:, -1]
     vocab = probs.numel()
     for name, tokens in (("do_sample", sampled), ("gumbel", gumbel)):
         counts = torch.bincount(tokens, minlength=vocab)
@@ -97,19 +104,31 @@ def test_a_rows_completion_does_not_depend_on_the_other_rows(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny["weak"]).eval()
     tok = tiny["tokenizer"]
     prompts = ["1+2=", "13+4=", "7+7=", "123+45=", "9=", "2+2+2=", "40+1=", "5+55+5="]
-    settings = GenerationConfig(do_sample=True, max_new_tokens=24, min_new_tokens=24, temperature=1.2, top_p=0.95,
-                                pad_token_id=tok.pad_token_id, eos_token_id=None)
+    settings = GenerationConfig(
+        do_sample=True,
+        max_new_tokens=24,
+        min_new_tokens=24,
+        temperature=1.2,
+        top_p=0.95,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
+    )
     keys = [(0, 0, 5, j) for j in range(len(prompts))]
 
     def decode(rows):
         ids = [torch.tensor(tok(prompts[j])["input_ids"]) for j in rows]
         width = max(len(x) for x in ids)
         input_ids = torch.stack([torch.cat([torch.full((width - len(x),), tok.pad_token_id), x]) for x in ids])
-        mask = torch.stack([torch.cat([torch.zeros(width - len(x), dtype=torch.long), torch.ones_like(x)]) for x in ids])
-        processors = LogitsProcessorList([*sampling_warpers(settings), GumbelMaxSampler([keys[j] for j in rows], width)])
+        mask = torch.stack(
+            [torch.cat([torch.zeros(width - len(x), dtype=torch.long), torch.ones_like(x)]) for x in ids]
+        )
+        processors = LogitsProcessorList(
+            [*sampling_warpers(settings), GumbelMaxSampler([keys[j] for j in rows], width)]
+        )
         with torch.no_grad():
-            out = model.generate(input_ids, attention_mask=mask, generation_config=greedy_copy(settings),
-                                 logits_processor=processors)
+            out = model.generate(
+                input_ids, attention_mask=mask, generation_config=greedy_copy(settings), logits_processor=processors
+            )
         return out[:, width:]
 
     together = decode(range(len(prompts)))

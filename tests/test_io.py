@@ -24,16 +24,22 @@ from wmss_trl.io import (
     write_json_atomic,
 )
 
+
 ROOT = Path(__file__).resolve().parents[1]
 # wmss_trl/io.py loaded on its own (no package import: a subprocess starts in a fraction of a second)
-LOAD_IO = (f"import importlib.util as u; s = u.spec_from_file_location('wio', {str(ROOT / 'wmss_trl' / 'io.py')!r}); "
-           "io = u.module_from_spec(s); s.loader.exec_module(io)")
-HOLDER = LOAD_IO + """
+LOAD_IO = (
+    f"import importlib.util as u; s = u.spec_from_file_location('wio', {str(ROOT / 'wmss_trl' / 'io.py')!r}); "
+    "io = u.module_from_spec(s); s.loader.exec_module(io)"
+)
+HOLDER = (
+    LOAD_IO
+    + """
 import sys, time
 io.WriterLock(sys.argv[1], "test target").acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
+)
 
 
 def hold_lock(lock_path) -> subprocess.Popen:
@@ -59,7 +65,7 @@ def test_lock_refuses_a_live_owner_naming_it_and_takes_over_after_sigkill(tmp_pa
     # the kernel released the dead holder's lock; its owner record is still there: a stale lock, taken over
     assert json.loads(lock_path.read_text())["pid"] == holder.pid
     capfd.readouterr()
-    with WriterLock(lock_path, "x").acquire() as lock:
+    with WriterLock(lock_path, "x").acquire():
         assert f"stale lock on x left by pid {holder.pid}" in capfd.readouterr().err
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
         with pytest.raises(LockedError, match=f"pid {os.getpid()}"):  # a second writer in the same process too
@@ -82,8 +88,12 @@ def test_lock_waits_for_a_dying_owner(tmp_path):
 
 
 def test_provenance_diff_names_every_leaf():
-    old = {"model": {"weights": {"a.safetensors": {"size": 1, "mtime_ns": 5}}}, "dtype": "float32",
-           "dataset": {"rows_sha256": "x", "datasets_fingerprint": "f1"}, "settings": {"k": [1, 2]}}
+    old = {
+        "model": {"weights": {"a.safetensors": {"size": 1, "mtime_ns": 5}}},
+        "dtype": "float32",
+        "dataset": {"rows_sha256": "x", "datasets_fingerprint": "f1"},
+        "settings": {"k": [1, 2]},
+    }
     new = json.loads(json.dumps(old))
     assert provenance_diff(old, new) == []
     new["dataset"]["datasets_fingerprint"] = "f2"  # a hint only, never compared
@@ -92,7 +102,8 @@ def test_provenance_diff_names_every_leaf():
     new["dtype"] = "bfloat16"
     new["settings"]["k"] = (1, 3)
     assert provenance_diff(old, new) == [
-        'dtype: "float32" -> "bfloat16"', "model.weights.a.safetensors.mtime_ns: 5 -> 6",
+        'dtype: "float32" -> "bfloat16"',
+        "model.weights.a.safetensors.mtime_ns: 5 -> 6",
         "settings.k: [1, 2] -> [1, 3]",
     ]
     with pytest.raises(ProvenanceError, match=r"thing.*dtype: \"float32\" -> \"bfloat16\".*Delete it\."):
@@ -146,7 +157,9 @@ def test_pipeline_children_die_with_the_driver(tmp_path):
     """A driver that starts a child (and the child a grandchild, like accelerate launch) the way `wmss pipeline`
     does, then is SIGKILLed: both die."""
     script = tmp_path / "driver.py"
-    script.write_text(LOAD_IO + f"""
+    script.write_text(
+        LOAD_IO
+        + f"""
 import os, subprocess, sys, time
 grand = {LOAD_IO!r} + "; io.die_with_parent(); print(io.os.getpid(), flush=True); io.time.sleep(600)"
 child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', sys.argv[1]]); p.wait()"
@@ -154,7 +167,8 @@ env = {{**os.environ, io.PIPELINE_PID_ENV: str(os.getpid())}}
 proc = subprocess.Popen([sys.executable, "-c", child, grand], env=env, preexec_fn=io.child_dies_with(os.getpid()))
 print(proc.pid, flush=True)
 proc.wait()
-""")
+"""
+    )
     driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     child_pid, grand_pid = int(driver.stdout.readline()), int(driver.stdout.readline())
     os.kill(driver.pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from wmss_trl.recipes.common import DataArguments, load_dataset_splits, load_tokenizer
 
+
 ROWS = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "3+3=", "answer": "6"}]
 
 
@@ -93,6 +94,11 @@ def test_core_does_not_import_the_recipes(tiny):
         "assert tok is not None and source.startswith('from '), source\n"
         "assert not any(m.startswith('wmss_trl.recipes') for m in sys.modules), sorted(sys.modules)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,9 @@ from wmss_trl.mixing import check_lambda, mixed_cross_entropy, mixed_token_logpr
 def naive_mixed_ce(zs, zw, y, lam, ignore_index=-100):
     """The formula written plainly: CE(lam*z_s + (1-lam)*z_w, y), summed over non-ignored positions."""
     z = lam * zs + (1 - lam) * zw.detach()
-    return torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize("lam", [0.5, 0.3, 1.0])
@@ -137,7 +139,9 @@ def test_fused_head_matches_naive_autograd(lam, chunk_size, bias):
     with torch.no_grad():
         for col, z in ((0, zs), (1, zw)):
             lp = torch.log_softmax(z, -1)
-            torch.testing.assert_close(stats[:, col].double(), -lp.gather(-1, y[:, None]).squeeze(-1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                stats[:, col].double(), -lp.gather(-1, y[:, None]).squeeze(-1), rtol=1e-5, atol=1e-6
+            )
             torch.testing.assert_close(stats[:, col + 2].double(), -(lp.exp() * lp).sum(-1), rtol=1e-5, atol=1e-6)
         # the strong model's top-1 hit (TRL's `is_top1`, for `mean_token_accuracy`)
         assert stats.shape == (n, 5)
@@ -160,7 +164,12 @@ def test_fused_head_loss_matches_naive_autograd(lam, chunk_size, bias):
 
     loss, stats = mixed_head_loss(h_s, head_s, h_w, head_w, y, lam, chunk_size)
     (0.37 * loss).backward()
-    got = (loss.detach().double(), h_s.grad.clone(), head_s.weight.grad.clone(), None if not bias else head_s.bias.grad.clone())
+    got = (
+        loss.detach().double(),
+        h_s.grad.clone(),
+        head_s.weight.grad.clone(),
+        None if not bias else head_s.bias.grad.clone(),
+    )
     h_s.grad = None
     head_s.zero_grad()
     ref = torch.nn.functional.cross_entropy(lam * head_s(h_s) + (1 - lam) * head_w(h_w), y, reduction="sum")

@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM
 
+
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import accelerate_launch  # noqa: E402
 from mine_common import VERIFIER, mining_prompts, parity_verifier  # noqa: E402
@@ -26,12 +27,23 @@ from wmss_trl.rewards import (  # noqa: E402
 )
 from wmss_trl.toy import build_char_tokenizer, build_tiny_model, load_tokenizer  # noqa: E402
 
+
 MINE_RUN = Path(__file__).parent / "dist" / "mine_run.py"
 # Every completion is exactly 6 ordinary characters (EOS and the other special tokens suppressed), so decoding and
 # re-encoding a completion gives its generated ids back and the naive check needs no special-token bookkeeping.
-_SPECIAL = [build_char_tokenizer().convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>")]
-SMALL = dict(num_samples=4, max_new_tokens=6, batch_size=2, chunk_size=4, keep_truncated=True, progress=False,
-             generation_kwargs={"min_new_tokens": 6, "suppress_tokens": _SPECIAL})
+_SPECIAL = [
+    build_char_tokenizer().convert_tokens_to_ids(t)
+    for t in ("<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>")
+]
+SMALL = dict(
+    num_samples=4,
+    max_new_tokens=6,
+    batch_size=2,
+    chunk_size=4,
+    keep_truncated=True,
+    progress=False,
+    generation_kwargs={"min_new_tokens": 6, "suppress_tokens": _SPECIAL},
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +146,13 @@ def test_rejected_are_wrong_ranked_by_logprob_and_drops_counted(models):
     assert {r["prompt_index"]: r["rejected"] for r in top} == best
 
     # ranking by the weak model gives the weak model's log-probs, and a different order somewhere
-    by_weak, _ = mine_negatives(prompts, weak, None, tok, [parity_verifier], rank_by="weak", max_pairs_per_prompt=4, **SMALL)
+    by_weak, _ = mine_negatives(
+        prompts, weak, None, tok, [parity_verifier], rank_by="weak", max_pairs_per_prompt=4, **SMALL
+    )
     for row in by_weak.select(range(3)):
-        assert row["rejected_score"] == pytest.approx(naive_mean_logprob(weak, tok, row["prompt"], row["rejected"][0]["content"]), abs=1e-5)
+        assert row["rejected_score"] == pytest.approx(
+            naive_mean_logprob(weak, tok, row["prompt"], row["rejected"][0]["content"]), abs=1e-5
+        )
     assert sorted(map(json.dumps, by_weak["rejected"])) == sorted(map(json.dumps, data["rejected"]))
     assert by_weak["rejected"] != data["rejected"]
 
@@ -148,7 +164,9 @@ def test_plain_prompts_and_correct_sample_chosen(models):
 
     def plain_parity(prompts, completions, completion_ids=None, kind=None, **kw):
         assert all(isinstance(c, str) for c in completions)  # plain prompts -> plain completions, like GRPO
-        return parity_verifier(prompts, [[{"role": "assistant", "content": c}] for c in completions], completion_ids, kind)
+        return parity_verifier(
+            prompts, [[{"role": "assistant", "content": c}] for c in completions], completion_ids, kind
+        )
 
     data, summary = mine_negatives(plain, weak, strong, tok, [plain_parity], chosen="correct_sample", **SMALL)
     assert all(isinstance(data[0][k], str) for k in ("prompt", "chosen", "rejected"))
@@ -201,13 +219,16 @@ def test_resume_skips_done_chunks(models, tmp_path):
         third, s3 = mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)
         assert calls["n"] == 8 and s3["resumed_chunks"] == 2  # only chunk 1's two blocks
         assert third.to_list() == again.to_list() == first.to_list()
-        assert {k: v for k, v in s3.items() if k != "resumed_chunks"} == {k: v for k, v in s1.items() if k != "resumed_chunks"}
+        assert {k: v for k, v in s3.items() if k != "resumed_chunks"} == {
+            k: v for k, v in s1.items() if k != "resumed_chunks"
+        }
     finally:
         weak.generate = generate
 
     with pytest.raises(ValueError, match="made by something else.*config.num_samples: 4 -> 3.*delete"):
-        mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path),
-                       **{**SMALL, "num_samples": 3})
+        mine_negatives(
+            prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **{**SMALL, "num_samples": 3}
+        )
     # a chunk read back must hold exactly its prompts
     chunk = tmp_path / "chunks" / "chunk-00001.jsonl"
     lines = chunk.read_text().splitlines(keepends=True)
@@ -228,8 +249,15 @@ def test_resume_refuses_chunks_made_by_other_weights_or_tokenizer(models, tmp_pa
     with pytest.raises(ValueError, match=r"weak_model.weights_sample_sha256: .* -> "):
         mine_negatives(prompts, other_weak, strong, tok, [parity_verifier], output_dir=out, **SMALL)
     with pytest.raises(ValueError, match=r'strong_model.dtype: "float32" -> "bfloat16"'):
-        mine_negatives(prompts, weak, AutoModelForCausalLM.from_pretrained(strong.config._name_or_path,
-                       dtype=torch.bfloat16), tok, [parity_verifier], output_dir=out, **SMALL)
+        mine_negatives(
+            prompts,
+            weak,
+            AutoModelForCausalLM.from_pretrained(strong.config._name_or_path, dtype=torch.bfloat16),
+            tok,
+            [parity_verifier],
+            output_dir=out,
+            **SMALL,
+        )
     with pytest.raises(ValueError, match=r"dataset.rows_sha256"):
         shifted = mining_prompts(5).select(range(1, 5))  # 4 prompts too, other rows
         mine_negatives(shifted, weak, strong, tok, [parity_verifier], output_dir=out, **SMALL)
@@ -278,7 +306,7 @@ def test_bad_input_is_a_clear_error(models, tiny, tmp_path):
     def always_right(prompts, completions, **kw):
         return [1.0] * len(completions)
 
-    with pytest.raises(ValueError, match="no preference pair was mined.*no_wrong\": 4"):
+    with pytest.raises(ValueError, match='no preference pair was mined.*no_wrong": 4'):
         mine_negatives(prompts, weak, strong, tok, [always_right], **SMALL)
 
     with pytest.raises(ValueError, match="returned 1 rewards for 8 completions"):
@@ -301,10 +329,28 @@ def test_mine_negatives_command(tiny, tmp_path):
         for i in range(6):
             f.write(json.dumps({"prompt": f"{i}+{i}=", "answer": 2 * i}) + "\n")
     out = tmp_path / "mined"
-    argv = ["--dataset_name", str(data), "--weak_model_name_or_path", tiny["weak"], "--strong_model_name_or_path",
-            tiny["strong"], "--reward_funcs", "wmss_trl.rewards.numeric_accuracy_reward", "--num_samples", "3",
-            "--max_new_tokens", "5", "--batch_size", "2", "--keep_truncated", "true", "--output_dir", str(out),
-            "--progress", "false"]
+    argv = [
+        "--dataset_name",
+        str(data),
+        "--weak_model_name_or_path",
+        tiny["weak"],
+        "--strong_model_name_or_path",
+        tiny["strong"],
+        "--reward_funcs",
+        "wmss_trl.rewards.numeric_accuracy_reward",
+        "--num_samples",
+        "3",
+        "--max_new_tokens",
+        "5",
+        "--batch_size",
+        "2",
+        "--keep_truncated",
+        "true",
+        "--output_dir",
+        str(out),
+        "--progress",
+        "false",
+    ]
     assert main(argv) == 0
     mined = load_from_disk(str(out / "dataset"))
     summary = json.loads((out / "summary.json").read_text())
@@ -333,7 +379,9 @@ def test_two_process_mining_equals_one_process(tiny, models, tmp_path):
     weak, strong, tok = models
     settings = {**SMALL, "max_pairs_per_prompt": 2}
     expected, summary = mine_negatives(mining_prompts(), weak, strong, tok, [VERIFIER], **settings)
-    (result,) = accelerate_launch("ddp", MINE_RUN, tiny["weak"], tiny["strong"], str(tmp_path / "out"), json.dumps(settings))
+    (result,) = accelerate_launch(
+        "ddp", MINE_RUN, tiny["weak"], tiny["strong"], str(tmp_path / "out"), json.dumps(settings)
+    )
     assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.MULTI_CPU"
     assert result["rows"] == expected.to_list()
     assert result["summary"] == summary
@@ -349,11 +397,43 @@ def test_mine_negatives_command_relaunched_on_two_processes(tiny, models, tmp_pa
     data = tmp_path / "prompts.jsonl"
     prompts.to_json(str(data))
     out = tmp_path / "mined"
-    cmd = [sys.executable, "-m", "wmss_trl.cli", "mine-negatives", "--dataset_name", str(data), "--weak_model_name_or_path",
-           tiny["weak"], "--strong_model_name_or_path", tiny["strong"], "--reward_funcs", VERIFIER, "--output_dir", str(out),
-           "--num_samples", "4", "--max_new_tokens", "6", "--batch_size", "2", "--chunk_size", "4", "--keep_truncated", "true",
-           "--generation_kwargs", json.dumps(SMALL["generation_kwargs"]), "--progress", "false", "--accelerate_config", "ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "dist"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "wmss_trl.cli",
+        "mine-negatives",
+        "--dataset_name",
+        str(data),
+        "--weak_model_name_or_path",
+        tiny["weak"],
+        "--strong_model_name_or_path",
+        tiny["strong"],
+        "--reward_funcs",
+        VERIFIER,
+        "--output_dir",
+        str(out),
+        "--num_samples",
+        "4",
+        "--max_new_tokens",
+        "6",
+        "--batch_size",
+        "2",
+        "--chunk_size",
+        "4",
+        "--keep_truncated",
+        "true",
+        "--generation_kwargs",
+        json.dumps(SMALL["generation_kwargs"]),
+        "--progress",
+        "false",
+        "--accelerate_config",
+        "ddp",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "dist"), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "wmss mine-negatives: 2 process(es), MULTI_CPU, 12 prompts x 4 samples" in proc.stdout
@@ -398,8 +478,9 @@ def test_default_chosen_on_arith_is_the_worked_completion_and_the_verifier_reads
     assert "completion" not in data.column_names  # a TRL key: its text is `chosen`
     assert seen == [a for a in prompts["answer"] for _ in range(SMALL["num_samples"])]  # the short references
     # the bare answer stays available on request
-    bare, summary = mine_negatives(prompts, weak, strong, tok, [recording_verifier], reference_column="answer",
-                                   **SMALL)
+    bare, summary = mine_negatives(
+        prompts, weak, strong, tok, [recording_verifier], reference_column="answer", **SMALL
+    )
     assert summary["chosen_column"] == "answer"
     assert all(r["chosen"][0]["content"] == prompts[r["prompt_index"]]["answer"] for r in bare)
 

@@ -46,9 +46,14 @@ def recorded(tmp_path, filtered: bool) -> list[str]:
 def test_each_filter_silences_its_real_notice_and_nothing_else(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "warnoptions", [])
     unfiltered = recorded(tmp_path, filtered=False)
-    for pattern in ("`is_gradient_checkpointing`", "`gradient_checkpointing_enable`",
-                    "`gradient_checkpointing_disable`", "`gradient_checkpointing` is", "all_gather_into_tensor",
-                    "reduce_scatter_tensor"):
+    for pattern in (
+        "`is_gradient_checkpointing`",
+        "`gradient_checkpointing_enable`",
+        "`gradient_checkpointing_disable`",
+        "`gradient_checkpointing` is",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+    ):
         assert any(pattern in m for m in unfiltered), (pattern, unfiltered)  # the libraries do raise them
     assert recorded(tmp_path, filtered=True) == []
     # a filter names its module: the same text raised from elsewhere (e.g. our own code) is still shown
@@ -83,8 +88,13 @@ def test_import_leaves_warning_filters_unchanged():
             importlib.import_module(name)
         assert warnings.filters == before, [f for f in warnings.filters if f not in before]
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -130,8 +140,16 @@ def test_command_stderr_has_no_deprecation_noise(tiny, tmp_path):
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
     def grpo(out, **extra_env):
-        cmd = [sys.executable, "-m", "wmss_trl.cli", "grpo", "--config", str(config), "--output_dir",
-               str(tmp_path / out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wmss_trl.cli",
+            "grpo",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(tmp_path / out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, **extra_env})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         return proc.stderr

@@ -19,11 +19,13 @@ import torch
 from conftest import arithmetic_prompt_completion, cpu_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from dpo_run import preference_pairs  # noqa: E402
 from grpo_common import grpo_args, prompt_dataset  # noqa: E402
 
 from wmss_trl.toy import load_tokenizer  # noqa: E402
+
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_ID = "2602.08222"
@@ -43,18 +45,52 @@ def write_data(command, path):
 COMMAND_OPTIONS = {
     "sft": ["--mixing_lambda", "0.4"],
     "dpo": ["--mixing_lambda", "0.6"],
-    "grpo": ["--reward_funcs", "tests.dist.grpo_common.digit_fraction", "--num_generations", "4",
-             "--max_completion_length", "8", "--beta", "0.04", "--num_weak_generations", "2"],
+    "grpo": [
+        "--reward_funcs",
+        "tests.dist.grpo_common.digit_fraction",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--beta",
+        "0.04",
+        "--num_weak_generations",
+        "2",
+    ],
 }
-SETTING = {"sft": "- `mixing_lambda`: `0.4`", "dpo": "- `mixing_lambda`: `0.6`", "grpo": "- `num_weak_generations`: `2`"}
+SETTING = {
+    "sft": "- `mixing_lambda`: `0.4`",
+    "dpo": "- `mixing_lambda`: `0.6`",
+    "grpo": "- `num_weak_generations`: `2`",
+}
 
 
 def run_command(command, tiny, tmp_path, weak=True, extra=()):
     out = tmp_path / f"{command}-out"
-    argv = ["--model_name_or_path", tiny["strong"], "--dataset_name", write_data(command, tmp_path / "data.jsonl"),
-            "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none",
-            "--bf16", "false", "--activation_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1",
-            *(["--weak_model_name_or_path", tiny["weak"]] if weak else []), *extra]
+    argv = [
+        "--model_name_or_path",
+        tiny["strong"],
+        "--dataset_name",
+        write_data(command, tmp_path / "data.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--bf16",
+        "false",
+        "--activation_checkpointing",
+        "false",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        *(["--weak_model_name_or_path", tiny["weak"]] if weak else []),
+        *extra,
+    ]
     cwd = os.getcwd()
     os.chdir(ROOT)  # dotted reward paths are imported from the current directory
     try:
@@ -89,7 +125,9 @@ def test_every_command_writes_model_state_and_card(tiny, tmp_path, command):
 def trl_card_of(trainer_cls, config_cls, tiny, tmp_path, dataset, model_name):
     """The card TRL's own trainer writes for the same run."""
     args = cpu_args(config_cls, tmp_path / "trl-card")
-    trainer = trainer_cls(tiny["strong"], args=args, train_dataset=dataset, processing_class=load_tokenizer(tiny["strong"]))
+    trainer = trainer_cls(
+        tiny["strong"], args=args, train_dataset=dataset, processing_class=load_tokenizer(tiny["strong"])
+    )
     trainer.create_model_card(model_name=model_name)
     return (tmp_path / "trl-card" / "README.md").read_text()
 
@@ -118,10 +156,20 @@ def test_python_sft_card_names_base_and_weak_model(tiny, tmp_path):
     """The card a Python run writes with its checkpoints (TRL's `_save_checkpoint`) names the local base model."""
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 
-    args = cpu_args(WMSSSFTConfig, tmp_path / "run", weak_model_name_or_path=tiny["weak"], mixing_lambda=0.45,
-                    save_strategy="steps", save_steps=2)
-    WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=arithmetic_prompt_completion(8),
-                   processing_class=load_tokenizer(tiny["strong"])).train()
+    args = cpu_args(
+        WMSSSFTConfig,
+        tmp_path / "run",
+        weak_model_name_or_path=tiny["weak"],
+        mixing_lambda=0.45,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=arithmetic_prompt_completion(8),
+        processing_class=load_tokenizer(tiny["strong"]),
+    ).train()
     card = (tmp_path / "run" / "README.md").read_text()
     assert "[None]" not in card and f"fine-tuned version of `{tiny['strong']}`" in card
     assert f"- Weak model: `{tiny['weak']}`" in card and "- `mixing_lambda`: `0.45`" in card
@@ -138,9 +186,13 @@ def test_grpo_kl_names(tiny, tmp_path):
 
     def train(cls, config_class, name, **kw):
         args = grpo_args(tmp_path / name, config_class=config_class, beta=0.04, max_steps=2, **kw)
-        trainer = cls(tiny["strong"], get_numeric_accuracy_reward("answer"), args=args,
-                      train_dataset=prompt_dataset(8).add_column("answer", [str(i) for i in range(8)]),
-                      processing_class=load_tokenizer(tiny["strong"]))
+        trainer = cls(
+            tiny["strong"],
+            get_numeric_accuracy_reward("answer"),
+            args=args,
+            train_dataset=prompt_dataset(8).add_column("answer", [str(i) for i in range(8)]),
+            processing_class=load_tokenizer(tiny["strong"]),
+        )
         trainer.train()
         return [h for h in trainer.state.log_history if "loss" in h]
 
@@ -151,7 +203,9 @@ def test_grpo_kl_names(tiny, tmp_path):
     }
     for name in ("vanilla", "inactive"):  # TRL's GRPO: its `kl`, no weak KL
         assert all("kl" in h and "wmss/kl_weak_ref" not in h for h in runs[name]), name
-    assert all("kl" not in h and h["wmss/kl_weak_ref"] >= 0 and torch.isfinite(torch.tensor(h["wmss/kl_weak_ref"]))
-               for h in runs["wmss"])
+    assert all(
+        "kl" not in h and h["wmss/kl_weak_ref"] >= 0 and torch.isfinite(torch.tensor(h["wmss/kl_weak_ref"]))
+        for h in runs["wmss"]
+    )
     assert runs["wmss"][0]["wmss/kl_weak_ref"] > 0  # the weak model differs from the policy from step 1
     assert runs["vanilla"][0]["kl"] == 0.0  # the policy copy is the policy itself at step 1

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from wmss_trl.recipes.pipeline import PHASES, load_config, main, make_arithmetic_rows
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = {
@@ -38,7 +39,17 @@ def write_config(path, cfg=SMALL):
 
 def run_pipeline(config, output_dir, *extra, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "wmss_trl.cli", "pipeline", "--config", config, "--output_dir", str(output_dir), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wmss_trl.cli",
+        "pipeline",
+        "--config",
+        config,
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -190,8 +201,9 @@ def test_refuses_weak_strong_pair_with_different_tokenizers(tmp_path):
     other_tok = build_char_tokenizer(DEFAULT_CHARS[::-1])  # same size, different token -> id map
     assert len(tok) == len(other_tok) and tok.get_vocab() != other_tok.get_vocab()
     base = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=16, num_layers=1), tok, str(tmp_path / "b"))
-    strong = save_model_and_tokenizer(build_tiny_model(other_tok, hidden_size=16, num_layers=1), other_tok,
-                                      str(tmp_path / "s"))
+    strong = save_model_and_tokenizer(
+        build_tiny_model(other_tok, hidden_size=16, num_layers=1), other_tok, str(tmp_path / "s")
+    )
     config = write_config(tmp_path / "c.yaml", {**SMALL, "base_model": base, "strong_model": strong})
     with pytest.raises(SystemExit, match="cannot be paired: .*tokenizer"):
         main(["--config", config, "--output_dir", str(tmp_path / "run")])
@@ -240,14 +252,22 @@ def _given_models_config(tmp_path, num_samples):
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model, save_model_and_tokenizer
 
     tok = build_char_tokenizer()
-    base = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=1), tok,
-                                    str(tmp_path / "b"))
-    strong = save_model_and_tokenizer(build_tiny_model(tok, hidden_size=64, num_layers=2, seed=2), tok,
-                                      str(tmp_path / "s"))
+    base = save_model_and_tokenizer(
+        build_tiny_model(tok, hidden_size=64, num_layers=2, seed=1), tok, str(tmp_path / "b")
+    )
+    strong = save_model_and_tokenizer(
+        build_tiny_model(tok, hidden_size=64, num_layers=2, seed=2), tok, str(tmp_path / "s")
+    )
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(num_samples, max_operand=20)))
-    cfg = {**SMALL, "base_model": base, "strong_model": strong, "dataset": str(data),
-           "entropy": {"per_device_eval_batch_size": 2, "write_every": 16}, "wdjt": {"max_steps": 1}}
+    cfg = {
+        **SMALL,
+        "base_model": base,
+        "strong_model": strong,
+        "dataset": str(data),
+        "entropy": {"per_device_eval_batch_size": 2, "write_every": 16},
+        "wdjt": {"max_steps": 1},
+    }
     return write_config(tmp_path / "given.yaml", cfg)
 
 
@@ -302,8 +322,14 @@ def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path, 
     ent = run / "entropy" / "weak.jsonl"
     first_log, rerun_log = open(tmp_path / "first.log", "w"), open(tmp_path / "rerun.log", "w")
     extra = ["--launch_config", launch] if launch else []
-    driver = subprocess.Popen(_pipeline_cmd(config, run) + extra, stdout=first_log, stderr=subprocess.STDOUT, env=env,
-                              cwd=ROOT, start_new_session=True)
+    driver = subprocess.Popen(
+        _pipeline_cmd(config, run) + extra,
+        stdout=first_log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     family, rerun = [], None
     try:
         _wait_for(lambda: ent.exists() and ent.stat().st_size > 0, 600, "the first entropy rows")
@@ -317,11 +343,18 @@ def test_killed_driver_leaves_no_writer_and_the_rerun_resumes_exactly(tmp_path, 
         rows_at_kill = len(ent.read_text().splitlines())
         assert 0 < rows_at_kill < n
 
-        rerun = subprocess.Popen(_pipeline_cmd(config, run) + extra, stdout=rerun_log, stderr=subprocess.STDOUT, env=env,
-                                 cwd=ROOT, start_new_session=True)
+        rerun = subprocess.Popen(
+            _pipeline_cmd(config, run) + extra,
+            stdout=rerun_log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         _wait_for(lambda: "running" in (tmp_path / "rerun.log").read_text(), 300, "the re-run to start its phases")
-        second = subprocess.run(_pipeline_cmd(config, run), capture_output=True, text=True, env=env, cwd=ROOT,
-                                timeout=300)
+        second = subprocess.run(
+            _pipeline_cmd(config, run), capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+        )
         assert rerun.poll() is None, "the re-run ended before the concurrent run was tried: use more samples"
         assert second.returncode != 0
         assert f"being written by another process (pid {rerun.pid} " in second.stderr, second.stderr[-3000:]
@@ -369,8 +402,11 @@ def test_reused_phases_are_checked_against_what_made_them(pipeline_run, tmp_path
     run = tmp_path / "run"
     shutil.copytree(pipeline_run["dir"], run)
     shutil.copy(run / "base" / "model.safetensors", run / "strong" / "model.safetensors")  # other strong weights
-    with pytest.raises(SystemExit, match=r"phase 'sft' \(outputs\).*strong\.weights\.model\.safetensors\..*"
-                                         r"Delete .*markers/sft\.done\.json and the markers of the later phases"):
+    with pytest.raises(
+        SystemExit,
+        match=r"phase 'sft' \(outputs\).*strong\.weights\.model\.safetensors\..*"
+        r"Delete .*markers/sft\.done\.json and the markers of the later phases",
+    ):
         main(["--config", pipeline_run["config"], "--output_dir", str(run)])
 
     shutil.rmtree(run)
@@ -388,20 +424,40 @@ def test_reused_phases_are_checked_against_what_made_them(pipeline_run, tmp_path
 # The flat form (TRL's keys at the top level) and the documented sections (issue 15, item 10)
 # ------------------------------------------------------------------------------------------------------------------
 FLAT = {
-    "output_dir": "runs/flat", "model_name_or_path": "base", "dataset_name": "data.jsonl",
-    "learning_rate": 1.0e-5, "max_length": 48, "bf16": False, "gradient_accumulation_steps": 2,  # SFTConfig
-    "mixing_lambda": 0.3, "mixing_chunk_size": 256,  # WMSSSFTConfig only
-    "selection_alpha": 0.2, "selection_beta": 0.7, "selection_gamma": 0.1,  # WD-DS
-    "entropy_chunk_size": 256, "accelerate_config": "ddp", "num_processes": 2,
+    "output_dir": "runs/flat",
+    "model_name_or_path": "base",
+    "dataset_name": "data.jsonl",
+    "learning_rate": 1.0e-5,
+    "max_length": 48,
+    "bf16": False,
+    "gradient_accumulation_steps": 2,  # SFTConfig
+    "mixing_lambda": 0.3,
+    "mixing_chunk_size": 256,  # WMSSSFTConfig only
+    "selection_alpha": 0.2,
+    "selection_beta": 0.7,
+    "selection_gamma": 0.1,  # WD-DS
+    "entropy_chunk_size": 256,
+    "accelerate_config": "ddp",
+    "num_processes": 2,
     "wdjt": {"num_train_epochs": 3, "learning_rate": 2.0e-5},  # a section in the same file wins over its flat keys
 }
 SECTIONED = {
-    "output_dir": "runs/flat", "base_model": "base", "dataset": "data.jsonl",
+    "output_dir": "runs/flat",
+    "base_model": "base",
+    "dataset": "data.jsonl",
     "sft": {"learning_rate": 1.0e-5, "max_length": 48, "bf16": False, "gradient_accumulation_steps": 2},
-    "wdjt": {"learning_rate": 2.0e-5, "max_length": 48, "bf16": False, "gradient_accumulation_steps": 2,
-             "mixing_lambda": 0.3, "mixing_chunk_size": 256, "num_train_epochs": 3},
+    "wdjt": {
+        "learning_rate": 2.0e-5,
+        "max_length": 48,
+        "bf16": False,
+        "gradient_accumulation_steps": 2,
+        "mixing_lambda": 0.3,
+        "mixing_chunk_size": 256,
+        "num_train_epochs": 3,
+    },
     "selection": {"selection_alpha": 0.2, "selection_beta": 0.7, "selection_gamma": 0.1},
-    "entropy": {"entropy_chunk_size": 256}, "launch": {"accelerate_config": "ddp", "num_processes": 2},
+    "entropy": {"entropy_chunk_size": 256},
+    "launch": {"accelerate_config": "ddp", "num_processes": 2},
 }
 
 
@@ -425,7 +481,7 @@ def test_flat_config_resolves_like_its_sectioned_equivalent(tmp_path):
 def test_flat_keys_that_fit_no_section_or_several_are_refused(tmp_path):
     cases = {
         "per_device_eval_batch_size": "ambiguous key 'per_device_eval_batch_size' in .*: it fits several sections "
-                                      r"\(`sft \+ wdjt` or `entropy`\)",
+        r"\(`sft \+ wdjt` or `entropy`\)",
         "hidden_size": "unknown key 'hidden_size' in .*: it fits no section",
         "weak_model_name_or_path": "'weak_model_name_or_path' in .* is set by the pipeline .*`base_model`",
     }
@@ -443,8 +499,14 @@ def test_pipeline_help_lists_the_sections_and_the_default():
     from wmss_trl.recipes.pipeline import DEFAULT_CONFIG
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "wmss_trl.cli", "pipeline", "--help"], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmss_trl.cli", "pipeline", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     out = ok(proc)
     for section in ("toy_model", "toy_data", "launch", "common", "sft", "entropy", "selection", "wdjt"):
         assert f"\n  {section} " in out, section
@@ -454,9 +516,16 @@ def test_pipeline_help_lists_the_sections_and_the_default():
 
 def test_flat_config_prints_and_runs(tmp_path):
     """`--print_config` of a flat file shows its sections; and a flat config drives a (tiny) run to the end."""
-    flat = {"toy_model": SMALL["toy_model"], "toy_data": {"num_samples": 32, "max_operand": 20},
-            "per_device_train_batch_size": 8, "max_length": 32, "logging_steps": 4, "num_train_epochs": 1,
-            "mixing_lambda": 0.4, "entropy_chunk_size": 512}
+    flat = {
+        "toy_model": SMALL["toy_model"],
+        "toy_data": {"num_samples": 32, "max_operand": 20},
+        "per_device_train_batch_size": 8,
+        "max_length": 32,
+        "logging_steps": 4,
+        "num_train_epochs": 1,
+        "mixing_lambda": 0.4,
+        "entropy_chunk_size": 512,
+    }
     config = write_config(tmp_path / "flat.yaml", flat)
     printed = yaml.safe_load(ok(run_pipeline(config, tmp_path / "p", "--print_config")))
     assert printed["wdjt"]["mixing_lambda"] == 0.4 and printed["sft"]["num_train_epochs"] == 1

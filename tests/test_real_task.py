@@ -36,10 +36,20 @@ class ExactScorer:
 def test_reward_wrapper_columns_and_conversational_completions():
     scorer = ExactScorer()
     reward = get_reasoning_gym_reward(scorers={"toy": scorer})
-    completions = [[{"role": "assistant", "content": "It is 5."}], [{"role": "assistant", "content": "6"}],
-                   [{"role": "assistant", "content": "I do not know"}]]
-    out = reward(prompts=[None] * 3, completions=completions, answer=["5", "5", "5"], rg_dataset=["toy"] * 3,
-                 rg_entry=[json.dumps({"k": 1})] * 3, question=["q"] * 3, trainer_state=None)
+    completions = [
+        [{"role": "assistant", "content": "It is 5."}],
+        [{"role": "assistant", "content": "6"}],
+        [{"role": "assistant", "content": "I do not know"}],
+    ]
+    out = reward(
+        prompts=[None] * 3,
+        completions=completions,
+        answer=["5", "5", "5"],
+        rg_dataset=["toy"] * 3,
+        rg_entry=[json.dumps({"k": 1})] * 3,
+        question=["q"] * 3,
+        trainer_state=None,
+    )
     assert out == [1.0, 0.0, 0.0]
     # the answer-less completion is not sent to the scorer; metadata arrives decoded
     assert [a for a, _ in scorer.calls] == ["5", "6"]
@@ -67,8 +77,10 @@ def test_reward_wrapper_resolves_by_dotted_name():
 
 # ---- with reasoning-gym: its own scorer and the splits
 
+
 def test_real_scorer_through_wrapper():
     import reasoning_gym  # noqa: F401  (in the `test` extra: these tests always run)
+
     rows = real_task.generate_rows("chain_sum_2d2t", 4, seed=0)
     right = [f"The answer is {r['answer']}." for r in rows]
     wrong = [str(int(r["answer"]) + 1) for r in rows]
@@ -83,6 +95,7 @@ def test_real_scorer_through_wrapper():
 
 def test_splits_fixed_disjoint_and_prompts():
     import reasoning_gym  # noqa: F401  (in the `test` extra: these tests always run)
+
     a = real_task.build_splits("chain_sum_2d2t", n_train=40, n_eval=30, train_seed=0, eval_seed=1)
     b = real_task.build_splits("chain_sum_2d2t", n_train=40, n_eval=30, train_seed=0, eval_seed=1)
     assert a["train"]["question"] == b["train"]["question"] and a["test"]["question"] == b["test"]["question"]
@@ -100,6 +113,7 @@ def test_splits_fixed_disjoint_and_prompts():
 
 def test_small_configuration_runs_out_of_problems():
     import reasoning_gym  # noqa: F401  (in the `test` extra: these tests always run)
+
     # 1-digit products: at most 100 distinct questions; 90 train leave too few for 50 held-out
     with pytest.raises(ValueError, match="distinct problems"):
         real_task.build_splits("products_1d", n_train=90, n_eval=50)

@@ -18,7 +18,9 @@ def test_trl_names_resolve_to_trls_own_functions():
     # then -1/256 per token over it
     assert overlong(completion_ids=[[0] * 1024, [0] * 1152]) == [0.0, pytest.approx(-0.5)]
     assert resolve_reward_funcs(["numeric_accuracy_reward", "math_verify_reward"]) == [
-        numeric_accuracy_reward, math_verify_reward]
+        numeric_accuracy_reward,
+        math_verify_reward,
+    ]
 
 
 def conv(texts):

@@ -38,8 +38,21 @@ def naive_wd_ds(h0, h1, a, b, c):
     return [x / s for x in p]
 
 
-def naive_brownboost(e0, e1, e2, alpha=1.0, beta=1.0, gamma=1.0, easy_q=0.2, hard_q=0.8, patience=2, easy_patience=2,
-                     lambda_time=1.0, lambda_easy=1.0, k_trend=0.5):
+def naive_brownboost(
+    e0,
+    e1,
+    e2,
+    alpha=1.0,
+    beta=1.0,
+    gamma=1.0,
+    easy_q=0.2,
+    hard_q=0.8,
+    patience=2,
+    easy_patience=2,
+    lambda_time=1.0,
+    lambda_easy=1.0,
+    k_trend=0.5,
+):
     n = len(e0)
     lo, hi = float(np.quantile(e2, easy_q)), float(np.quantile(e2, hard_q))
     imp = [e0[i] - e2[i] for i in range(n)]
@@ -237,9 +250,13 @@ def test_dataset_weights_lookup_by_idx(tmp_path):
 
     # without an idx column, the row number is the key
     ds_rows = Dataset.from_dict({"text": list("ab")})
-    f2 = _write_jsonl(tmp_path / "m.jsonl", [{"idx": 0, "entropy_0": 1.0, "entropy_1": 0.0},
-                                              {"idx": 1, "entropy_0": 1.0, "entropy_1": 1.0}])
-    np.testing.assert_allclose(dataset_wd_ds_weights(ds_rows, [f2]), naive_wd_ds([1.0, 1.0], [0.0, 1.0], 0.1, 0.8, 0.1))
+    f2 = _write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"idx": 0, "entropy_0": 1.0, "entropy_1": 0.0}, {"idx": 1, "entropy_0": 1.0, "entropy_1": 1.0}],
+    )
+    np.testing.assert_allclose(
+        dataset_wd_ds_weights(ds_rows, [f2]), naive_wd_ds([1.0, 1.0], [0.0, 1.0], 0.1, 0.8, 0.1)
+    )
 
 
 def test_dataset_weights_errors(tmp_path):
@@ -249,8 +266,9 @@ def test_dataset_weights_errors(tmp_path):
     partial = _write_jsonl(tmp_path / "p.jsonl", [{"idx": i, "entropy_0": 1.0, "entropy_1": 0.5} for i in (0, 1)])
     with pytest.raises(ValueError, match=r"do not cover the training dataset: 1 of 3 rows .*\[2\]"):
         dataset_wd_ds_weights(ds, [partial])
-    one_sided = _write_jsonl(tmp_path / "o.jsonl", [{"idx": i, "entropy_0": 1.0, "entropy_1": None if i == 1 else 0.5}
-                                                    for i in range(3)])
+    one_sided = _write_jsonl(
+        tmp_path / "o.jsonl", [{"idx": i, "entropy_0": 1.0, "entropy_1": None if i == 1 else 0.5} for i in range(3)]
+    )
     with pytest.raises(ValueError, match="one of"):
         dataset_wd_ds_weights(ds, [one_sided])
     with pytest.raises(ValueError, match="not found"):
@@ -275,6 +293,7 @@ def entropy_file(tmp_path):
 
 def _trainer(tiny, tmp_path, dataset, **kw):
     from conftest import cpu_args
+
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 
     args = cpu_args(WMSSSFTConfig, tmp_path / "out", weak_model_name_or_path=tiny["weak"], **kw)
@@ -297,8 +316,9 @@ def test_trainer_resample(tiny, tmp_path, sft_dataset, entropy_file):
 
 def test_trainer_top_fraction(tiny, tmp_path, sft_dataset, entropy_file):
     path, _ = entropy_file
-    trainer = _trainer(tiny, tmp_path, sft_dataset, selection_mode="top_fraction", entropy_files=[path],
-                       selection_fraction=0.25)
+    trainer = _trainer(
+        tiny, tmp_path, sft_dataset, selection_mode="top_fraction", entropy_files=[path], selection_fraction=0.25
+    )
     # the 4 big entropy drops carry 80% of the mass: they are the top quarter
     assert trainer.train_dataset["prompt"] == [sft_dataset[i]["prompt"] for i in range(4)]
     assert trainer.selection_stats == {"mode": "top_fraction", "num_rows": 16, "num_selected": 4, "unique_samples": 4}
@@ -306,8 +326,15 @@ def test_trainer_top_fraction(tiny, tmp_path, sft_dataset, entropy_file):
 
 def test_trainer_weighted_sampler(tiny, tmp_path, sft_dataset, entropy_file):
     path, rows = entropy_file
-    trainer = _trainer(tiny, tmp_path, sft_dataset, selection_mode="weighted_sampler", entropy_files=[path],
-                       selection_multiplier=2.0, max_steps=3)
+    trainer = _trainer(
+        tiny,
+        tmp_path,
+        sft_dataset,
+        selection_mode="weighted_sampler",
+        entropy_files=[path],
+        selection_multiplier=2.0,
+        max_steps=3,
+    )
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, WeightedEpochSampler)
     assert len(sampler) == 32
@@ -359,8 +386,14 @@ def test_trainer_selection_errors(tiny, tmp_path, sft_dataset, entropy_file):
     with pytest.raises(ValueError, match="selection_mode must be one of"):
         WMSSSFTConfig(output_dir=str(tmp_path), selection_mode="boost", entropy_files=[path], use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="packing"):
-        WMSSSFTConfig(output_dir=str(tmp_path), selection_mode="weighted_sampler", entropy_files=[path], packing=True,
-                      use_cpu=True, bf16=False)
+        WMSSSFTConfig(
+            output_dir=str(tmp_path),
+            selection_mode="weighted_sampler",
+            entropy_files=[path],
+            packing=True,
+            use_cpu=True,
+            bf16=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -379,8 +412,22 @@ def scored_files(tiny, tmp_path_factory):
     files = []
     for model, column in ((tiny["weak"], "entropy_0"), (tiny["strong"], "entropy_1")):
         out = str(root / f"{column}.jsonl")
-        main(["--model", model, "--dataset", data, "--output", out, "--entropy_column", column, "--bf16", "false",
-              "--progress", "false"])
+        main(
+            [
+                "--model",
+                model,
+                "--dataset",
+                data,
+                "--output",
+                out,
+                "--entropy_column",
+                column,
+                "--bf16",
+                "false",
+                "--progress",
+                "false",
+            ]
+        )
         files.append(out)
     return files
 
@@ -391,8 +438,9 @@ def test_entropy_files_of_another_dataset_are_refused(scored_files, tiny, tmp_pa
     from wmss_trl.io import ProvenanceError
 
     weights = dataset_wd_ds_weights(arithmetic_prompt_completion(16), scored_files)  # the rows they were made on
-    trainer = _trainer(tiny, tmp_path, arithmetic_prompt_completion(16), selection_mode="top_fraction",
-                       entropy_files=scored_files)
+    trainer = _trainer(
+        tiny, tmp_path, arithmetic_prompt_completion(16), selection_mode="top_fraction", entropy_files=scored_files
+    )
     assert trainer.selection_stats["num_rows"] == 16
     assert weights.shape == (16,) and weights.sum() == pytest.approx(1.0)
     other = arithmetic_prompt_completion(16, offset=5)  # same length, other rows

@@ -29,7 +29,12 @@ def manual_mixed_loss(strong, weak, batch, lam):
 
 
 def test_lambda_one_equals_sft_trainer_loss(tiny, sft_dataset, tmp_path):
-    sft = SFTTrainer(tiny["strong"], args=cpu_args(SFTConfig, tmp_path / "a"), train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    sft = SFTTrainer(
+        tiny["strong"],
+        args=cpu_args(SFTConfig, tmp_path / "a"),
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+    )
     wmss = WMSSSFTTrainer(
         tiny["strong"],
         args=cpu_args(WMSSSFTConfig, tmp_path / "b", mixing_lambda=1.0, weak_model_name_or_path=tiny["weak"]),
@@ -52,7 +57,9 @@ def test_mixed_loss_matches_manual_computation(tiny, sft_dataset, tmp_path):
     lam = 0.3
     trainer = WMSSSFTTrainer(
         tiny["strong"],
-        args=cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=lam, weak_model_name_or_path=tiny["weak"], mixing_chunk_size=3),
+        args=cpu_args(
+            WMSSSFTConfig, tmp_path, mixing_lambda=lam, weak_model_name_or_path=tiny["weak"], mixing_chunk_size=3
+        ),
         train_dataset=sft_dataset,
         processing_class=tiny["tokenizer"],
     )
@@ -91,7 +98,15 @@ def test_weak_model_frozen_and_strong_trained(tiny, sft_dataset, tmp_path):
 
 def test_save_reload_and_resume(tiny, sft_dataset, tmp_path):
     out = tmp_path / "run"
-    args = cpu_args(WMSSSFTConfig, out, weak_model_name_or_path=tiny["weak"], max_steps=2, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    args = cpu_args(
+        WMSSSFTConfig,
+        out,
+        weak_model_name_or_path=tiny["weak"],
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        learning_rate=1e-2,
+    )
     trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
     trainer.train()
     trainer.save_model(str(out / "final"))
@@ -110,7 +125,15 @@ def test_save_reload_and_resume(tiny, sft_dataset, tmp_path):
     assert os.path.isfile(out / "checkpoint-1" / "model.safetensors")
 
     # resume from step 1 and finish at step 3
-    args2 = cpu_args(WMSSSFTConfig, out, weak_model_name_or_path=tiny["weak"], max_steps=3, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    args2 = cpu_args(
+        WMSSSFTConfig,
+        out,
+        weak_model_name_or_path=tiny["weak"],
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+        learning_rate=1e-2,
+    )
     resumed = WMSSSFTTrainer(tiny["strong"], args=args2, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     assert resumed.state.global_step == 3
@@ -149,18 +172,33 @@ def test_bad_input_errors(tiny, sft_dataset, tmp_path):
     small_tok = build_char_tokenizer("0123456789+=")
     other = save_model_and_tokenizer(build_tiny_model(small_tok, seed=3), small_tok, str(tmp_path / "other_vocab"))
     with pytest.raises(ValueError, match=rf"strong vocab_size={len(tok)}, weak vocab_size={len(small_tok)}"):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "o", weak_model_name_or_path=other), train_dataset=sft_dataset, processing_class=tok)
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSSFTConfig, tmp_path / "o", weak_model_name_or_path=other),
+            train_dataset=sft_dataset,
+            processing_class=tok,
+        )
 
     # same size, different token -> id map
     shuffled = build_char_tokenizer(DEFAULT_CHARS[::-1])
     assert len(shuffled) == len(tok)
     path = save_model_and_tokenizer(build_tiny_model(shuffled, seed=4), shuffled, str(tmp_path / "shuffled"))
     with pytest.raises(ValueError, match="tokenizer"):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "s", weak_model_name_or_path=path), train_dataset=sft_dataset, processing_class=tok)
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSSFTConfig, tmp_path / "s", weak_model_name_or_path=path),
+            train_dataset=sft_dataset,
+            processing_class=tok,
+        )
 
     # a weak path that does not exist
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "m", weak_model_name_or_path=str(tmp_path / "nope")), train_dataset=sft_dataset, processing_class=tok)
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSSFTConfig, tmp_path / "m", weak_model_name_or_path=str(tmp_path / "nope")),
+            train_dataset=sft_dataset,
+            processing_class=tok,
+        )
 
     # lambda out of range, at config time
     with pytest.raises(ValueError, match=r"mixing_lambda must be in \(0.0, 1.0\], got 1.2"):
@@ -179,7 +217,12 @@ def test_bad_input_errors(tiny, sft_dataset, tmp_path):
 def test_weak_model_init_kwargs_accepts_json(tiny, sft_dataset, tmp_path):
     trainer = WMSSSFTTrainer(
         tiny["strong"],
-        args=cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], weak_model_init_kwargs='{"dtype": "bfloat16"}'),
+        args=cpu_args(
+            WMSSSFTConfig,
+            tmp_path,
+            weak_model_name_or_path=tiny["weak"],
+            weak_model_init_kwargs='{"dtype": "bfloat16"}',
+        ),
         train_dataset=sft_dataset,
         processing_class=tiny["tokenizer"],
     )
@@ -196,11 +239,15 @@ def test_fused_head_and_logits_paths_agree(tiny, sft_dataset, tmp_path, peft):
 
     kwargs = {}
     if peft:
-        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+        kwargs["peft_config"] = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        )
         args = cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=0.4, peft_base_as_weak=True)
     else:
         args = cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=0.4, weak_model_name_or_path=tiny["weak"])
-    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"], **kwargs)
+    trainer = WMSSSFTTrainer(
+        tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"], **kwargs
+    )
     assert trainer._fused_head
     batch = first_batch(trainer)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -228,8 +275,9 @@ def test_modules_to_save_lm_head_mixes_the_heads_the_models_compute(tiny, sft_da
 
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
     args = cpu_args(WMSSSFTConfig, tmp_path, mixing_lambda=0.4, peft_base_as_weak=True)
-    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"],
-                             peft_config=peft)
+    trainer = WMSSSFTTrainer(
+        tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"], peft_config=peft
+    )
     assert not trainer._fused_head
     model = trainer.model
     with torch.no_grad():  # the trained copy has moved away from the base head

@@ -10,21 +10,33 @@ from launch import accelerate_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+
 SCRIPT = Path(__file__).parent / "dist" / "sft_run.py"
 METRICS = (
-    "wmss/mixed_loss", "wmss/strong_nll", "wmss/weak_nll", "wmss/strong_entropy", "wmss/weak_entropy",
-    "entropy", "mean_token_accuracy", "num_tokens",
+    "wmss/mixed_loss",
+    "wmss/strong_nll",
+    "wmss/weak_nll",
+    "wmss/strong_entropy",
+    "wmss/weak_entropy",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
 )
 
 
 @pytest.fixture(scope="module")
 def single(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    proc = subprocess.run([sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), tiny["strong"], tiny["weak"], str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     import json
 
-    result = [json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")][0]
+    result = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")][0]
     return result, out
 
 

@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 from wmss_trl.toy import save_model_and_tokenizer
 
+
 TIMING = ("_runtime", "_per_second")  # wall-clock fields of the log history
 
 QA = [
@@ -56,10 +57,21 @@ def moe(tiny):
     paths = {}
     for name, seed in (("strong", 1), ("weak", 2)):
         config = Qwen2MoeConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
-            num_experts_per_tok=2, router_aux_loss_coef=0.01, max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.01,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
         )
         torch.manual_seed(seed)
         paths[name] = save_model_and_tokenizer(Qwen2MoeForCausalLM(config), tok, str(tiny["root"] / f"moe_{name}"))
@@ -114,12 +126,16 @@ def test_train_model_instance_and_sft_config(tiny, tmp_path):
     """TRL: test_train_model; also the swap of the class alone: WMSSSFTTrainer accepts a plain SFTConfig."""
     dataset = standard_lm()
     trl = SFTTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny["strong"]), args=cpu_args(SFTConfig, tmp_path / "a"),
-        train_dataset=dataset, processing_class=tiny["tokenizer"],
+        AutoModelForCausalLM.from_pretrained(tiny["strong"]),
+        args=cpu_args(SFTConfig, tmp_path / "a"),
+        train_dataset=dataset,
+        processing_class=tiny["tokenizer"],
     )
     ours = WMSSSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny["strong"]), args=cpu_args(SFTConfig, tmp_path / "b"),
-        train_dataset=dataset, processing_class=tiny["tokenizer"],
+        AutoModelForCausalLM.from_pretrained(tiny["strong"]),
+        args=cpu_args(SFTConfig, tmp_path / "b"),
+        train_dataset=dataset,
+        processing_class=tiny["tokenizer"],
     )
     assert isinstance(ours.args, WMSSSFTConfig) and ours.args.eos_token == trl.args.eos_token
     trl.train()
@@ -148,7 +164,9 @@ def test_train_dft_loss(tiny, tmp_path):
 
 def test_train_compute_loss_func(tiny, tmp_path):
     """A user `compute_loss_func` is used, as by TRL."""
-    trainers = train_three(tiny, tmp_path, tiny["strong"], standard_lm(), trainer_kwargs={"compute_loss_func": cross_entropy_loss})
+    trainers = train_three(
+        tiny, tmp_path, tiny["strong"], standard_lm(), trainer_kwargs={"compute_loss_func": cross_entropy_loss}
+    )
     assert_same_run(trainers)
 
 
@@ -162,7 +180,9 @@ def test_train_dense_with_peft_config_is_plain_trl(tiny, tmp_path):
     from peft import LoraConfig
 
     def lora():
-        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+        return LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        )
 
     assert_same_run(train_three(tiny, tmp_path, tiny["strong"], standard_lm(), trainer_kwargs={"peft_config": lora}))
 
@@ -174,7 +194,9 @@ def test_prompt_tuning(tiny, tmp_path):
     def prompt_encoder():
         return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8)
 
-    trainers = train_three(tiny, tmp_path, tiny["strong"], standard_lm(), trainer_kwargs={"peft_config": prompt_encoder})
+    trainers = train_three(
+        tiny, tmp_path, tiny["strong"], standard_lm(), trainer_kwargs={"peft_config": prompt_encoder}
+    )
     assert_same_run(trainers)
     assert history(trainers[1])[-1]["train_loss"] is not None
 
@@ -187,7 +209,9 @@ def test_train_moe_with_aux_loss(tiny, moe, tmp_path):
 
 def test_train_padding_free(tiny, tmp_path):
     """TRL: test_train_padding_free (max_length=None, as TRL requires without packing)."""
-    assert_same_run(train_three(tiny, tmp_path, tiny["strong"], standard_lm(), {"padding_free": True, "max_length": None}))
+    assert_same_run(
+        train_three(tiny, tmp_path, tiny["strong"], standard_lm(), {"padding_free": True, "max_length": None})
+    )
 
 
 def test_train_packing_bfd(tiny, tmp_path):
@@ -199,8 +223,13 @@ def test_train_packing_bfd(tiny, tmp_path):
 def test_train_with_eval_and_best_model_on_token_accuracy(tiny, tmp_path):
     """TRL: test_train_with_eval, plus metric_for_best_model='eval_mean_token_accuracy' (old code: KeyError)."""
     config = dict(
-        eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, max_steps=2,
-        metric_for_best_model="eval_mean_token_accuracy", load_best_model_at_end=True,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        max_steps=2,
+        metric_for_best_model="eval_mean_token_accuracy",
+        load_best_model_at_end=True,
     )
     trainers = train_three(tiny, tmp_path, tiny["strong"], standard_lm(), config, {"eval_dataset": standard_lm(4)})
     assert_same_run(trainers, expected_metrics=("loss", "eval_loss", "eval_mean_token_accuracy", "eval_entropy"))
@@ -217,7 +246,12 @@ def test_one_info_line_per_mode(tiny, tmp_path, caplog):
     for i, (extra, expected) in enumerate(cases):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="wmss_trl.sft"):
-            WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / str(i), **extra), train_dataset=dataset, processing_class=tiny["tokenizer"])
+            WMSSSFTTrainer(
+                tiny["strong"],
+                args=cpu_args(WMSSSFTConfig, tmp_path / str(i), **extra),
+                train_dataset=dataset,
+                processing_class=tiny["tokenizer"],
+            )
         lines = [r.getMessage() for r in caplog.records if r.name == "wmss_trl.sft"]
         assert len(lines) == 1 and expected in lines[0], lines
 
@@ -268,11 +302,25 @@ def test_mixing_logs_trl_metrics_of_the_strong_model(tiny, tmp_path, fused):
 def test_mixing_eval_best_model_on_token_accuracy(tiny, tmp_path, layout):
     """WD-JT with padding-free / packed batches, eval, and metric_for_best_model='eval_mean_token_accuracy'."""
     args = cpu_args(
-        WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], mixing_lambda=0.5, eval_strategy="steps",
-        eval_steps=1, save_strategy="steps", save_steps=1, metric_for_best_model="eval_mean_token_accuracy",
-        load_best_model_at_end=True, **layout,
+        WMSSSFTConfig,
+        tmp_path,
+        weak_model_name_or_path=tiny["weak"],
+        mixing_lambda=0.5,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        metric_for_best_model="eval_mean_token_accuracy",
+        load_best_model_at_end=True,
+        **layout,
     )
-    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=standard_lm(), eval_dataset=standard_lm(4), processing_class=tiny["tokenizer"])
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=standard_lm(),
+        eval_dataset=standard_lm(4),
+        processing_class=tiny["tokenizer"],
+    )
     assert "position_ids" in next(iter(trainer.get_train_dataloader()))
     trainer.train()
     logs = trainer.state.log_history
@@ -287,7 +335,9 @@ def test_mixing_eval_best_model_on_token_accuracy(tiny, tmp_path, layout):
 
 def test_mixing_with_moe_without_aux_loss(tiny, moe, tmp_path):
     """An MoE model trains under WD-JT once its load-balancing loss is off (router_aux_loss_coef=0.0)."""
-    args = cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=moe["weak"], mixing_lambda=0.5, router_aux_loss_coef=0.0)
+    args = cpu_args(
+        WMSSSFTConfig, tmp_path, weak_model_name_or_path=moe["weak"], mixing_lambda=0.5, router_aux_loss_coef=0.0
+    )
     trainer = WMSSSFTTrainer(moe["strong"], args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
     trainer.train()
     logged = [h for h in trainer.state.log_history if "wmss/mixed_loss" in h]
@@ -296,7 +346,11 @@ def test_mixing_with_moe_without_aux_loss(tiny, moe, tmp_path):
 
 
 REFUSALS = [
-    ({"loss_type": "dft"}, {}, r"loss_type='dft' is not supported with mixing_lambda=0.5 < 1.*only supported loss_type is 'nll'"),
+    (
+        {"loss_type": "dft"},
+        {},
+        r"loss_type='dft' is not supported with mixing_lambda=0.5 < 1.*only supported loss_type is 'nll'",
+    ),
     ({}, {"compute_loss_func": cross_entropy_loss}, r"compute_loss_func is not supported with mixing_lambda=0.5"),
     ({"label_smoothing_factor": 0.1}, {}, r"label_smoothing_factor=0.1 is not supported"),
     ({"use_liger_kernel": True}, {}, r"use_liger_kernel=True is not supported"),
@@ -309,17 +363,29 @@ REFUSALS = [
 def test_mixing_refuses_unsupported_before_loading(tiny, tmp_path, config, trainer_kwargs, message):
     from peft import PrefixTuningConfig, PromptEncoderConfig, TaskType
 
-    peft = {"prompt": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8),
-            "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8)}
+    peft = {
+        "prompt": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8),
+        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8),
+    }
     trainer_kwargs = {k: peft.get(v, v) if k == "peft_config" else v for k, v in trainer_kwargs.items()}
     policy = weightless_copy(tiny["strong"], tmp_path / "policy")
     args = cpu_args(WMSSSFTConfig, tmp_path / "out", weak_model_name_or_path=tiny["weak"], mixing_lambda=0.5, **config)
     with pytest.raises(ValueError, match=message):
-        WMSSSFTTrainer(policy, args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"], **trainer_kwargs)
+        WMSSSFTTrainer(
+            policy, args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"], **trainer_kwargs
+        )
     # ...and the same settings are accepted at mixing_lambda=1 (TRL's loss; liger is not installed here)
     if "peft_config" not in trainer_kwargs and "use_liger_kernel" not in config:
-        args = cpu_args(WMSSSFTConfig, tmp_path / "ok", weak_model_name_or_path=tiny["weak"], mixing_lambda=1.0, **config)
-        WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"], **trainer_kwargs)
+        args = cpu_args(
+            WMSSSFTConfig, tmp_path / "ok", weak_model_name_or_path=tiny["weak"], mixing_lambda=1.0, **config
+        )
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=args,
+            train_dataset=standard_lm(),
+            processing_class=tiny["tokenizer"],
+            **trainer_kwargs,
+        )
 
 
 def weightless_copy(path, dest):
@@ -351,7 +417,9 @@ def test_mixing_with_moe_adds_the_router_aux_loss(tiny, moe, tmp_path):
         own = trainer.model(input_ids=ids, attention_mask=attention, output_router_logits=True)
         zw = weak(input_ids=ids, attention_mask=attention).logits.double()
     z = lam * own.logits.double()[:, :-1] + (1 - lam) * zw[:, :-1]
-    mixed = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    mixed = torch.nn.functional.cross_entropy(
+        z.reshape(-1, z.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
     assert 0.01 * own.aux_loss.item() > 1e-3 * loss.item()  # large enough for the next check to see it
     assert loss.item() == pytest.approx(mixed.item() + 0.01 * own.aux_loss.item(), rel=1e-5)
     assert trainer._metrics["train"]["aux_loss"] == [pytest.approx(own.aux_loss.item(), rel=1e-5)]
@@ -360,7 +428,10 @@ def test_mixing_with_moe_adds_the_router_aux_loss(tiny, moe, tmp_path):
 def test_mixing_refuses_prompt_tuning_peft_model_with_peft_base_as_weak(tiny, tmp_path):
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["strong"]), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["strong"]),
+        PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+    )
     args = cpu_args(WMSSSFTConfig, tmp_path, peft_base_as_weak=True, mixing_lambda=0.5)
     with pytest.raises(ValueError, match=r"PromptTuningConfig \(prompt learning\) is not supported"):
         WMSSSFTTrainer(model, args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
@@ -371,10 +442,21 @@ def test_peft_base_as_weak_needs_a_peft_policy_and_no_weak_model(tiny, tmp_path)
 
     policy = weightless_copy(tiny["strong"], tmp_path / "policy")
     with pytest.raises(ValueError, match=r"peft_base_as_weak=True needs a PEFT policy"):
-        WMSSSFTTrainer(policy, args=cpu_args(WMSSSFTConfig, tmp_path / "a", peft_base_as_weak=True), train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
+        WMSSSFTTrainer(
+            policy,
+            args=cpu_args(WMSSSFTConfig, tmp_path / "a", peft_base_as_weak=True),
+            train_dataset=standard_lm(),
+            processing_class=tiny["tokenizer"],
+        )
     args = cpu_args(WMSSSFTConfig, tmp_path / "b", peft_base_as_weak=True, weak_model_name_or_path=tiny["weak"])
     with pytest.raises(ValueError, match=r"peft_base_as_weak=True and a weak model are both given"):
-        WMSSSFTTrainer(policy, args=args, train_dataset=standard_lm(), processing_class=tiny["tokenizer"], peft_config=LoraConfig(r=2))
+        WMSSSFTTrainer(
+            policy,
+            args=args,
+            train_dataset=standard_lm(),
+            processing_class=tiny["tokenizer"],
+            peft_config=LoraConfig(r=2),
+        )
 
 
 # ---- config values (items 6, 7) -----------------------------------------------------------------------------------
@@ -382,8 +464,14 @@ def test_peft_base_as_weak_needs_a_peft_policy_and_no_weak_model(tiny, tmp_path)
 
 def test_string_values_are_stored_converted(tmp_path):
     args = cpu_args(
-        WMSSSFTConfig, tmp_path, mixing_lambda="0.5", mixing_chunk_size="64", selection_alpha="0.2",
-        selection_multiplier="2", selection_fraction="0.25", selection_seed="7",
+        WMSSSFTConfig,
+        tmp_path,
+        mixing_lambda="0.5",
+        mixing_chunk_size="64",
+        selection_alpha="0.2",
+        selection_multiplier="2",
+        selection_fraction="0.25",
+        selection_seed="7",
     )
     assert type(args.mixing_lambda) is float and args.mixing_lambda == 0.5
     assert type(args.mixing_chunk_size) is int and args.mixing_chunk_size == 64
@@ -418,9 +506,18 @@ def test_numeric_fields_are_validated(tmp_path, field, value, message):
 
 
 def test_selection_shares_need_a_positive_sum(tmp_path):
-    with pytest.raises(ValueError, match=r"at least one of selection_alpha, selection_beta, selection_gamma must be > 0"):
-        cpu_args(WMSSSFTConfig, tmp_path, selection_mode="resample", entropy_files=["x.jsonl"], selection_alpha=0,
-                 selection_beta=0, selection_gamma=0)
+    with pytest.raises(
+        ValueError, match=r"at least one of selection_alpha, selection_beta, selection_gamma must be > 0"
+    ):
+        cpu_args(
+            WMSSSFTConfig,
+            tmp_path,
+            selection_mode="resample",
+            entropy_files=["x.jsonl"],
+            selection_alpha=0,
+            selection_beta=0,
+            selection_gamma=0,
+        )
 
 
 # ---- datasets and checkpoints (items 9, 10) ------------------------------------------------------------------------
@@ -435,7 +532,12 @@ def test_empty_training_dataset_is_refused_before_loading(tiny, tmp_path, weak, 
     policy = weightless_copy(tiny["strong"], tmp_path / "policy")
     extra = {"weak_model_name_or_path": tiny["weak"]} if weak else {}
     with pytest.raises(ValueError, match=r"train_dataset is empty \(0 rows\), so there is nothing to train on"):
-        WMSSSFTTrainer(policy, args=cpu_args(WMSSSFTConfig, tmp_path / "o", max_steps=1, **extra), train_dataset=empty, processing_class=tiny["tokenizer"])
+        WMSSSFTTrainer(
+            policy,
+            args=cpu_args(WMSSSFTConfig, tmp_path / "o", max_steps=1, **extra),
+            train_dataset=empty,
+            processing_class=tiny["tokenizer"],
+        )
 
 
 @pytest.mark.parametrize("weak", [False, True])
@@ -443,7 +545,14 @@ def test_truncation_that_removes_every_completion_says_so(tiny, tmp_path, weak):
     dataset = arithmetic_prompt_completion(8)
     tok = tiny["tokenizer"]
     # independent: the prompt's tokens, as the chat template renders it with the assistant header
-    lengths = [len(tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for row in dataset]
+    lengths = [
+        len(
+            tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for row in dataset
+    ]
     assert min(lengths) > 3
     extra = {"weak_model_name_or_path": tiny["weak"]} if weak else {}
     args = cpu_args(WMSSSFTConfig, tmp_path, max_length=3, **extra)
@@ -460,4 +569,9 @@ def test_pickle_only_policy_is_refused(tiny, tmp_path):
     folder = weightless_copy(tiny["strong"], tmp_path / "pickled")
     torch.save(model.state_dict(), f"{folder}/pytorch_model.bin")
     with pytest.raises(ValueError, match=r"the policy checkpoint .* has pickle weights only \(pytorch_model.bin\)"):
-        WMSSSFTTrainer(folder, args=cpu_args(WMSSSFTConfig, tmp_path / "o"), train_dataset=standard_lm(), processing_class=tiny["tokenizer"])
+        WMSSSFTTrainer(
+            folder,
+            args=cpu_args(WMSSSFTConfig, tmp_path / "o"),
+            train_dataset=standard_lm(),
+            processing_class=tiny["tokenizer"],
+        )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON_FENCES = ("python", "py", "python3")
@@ -55,8 +56,9 @@ def run_block(where: str, code: str, folder: Path, timeout: float = TIMEOUT) -> 
     script = folder / "snippet.py"
     script.write_text(code, encoding="utf-8")
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return f"the ```python block at {where} did not finish in {timeout} s"
     if proc.returncode != 0:

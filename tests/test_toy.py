@@ -16,6 +16,7 @@ from wmss_trl.toy import (
     save_toy_checkpoints,
 )
 
+
 TEXTS = [
     "Ann has 13 pens. She gets 15. How many now?",
     "13+15=28\n28-8=20\n#### 20",

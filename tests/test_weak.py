@@ -13,11 +13,13 @@ import torch
 from conftest import arithmetic_prompt_completion, cpu_args
 from transformers import AutoModelForCausalLM
 
+
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from mine_common import mining_prompts, parity_verifier  # noqa: E402
 
 from wmss_trl.toy import build_char_tokenizer, build_tiny_model, load_tokenizer, save_model_and_tokenizer  # noqa: E402
 from wmss_trl.weak import check_weak_compatible  # noqa: E402
+
 
 REFUSED = r"do not share a tokenizer .*different token -> id maps: \d+ of 84 tokens have another id"
 NOT_COMPARED = "could not compare the tokenizers"
@@ -64,9 +66,13 @@ def test_sft_refuses_a_loaded_permuted_weak_model(tiny, permuted_weak, tmp_path)
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 
     with pytest.raises(ValueError, match=REFUSED):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path),
-                       train_dataset=arithmetic_prompt_completion(8), processing_class=load_tokenizer(tiny["strong"]),
-                       weak_model=load(permuted_weak["path"]))
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSSFTConfig, tmp_path),
+            train_dataset=arithmetic_prompt_completion(8),
+            processing_class=load_tokenizer(tiny["strong"]),
+            weak_model=load(permuted_weak["path"]),
+        )
 
 
 def test_grpo_refuses_a_loaded_permuted_weak_model(tiny, permuted_weak, tmp_path):
@@ -75,9 +81,14 @@ def test_grpo_refuses_a_loaded_permuted_weak_model(tiny, permuted_weak, tmp_path
     from wmss_trl import WMSSGRPOTrainer
 
     with pytest.raises(ValueError, match=REFUSED):
-        WMSSGRPOTrainer(tiny["strong"], has_digit, args=grpo_args(tmp_path, beta=0.04),
-                        train_dataset=prompt_dataset(8), processing_class=load_tokenizer(tiny["strong"]),
-                        weak_model=load(permuted_weak["path"]))
+        WMSSGRPOTrainer(
+            tiny["strong"],
+            has_digit,
+            args=grpo_args(tmp_path, beta=0.04),
+            train_dataset=prompt_dataset(8),
+            processing_class=load_tokenizer(tiny["strong"]),
+            weak_model=load(permuted_weak["path"]),
+        )
 
 
 @pytest.mark.parametrize("tokenizer_of", ["strong", "weak"])
@@ -87,8 +98,15 @@ def test_mine_negatives_refuses_a_permuted_weak_model(tiny, permuted_weak, tmp_p
 
     tok = load_tokenizer(tiny["strong"]) if tokenizer_of == "strong" else load_tokenizer(permuted_weak["path"])
     with pytest.raises(ValueError, match=REFUSED):
-        mine_negatives(mining_prompts(), load(permuted_weak["path"]), load(tiny["strong"]), tok, [parity_verifier],
-                       output_dir=str(tmp_path / "mined"), **MINING)
+        mine_negatives(
+            mining_prompts(),
+            load(permuted_weak["path"]),
+            load(tiny["strong"]),
+            tok,
+            [parity_verifier],
+            output_dir=str(tmp_path / "mined"),
+            **MINING,
+        )
     assert not (tmp_path / "mined").exists()
 
 
@@ -96,16 +114,28 @@ def test_mine_negatives_refuses_a_tokenizer_that_is_not_the_models(tiny, permute
     from wmss_trl.negatives import mine_negatives
 
     with pytest.raises(ValueError, match=REFUSED):
-        mine_negatives(mining_prompts(), load(tiny["weak"]), load(tiny["strong"]), permuted_weak["tokenizer"],
-                       [parity_verifier], **MINING)
+        mine_negatives(
+            mining_prompts(),
+            load(tiny["weak"]),
+            load(tiny["strong"]),
+            permuted_weak["tokenizer"],
+            [parity_verifier],
+            **MINING,
+        )
 
 
 def test_mine_negatives_without_a_strong_model_checks_the_tokenizer_against_the_weak_one(tiny, permuted_weak):
     from wmss_trl.negatives import mine_negatives
 
     with pytest.raises(ValueError, match=REFUSED):
-        mine_negatives(mining_prompts(), load(tiny["weak"]), None, permuted_weak["tokenizer"], [parity_verifier],
-                       **{**MINING, "rank_by": "weak"})
+        mine_negatives(
+            mining_prompts(),
+            load(tiny["weak"]),
+            None,
+            permuted_weak["tokenizer"],
+            [parity_verifier],
+            **{**MINING, "rank_by": "weak"},
+        )
 
 
 def write_prompts(path):
@@ -116,18 +146,39 @@ def write_prompts(path):
 
 
 def mine_argv(data, weak, strong, out):
-    return ["--dataset_name", data, "--weak_model_name_or_path", weak, "--strong_model_name_or_path", strong,
-            "--reward_funcs", "wmss_trl.rewards.numeric_accuracy_reward", "--num_samples", "2",
-            "--max_new_tokens", "3", "--batch_size", "2", "--keep_truncated", "true", "--output_dir", str(out),
-            "--progress", "false"]
+    return [
+        "--dataset_name",
+        data,
+        "--weak_model_name_or_path",
+        weak,
+        "--strong_model_name_or_path",
+        strong,
+        "--reward_funcs",
+        "wmss_trl.rewards.numeric_accuracy_reward",
+        "--num_samples",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--batch_size",
+        "2",
+        "--keep_truncated",
+        "true",
+        "--output_dir",
+        str(out),
+        "--progress",
+        "false",
+    ]
 
 
 def test_mine_negatives_command_compares_the_weak_tokenizer_with_the_strong_one(tiny, permuted_weak, tmp_path):
     from wmss_trl.recipes.mine_negatives import main
 
     out = tmp_path / "mined"
-    with pytest.raises(ValueError, match=rf"\(weak tokenizer from {permuted_weak['path']}, strong tokenizer from "
-                       rf"{tiny['strong']}\): different token -> id maps"):
+    with pytest.raises(
+        ValueError,
+        match=rf"\(weak tokenizer from {permuted_weak['path']}, strong tokenizer from "
+        rf"{tiny['strong']}\): different token -> id maps",
+    ):
         main(mine_argv(write_prompts(tmp_path / "p.jsonl"), permuted_weak["path"], tiny["strong"], out))
     assert not out.exists()
 
@@ -162,8 +213,11 @@ def test_loaded_model_without_tokenizer_checked_on_config_and_embeddings(tiny, t
         weak.lm_head = torch.nn.Linear(hidden, len(tok) + 8, bias=False)
         match = f"the output embeddings have {len(tok)} rows in the strong model, {len(tok) + 8} in the weak one"
     weak = weak if change.endswith("_rows") else without_tokenizer(weak, tmp_path / "weak")
-    with pytest.raises(ValueError, match=rf"do not share a tokenizer \(tokenizers not found\): {match}.*save that "
-                       "tokenizer with it"):
+    with pytest.raises(
+        ValueError,
+        match=rf"do not share a tokenizer \(tokenizers not found\): {match}.*save that "
+        "tokenizer with it",
+    ):
         check_weak_compatible(load(tiny["strong"]), weak, tok)
 
 
@@ -188,8 +242,13 @@ def test_loaded_model_without_tokenizer_passes_with_one_warning(tiny, tmp_path):
     from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
 
     with pytest.warns(UserWarning, match=NOT_COMPARED + rf" of the weak model \({folder}\)"):
-        WMSSSFTTrainer(tiny["strong"], args=cpu_args(WMSSSFTConfig, tmp_path / "o"),
-                       train_dataset=arithmetic_prompt_completion(8), processing_class=tok, weak_model=weak)
+        WMSSSFTTrainer(
+            tiny["strong"],
+            args=cpu_args(WMSSSFTConfig, tmp_path / "o"),
+            train_dataset=arithmetic_prompt_completion(8),
+            processing_class=tok,
+            weak_model=weak,
+        )
 
 
 def test_same_tokenizer_passes_silently(tiny, tmp_path):
@@ -201,8 +260,9 @@ def test_same_tokenizer_passes_silently(tiny, tmp_path):
         check_weak_compatible(tiny["strong"], tiny["weak"])
         other_eos = build_char_tokenizer()
         other_eos.eos_token = "<eos>"
-        check_weak_compatible(tiny["strong"], load(save_model_and_tokenizer(load(tiny["weak"]), other_eos,
-                                                                                str(tmp_path / "eos"))))
+        check_weak_compatible(
+            tiny["strong"], load(save_model_and_tokenizer(load(tiny["weak"]), other_eos, str(tmp_path / "eos")))
+        )
     assert tokenizer_warnings(record) == []
     other_bos = build_char_tokenizer()
     other_bos.bos_token = "<eos>"

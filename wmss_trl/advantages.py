@@ -50,6 +50,7 @@ import torch
 
 from .entropy import masked_mean
 
+
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -154,7 +155,9 @@ def select_weak_negatives(
     k = min(int(max_negatives), weak_rewards.shape[1])
     if k <= 0 or weak_rewards.numel() == 0:
         return torch.zeros_like(wrong)
-    score = torch.where(wrong, plausibility.to(torch.float64), torch.full_like(plausibility, -math.inf, dtype=torch.float64))
+    score = torch.where(
+        wrong, plausibility.to(torch.float64), torch.full_like(plausibility, -math.inf, dtype=torch.float64)
+    )
     top = torch.topk(score, k, dim=1).indices
     selected = torch.zeros_like(wrong)
     selected.scatter_(1, top, True)

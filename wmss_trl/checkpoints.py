@@ -55,6 +55,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
@@ -154,8 +155,14 @@ def _weights_problems(path: str, names: set[str]) -> list[str]:
         problems = []
         for sub in adapters:
             folder = os.path.join(path, sub)
-            problems += [os.path.join(sub, p) for p in (_safetensors_problem(folder, ADAPTER_SAFE_WEIGHTS_NAME),
-                                                          _json_problem(folder, ADAPTER_CONFIG_NAME)[1]) if p]
+            problems += [
+                os.path.join(sub, p)
+                for p in (
+                    _safetensors_problem(folder, ADAPTER_SAFE_WEIGHTS_NAME),
+                    _json_problem(folder, ADAPTER_CONFIG_NAME)[1],
+                )
+                if p
+            ]
         return problems
     pickles = sorted(names & {WEIGHTS_NAME, WEIGHTS_INDEX_NAME, ADAPTER_WEIGHTS_NAME})
     if pickles:
@@ -181,8 +188,11 @@ def _deepspeed_problems(path: str, names: set[str]) -> tuple[list[str], int | No
     problems = [p for n in archives if (p := _archive_problem(os.path.join(folder, n), f"{tag}/{n}"))]
     optim = [int(m.group(1)) for n in files if (m := _ZERO_OPTIM.fullmatch(n))]
     model3 = [int(m.group(1)) for n in files if (m := _ZERO3_MODEL.fullmatch(n))]
-    problems += [p for ranks, what in ((optim, "optimizer states"), (model3, "model states")) if ranks
-                 and (p := _ranks_problem(ranks, f"{tag}/ ZeRO {what}"))]
+    problems += [
+        p
+        for ranks, what in ((optim, "optimizer states"), (model3, "model states"))
+        if ranks and (p := _ranks_problem(ranks, f"{tag}/ ZeRO {what}"))
+    ]
     if optim and model3 and set(optim) != set(model3):
         problems.append(f"{tag}/ has model states of ranks {sorted(model3)} but optimizer states of {sorted(optim)}")
     return problems, (max(optim) + 1 if optim else None)
@@ -278,15 +288,19 @@ def last_complete_checkpoint(output_dir) -> str | None:
     incomplete one it skipped, with what is missing. Nothing is deleted."""
     checkpoint, skipped = _newest_complete(output_dir)
     for folder, problems in skipped:
-        _warn(f"skipping incomplete checkpoint {folder} (a save cut short by a kill or a full disk?): "
-              f"{'; '.join(problems)}. It is left in place.")
+        _warn(
+            f"skipping incomplete checkpoint {folder} (a save cut short by a kill or a full disk?): "
+            f"{'; '.join(problems)}. It is left in place."
+        )
     if checkpoint:
         if skipped:
             _warn(f"resuming from {checkpoint}, the last complete checkpoint.")
         _warn_model_only(checkpoint)
     elif skipped:
-        _warn(f"no complete checkpoint in {output_dir} ({len(skipped)} incomplete skipped): training starts from "
-              "scratch.")
+        _warn(
+            f"no complete checkpoint in {output_dir} ({len(skipped)} incomplete skipped): training starts from "
+            "scratch."
+        )
     return checkpoint
 
 
@@ -306,8 +320,9 @@ def resolve_resume_from_checkpoint(value, output_dir) -> str | None:
     if value is True:
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None and not checkpoint_folders(output_dir):
-            _warn(f"resume_from_checkpoint=True but {output_dir} holds no checkpoint yet: training starts from "
-                  "scratch.")
+            _warn(
+                f"resume_from_checkpoint=True but {output_dir} holds no checkpoint yet: training starts from scratch."
+            )
         return checkpoint
     problems = checkpoint_problems(value)
     if problems:
@@ -324,8 +339,10 @@ def resolve_resume_from_checkpoint(value, output_dir) -> str | None:
 
 def _warn_model_only(checkpoint: str) -> None:
     if _model_only(set(os.listdir(checkpoint))):
-        _warn(f"{checkpoint} holds the model only (save_only_model=True): the optimizer, scheduler and RNG state start "
-              "fresh, so the resumed run is not the uninterrupted one.")
+        _warn(
+            f"{checkpoint} holds the model only (save_only_model=True): the optimizer, scheduler and RNG state start "
+            "fresh, so the resumed run is not the uninterrupted one."
+        )
 
 
 class CompleteCheckpointResume:

@@ -20,14 +20,33 @@ import sys
 import warnings
 from pathlib import Path
 
+
 COMMANDS = {
-    "demo": ("wmss_trl.recipes.demo", "the embedded demo: weak -> strong -> SFT / NEFTune / WMSS / GRPO / WMSS-GRPO, table + plot"),
+    "demo": (
+        "wmss_trl.recipes.demo",
+        "the embedded demo: weak -> strong -> SFT / NEFTune / WMSS / GRPO / WMSS-GRPO, table + plot",
+    ),
     "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
-    "grpo": ("wmss_trl.recipes.grpo", "GRPO with the weak checkpoint as reference, negatives and entropy anchor (WMSSGRPOTrainer); --vanilla for TRL's GRPO"),
-    "entropy": ("wmss_trl.recipes.entropy", "WD-DS: per-sample mean token entropy of a model on a dataset (resumable)"),
-    "pipeline": ("wmss_trl.recipes.pipeline", "The whole WMSS recipe (SFT, entropies, WD-DS, WD-JT), resumable; --config YAML"),
-    "mine-negatives": ("wmss_trl.recipes.mine_negatives", "Weak model's verified-wrong, plausible answers as DPO rejected responses"),
-    "dpo": ("wmss_trl.recipes.dpo", "DPO with the weak checkpoint as reference (WMSSDPOTrainer), optional WD-JT and entropy-gap weights"),
+    "grpo": (
+        "wmss_trl.recipes.grpo",
+        "GRPO with the weak checkpoint as reference, negatives and entropy anchor (WMSSGRPOTrainer); --vanilla for TRL's GRPO",
+    ),
+    "entropy": (
+        "wmss_trl.recipes.entropy",
+        "WD-DS: per-sample mean token entropy of a model on a dataset (resumable)",
+    ),
+    "pipeline": (
+        "wmss_trl.recipes.pipeline",
+        "The whole WMSS recipe (SFT, entropies, WD-DS, WD-JT), resumable; --config YAML",
+    ),
+    "mine-negatives": (
+        "wmss_trl.recipes.mine_negatives",
+        "Weak model's verified-wrong, plausible answers as DPO rejected responses",
+    ),
+    "dpo": (
+        "wmss_trl.recipes.dpo",
+        "DPO with the weak checkpoint as reference (WMSSDPOTrainer), optional WD-JT and entropy-gap weights",
+    ),
 }
 
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
@@ -113,7 +132,11 @@ def relaunch(command: str, argv: list[str], config: str, num_processes: str | No
 
 
 def usage() -> str:
-    lines = ["usage: wmss <command> [--config run.yaml] [--accelerate_config ddp|zero2|zero3|PATH] [flags]", "", "commands:"]
+    lines = [
+        "usage: wmss <command> [--config run.yaml] [--accelerate_config ddp|zero2|zero3|PATH] [flags]",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`wmss <command> --help` lists the flags of a command (TRL's config fields plus the WMSS ones)."]
     return "\n".join(lines)

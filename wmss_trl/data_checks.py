@@ -24,9 +24,16 @@ from collections.abc import Callable, Iterable
 from datasets import Dataset, IterableDataset
 from trl.data_utils import get_dataset_column_names, is_conversational, is_conversational_from_value
 
+
 # the keyword arguments TRL's GRPO passes to every reward function besides the dataset's columns
 _REWARD_ARGUMENTS = {
-    "prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "environments",
 }
 # the columns TRL's GRPO does not forward to the reward functions
 _NOT_FORWARDED = {"prompt", "completion", "completion_ids"}
@@ -50,7 +57,8 @@ def required_reward_columns(reward_func: Callable) -> list[str]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [
-        p.name for p in parameters
+        p.name
+        for p in parameters
         if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in _REWARD_ARGUMENTS
     ]
 
@@ -126,8 +134,14 @@ def check_dataset_columns(
     the message. Empty datasets and other dataset types pass (they have their own checks)."""
     if isinstance(dataset, dict):
         for key, value in dataset.items():
-            check_dataset_columns(value, trainer, name=f"{name}[{key!r}]", args=args, formatting_func=formatting_func,
-                                  reward_funcs=reward_funcs)
+            check_dataset_columns(
+                value,
+                trainer,
+                name=f"{name}[{key!r}]",
+                args=args,
+                formatting_func=formatting_func,
+                reward_funcs=reward_funcs,
+            )
         return
     row = _first_row(dataset)
     if row is None:

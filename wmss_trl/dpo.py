@@ -43,9 +43,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_module
 
 from .checkpoints import CompleteCheckpointResume
-from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .checks import as_wmss_config, check_float, check_int, check_shares
 from .data_checks import check_dataset_columns, require_rows
+from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
 from .sft import WMSSModelCard
 from .weak import (
@@ -56,6 +56,7 @@ from .weak import (
     resolve_weak_model,
     weak_forward_context,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +98,18 @@ class WMSSDPOConfig(DPOConfig):
 
     weak_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local folder of the weak checkpoint, used as the DPO reference model. Without a weak model "
-                  "(and peft_base_as_weak=False) WMSS is inactive: this is TRL's DPOTrainer."},
+        metadata={
+            "help": "Local folder of the weak checkpoint, used as the DPO reference model. Without a weak model "
+            "(and peft_base_as_weak=False) WMSS is inactive: this is TRL's DPOTrainer."
+        },
     )
     peft_base_as_weak: bool = field(
         default=False,
-        metadata={"help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
-                  "adapters disabled as the weak model (no second copy of the weights). Off, a peft_config alone "
-                  "means plain TRL."},
+        metadata={
+            "help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
+            "adapters disabled as the weak model (no second copy of the weights). Off, a peft_config alone "
+            "means plain TRL."
+        },
     )
     weak_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -112,8 +117,10 @@ class WMSSDPOConfig(DPOConfig):
     )
     mixing_lambda: float = field(
         default=1.0,
-        metadata={"help": "WD-JT: policy log-probs from lambda*z_strong + (1-lambda)*z_weak. 1.0 = off (plain DPO); "
-                  "the paper uses 0.5."},
+        metadata={
+            "help": "WD-JT: policy log-probs from lambda*z_strong + (1-lambda)*z_weak. 1.0 = off (plain DPO); "
+            "the paper uses 0.5."
+        },
     )
     mixing_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "Positions per chunk of the fp32 mixed log-softmax."}
@@ -131,13 +138,19 @@ class WMSSDPOConfig(DPOConfig):
     )
     drop_identical_pairs: bool = field(
         default=False,
-        metadata={"help": "Drop (and count) pairs whose chosen and rejected are the same tokens after truncation, "
-                  "instead of raising an error (WMSS active) or keeping them with a warning (WMSS inactive)."},
+        metadata={
+            "help": "Drop (and count) pairs whose chosen and rejected are the same tokens after truncation, "
+            "instead of raising an error (WMSS active) or keeping them with a warning (WMSS inactive)."
+        },
     )
 
     def __post_init__(self):
         self.mixing_lambda = check_float(
-            "mixing_lambda", self.mixing_lambda, low=0.0, low_open=True, high=1.0,
+            "mixing_lambda",
+            self.mixing_lambda,
+            low=0.0,
+            low_open=True,
+            high=1.0,
             hint="It is the weight of the STRONG logits: 1.0 is plain DPO, the paper's value is 0.5.",
         )
         self.mixing_chunk_size = check_int("mixing_chunk_size", self.mixing_chunk_size, low=1)
@@ -160,8 +173,8 @@ class WMSSDPOConfig(DPOConfig):
 def sequence_logps(per_token_logps: torch.Tensor, shift_completion_mask: torch.Tensor, ld_alpha: float | None = None):
     """Sequence log-prob of each row, exactly as TRL's DPO builds it from per-token log-probs (zero off-completion).
 
-        log p(y|x) = sum_t log p(y_t | x, y_<t)
-        LD-DPO (ld_alpha): sum over the first min(|y+|, |y-|) tokens + ld_alpha * sum over the rest
+    log p(y|x) = sum_t log p(y_t | x, y_<t)
+    LD-DPO (ld_alpha): sum over the first min(|y+|, |y-|) tokens + ld_alpha * sum over the rest
     """
     if ld_alpha is None:
         return per_token_logps.sum(dim=1)
@@ -276,7 +289,11 @@ class _WMSSPolicy:
             _, h_weak = masked_mean(self.weak.entropy.float(), self.shift_mask).chunk(2, dim=0)
             args_ = trainer.args
             w = entropy_pair_weights(
-                h_weak, h_strong, args_.pair_weight_alpha, args_.pair_weight_beta, args_.pair_weight_gamma,
+                h_weak,
+                h_strong,
+                args_.pair_weight_alpha,
+                args_.pair_weight_beta,
+                args_.pair_weight_gamma,
                 all_reduce_sum=lambda t: trainer.accelerator.reduce(t, reduction="sum"),
             )
             out.log_probs = scale_grad(out.log_probs, torch.cat([w, w]))
@@ -306,7 +323,9 @@ class _WMSSPolicy:
             is_top1 = (strong.argmax(-1) == targets) & mask_k
             log_sum_sq = None
             if trainer.use_weighting:
-                log_sum_sq = _scatter_columns(_mixed_log_sum_sq_probs(strong, self.weak.logits, lam, chunk) * mask_k, keep, width)
+                log_sum_sq = _scatter_columns(
+                    _mixed_log_sum_sq_probs(strong, self.weak.logits, lam, chunk) * mask_k, keep, width
+                )
         return FusedCausalLMOutput(
             loss=None,
             log_probs=_scatter_columns(log_probs, keep, width),
@@ -336,8 +355,14 @@ def _check_wmss_mode(args: WMSSDPOConfig, has_weak: bool, peft_policy: bool) -> 
             "peft_base_as_weak=True needs a PEFT policy (a PeftModel, or a `peft_config`): its adapter-disabled base "
             "is then the weak model. Pass a peft_config, or give a weak checkpoint with `weak_model_name_or_path`."
         )
-    needs = [n for n, on in (("mixing_lambda < 1", args.mixing_lambda < 1.0),
-                             ("entropy_pair_weights", args.entropy_pair_weights)) if on]
+    needs = [
+        n
+        for n, on in (
+            ("mixing_lambda < 1", args.mixing_lambda < 1.0),
+            ("entropy_pair_weights", args.entropy_pair_weights),
+        )
+        if on
+    ]
     if needs and not (has_weak or args.peft_base_as_weak):
         raise ValueError(
             f"{' and '.join(needs)} need(s) a weak model, and none was given. Pass `weak_model=` to the trainer or "
@@ -350,8 +375,14 @@ def _check_wmss_mode(args: WMSSDPOConfig, has_weak: bool, peft_policy: bool) -> 
 def _check_prompt_learning(args: WMSSDPOConfig, model, peft_config) -> None:
     """PEFT prompt learning puts virtual tokens before the sequence: the WD-JT forward (``logits_to_keep`` as
     positions) and the pair weights (TRL's entropies) would then read shifted positions. Refused with those options."""
-    options = [n for n, on in (("mixing_lambda < 1", args.mixing_lambda < 1.0),
-                               ("entropy_pair_weights", args.entropy_pair_weights)) if on]
+    options = [
+        n
+        for n, on in (
+            ("mixing_lambda < 1", args.mixing_lambda < 1.0),
+            ("entropy_pair_weights", args.entropy_pair_weights),
+        )
+        if on
+    ]
     if peft_config is None and is_peft_model(model):
         peft_config = model.active_peft_config
     if options and peft_config is not None and peft_config.is_prompt_learning:
@@ -363,8 +394,12 @@ def _check_prompt_learning(args: WMSSDPOConfig, model, peft_config) -> None:
 
 
 def _require_pairs(dataset, name: str) -> None:
-    require_rows(dataset, f"the {name} dataset", ". Pass a dataset with at least one preference pair (prompt, chosen, "
-                 "rejected); check the split name and any filter applied before the trainer.")
+    require_rows(
+        dataset,
+        f"the {name} dataset",
+        ". Pass a dataset with at least one preference pair (prompt, chosen, "
+        "rejected); check the split name and any filter applied before the trainer.",
+    )
 
 
 def _report_truncation_drops(rows_before: int, rows_after: int, args, name: str) -> None:
@@ -475,9 +510,17 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
             args.precompute_ref_log_probs = False
         try:
             super().__init__(
-                model, ref_model=weak, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                model,
+                ref_model=weak,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
                 peft_config=peft_config,
             )
         finally:
@@ -550,8 +593,9 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
         window = _truncation_window(args)
         if isinstance(dataset, IterableDataset):
             if drop:
-                logger.warning("%s dataset: pairs identical after truncation are dropped on the fly (not counted).",
-                               dataset_name)
+                logger.warning(
+                    "%s dataset: pairs identical after truncation are dropped on the fly (not counted).", dataset_name
+                )
                 return dataset.filter(lambda ex: not _identical_pair(ex, window))
             if not raise_:
                 return dataset
@@ -589,12 +633,18 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
                 "drop_identical_pairs=True to drop them."
             )
         if not drop:
-            logger.warning("%s dataset: %s. They are kept, as TRL does (their loss is constant); set "
-                           "drop_identical_pairs=True to drop them.", dataset_name, what)
+            logger.warning(
+                "%s dataset: %s. They are kept, as TRL does (their loss is constant); set "
+                "drop_identical_pairs=True to drop them.",
+                dataset_name,
+                what,
+            )
             return dataset
         if len(same) == len(dataset):
-            raise ValueError(f"{dataset_name} dataset: every pair has the same chosen and rejected tokens ({what}); "
-                             f"nothing to train on. To train, {fix}.")
+            raise ValueError(
+                f"{dataset_name} dataset: every pair has the same chosen and rejected tokens ({what}); "
+                f"nothing to train on. To train, {fix}."
+            )
         logger.warning("%s dataset: dropped %s.", dataset_name, what)
         self.identical_pairs_dropped[dataset_name] = len(same)
         drop_set = set(same)

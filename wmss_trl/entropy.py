@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -39,7 +40,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEF
     with torch.no_grad():
         for start in range(0, flat_y.numel(), chunk_size):
             z = flat[start : start + chunk_size].float()
-            out[start : start + chunk_size] = torch.logsumexp(z, -1) - z.gather(-1, flat_y[start : start + chunk_size, None]).squeeze(-1)
+            out[start : start + chunk_size] = torch.logsumexp(z, -1) - z.gather(
+                -1, flat_y[start : start + chunk_size, None]
+            ).squeeze(-1)
     return out.view(targets.shape)
 
 
@@ -58,11 +61,15 @@ def trained_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[t
 
 
 @torch.no_grad()
-def sample_mean_entropy(model, input_ids, attention_mask, labels, chunk_size: int = DEFAULT_CHUNK_SIZE, **forward_kwargs):
+def sample_mean_entropy(
+    model, input_ids, attention_mask, labels, chunk_size: int = DEFAULT_CHUNK_SIZE, **forward_kwargs
+):
     """Per-sample mean token entropy of ``model`` over the trained positions. Returns ``(B,)`` fp32 and the
     number of positions per sample ``(B,)`` (0 means no trainable token: entropy reported as NaN)."""
     keep, targets = trained_positions(labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **forward_kwargs).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **forward_kwargs
+    ).logits
     mask = targets != -100
     h = token_entropy(logits, chunk_size)
     counts = mask.sum(-1)
@@ -112,8 +119,15 @@ class EntropyScorer:
         chunk_size: positions per fp32 entropy chunk.
     """
 
-    def __init__(self, model, dataset, processing_class=None, args=None, idx_column: str = "idx",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(
+        self,
+        model,
+        dataset,
+        processing_class=None,
+        args=None,
+        idx_column: str = "idx",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
         import dataclasses
         import tempfile
 
@@ -127,8 +141,15 @@ class EntropyScorer:
         if args is None:
             args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="wmss-entropy-"), bf16=False, report_to="none")
         args = dataclasses.replace(
-            args, packing=False, padding_free=False, shuffle_dataset=False, save_strategy="no", report_to="none",
-            disable_tqdm=True, remove_unused_columns=False, push_to_hub=False,
+            args,
+            packing=False,
+            padding_free=False,
+            shuffle_dataset=False,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            push_to_hub=False,
         )
         if not torch.cuda.is_available():
             args.use_cpu = True
@@ -218,14 +239,19 @@ class EntropyScorer:
             # longest first: less padding per batch and an early out-of-memory if any; results are put back by row
             todo = pos[scored]
             todo = todo[np.argsort(-self._lengths[todo], kind="stable")]
-            loader = DataLoader(self.prepared.select(todo.tolist()), batch_size=self.trainer.args.eval_batch_size,
-                                shuffle=False, collate_fn=self._collator)
+            loader = DataLoader(
+                self.prepared.select(todo.tolist()),
+                batch_size=self.trainer.args.eval_batch_size,
+                shuffle=False,
+                collate_fn=self._collator,
+            )
             loader = self.accelerator.prepare_data_loader(loader, device_placement=True)
             model = self._prepared_model()
             where = {int(r): i for i, r in enumerate(rows)}
             for batch in loader:
-                h, n = sample_mean_entropy(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           chunk_size=self.chunk_size)
+                h, n = sample_mean_entropy(
+                    model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=self.chunk_size
+                )
                 got_rows, h, n = self.accelerator.gather_for_metrics((batch[ROW_COLUMN], h, n))
                 for r, value, count in zip(got_rows.tolist(), h.double().tolist(), n.tolist()):
                     entropy[where[r]], counts[where[r]] = value, count
@@ -234,8 +260,9 @@ class EntropyScorer:
         return {"idx": self.keys[rows], "entropy": entropy, "num_tokens": counts}
 
 
-def score_entropies(model, dataset, processing_class=None, args=None, idx_column: str = "idx",
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+def score_entropies(
+    model, dataset, processing_class=None, args=None, idx_column: str = "idx", chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> dict:
     """Per-sample mean token entropy (nats) of ``model`` over exactly the tokens TRL SFT would train on.
 
         H_i(M) = (1 / |T_i|) * sum_{t in T_i} H_t(M),   T_i = {t : label_{t+1} != -100}

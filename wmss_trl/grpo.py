@@ -84,12 +84,13 @@ from .advantages import (
     truncated_importance_weights,
 )
 from .checkpoints import CompleteCheckpointResume
-from .entropy import token_entropy
 from .checks import as_wmss_config, check_float, check_int, check_order, check_shares
 from .data_checks import check_dataset_columns
+from .entropy import token_entropy
 from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
 from .sft import WMSSModelCard
 from .weak import check_weak_compatible, is_peft_model, prepare_weak_model, require_safetensors, resolve_weak_model
+
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,10 @@ class WMSSGRPOConfig(GRPOConfig):
 
     weak_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model, safetensors). "
-                  "With PEFT, peft_base_as_weak=True uses the adapter-disabled base instead."},
+        metadata={
+            "help": "Local folder of the weak checkpoint (earlier checkpoint of the same model, safetensors). "
+            "With PEFT, peft_base_as_weak=True uses the adapter-disabled base instead."
+        },
     )
     weak_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -165,20 +168,26 @@ class WMSSGRPOConfig(GRPOConfig):
     )
     peft_base_as_weak: bool = field(
         default=False,
-        metadata={"help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
-                  "adapters disabled as the weak model (no second copy of the weights). Without it, a peft_config "
-                  "alone is plain TRL GRPO."},
+        metadata={
+            "help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
+            "adapters disabled as the weak model (no second copy of the weights). Without it, a peft_config "
+            "alone is plain TRL GRPO."
+        },
     )
     num_weak_generations: int = field(
         default=0,
-        metadata={"help": "K: completions the weak model samples per prompt; its plausible wrong ones become "
-                  "negatives of the group. 0 disables weak negatives. per_device_train_batch_size * K must be "
-                  "divisible by num_generations."},
+        metadata={
+            "help": "K: completions the weak model samples per prompt; its plausible wrong ones become "
+            "negatives of the group. 0 disables weak negatives. per_device_train_batch_size * K must be "
+            "divisible by num_generations."
+        },
     )
     max_weak_negatives: int | None = field(
         default=None,
-        metadata={"help": "M: at most this many weak negatives per group, the most plausible to the policy "
-                  "(default: num_weak_generations). With M < K the ranking costs a policy forward over the weak rows."},
+        metadata={
+            "help": "M: at most this many weak negatives per group, the most plausible to the policy "
+            "(default: num_weak_generations). With M < K the ranking costs a policy forward over the weak rows."
+        },
     )
     weak_negative_threshold: float = field(
         default=0.5,
@@ -186,8 +195,10 @@ class WMSSGRPOConfig(GRPOConfig):
     )
     weak_correctness_reward: str | None = field(
         default=None,
-        metadata={"help": "Name of the reward function that decides whether a weak completion is wrong (default: "
-                  "the weighted sum of all reward functions)."},
+        metadata={
+            "help": "Name of the reward function that decides whether a weak completion is wrong (default: "
+            "the weighted sum of all reward functions)."
+        },
     )
     weak_is_clip: float = field(
         default=2.0,
@@ -195,15 +206,19 @@ class WMSSGRPOConfig(GRPOConfig):
     )
     weak_rollout_prefetch: int = field(
         default=3,
-        metadata={"help": "P: sample the weak completions of the next P generation batches in the same weak generate "
-                  "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
-                  "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
-                  "amortises the decode. 0: sample per batch."},
+        metadata={
+            "help": "P: sample the weak completions of the next P generation batches in the same weak generate "
+            "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
+            "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
+            "amortises the decode. 0: sample per batch."
+        },
     )
     entropy_weighted_advantages: bool = field(
         default=False,
-        metadata={"help": "Weight each token's advantage by the WD-DS entropy-dynamics weight (mean 1 over the "
-                  "global batch)."},
+        metadata={
+            "help": "Weight each token's advantage by the WD-DS entropy-dynamics weight (mean 1 over the "
+            "global batch)."
+        },
     )
     entropy_weight_alpha: float = field(
         default=0.1, metadata={"help": "Weight of base difficulty: the weak model's token entropy."}
@@ -222,8 +237,10 @@ class WMSSGRPOConfig(GRPOConfig):
     )
     mixing_lambda: float = field(
         default=1.0,
-        metadata={"help": "WD-JT in RL: the loss uses log-probs of lambda*z_policy + (1-lambda)*z_weak; "
-                  "0 < lambda <= 1, 1.0 is off."},
+        metadata={
+            "help": "WD-JT in RL: the loss uses log-probs of lambda*z_policy + (1-lambda)*z_weak; "
+            "0 < lambda <= 1, 1.0 is off."
+        },
     )
     mixing_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "Positions per chunk of the fp32 mixed log-softmax."}
@@ -231,29 +248,55 @@ class WMSSGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         # every numeric WMSS field: converted (a YAML/JSON string "0.5" becomes 0.5), finite and in range, kept
-        self.mixing_lambda = check_float("mixing_lambda", self.mixing_lambda, low=0.0, low_open=True, high=1.0,
-                                         hint="It is the weight of the policy logits; 1.0 is off.")
+        self.mixing_lambda = check_float(
+            "mixing_lambda",
+            self.mixing_lambda,
+            low=0.0,
+            low_open=True,
+            high=1.0,
+            hint="It is the weight of the policy logits; 1.0 is off.",
+        )
         self.mixing_chunk_size = check_int("mixing_chunk_size", self.mixing_chunk_size, low=1)
-        self.num_weak_generations = check_int("num_weak_generations", self.num_weak_generations, low=0,
-                                              hint="0 disables weak negatives.")
+        self.num_weak_generations = check_int(
+            "num_weak_generations", self.num_weak_generations, low=0, hint="0 disables weak negatives."
+        )
         self.max_weak_negatives = check_int("max_weak_negatives", self.max_weak_negatives, low=1, optional=True)
         self.weak_negative_threshold = check_float(
-            "weak_negative_threshold", self.weak_negative_threshold,
+            "weak_negative_threshold",
+            self.weak_negative_threshold,
             hint="A weak completion is wrong when its reward is below it (0.5 for 0/1 rewards).",
         )
-        self.weak_is_clip = check_float("weak_is_clip", self.weak_is_clip, low=0.0, low_open=True,
-                                        hint="It truncates the importance weight min(pi_old / pi_weak, c).")
-        self.weak_rollout_prefetch = check_int("weak_rollout_prefetch", self.weak_rollout_prefetch, low=0,
-                                               hint="0 samples each batch's weak completions when it is used.")
+        self.weak_is_clip = check_float(
+            "weak_is_clip",
+            self.weak_is_clip,
+            low=0.0,
+            low_open=True,
+            hint="It truncates the importance weight min(pi_old / pi_weak, c).",
+        )
+        self.weak_rollout_prefetch = check_int(
+            "weak_rollout_prefetch",
+            self.weak_rollout_prefetch,
+            low=0,
+            hint="0 samples each batch's weak completions when it is used.",
+        )
         self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma = check_shares(
             ("entropy_weight_alpha", "entropy_weight_beta", "entropy_weight_gamma"),
             (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma),
             need_positive_sum=bool(self.entropy_weighted_advantages),
         )
-        self.entropy_weight_min = check_float("entropy_weight_min", self.entropy_weight_min, low=0.0, optional=True,
-                                              hint="It is the lower clip of the token weights (mean 1).")
+        self.entropy_weight_min = check_float(
+            "entropy_weight_min",
+            self.entropy_weight_min,
+            low=0.0,
+            optional=True,
+            hint="It is the lower clip of the token weights (mean 1).",
+        )
         self.entropy_weight_max = check_float(
-            "entropy_weight_max", self.entropy_weight_max, low=0.0, low_open=True, optional=True,
+            "entropy_weight_max",
+            self.entropy_weight_max,
+            low=0.0,
+            low_open=True,
+            optional=True,
             hint="It is the upper clip of the token weights (mean 1); a weight <= 0 would flip or erase advantages.",
         )
         check_order("entropy_weight_min", self.entropy_weight_min, "entropy_weight_max", self.entropy_weight_max)
@@ -316,10 +359,14 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
 
     _wmss_name = "WMSS-GRPO"
 
-    def __init__(self, model, reward_funcs=None, args: WMSSGRPOConfig | None = None, *pargs, weak_model=None, **kwargs):
+    def __init__(
+        self, model, reward_funcs=None, args: WMSSGRPOConfig | None = None, *pargs, weak_model=None, **kwargs
+    ):
         require_safetensors(model, "policy")
         args = as_wmss_config(args, WMSSGRPOConfig, model, "GRPO")
-        given = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pargs, **kwargs).arguments
+        given = (
+            inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *pargs, **kwargs).arguments
+        )
         separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
         self._check_request(model, args, weak_model, given.get("peft_config"), given.get("train_dataset"))
         for which in ("train_dataset", "eval_dataset"):  # before any model loads
@@ -359,11 +406,15 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
                 "weak_model_name_or_path instead."
             )
         if not (separate_weak or args.peft_base_as_weak) and args.needs_weak_model:
-            options = [name for name, on in (
-                ("num_weak_generations > 0", args.num_weak_generations > 0),
-                ("entropy_weighted_advantages=True", args.entropy_weighted_advantages),
-                ("mixing_lambda < 1", args.mixing_lambda < 1.0),
-            ) if on]
+            options = [
+                name
+                for name, on in (
+                    ("num_weak_generations > 0", args.num_weak_generations > 0),
+                    ("entropy_weighted_advantages=True", args.entropy_weighted_advantages),
+                    ("mixing_lambda < 1", args.mixing_lambda < 1.0),
+                )
+                if on
+            ]
             raise ValueError(
                 f"{', '.join(options)} needs a weak model, and none was given. Pass weak_model= to the trainer or set "
                 "weak_model_name_or_path (a local checkpoint folder of an earlier version of the model), or, with a "
@@ -372,7 +423,11 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         for weak in (weak_model, args.weak_model_name_or_path):
             if isinstance(weak, (str, os.PathLike)):
                 require_safetensors(weak, "weak model")
-        if train_dataset is not None and not isinstance(train_dataset, IterableDataset) and hasattr(train_dataset, "__len__"):
+        if (
+            train_dataset is not None
+            and not isinstance(train_dataset, IterableDataset)
+            and hasattr(train_dataset, "__len__")
+        ):
             n, per_batch = len(train_dataset), args.generation_batch_size // args.num_generations
             if n == 0:
                 raise ValueError(
@@ -467,7 +522,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
                     "search (num_beams > 1) and watermarking in generation_kwargs are not supported with them."
                 )
             # the completions table holds the weak rows too: widen TRL's log buffers
-            size = args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations
+            size = (
+                args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations
+            )
             self._logs = {
                 "images": deque(maxlen=size),
                 "prompt": deque(maxlen=size),
@@ -537,13 +594,25 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
     def _plain_logps(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy):
         """TRL's fused log-probs/entropies, never mixed (for the weak model, and for stats of the pure policy)."""
         return GRPOTrainer._get_per_token_logps_and_entropies(
-            self, model, input_ids, attention_mask, logits_to_keep,
-            batch_size=self.args.per_device_train_batch_size, compute_entropy=compute_entropy,
+            self,
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size=self.args.per_device_train_batch_size,
+            compute_entropy=compute_entropy,
         )[:2]
 
     def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
-        compute_aux_loss=False, **multimodal,
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
     ):
         """TRL's method, except for the policy under WD-JT (``mixing_lambda < 1``): log-probs of the mixed logits.
 
@@ -552,25 +621,41 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         policy's own (not the mixture's), as in TRL's ``entropy`` metric.
         """
         cached = getattr(self, "_cached_policy_forward", None)
-        if cached is not None and self._is_policy(model) and cached[0].shape == input_ids.shape and torch.equal(
-            cached[0], input_ids
+        if (
+            cached is not None
+            and self._is_policy(model)
+            and cached[0].shape == input_ids.shape
+            and torch.equal(cached[0], input_ids)
         ):
             self._cached_policy_forward = None
             return cached[1]
-        if not getattr(self, "_use_mixing", False) or not self._is_policy(model) or any(
-            v is not None for v in multimodal.values()
+        if (
+            not getattr(self, "_use_mixing", False)
+            or not self._is_policy(model)
+            or any(v is not None for v in multimodal.values())
         ):
             return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal,
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal,
             )
         batch_size = batch_size or input_ids.size(0)
         all_logps, all_entropies, all_aux = [], [], []
         needs_entropy_grad = torch.is_grad_enabled() and getattr(self, "_entropy_bonus_enabled", False)
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            fwd = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": logits_to_keep + 1,
-                   "use_cache": False, "fused_lm_head": False}
+            fwd = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "logits_to_keep": logits_to_keep + 1,
+                "use_cache": False,
+                "fused_lm_head": False,
+            }
             with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 with self._weak_engine() as weak, self.accelerator.autocast():
                     weak_logits = weak(**fwd).logits[:, :-1].float() / self.temperature
@@ -632,10 +717,18 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         TRL's shuffle) is the same whether and when the weak model samples."""
         device = self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids_list]
-        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left",
-                        pad_to_multiple_of=self.pad_to_multiple_of).to(device)
-        attention_mask = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left",
-                             pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        input_ids = pad(
+            prompts,
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
+        attention_mask = pad(
+            [torch.ones_like(t) for t in prompts],
+            padding_value=0,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
         engine = self.weak_model if self._weak_source == "model" else self.model_wrapped
         with (
             unwrap_model_for_generation(
@@ -647,7 +740,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             ) as unwrapped,
             torch.no_grad(),
         ):
-            adapters_off = unwrapped.disable_adapter() if self._weak_source == "peft_base" else contextlib.nullcontext()
+            adapters_off = (
+                unwrapped.disable_adapter() if self._weak_source == "peft_base" else contextlib.nullcontext()
+            )
             recorder = SampledTokenLogProbs(self.temperature)
             # the settings `generate` would use (ours over the model's generation_config over transformers' defaults)
             settings = unwrapped._prepare_generation_config(self._weak_generation_config)[0]
@@ -663,7 +758,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
                 settings = greedy_copy(settings)
             with adapters_off:
                 out = unwrapped.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=settings,
                     logits_processor=LogitsProcessorList(processors),
                 )
         completion_ids = out[:, input_ids.size(1) :]
@@ -727,7 +824,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         here = next((i for i, (_, batch) in enumerate(window) if batch is current), None)
         if here is None:
             return [((-1, self._step // every), current)]
-        ahead = window[here :: every][: 1 + self._weak_prefetch]
+        ahead = window[here::every][: 1 + self._weak_prefetch]
         return [((self._epoch, position // every), batch) for position, batch in ahead]
 
     def _weak_inputs(self, inputs: list[dict]) -> list[dict]:
@@ -759,9 +856,11 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         if self._max_over_processes(int(key not in self._weak_cache)):  # some process lacks them: all generate
             prompt_ids, row_keys, spans = [], [], []
             for batch_key, batch in batches:
-                ids = prompt_ids_list if batch is inputs else self._tokenize_prompts(
-                    [x["prompt"] for x in self._weak_inputs(batch)]
-                )[0]
+                ids = (
+                    prompt_ids_list
+                    if batch is inputs
+                    else self._tokenize_prompts([x["prompt"] for x in self._weak_inputs(batch)])[0]
+                )
                 spans.append((batch_key, len(prompt_ids), len(prompt_ids) + len(ids)))
                 prompt_ids += ids
                 row_keys += self._weak_row_keys(batch_key, len(ids))
@@ -793,8 +892,10 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         self._pending_extra_logs.update(pending_extra)
         self._pending_metrics.update(pending_metrics)
 
-        truncated = [len(ids) == 0 or ids[-1] not in [*self.eos_token_ids, self._tokenizer.pad_token_id]
-                     for ids in completion_ids_list]
+        truncated = [
+            len(ids) == 0 or ids[-1] not in [*self.eos_token_ids, self._tokenizer.pad_token_id]
+            for ids in completion_ids_list
+        ]
         return {
             "prompt_ids": prompt_ids_list,
             "completion_ids": completion_ids_list,
@@ -827,8 +928,18 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         device = self.accelerator.device
         use_neg = self._use_negatives and mode == "train"
         use_ent = self._use_entropy_weights and mode == "train"
-        known = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch",
-                 "old_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio", "ref_per_token_logps"}
+        known = {
+            "prompt_ids",
+            "prompt_mask",
+            "completion_ids",
+            "completion_mask",
+            "advantages",
+            "num_items_in_batch",
+            "old_per_token_logps",
+            "sampling_per_token_logps",
+            "importance_sampling_ratio",
+            "ref_per_token_logps",
+        }
         unknown = [key for key, v in out.items() if key not in known and v is not None]
         if use_neg and unknown:
             raise NotImplementedError(f"weak negatives cannot extend the batch fields {unknown}.")
@@ -852,9 +963,15 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             w_comp_ids = pad(w_comp, pad_id, "right").to(device)
             if self.mask_truncated_completions:
                 w_comp_mask = w_comp_mask * (~torch.tensor(weak["truncated"], device=device)).unsqueeze(1).int()
-            prompt_ids = torch.cat([_pad_to(prompt_ids, width_p, pad_id, "left"), _pad_to(w_prompt_ids, width_p, pad_id, "left")])
-            prompt_mask = torch.cat([_pad_to(prompt_mask, width_p, 0, "left"), _pad_to(w_prompt_mask, width_p, 0, "left")])
-            completion_ids = torch.cat([_pad_to(completion_ids, width_c, pad_id), _pad_to(w_comp_ids, width_c, pad_id)])
+            prompt_ids = torch.cat(
+                [_pad_to(prompt_ids, width_p, pad_id, "left"), _pad_to(w_prompt_ids, width_p, pad_id, "left")]
+            )
+            prompt_mask = torch.cat(
+                [_pad_to(prompt_mask, width_p, 0, "left"), _pad_to(w_prompt_mask, width_p, 0, "left")]
+            )
+            completion_ids = torch.cat(
+                [_pad_to(completion_ids, width_c, pad_id), _pad_to(w_comp_ids, width_c, pad_id)]
+            )
             completion_mask = torch.cat([_pad_to(completion_mask, width_c, 0), _pad_to(w_comp_mask, width_c, 0)])
         n_rows, width = completion_ids.size(0), completion_ids.size(1)
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -869,8 +986,12 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         defer_ent = use_ent and self._defer_to_loss  # the policy entropies come from the loss's forward
         # so do the importance weights, when the selection needs no plausibility ranking (every wrong answer is kept,
         # M = K) and TRL keeps no old log-probs: then the weak rows need no policy forward here
-        defer_is = (use_neg and self._defer_to_loss and self.max_weak_negatives >= self.num_weak_generations
-                    and out.get("old_per_token_logps") is None)
+        defer_is = (
+            use_neg
+            and self._defer_to_loss
+            and self.max_weak_negatives >= self.num_weak_generations
+            and out.get("old_per_token_logps") is None
+        )
         pol_from = 0 if (use_ent and not defer_ent) else n_pol
         pol_to = n_pol if defer_is else n_rows
         weak_lp = torch.zeros(n_rows, width, device=device)
@@ -889,8 +1010,12 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             if pol_from < pol_to:
                 # the policy's log-probs as the loss sees them (mixed under WD-JT), its own entropy
                 lp, h, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids[pol_from:pol_to], attention_mask[pol_from:pol_to], width,
-                    batch_size=self.args.per_device_train_batch_size, compute_entropy=use_ent and not defer_ent,
+                    self.model,
+                    input_ids[pol_from:pol_to],
+                    attention_mask[pol_from:pol_to],
+                    width,
+                    batch_size=self.args.per_device_train_batch_size,
+                    compute_entropy=use_ent and not defer_ent,
                 )
                 pol_lp[pol_from:pol_to] = lp.float()
                 if h is not None:
@@ -948,7 +1073,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         if weak is not None:
             out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
             if out.get("old_per_token_logps") is not None:
-                out["old_per_token_logps"] = torch.cat([_pad_to(out["old_per_token_logps"], width, 0.0), pol_lp[rows_w]])
+                out["old_per_token_logps"] = torch.cat(
+                    [_pad_to(out["old_per_token_logps"], width, 0.0), pol_lp[rows_w]]
+                )
             if out.get("sampling_per_token_logps") is not None:
                 out["sampling_per_token_logps"] = torch.cat(
                     [_pad_to(out["sampling_per_token_logps"], width, 0.0), behaviour]
@@ -965,17 +1092,30 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             ref = weak_lp.clone()
             ref[rows_w] = pol_lp[rows_w]  # (set from the loss's forward in `_compute_loss` when deferred)
             out["ref_per_token_logps"] = ref
-        self._wmss_debug = {"weak_logps": weak_lp, "behaviour_logps": behaviour, "policy_logps": pol_lp, "weak_entropy": weak_h,
-                            "policy_entropy": pol_h, "is_weight": rho, "entropy_weight": weights, "source": source}
+        self._wmss_debug = {
+            "weak_logps": weak_lp,
+            "behaviour_logps": behaviour,
+            "policy_logps": pol_lp,
+            "weak_entropy": weak_h,
+            "policy_entropy": pol_h,
+            "is_weight": rho,
+            "entropy_weight": weights,
+            "source": source,
+        }
         self._log_table_rows(weak, out, n_pol, mode)
         return out
 
     def _entropy_weights(self, weak_h, pol_h, mask):
         args = self.args
         return entropy_advantage_weights(
-            weak_h, pol_h, mask,
-            alpha=args.entropy_weight_alpha, beta=args.entropy_weight_beta, gamma=args.entropy_weight_gamma,
-            min_weight=args.entropy_weight_min, max_weight=args.entropy_weight_max,
+            weak_h,
+            pol_h,
+            mask,
+            alpha=args.entropy_weight_alpha,
+            beta=args.entropy_weight_beta,
+            gamma=args.entropy_weight_gamma,
+            min_weight=args.entropy_weight_min,
+            max_weight=args.entropy_weight_max,
             reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
         )
 
@@ -991,8 +1131,11 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         n_groups = weak_rpf.size(0) // k
         correctness = self._correctness(weak_rpf)
         selected = select_weak_negatives(
-            correctness.view(n_groups, k), plausibility.view(n_groups, k), self.args.weak_negative_threshold,
-            self.max_weak_negatives, valid.view(n_groups, k),
+            correctness.view(n_groups, k),
+            plausibility.view(n_groups, k),
+            self.args.weak_negative_threshold,
+            self.max_weak_negatives,
+            valid.view(n_groups, k),
         )
         policy_rewards = self._aggregate(rewards_per_func).view(n_groups, g)
         batch_std = _nanstd(policy_rewards.flatten(), dim=0) if self.scale_rewards == "batch" else None
@@ -1008,8 +1151,14 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         all_index = torch.arange(n_groups * g, device=device)
         global_adv = torch.where(touched[all_index // g], adv.flatten(), trl_all)
         stats = {
-            "correctness": correctness, "selected": selected, "plausibility": plausibility, "touched": touched,
-            "weak_rewards": weak_rewards, "weak_adv": weak_adv, "policy_adv": global_adv, "policy_rewards": policy_rewards,
+            "correctness": correctness,
+            "selected": selected,
+            "plausibility": plausibility,
+            "touched": touched,
+            "weak_rewards": weak_rewards,
+            "weak_adv": weak_adv,
+            "policy_adv": global_adv,
+            "policy_rewards": policy_rewards,
         }
         self._wmss_debug_negatives = stats
         return local_adv, weak_adv.flatten()[weak_index], selected.flatten()[weak_index], stats
@@ -1037,7 +1186,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         ``rho`` and mask ``(n, T)``, and their plausibility ``(n,)`` (mean token log-prob under the policy)."""
         metrics = self._metrics["train"]
         m = mask.float()
-        sums = torch.stack([(rho * m).sum(), m.sum(), plausibility.sum(), torch.tensor(float(plausibility.numel()), device=m.device)])
+        sums = torch.stack(
+            [(rho * m).sum(), m.sum(), plausibility.sum(), torch.tensor(float(plausibility.numel()), device=m.device)]
+        )
         sums = self.accelerator.reduce(sums.double(), reduction="sum")
         local_max = (rho * m).max() if m.numel() else torch.zeros((), device=m.device)
         metrics["wmss/weak_negative_logp"].append((sums[2] / sums[3]).item() if sums[3] > 0 else float("nan"))
@@ -1052,10 +1203,17 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         mp = m * policy_rows.unsqueeze(1).float()
         log_ratio = torch.where(mp > 0, weak_lp - pol_lp, torch.zeros_like(weak_lp))
         k3 = torch.exp(log_ratio) - log_ratio - 1  # KL(policy || weak) estimate on the policy's own samples
-        sums = torch.stack([
-            (weights * m).sum(), (weights.square() * m).sum(), m.sum(),
-            (weak_h * m).sum(), (pol_h * m).sum(), (k3 * mp).sum(), mp.sum(),
-        ]).double()
+        sums = torch.stack(
+            [
+                (weights * m).sum(),
+                (weights.square() * m).sum(),
+                m.sum(),
+                (weak_h * m).sum(),
+                (pol_h * m).sum(),
+                (k3 * mp).sum(),
+                mp.sum(),
+            ]
+        ).double()
         sums = self.accelerator.reduce(sums, reduction="sum")
         n, n_pol_tok = sums[2].clamp(min=1), sums[6].clamp(min=1)
         mean = sums[0] / n
@@ -1119,7 +1277,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             if not bool(keep.all()):
                 n = source.size(0)
                 inputs = {
-                    key: value[keep] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == n else value
+                    key: value[keep]
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == n
+                    else value
                     for key, value in inputs.items()
                 }
         if "wmss_weak_entropy" in inputs or "wmss_behaviour_logps" in inputs:
@@ -1164,7 +1324,11 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         result = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_mask.size(1), compute_entropy=True,  # as TRL's loss asks
+            model,
+            input_ids,
+            attention_mask,
+            completion_mask.size(1),
+            compute_entropy=True,  # as TRL's loss asks
             compute_aux_loss=self.aux_loss_enabled,
         )
         logps = result[0].detach().float()
@@ -1245,7 +1409,9 @@ class SampledTokenLogProbs(LogitsProcessor):
     def finish(self, completion_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` log-probs aligned with ``completion_ids``."""
         if self.previous is not None and len(self.logps) < completion_ids.size(1):
-            self.logps.append(self.previous.gather(1, completion_ids[:, len(self.logps) : len(self.logps) + 1]).squeeze(1))
+            self.logps.append(
+                self.previous.gather(1, completion_ids[:, len(self.logps) : len(self.logps) + 1]).squeeze(1)
+            )
         self.previous = None
         if not self.logps:
             return torch.zeros(completion_ids.shape, device=completion_ids.device)
@@ -1297,8 +1463,16 @@ def greedy_copy(settings: GenerationConfig) -> GenerationConfig:
     and the draw are passed as logits processors instead, see :class:`GumbelMaxSampler`)."""
     greedy = copy.deepcopy(settings)
     greedy.do_sample = False
-    for name, neutral in (("temperature", 1.0), ("top_h", None), ("top_k", 50), ("top_p", 1.0), ("min_p", None),
-                          ("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0)):
+    for name, neutral in (
+        ("temperature", 1.0),
+        ("top_h", None),
+        ("top_k", 50),
+        ("top_p", 1.0),
+        ("min_p", None),
+        ("typical_p", 1.0),
+        ("epsilon_cutoff", 0.0),
+        ("eta_cutoff", 0.0),
+    ):
         setattr(greedy, name, neutral)
     return greedy
 

@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+
 PIPELINE_PID_ENV = "WMSS_PIPELINE_PID"  # set by `wmss pipeline` in the environment of every phase it starts
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
@@ -129,8 +130,11 @@ def path_fingerprint(path) -> dict:
     if p.is_file():
         return {"size": p.stat().st_size, "sha256": file_sha256(p)}
     if p.is_dir():
-        return {str(f.relative_to(p)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
-                for f in sorted(p.rglob("*")) if f.is_file()}
+        return {
+            str(f.relative_to(p)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(p.rglob("*"))
+            if f.is_file()
+        }
     raise FileNotFoundError(f"{str(path)!r} does not exist.")
 
 
@@ -158,8 +162,13 @@ def loaded_model_fingerprint(model, sample: int = 4096) -> dict:
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what a tokenizer maps text to: its vocabulary, special tokens and chat template."""
     tok = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
-    return sha256_json({"vocab": sorted(tok.get_vocab().items()), "special": tok.special_tokens_map,
-                        "chat_template": getattr(tok, "chat_template", None)})
+    return sha256_json(
+        {
+            "vocab": sorted(tok.get_vocab().items()),
+            "special": tok.special_tokens_map,
+            "chat_template": getattr(tok, "chat_template", None),
+        }
+    )
 
 
 def dataset_fingerprint(dataset, batch_size: int = 1000) -> dict:
@@ -233,8 +242,10 @@ def _pid_alive(pid) -> bool:
 
 
 def describe_owner(owner: dict) -> str:
-    return (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}, command: "
-            f"{owner.get('command')}")
+    return (
+        f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}, command: "
+        f"{owner.get('command')}"
+    )
 
 
 class WriterLock:
@@ -282,18 +293,28 @@ class WriterLock:
                     f"run again. Lock file: {self.path}"
                 )
             if not waited:
-                print(f"waiting up to {timeout:.0f} s for the writer of {self.what} to exit ({describe_owner(owner)})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"waiting up to {timeout:.0f} s for the writer of {self.what} to exit ({describe_owner(owner)})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 waited = True
             time.sleep(0.2)
         self._fd = fd
         stale = self.read_owner()
         if stale:
-            print(f"warning: taking over a stale lock on {self.what} left by {describe_owner(stale)}: that writer "
-                  "ended without releasing it (killed or crashed); what it wrote is checked before reuse.",
-                  file=sys.stderr, flush=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            print(
+                f"warning: taking over a stale lock on {self.what} left by {describe_owner(stale)}: that writer "
+                "ended without releasing it (killed or crashed); what it wrote is checked before reuse.",
+                file=sys.stderr,
+                flush=True,
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(sys.argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 
+
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 256
 
@@ -213,7 +214,12 @@ class _ChunkedMixedHead(torch.autograd.Function):
             None if grad_h is None else grad_h.to(h_s.dtype),
             None if grad_w is None else grad_w.to(w_s.dtype),
             None if grad_b is None else grad_b.to(b_s.dtype),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -286,9 +292,15 @@ def mixed_head_loss(
     ``(loss_sum, stats)``, with ``stats`` as in :func:`mixed_head_logprobs`.
     """
     return _ChunkedMixedHeadLoss.apply(
-        strong_hidden, strong_head.weight, strong_head.bias,
-        weak_hidden.detach(), weak_head.weight, weak_head.bias,
-        targets, float(lam), int(chunk_size),
+        strong_hidden,
+        strong_head.weight,
+        strong_head.bias,
+        weak_hidden.detach(),
+        weak_head.weight,
+        weak_head.bias,
+        targets,
+        float(lam),
+        int(chunk_size),
     )
 
 
@@ -310,9 +322,15 @@ def mixed_head_logprobs(
     """
     # (vocabulary sizes are checked when the weak model is loaded; ZeRO-3 shards have no usable shape here)
     return _ChunkedMixedHead.apply(
-        strong_hidden, strong_head.weight, strong_head.bias,
-        weak_hidden.detach(), weak_head.weight, weak_head.bias,  # frozen parameters: no gradient is computed
-        targets, float(lam), int(chunk_size),
+        strong_hidden,
+        strong_head.weight,
+        strong_head.bias,
+        weak_hidden.detach(),
+        weak_head.weight,
+        weak_head.bias,  # frozen parameters: no gradient is computed
+        targets,
+        float(lam),
+        int(chunk_size),
     )
 
 

@@ -64,6 +64,7 @@ from .io import (
 )
 from .rewards import reward_func_name
 
+
 CHUNKS_DIR = "chunks"
 META_FILE = "mining_config.json"
 META_FORMAT = "wmss-mining/3"  # /3: pairs carry the short references, never a `completion` column
@@ -109,21 +110,28 @@ class MiningConfig:
     num_samples: int = field(default=8, metadata={"help": "Completions sampled from the weak model per prompt."})
     rank_by: str = field(
         default="strong",
-        metadata={"help": "Rank wrong answers by mean token log-prob under the 'strong' or the 'weak' model.",
-                  "choices": ["strong", "weak"]},
+        metadata={
+            "help": "Rank wrong answers by mean token log-prob under the 'strong' or the 'weak' model.",
+            "choices": ["strong", "weak"],
+        },
     )
     chosen: str = field(
         default="reference",
-        metadata={"help": "'reference': the reference answer; 'correct_sample': the most plausible correct sample "
-                  "(falls back to the reference).", "choices": ["reference", "correct_sample"]},
+        metadata={
+            "help": "'reference': the reference answer; 'correct_sample': the most plausible correct sample "
+            "(falls back to the reference).",
+            "choices": ["reference", "correct_sample"],
+        },
     )
     reference_column: str | None = field(
         default=None,
-        metadata={"help": "Column of the chosen (reference) answers. Default: the first of 'completion', 'solution', "
-                  "'answer' present, so a worked answer is preferred over a bare final answer (the model writes "
-                  "worked steps). The verifiers read their own columns (e.g. 'answer') whatever this is. A warning "
-                  "names this flag when chosen and the model's answers differ grossly in length or final-answer "
-                  "marker (median token length ratio beyond 3x, or a marker such as '####' missing)."},
+        metadata={
+            "help": "Column of the chosen (reference) answers. Default: the first of 'completion', 'solution', "
+            "'answer' present, so a worked answer is preferred over a bare final answer (the model writes "
+            "worked steps). The verifiers read their own columns (e.g. 'answer') whatever this is. A warning "
+            "names this flag when chosen and the model's answers differ grossly in length or final-answer "
+            "marker (median token length ratio beyond 3x, or a marker such as '####' missing)."
+        },
     )
     reward_threshold: float = field(
         default=0.5, metadata={"help": "A completion is wrong when its combined reward is below this threshold."}
@@ -150,7 +158,8 @@ class MiningConfig:
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (one seeded block)."})
     score_batch_size: int = field(default=32, metadata={"help": "Sequences per ranking forward pass."})
     chunk_size: int = field(
-        default=64, metadata={"help": "Prompts per chunk written to output_dir (rounded up to a multiple of batch_size)."}
+        default=64,
+        metadata={"help": "Prompts per chunk written to output_dir (rounded up to a multiple of batch_size)."},
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on the main process."})
 
@@ -184,7 +193,9 @@ def block_seed(seed: int, block: int) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
 
-def combine_rewards(rewards_per_func: Sequence[Sequence[float | None]], weights: Sequence[float]) -> list[float | None]:
+def combine_rewards(
+    rewards_per_func: Sequence[Sequence[float | None]], weights: Sequence[float]
+) -> list[float | None]:
     """TRL GRPO's combination, per completion j: r_j = sum_k w_k r_jk over the functions with r_jk not None;
     None when no function applies (GRPO's all-NaN row)."""
     combined = []
@@ -205,7 +216,10 @@ def cut_at_eos(ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 
 @torch.no_grad()
 def mean_token_logprobs(
-    model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_token_id: int,
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
     batch_size: int = 32,
 ) -> list[float]:
     """s_j = (1/|y_j|) * sum_t log p_model(y_jt | x_j, y_j<t) for every (x_j, y_j), teacher-forced, fp32.
@@ -228,7 +242,9 @@ def mean_token_logprobs(
             labels[i, len(p) : n] = torch.tensor(list(c))
         keep, targets = trained_positions(labels)
         out = model(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep.to(device),
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            logits_to_keep=keep.to(device),
             use_cache=False,
         )
         targets = targets.to(device)
@@ -276,7 +292,11 @@ def tokenize_prompt(tokenizer, prompt) -> list[int]:
     """Prompt ids exactly as TRL's DPO/GRPO build them: the chat template with the generation prompt for
     conversational prompts, the plain tokenizer otherwise."""
     if _is_conversational_prompt(prompt):
-        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
     return list(tokenizer(text=prompt)["input_ids"])
 
 
@@ -300,8 +320,17 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class _Miner:
-    def __init__(self, weak_model, strong_model, tokenizer, reward_funcs, cfg: MiningConfig, reference_column,
-                 conversational, columns):
+    def __init__(
+        self,
+        weak_model,
+        strong_model,
+        tokenizer,
+        reward_funcs,
+        cfg: MiningConfig,
+        reference_column,
+        conversational,
+        columns,
+    ):
         self.weak, self.strong, self.tok, self.funcs, self.cfg = weak_model, strong_model, tokenizer, reward_funcs, cfg
         self.ref_col, self.conversational = reference_column, conversational
         self.extra_cols = pair_reference_columns(columns, reference_column)
@@ -320,9 +349,15 @@ class _Miner:
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
         gen_kwargs = dict(
-            do_sample=True, num_return_sequences=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
-            pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
+            do_sample=True,
+            num_return_sequences=cfg.num_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            repetition_penalty=cfg.repetition_penalty,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
         )
         if cfg.min_p is not None:
             gen_kwargs["min_p"] = cfg.min_p
@@ -347,7 +382,11 @@ class _Miner:
 
         # Verify, with GRPO's calling convention: every other column repeated per completion
         prompts = [row["prompt"] for row in rows for _ in range(S)]
-        columns = {k: [row[k] for row in rows for _ in range(S)] for k in rows[0] if k not in ("prompt", "completion", "completion_ids")}
+        columns = {
+            k: [row[k] for row in rows for _ in range(S)]
+            for k in rows[0]
+            if k not in ("prompt", "completion", "completion_ids")
+        }
         per_func = call_reward_funcs(self.funcs, prompts, completions, completion_ids, columns)
         rewards = combine_rewards(per_func, self.weights)
 
@@ -381,12 +420,17 @@ class _Miner:
         scores = {}
         if to_rank:
             values = mean_token_logprobs(
-                self.ranker, [prompt_ids[i] for i, _ in to_rank], [completion_ids[j] for _, j in to_rank],
-                self.pad_id, cfg.score_batch_size,
+                self.ranker,
+                [prompt_ids[i] for i, _ in to_rank],
+                [completion_ids[j] for _, j in to_rank],
+                self.pad_id,
+                cfg.score_batch_size,
             )
             scores = {j: s for (_, j), s in zip(to_rank, values, strict=True)}
 
-        return [self._pairs(row, rec, texts, completions, rewards, scores) for row, rec in zip(rows, records, strict=True)]
+        return [
+            self._pairs(row, rec, texts, completions, rewards, scores) for row, rec in zip(rows, records, strict=True)
+        ]
 
     def _pairs(self, row, rec, texts, completions, rewards, scores) -> dict:
         cfg, counts = self.cfg, rec["counts"]
@@ -417,7 +461,9 @@ class _Miner:
             if len(result["pairs"]) >= cfg.max_pairs_per_prompt:
                 break
             if texts[j].strip() == chosen_text.strip():
-                result["counts"]["skipped_chosen_equals_rejected"] = result["counts"].get("skipped_chosen_equals_rejected", 0) + 1
+                result["counts"]["skipped_chosen_equals_rejected"] = (
+                    result["counts"].get("skipped_chosen_equals_rejected", 0) + 1
+                )
                 continue
             pair = {
                 "prompt": row["prompt"],
@@ -468,8 +514,11 @@ def find_reference_column(columns: Sequence[str], reference_column: str | None, 
         if name in columns:
             return name
     if required:
-        wanted = repr(reference_column) if reference_column else (
-            "'completion' (a worked answer), and no column 'solution' or 'answer'")
+        wanted = (
+            repr(reference_column)
+            if reference_column
+            else ("'completion' (a worked answer), and no column 'solution' or 'answer'")
+        )
         raise ValueError(
             f"reference answers missing: the prompt dataset has no column {wanted} (its columns: {list(columns)}). "
             "Pass `reference_column=` (flag --reference_column) naming the column that holds the reference answers."
@@ -492,8 +541,9 @@ def _marker_share(texts: Sequence[str], marker: str) -> float:
     return sum(marker.lower() in t.lower() for t in texts) / len(texts)
 
 
-def chosen_mismatch(tokenizer, chosen: Sequence[str], model_answers: Sequence[str],
-                    factor: float = CHOSEN_LENGTH_FACTOR) -> str | None:
+def chosen_mismatch(
+    tokenizer, chosen: Sequence[str], model_answers: Sequence[str], factor: float = CHOSEN_LENGTH_FACTOR
+) -> str | None:
     """How the chosen answers differ grossly from the model's own answers, or None. Gross means either
 
         r = median_j |y_model_j| / median_i |y_chosen_i|   (token lengths)   with r > factor or r < 1 / factor,
@@ -507,13 +557,17 @@ def chosen_mismatch(tokenizer, chosen: Sequence[str], model_answers: Sequence[st
     len_model = statistics.median(_token_length(tokenizer, t) for t in model_answers)
     ratio = len_model / max(len_chosen, 1)
     if ratio > factor or ratio < 1 / factor:
-        problems.append(f"the model's answers have a median of {len_model:g} tokens, the chosen ones {len_chosen:g} "
-                        f"(ratio {ratio:.1f}, beyond the factor {factor:g})")
+        problems.append(
+            f"the model's answers have a median of {len_model:g} tokens, the chosen ones {len_chosen:g} "
+            f"(ratio {ratio:.1f}, beyond the factor {factor:g})"
+        )
     for marker in FINAL_ANSWER_MARKERS:
         in_model, in_chosen = _marker_share(model_answers, marker), _marker_share(chosen, marker)
         if in_model > 0.5 and in_chosen <= 0.5:
-            problems.append(f"{in_model:.0%} of the model's answers write the final-answer marker {marker!r}, "
-                            f"{in_chosen:.0%} of the chosen ones do")
+            problems.append(
+                f"{in_model:.0%} of the model's answers write the final-answer marker {marker!r}, "
+                f"{in_chosen:.0%} of the chosen ones do"
+            )
     return "; ".join(problems) or None
 
 
@@ -553,20 +607,23 @@ def _open_output_dir(output_dir: str, provenance: dict, info: dict, chunk_prompt
     chunk_dir = os.path.join(output_dir, CHUNKS_DIR)
     os.makedirs(chunk_dir, exist_ok=True)
     meta_path = os.path.join(output_dir, META_FILE)
-    how = (f"To start over, delete {output_dir} (or its {CHUNKS_DIR}/ and {META_FILE}), or use another output_dir.")
+    how = f"To start over, delete {output_dir} (or its {CHUNKS_DIR}/ and {META_FILE}), or use another output_dir."
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         if old.get("format") != META_FORMAT:
-            raise ProvenanceError(f"{output_dir} holds a mining run of format {old.get('format')!r}, written by "
-                                  f"another wmss_trl version (this one writes {META_FORMAT!r}); its chunks cannot be "
-                                  f"reused. {how}")
+            raise ProvenanceError(
+                f"{output_dir} holds a mining run of format {old.get('format')!r}, written by "
+                f"another wmss_trl version (this one writes {META_FORMAT!r}); its chunks cannot be "
+                f"reused. {how}"
+            )
         check_provenance(f"the mined chunks in {output_dir}", old["provenance"], provenance, how)
     else:
         stray = sorted(os.listdir(chunk_dir))
         if stray:
-            raise ProvenanceError(f"{chunk_dir} holds chunks ({stray[:3]}...) but no {META_FILE}: what made them is "
-                                  f"unknown. {how}")
+            raise ProvenanceError(
+                f"{chunk_dir} holds chunks ({stray[:3]}...) but no {META_FILE}: what made them is unknown. {how}"
+            )
         write_json_atomic(meta_path, {"format": META_FORMAT, "provenance": provenance, **info}, indent=2)
     done = {}
     for c, expected in enumerate(chunk_prompts):
@@ -575,8 +632,10 @@ def _open_output_dir(output_dir: str, provenance: dict, info: dict, chunk_prompt
             results = _read_chunk(path)
             got = [r["index"] for r in results]
             if got != list(expected):
-                raise ProvenanceError(f"{path} holds prompts {got[:5]}... but chunk {c} is prompts "
-                                      f"{expected.start}..{expected.stop - 1}. {how}")
+                raise ProvenanceError(
+                    f"{path} holds prompts {got[:5]}... but chunk {c} is prompts "
+                    f"{expected.start}..{expected.stop - 1}. {how}"
+                )
             done[c] = results
     return done
 
@@ -600,7 +659,9 @@ def summarize(results: list[dict], num_chunks: int, resumed_chunks: int, cfg: Mi
         "num_wrong_truncated_excluded": counts["wrong_truncated_excluded"],
         "prompts_kept": sum(1 for r in results if r["pairs"]),
         "prompts_dropped": sum(dropped.values()),
-        "dropped": {k: dropped[k] for k in ("no_wrong", "all_unscorable", "no_correct", "only_chosen_equals_rejected")},
+        "dropped": {
+            k: dropped[k] for k in ("no_wrong", "all_unscorable", "no_correct", "only_chosen_equals_rejected")
+        },
         "pairs": pairs,
         "skipped_chosen_equals_rejected": counts["skipped_chosen_equals_rejected"],
         "chosen_reference_fallback": counts["chosen_reference_fallback"],
@@ -674,7 +735,9 @@ def mine_negatives(
             check_weak_compatible(strong_model, weak_model, tokenizer)  # and the one given
     elif weak_model is not None and tokenizer is not None:  # no strong model: the given tokenizer is the weak one's
         check_weak_compatible(weak_model, weak_model, tokenizer)
-    overrides = {k: v for k, v in dict(num_samples=num_samples, rank_by=rank_by, chosen=chosen).items() if v is not None}
+    overrides = {
+        k: v for k, v in dict(num_samples=num_samples, rank_by=rank_by, chosen=chosen).items() if v is not None
+    }
     if config is None:
         cfg = MiningConfig(**overrides, **kwargs)
     else:
@@ -684,7 +747,9 @@ def mine_negatives(
     if tokenizer is None:
         raise ValueError("mine_negatives needs the tokenizer of the weak model (`tokenizer=`).")
     if reward_funcs is None:
-        raise ValueError("mine_negatives needs at least one reward function (the verifier), e.g. numeric_accuracy_reward.")
+        raise ValueError(
+            "mine_negatives needs at least one reward function (the verifier), e.g. numeric_accuracy_reward."
+        )
     funcs = resolve_reward_funcs(reward_funcs)
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(funcs):
         raise ValueError(f"reward_weights has {len(cfg.reward_weights)} values for {len(funcs)} reward functions.")
@@ -736,15 +801,27 @@ def mine_negatives(
             raise ValueError(payload[0]["error"])
         done = {int(k): v for k, v in payload[0]["ok"].items()}
     try:
-        return _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
-                            output_dir, done, state)
+        return _mine_chunks(
+            prompts_dataset,
+            weak_model,
+            strong_model,
+            tokenizer,
+            funcs,
+            cfg,
+            ref_col,
+            conversational,
+            output_dir,
+            done,
+            state,
+        )
     finally:
         if lock is not None:
             lock.release()
 
 
-def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
-                 output_dir, done, state):
+def _mine_chunks(
+    prompts_dataset, weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational, output_dir, done, state
+):
     from accelerate.utils import gather_object
     from datasets import Dataset
     from tqdm.auto import tqdm
@@ -755,8 +832,9 @@ def _mine_chunks(prompts_dataset, weak_model, strong_model, tokenizer, funcs, cf
     blocks_per_chunk = cfg.chunk_size // cfg.batch_size
     num_chunks = math.ceil(num_blocks / blocks_per_chunk)
 
-    miner = _Miner(weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational,
-                   prompts_dataset.column_names)
+    miner = _Miner(
+        weak_model, strong_model, tokenizer, funcs, cfg, ref_col, conversational, prompts_dataset.column_names
+    )
     bar = tqdm(total=n, desc="mining negatives", disable=not (cfg.progress and state.is_main_process))
     results: dict[int, list[dict]] = {}
     first_fresh = True
@@ -815,16 +893,21 @@ def _warn_chosen_mismatch(rows, tokenizer, ref_col, columns, state) -> str | Non
     """[`chosen_mismatch`] of the reference-chosen pairs against their rejected (the model's own) answers; warned
     about on the main process, naming the fix. Returned for the summary."""
     pairs = [r for r in rows if r["chosen_source"] == "reference"]
-    what = chosen_mismatch(tokenizer, [_reference_text(r["chosen"]) for r in pairs],
-                           [_reference_text(r["rejected"]) for r in pairs])
+    what = chosen_mismatch(
+        tokenizer, [_reference_text(r["chosen"]) for r in pairs], [_reference_text(r["rejected"]) for r in pairs]
+    )
     if what and state.is_main_process:
         others = [c for c in columns if c not in ("prompt", ref_col)]
         logger.warning(
             "the chosen answers (column %r) differ grossly from the model's answers: %s. DPO on these pairs is "
             "likely to start with negative margins. Pass --reference_column (reference_column=) naming a column of "
             "answers written like the model's (other columns: %s), or --chosen correct_sample "
-            "(chosen=\"correct_sample\": the model's most plausible correct answer); the verifiers keep reading their "
-            "own columns.", ref_col, what, others)
+            '(chosen="correct_sample": the model\'s most plausible correct answer); the verifiers keep reading their '
+            "own columns.",
+            ref_col,
+            what,
+            others,
+        )
     return what
 
 

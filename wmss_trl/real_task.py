@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from .rewards import completion_text
 
+
 INSTRUCTION = "Reply with the number only."
 
 # Named configurations (reasoning-gym task, keyword arguments). The base SmolLM2-135M-Instruct rates are measured by
@@ -80,8 +81,15 @@ def _import_reasoning_gym():
     return reasoning_gym
 
 
-def generate_rows(task, size: int, seed: int, exclude_questions=(), instruction: str = INSTRUCTION,
-                  conversational: bool = True, max_tries: int = 6) -> list[dict]:
+def generate_rows(
+    task,
+    size: int,
+    seed: int,
+    exclude_questions=(),
+    instruction: str = INSTRUCTION,
+    conversational: bool = True,
+    max_tries: int = 6,
+) -> list[dict]:
     """``size`` problems of ``task`` drawn with ``seed``, skipping questions in ``exclude_questions`` and duplicates.
 
     reasoning-gym datasets are indexed and deterministic for a seed, so the rows are the first ``size`` admissible
@@ -100,14 +108,16 @@ def generate_rows(task, size: int, seed: int, exclude_questions=(), instruction:
             if question in seen:
                 continue
             seen.add(question)
-            rows.append({
-                "idx": len(rows),
-                "prompt": make_prompt(question, instruction, conversational),
-                "question": question,
-                "answer": str(entry["answer"]),
-                "rg_dataset": name,
-                "rg_entry": json.dumps(entry.get("metadata", {}), default=str, sort_keys=True),
-            })
+            rows.append(
+                {
+                    "idx": len(rows),
+                    "prompt": make_prompt(question, instruction, conversational),
+                    "question": question,
+                    "answer": str(entry["answer"]),
+                    "rg_dataset": name,
+                    "rg_entry": json.dumps(entry.get("metadata", {}), default=str, sort_keys=True),
+                }
+            )
             if len(rows) == size:
                 return rows
         pool *= 2
@@ -117,8 +127,15 @@ def generate_rows(task, size: int, seed: int, exclude_questions=(), instruction:
     )
 
 
-def build_splits(task, n_train: int, n_eval: int, train_seed: int = 0, eval_seed: int = 1,
-                 instruction: str = INSTRUCTION, conversational: bool = True):
+def build_splits(
+    task,
+    n_train: int,
+    n_eval: int,
+    train_seed: int = 0,
+    eval_seed: int = 1,
+    instruction: str = INSTRUCTION,
+    conversational: bool = True,
+):
     """``DatasetDict(train=..., test=...)``: ``n_train`` train problems (``train_seed``) and ``n_eval`` held-out ones
     (``eval_seed``), no question in both."""
     from datasets import Dataset, DatasetDict
@@ -126,8 +143,14 @@ def build_splits(task, n_train: int, n_eval: int, train_seed: int = 0, eval_seed
     if train_seed == eval_seed:
         raise ValueError("train_seed and eval_seed must differ (the held-out split is drawn from its own seed).")
     train = generate_rows(task, n_train, train_seed, instruction=instruction, conversational=conversational)
-    test = generate_rows(task, n_eval, eval_seed, exclude_questions={r["question"] for r in train},
-                         instruction=instruction, conversational=conversational)
+    test = generate_rows(
+        task,
+        n_eval,
+        eval_seed,
+        exclude_questions={r["question"] for r in train},
+        instruction=instruction,
+        conversational=conversational,
+    )
     return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
 
 
@@ -151,8 +174,16 @@ def get_reasoning_gym_reward(scorers: dict | None = None, default_dataset: str |
     """
     cache: dict[str, Callable] = {}
 
-    def reasoning_gym_reward(prompts=None, completions=None, completion_ids=None, answer=None, rg_dataset=None,
-                             rg_entry=None, question=None, **kwargs) -> list[float]:
+    def reasoning_gym_reward(
+        prompts=None,
+        completions=None,
+        completion_ids=None,
+        answer=None,
+        rg_dataset=None,
+        rg_entry=None,
+        question=None,
+        **kwargs,
+    ) -> list[float]:
         if completions is None:
             raise ValueError("reasoning_gym_reward needs `completions`.")
         n = len(completions)
@@ -165,8 +196,10 @@ def get_reasoning_gym_reward(scorers: dict | None = None, default_dataset: str |
         entries = rg_entry if rg_entry is not None else [None] * n
         questions = question if question is not None else [None] * n
         if not len(answer) == len(rg_dataset) == len(entries) == len(questions) == n:
-            raise ValueError(f"reasoning_gym_reward: {n} completions but columns of lengths "
-                             f"{[len(answer), len(rg_dataset), len(entries), len(questions)]}.")
+            raise ValueError(
+                f"reasoning_gym_reward: {n} completions but columns of lengths "
+                f"{[len(answer), len(rg_dataset), len(entries), len(questions)]}."
+            )
         rewards = []
         for completion, oracle, name, meta, q in zip(completions, answer, rg_dataset, entries, questions):
             if name not in cache:
@@ -192,8 +225,15 @@ def exact_correct(reward: float) -> bool:
     return reward >= 1.0 - 1e-9
 
 
-def greedy_accuracy(model, tokenizer, dataset, batch_size: int = 16, max_new_tokens: int = 32,
-                    reward_func: Callable | None = None, desc: str = "eval") -> dict:
+def greedy_accuracy(
+    model,
+    tokenizer,
+    dataset,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    reward_func: Callable | None = None,
+    desc: str = "eval",
+) -> dict:
     """Greedy held-out evaluation: the fraction of problems whose completion gets full credit, the mean reward, and
     the completions (for inspection). Prompts are rendered with the tokenizer's chat template, left-padded."""
     import torch
@@ -207,16 +247,31 @@ def greedy_accuracy(model, tokenizer, dataset, batch_size: int = 16, max_new_tok
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = dataset[start : start + batch_size]
-            prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                       if isinstance(p, list) else p for p in rows["prompt"]]
+            prompts = [
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                if isinstance(p, list)
+                else p
+                for p in rows["prompt"]
+            ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            batch_texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            batch_texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             texts += batch_texts
-            rewards += reward_func(prompts=rows["prompt"], completions=batch_texts, answer=rows["answer"],
-                                   rg_dataset=rows["rg_dataset"], rg_entry=rows["rg_entry"], question=rows["question"])
+            rewards += reward_func(
+                prompts=rows["prompt"],
+                completions=batch_texts,
+                answer=rows["answer"],
+                rg_dataset=rows["rg_dataset"],
+                rg_entry=rows["rg_entry"],
+                question=rows["question"],
+            )
     finally:
         tokenizer.padding_side = side
     n = max(len(rewards), 1)

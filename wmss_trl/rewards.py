@@ -31,6 +31,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+
 REFERENCE_COLUMNS = ("solution", "answer")
 
 # An optional sign, digits with optional thousands separators, an optional decimal part; or a bare decimal (".5").

@@ -33,6 +33,7 @@ import torch
 
 from .io import check_provenance, dataset_fingerprint
 
+
 logger = logging.getLogger(__name__)
 
 ZERO_TOTAL = 1e-12  # what the official code puts in place of a zero normaliser
@@ -189,7 +190,9 @@ def resample_indices(weights, multiplier: float = 1.0, seed: int = 42) -> np.nda
     p = _as_weights(weights)
     n_new = int(len(p) * multiplier)
     if n_new <= 0:
-        raise ValueError(f"selection multiplier {multiplier} gives {n_new} draws for {len(p)} rows; it must give >= 1.")
+        raise ValueError(
+            f"selection multiplier {multiplier} gives {n_new} draws for {len(p)} rows; it must give >= 1."
+        )
     rng = np.random.default_rng(seed)
     return rng.choice(len(p), size=n_new, replace=True, p=p).astype(np.int64)
 
@@ -237,7 +240,9 @@ class WeightedEpochSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self):
         draw = self.indices()
-        logger.info(f"WD-DS weighted sampler, epoch {self.epoch}: {len(draw)} draws, {unique_count(draw)} unique rows.")
+        logger.info(
+            f"WD-DS weighted sampler, epoch {self.epoch}: {len(draw)} draws, {unique_count(draw)} unique rows."
+        )
         return iter(draw.tolist())
 
     def __len__(self) -> int:
@@ -278,19 +283,25 @@ def read_entropy_meta(path: str, num_rows: int) -> dict | None:
     hold ``num_rows`` distinct rows, as recorded. ``None`` (with a warning) for a file without a sidecar."""
     meta_path = path + META_SUFFIX
     if not os.path.isfile(meta_path):
-        logger.warning(f"entropy file {path!r} has no {META_SUFFIX} sidecar: what made it (model, dataset) cannot be "
-                       "checked. Files written by `wmss entropy` have one.")
+        logger.warning(
+            f"entropy file {path!r} has no {META_SUFFIX} sidecar: what made it (model, dataset) cannot be "
+            "checked. Files written by `wmss entropy` have one."
+        )
         return None
     with open(meta_path) as f:
         meta = json.load(f)
-    redo = (f"Re-run `wmss entropy` with the same arguments to finish it, or delete {path} and {meta_path} to "
-            "recompute it.")
+    redo = (
+        f"Re-run `wmss entropy` with the same arguments to finish it, or delete {path} and {meta_path} to "
+        "recompute it."
+    )
     if meta.get("format") != META_FORMAT:
-        raise ValueError(f"entropy file {path!r} has the sidecar format {meta.get('format')!r}, not {META_FORMAT!r}. "
-                         f"{redo}")
+        raise ValueError(
+            f"entropy file {path!r} has the sidecar format {meta.get('format')!r}, not {META_FORMAT!r}. {redo}"
+        )
     if not meta.get("complete"):
-        raise ValueError(f"entropy file {path!r} is incomplete ({meta.get('num_done')} of {meta.get('num_rows')} "
-                         f"samples). {redo}")
+        raise ValueError(
+            f"entropy file {path!r} is incomplete ({meta.get('num_done')} of {meta.get('num_rows')} samples). {redo}"
+        )
     if meta.get("num_rows") != num_rows:
         raise ValueError(
             f"entropy file {path!r} holds {num_rows} samples but its sidecar says {meta.get('num_rows')}. {redo}"
@@ -342,7 +353,8 @@ def _merge_entropy_files(paths, columns):
         (first, m0), *rest = metas.items()
         for path, meta in rest:
             check_provenance(
-                f"entropy file {path!r}", {"dataset": m0["provenance"]["dataset"]},
+                f"entropy file {path!r}",
+                {"dataset": m0["provenance"]["dataset"]},
                 {"dataset": meta["provenance"]["dataset"]},
                 f"It was computed on another dataset than {first!r}; compute both on the same dataset.",
             )
@@ -380,7 +392,9 @@ def dataset_wd_ds_weights(
         current = dataset_fingerprint(dataset)
         for path, meta in metas.items():
             check_provenance(
-                f"entropy file {path!r}", {"dataset": meta["provenance"]["dataset"]}, {"dataset": current},
+                f"entropy file {path!r}",
+                {"dataset": meta["provenance"]["dataset"]},
+                {"dataset": current},
                 "It was computed on another dataset than this training dataset. Compute the entropies of this dataset "
                 f"(`wmss entropy --dataset ...` into a new --output, or delete {path} and its {META_SUFFIX} sidecar), "
                 "or train on the dataset the file was made for.",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ from .weak import (
     require_safetensors,
     resolve_weak_model,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,10 @@ class WMSSModelCard:
                 text = text.replace('model="None"', f'model="{self.args.output_dir}"', 1)
             text = _insert_before(text, "### Framework versions", self._wmss_card_section(base))
         else:
-            line = (f"WMSS was inactive in this run (no weak model given): it was trained by TRL's "
-                    f"{self._trl_name}, unchanged, through wmss_trl.\n")
+            line = (
+                f"WMSS was inactive in this run (no weak model given): it was trained by TRL's "
+                f"{self._trl_name}, unchanged, through wmss_trl.\n"
+            )
             text = _insert_before(text, "## Quick start", line + "\n")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
@@ -123,8 +126,11 @@ class WMSSModelCard:
         wmss_trl's config classes) with their values."""
         args = self.args
         names = [
-            name for cls in reversed(type(args).__mro__) if cls.__module__.startswith("wmss_trl")
-            for name in cls.__dict__.get("__annotations__", {}) if name != "weak_model_name_or_path"
+            name
+            for cls in reversed(type(args).__mro__)
+            if cls.__module__.startswith("wmss_trl")
+            for name in cls.__dict__.get("__annotations__", {})
+            if name != "weak_model_name_or_path"
         ]
         weak = getattr(self, "weak_model", None)
         if getattr(args, "peft_base_as_weak", False):
@@ -204,8 +210,10 @@ class WMSSSFTConfig(SFTConfig):
 
     weak_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Without a "
-                  "weak model (and peft_base_as_weak=False) the trainer is TRL's SFTTrainer."},
+        metadata={
+            "help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Without a "
+            "weak model (and peft_base_as_weak=False) the trainer is TRL's SFTTrainer."
+        },
     )
     weak_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -213,14 +221,18 @@ class WMSSSFTConfig(SFTConfig):
     )
     peft_base_as_weak: bool = field(
         default=False,
-        metadata={"help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
-                  "adapters disabled as the weak model (no second copy of the weights). Off: a peft_config alone is "
-                  "plain TRL SFT."},
+        metadata={
+            "help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
+            "adapters disabled as the weak model (no second copy of the weights). Off: a peft_config alone is "
+            "plain TRL SFT."
+        },
     )
     mixing_lambda: float = field(
         default=0.5,
-        metadata={"help": "Weight of the strong logits in z_mix = lambda*z_strong + (1-lambda)*z_weak; "
-                  "0 < lambda <= 1, 1.0 is plain SFT (TRL's loss). No effect without a weak model."},
+        metadata={
+            "help": "Weight of the strong logits in z_mix = lambda*z_strong + (1-lambda)*z_weak; "
+            "0 < lambda <= 1, 1.0 is plain SFT (TRL's loss). No effect without a weak model."
+        },
     )
     mixing_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
@@ -230,14 +242,18 @@ class WMSSSFTConfig(SFTConfig):
     # WD-DS selection
     selection_mode: str | None = field(
         default=None,
-        metadata={"help": "WD-DS data selection: None (off), 'resample' (official: N*multiplier draws with "
-                  "replacement), 'weighted_sampler' (redrawn each epoch) or 'top_fraction'.",
-                  "choices": [None, "resample", "weighted_sampler", "top_fraction"]},
+        metadata={
+            "help": "WD-DS data selection: None (off), 'resample' (official: N*multiplier draws with "
+            "replacement), 'weighted_sampler' (redrawn each epoch) or 'top_fraction'.",
+            "choices": [None, "resample", "weighted_sampler", "top_fraction"],
+        },
     )
     entropy_files: list[str] | None = field(
         default=None,
-        metadata={"help": "Entropy file(s) written by `wmss entropy` (joined on idx) with the weak and strong "
-                  "per-sample entropies; must cover every training row."},
+        metadata={
+            "help": "Entropy file(s) written by `wmss entropy` (joined on idx) with the weak and strong "
+            "per-sample entropies; must cover every training row."
+        },
     )
     weak_entropy_column: str = field(default="entropy_0", metadata={"help": "Column of H0, the weak model's entropy."})
     strong_entropy_column: str = field(
@@ -247,7 +263,8 @@ class WMSSSFTConfig(SFTConfig):
     selection_beta: float = field(default=0.8, metadata={"help": "WD-DS share for entropy drops (H1 < H0)."})
     selection_gamma: float = field(default=0.1, metadata={"help": "WD-DS share for entropy rises (H1 > H0)."})
     selection_multiplier: float = field(
-        default=1.0, metadata={"help": "Draws per epoch as a multiple of the dataset size (resample, weighted_sampler)."}
+        default=1.0,
+        metadata={"help": "Draws per epoch as a multiple of the dataset size (resample, weighted_sampler)."},
     )
     selection_fraction: float = field(default=0.5, metadata={"help": "Fraction of rows kept by top_fraction."})
     selection_seed: int = field(default=42, metadata={"help": "Seed of the WD-DS draws."})
@@ -255,7 +272,11 @@ class WMSSSFTConfig(SFTConfig):
     def __post_init__(self):
         # every numeric WMSS field, converted (YAML / JSON may give strings) and stored back, before anything uses it
         self.mixing_lambda = check_float(
-            "mixing_lambda", self.mixing_lambda, low=0.0, low_open=True, high=1.0,
+            "mixing_lambda",
+            self.mixing_lambda,
+            low=0.0,
+            low_open=True,
+            high=1.0,
             hint="It is the weight of the STRONG logits: 1.0 is plain SFT, the paper's default is 0.5.",
         )
         self.mixing_chunk_size = check_int(
@@ -267,11 +288,18 @@ class WMSSSFTConfig(SFTConfig):
             need_positive_sum=self.selection_mode is not None,
         )
         self.selection_multiplier = check_float(
-            "selection_multiplier", self.selection_multiplier, low=0.0, low_open=True,
+            "selection_multiplier",
+            self.selection_multiplier,
+            low=0.0,
+            low_open=True,
             hint="It is the number of draws per epoch as a multiple of the dataset size.",
         )
         self.selection_fraction = check_float(
-            "selection_fraction", self.selection_fraction, low=0.0, low_open=True, high=1.0,
+            "selection_fraction",
+            self.selection_fraction,
+            low=0.0,
+            low_open=True,
+            high=1.0,
             hint="It is the fraction of rows top_fraction keeps.",
         )
         self.selection_seed = check_int("selection_seed", self.selection_seed, low=0, hint="numpy seeds are >= 0.")
@@ -366,11 +394,16 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         named = _SFT_INIT.bind(self, model, args, *pargs, **kwargs).arguments  # TypeError like SFTTrainer's
         if isinstance(model, (str, os.PathLike)):
             require_safetensors(model, "policy")
-        require_rows(named.get("train_dataset"), "train_dataset", ", so there is nothing to train on. Check the split, "
-                     "filter or file that produced it, and pass a dataset with at least one row.")
+        require_rows(
+            named.get("train_dataset"),
+            "train_dataset",
+            ", so there is nothing to train on. Check the split, "
+            "filter or file that produced it, and pass a dataset with at least one row.",
+        )
         for which in ("train_dataset", "eval_dataset"):  # before any model loads
-            check_dataset_columns(named.get(which), "sft", name=which, args=args,
-                                  formatting_func=named.get("formatting_func"))
+            check_dataset_columns(
+                named.get(which), "sft", name=which, args=args, formatting_func=named.get("formatting_func")
+            )
 
         weak_given = weak_model is not None or bool(args.weak_model_name_or_path)
         if args.peft_base_as_weak:
@@ -412,7 +445,9 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             # the fused loss reads the LM heads' weights and computes no router loss: the models' own logits when
             # a head is PEFT-wrapped (LoRA on lm_head, modules_to_save) or the MoE router loss is on
             unwrapped = self.accelerator.unwrap_model(self.model)
-            heads = [unwrapped] if self.weak_model is None else [unwrapped, self.accelerator.unwrap_model(self.weak_model)]
+            heads = (
+                [unwrapped] if self.weak_model is None else [unwrapped, self.accelerator.unwrap_model(self.weak_model)]
+            )
             self._fused_head = (
                 plain_lm_head(unwrapped) and not self.aux_loss_enabled and not any(map(_peft_wrapped_head, heads))
             )
@@ -571,8 +606,13 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         weak_hidden = self._weak_hidden(unwrapped, model_inputs)[:, keep][mask]
         weak = unwrapped if self.weak_model is None else self.accelerator.unwrap_model(self.weak_model)
         loss_sum, stats = mixed_head_loss(
-            strong_hidden, lm_head_of(unwrapped), weak_hidden, lm_head_of(weak), targets[mask],
-            self.mixing_lambda, self.args.mixing_chunk_size,
+            strong_hidden,
+            lm_head_of(unwrapped),
+            weak_hidden,
+            lm_head_of(weak),
+            targets[mask],
+            self.mixing_lambda,
+            self.args.mixing_chunk_size,
         )
         return loss_sum, stats.sum(0), mask.sum(), None  # no router loss on this path (see `_fused_head`)
 

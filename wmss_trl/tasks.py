@@ -22,6 +22,7 @@ import random
 import re
 import string
 
+
 NAMES = ["Ann", "Ben", "Cid", "Dot", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "Kim", "Lou"]
 ITEMS = ["pens", "cups", "keys", "eggs", "apples", "coins", "books", "cards", "shells", "beads"]
 GAIN = ["gets {n}", "buys {n}", "finds {n}"]
@@ -43,7 +44,7 @@ def make_problem(rng: random.Random, num_ops: int, low: int, high: int) -> dict:
     value = rng.randint(low, high)
     story = [f"{name} has {value} {item}."]
     steps = []
-    for i in range(num_ops):
+    for _ in range(num_ops):
         n = rng.randint(low, high)
         if rng.random() < 0.5 and n <= value:
             phrase, new = rng.choice(LOSS).format(n=n), value - n
@@ -125,14 +126,21 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: in
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = dataset[start : start + batch_size]
             prompts = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                if isinstance(p, list)
+                else p
                 for p in rows["prompt"]
             ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(final_answer(t) == str(a) for t, a in zip(texts, rows["answer"]))
     finally:
         tokenizer.padding_side = side

@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 
+
 try:
     from peft import PeftModel
 except ImportError:  # pragma: no cover - peft is a hard dependency, kept optional for readers
@@ -44,7 +45,9 @@ def parse_init_kwargs(kwargs: dict | str | None) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"weak_model_init_kwargs is not valid JSON: {kwargs!r} ({e}).") from e
     if not isinstance(kwargs, dict):
-        raise ValueError(f"weak_model_init_kwargs must be a dict or a JSON object string, got {type(kwargs).__name__}.")
+        raise ValueError(
+            f"weak_model_init_kwargs must be a dict or a JSON object string, got {type(kwargs).__name__}."
+        )
     return dict(kwargs)
 
 
@@ -61,7 +64,9 @@ def require_safetensors(path, role: str = "model") -> None:
     names = os.listdir(path)
     if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
         return
-    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")) and not n.startswith("training_args"))
+    pickles = sorted(
+        n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")) and not n.startswith("training_args")
+    )
     if pickles:
         raise ValueError(
             f"the {role} checkpoint {str(path)!r} has pickle weights only ({', '.join(pickles)}); wmss_trl loads "

@@ -16,9 +16,11 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A local data file (any format `datasets` reads: .json/.jsonl/.parquet/.csv/.tsv...), a "
-                  "folder of data files, a folder saved with `save_to_disk`, a hub dataset name, or `wmss:arith` for "
-                  "the embedded arithmetic task."},
+        metadata={
+            "help": "A local data file (any format `datasets` reads: .json/.jsonl/.parquet/.csv/.tsv...), a "
+            "folder of data files, a folder saved with `save_to_disk`, a hub dataset name, or `wmss:arith` for "
+            "the embedded arithmetic task."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -88,14 +90,17 @@ def load_dataset_splits(data_args: DataArguments):
 
     name = data_args.dataset_name
     if name is None:
-        raise ValueError("no dataset: pass --dataset_name (a local file or folder, a saved folder, a hub dataset, or "
-                         "wmss:arith).")
+        raise ValueError(
+            "no dataset: pass --dataset_name (a local file or folder, a saved folder, a hub dataset, or wmss:arith)."
+        )
     if name.startswith("wmss:"):
         from .. import tasks
 
         return tasks.load_embedded(name.split(":", 1)[1])
-    if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in
-                                   (config.DATASETDICT_JSON_FILENAME, config.DATASET_STATE_JSON_FILENAME)):
+    if os.path.isdir(name) and any(
+        os.path.isfile(os.path.join(name, f))
+        for f in (config.DATASETDICT_JSON_FILENAME, config.DATASET_STATE_JSON_FILENAME)
+    ):
         ds = load_from_disk(name)
         return ds if isinstance(ds, DatasetDict) else DatasetDict({data_args.dataset_train_split: ds})
     if os.path.isfile(name):

@@ -41,6 +41,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
+
 ARMS = ["sft", "neftune", "wmss", "grpo", "wmss_grpo"]
 CONTROLS = ["wmss_uniform", "wmss_shuffled", "dpo_mined", "dpo_random"]
 ARM_INFO = {
@@ -54,8 +55,11 @@ ARM_INFO = {
     "dpo_mined": "DPO, rejected = the weak model's verified-wrong answers (weak reference)",
     "dpo_random": "DPO, rejected = another problem's solution (weak reference)",
 }
-FAMILIES = {"SFT family": ["sft", "neftune", "wmss", "wmss_uniform", "wmss_shuffled"], "RL": ["grpo", "wmss_grpo"],
-            "DPO": ["dpo_mined", "dpo_random"]}
+FAMILIES = {
+    "SFT family": ["sft", "neftune", "wmss", "wmss_uniform", "wmss_shuffled"],
+    "RL": ["grpo", "wmss_grpo"],
+    "DPO": ["dpo_mined", "dpo_random"],
+}
 # (arm, its baseline, how the reading line names the arm) for the one-line reading after the table
 READINGS = [("wmss", "sft", "WMSS"), ("wmss_grpo", "grpo", "WMSS-GRPO"), ("dpo_mined", "dpo_random", "DPO-mined")]
 
@@ -70,8 +74,17 @@ NUMERICS_PINS = {
 
 # Rough seconds on a 2-core Xeon at load ~2 with the pins (measured, docs/demo.md); the phase headers scale them by
 # how fast this run has gone so far.
-SECONDS_PER_STEP = {"sft": 0.23, "neftune": 0.23, "wmss": 0.28, "wmss_uniform": 0.28, "wmss_shuffled": 0.28,
-                    "grpo": 0.35, "wmss_grpo": 0.5, "dpo_mined": 0.35, "dpo_random": 0.35}  # "sft" also: weak, strong
+SECONDS_PER_STEP = {
+    "sft": 0.23,
+    "neftune": 0.23,
+    "wmss": 0.28,
+    "wmss_uniform": 0.28,
+    "wmss_shuffled": 0.28,
+    "grpo": 0.35,
+    "wmss_grpo": 0.5,
+    "dpo_mined": 0.35,
+    "dpo_random": 0.35,
+}  # "sft" also: weak, strong
 SECONDS_PER_EVAL = 2.0  # greedy decoding of the 200 + 200 problems by a trained model
 SECONDS_SETUP = 6.0  # building a trainer (TRL tokenizes the 4000 training problems)
 SECONDS_ENTROPIES = 20.0  # H0 and H1 on the 4000 training problems
@@ -93,9 +106,11 @@ class DemoArguments:
     )
     eval_every: int | None = field(
         default=None,
-        metadata={"help": "Evaluate the curves every N steps (on all 200 test + 200 ood problems, like the table). "
-                  "Default: 3 evenly spaced points per arm, the last being the table's number; with --time_budget, "
-                  "the end only."},
+        metadata={
+            "help": "Evaluate the curves every N steps (on all 200 test + 200 ood problems, like the table). "
+            "Default: 3 evenly spaced points per arm, the last being the table's number; with --time_budget, "
+            "the end only."
+        },
     )
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
     num_layers: int = field(default=3, metadata={"help": "Model depth."})
@@ -104,8 +119,9 @@ class DemoArguments:
     arm_learning_rate: float = field(default=5e-4, metadata={"help": "Constant LR of the SFT-family arms."})
     grpo_learning_rate: float = field(
         default=5e-5,
-        metadata={"help": "Constant LR of the GRPO arms (2e-4 made vanilla GRPO collapse: 59 -> 37%% held-out in 40 "
-                  "steps)."},
+        metadata={
+            "help": "Constant LR of the GRPO arms (2e-4 made vanilla GRPO collapse: 59 -> 37%% held-out in 40 steps)."
+        },
     )
     dpo_learning_rate: float = field(
         default=1e-5, metadata={"help": "Constant LR of the DPO arms (5e-4 collapsed both DPO arms to ~2%% held-out)."}
@@ -114,16 +130,20 @@ class DemoArguments:
     neftune_noise_alpha: float = field(default=5.0, metadata={"help": "NEFTune noise for the neftune arm."})
     report_to: str = field(
         default="none",
-        metadata={"help": "transformers' report_to for every trainer (e.g. tensorboard, wandb, trackio): the losses "
-                  "and the accuracy curves (eval_test_accuracy, eval_ood_accuracy) go there too."},
+        metadata={
+            "help": "transformers' report_to for every trainer (e.g. tensorboard, wandb, trackio): the losses "
+            "and the accuracy curves (eval_test_accuracy, eval_ood_accuracy) go there too."
+        },
     )
     plot: bool = field(default=True, metadata={"help": "Write accuracy.png (needs matplotlib)."})
     reproducible_numerics: bool = field(
         default=True,
-        metadata={"help": "Pin the kernels to their AVX2 code paths and one thread before torch loads (MKL_CBWR, "
-                  "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS; a variable you set is kept), so the "
-                  "same seed gives the same table on every Intel CPU with AVX2. false: the fastest kernels for this "
-                  "CPU, whose table differs across CPUs (docs/demo.md)."},
+        metadata={
+            "help": "Pin the kernels to their AVX2 code paths and one thread before torch loads (MKL_CBWR, "
+            "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS; a variable you set is kept), so the "
+            "same seed gives the same table on every Intel CPU with AVX2. false: the fastest kernels for this "
+            "CPU, whose table differs across CPUs (docs/demo.md)."
+        },
     )
 
     def __post_init__(self):
@@ -132,8 +152,17 @@ class DemoArguments:
         unknown = [a for a in self.arms.split(",") if a not in ARMS + CONTROLS]
         if unknown or not self.arms:
             raise ValueError(f"--arms: unknown arm(s) {unknown or [self.arms]}; choose among {ARMS + CONTROLS}.")
-        for name in ("weak_steps", "strong_steps", "arm_steps", "grpo_steps", "dpo_steps", "dpo_prompts",
-                     "hidden_size", "num_layers", "batch_size"):
+        for name in (
+            "weak_steps",
+            "strong_steps",
+            "arm_steps",
+            "grpo_steps",
+            "dpo_steps",
+            "dpo_prompts",
+            "hidden_size",
+            "num_layers",
+            "batch_size",
+        ):
             setattr(self, name, check_int(name, getattr(self, name), low=1))
         self.eval_every = check_int("eval_every", self.eval_every, low=1, optional=True)
 
@@ -229,8 +258,10 @@ def make_callback_class():
 
             t = time.perf_counter()
             was_training = model.training
-            metrics = {f"eval_{name}_accuracy": evaluate(model, self.tokenizer, ds, desc=f"curve {name}")
-                       for name, ds in self.splits.items()}
+            metrics = {
+                f"eval_{name}_accuracy": evaluate(model, self.tokenizer, ds, desc=f"curve {name}")
+                for name, ds in self.splits.items()
+            }
             self.trainer.log(metrics)  # model.eval() since evaluate(): TRL's log() treats this as an eval call
             model.train(was_training)
             self.last_step = step
@@ -267,10 +298,21 @@ def curve_steps(cfg: DemoArguments, max_steps: int) -> set[int]:
 
 def common_args(out, seed, steps, lr, batch, report_to="none", scheduler="constant", **kw):
     return dict(
-        output_dir=out, use_cpu=True, bf16=False, report_to=report_to, save_strategy="no",
-        activation_checkpointing=False, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
-        lr_scheduler_type=scheduler, warmup_steps=min(50, steps // 10) if scheduler != "constant" else 0,
-        logging_steps=10, seed=seed, data_seed=seed, **kw,
+        output_dir=out,
+        use_cpu=True,
+        bf16=False,
+        report_to=report_to,
+        save_strategy="no",
+        activation_checkpointing=False,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type=scheduler,
+        warmup_steps=min(50, steps // 10) if scheduler != "constant" else 0,
+        logging_steps=10,
+        seed=seed,
+        data_seed=seed,
+        **kw,
     )
 
 
@@ -321,37 +363,66 @@ def run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg: DemoArgument
     base = common_args(out, cfg.seed, steps, cfg.arm_learning_rate, cfg.batch_size, cfg.report_to)
     if arm in ("sft", "neftune"):
         extra = {"neftune_noise_alpha": cfg.neftune_noise_alpha} if arm == "neftune" else {}
-        trainer = SFTTrainer(strong, args=SFTConfig(**base, **extra), train_dataset=data["train"],
-                             processing_class=tokenizer)
+        trainer = SFTTrainer(
+            strong, args=SFTConfig(**base, **extra), train_dataset=data["train"], processing_class=tokenizer
+        )
     elif arm in ("wmss", "wmss_uniform", "wmss_shuffled"):
         weak_model = weak if arm == "wmss" else control_weak_model(weak, arm.split("_")[1])
-        args = WMSSSFTConfig(**base, mixing_lambda=cfg.mixing_lambda, selection_mode="resample",
-                             entropy_files=entropy_files)
-        trainer = WMSSSFTTrainer(strong, args=args, train_dataset=data["train"], processing_class=tokenizer,
-                                 weak_model=weak_model)
+        args = WMSSSFTConfig(
+            **base, mixing_lambda=cfg.mixing_lambda, selection_mode="resample", entropy_files=entropy_files
+        )
+        trainer = WMSSSFTTrainer(
+            strong, args=args, train_dataset=data["train"], processing_class=tokenizer, weak_model=weak_model
+        )
     elif arm in ("grpo", "wmss_grpo"):
         generations = 8
-        grpo = common_args(out, cfg.seed, steps, cfg.grpo_learning_rate, cfg.batch_size, cfg.report_to,
-                           num_generations=generations, max_completion_length=40, temperature=1.0, beta=0.0,
-                           loss_type="dapo", log_completions=False)
+        grpo = common_args(
+            out,
+            cfg.seed,
+            steps,
+            cfg.grpo_learning_rate,
+            cfg.batch_size,
+            cfg.report_to,
+            num_generations=generations,
+            max_completion_length=40,
+            temperature=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            log_completions=False,
+        )
         prompts = data["train"].remove_columns(["completion"])
         if arm == "grpo":
-            trainer = GRPOTrainer(strong, reward_funcs=correctness_reward, args=GRPOConfig(**grpo),
-                                  train_dataset=prompts, processing_class=tokenizer)
+            trainer = GRPOTrainer(
+                strong,
+                reward_funcs=correctness_reward,
+                args=GRPOConfig(**grpo),
+                train_dataset=prompts,
+                processing_class=tokenizer,
+            )
         else:
             args = WMSSGRPOConfig(**grpo, num_weak_generations=generations // 4, entropy_weighted_advantages=True)
-            trainer = WMSSGRPOTrainer(strong, reward_funcs=correctness_reward, args=args, train_dataset=prompts,
-                                      processing_class=tokenizer, weak_model=weak)
+            trainer = WMSSGRPOTrainer(
+                strong,
+                reward_funcs=correctness_reward,
+                args=args,
+                train_dataset=prompts,
+                processing_class=tokenizer,
+                weak_model=weak,
+            )
     else:  # dpo_mined, dpo_random (DemoArguments refused any other name)
         from ..dpo import WMSSDPOConfig, WMSSDPOTrainer
 
         pairs = preference_pairs(arm, weak, strong, tokenizer, data["train"].select(range(cfg.dpo_prompts)), cfg, out)
         # RPO-style NLL on chosen: plain sigmoid DPO lowers accuracy here
-        args = WMSSDPOConfig(**common_args(out, cfg.seed, steps, cfg.dpo_learning_rate, cfg.batch_size, cfg.report_to),
-                             beta=0.1, loss_type=["sigmoid", "sft"])
+        args = WMSSDPOConfig(
+            **common_args(out, cfg.seed, steps, cfg.dpo_learning_rate, cfg.batch_size, cfg.report_to),
+            beta=0.1,
+            loss_type=["sigmoid", "sft"],
+        )
         trainer = WMSSDPOTrainer(strong, args=args, train_dataset=pairs, processing_class=tokenizer, weak_model=weak)
-    curve = make_callback_class()(trainer, tokenizer, {"test": data["test"], "ood": data["ood"]},
-                                  curve_steps(cfg, steps), cfg.time_budget)
+    curve = make_callback_class()(
+        trainer, tokenizer, {"test": data["test"], "ood": data["ood"]}, curve_steps(cfg, steps), cfg.time_budget
+    )
     trainer.add_callback(curve)
     trainer.train()
     os.makedirs(out, exist_ok=True)
@@ -371,9 +442,18 @@ def preference_pairs(arm, weak, strong, tokenizer, prompts, cfg, out):
     from ..tasks import correctness_reward
 
     mined, _ = mine_negatives(
-        prompts, AutoModelForCausalLM.from_pretrained(weak), AutoModelForCausalLM.from_pretrained(strong), tokenizer,
-        reward_funcs=[correctness_reward], num_samples=4, reference_column="completion", max_new_tokens=40,
-        max_pairs_per_prompt=1, seed=cfg.seed, batch_size=64, output_dir=os.path.join(os.path.dirname(out), "mined"),
+        prompts,
+        AutoModelForCausalLM.from_pretrained(weak),
+        AutoModelForCausalLM.from_pretrained(strong),
+        tokenizer,
+        reward_funcs=[correctness_reward],
+        num_samples=4,
+        reference_column="completion",
+        max_new_tokens=40,
+        max_pairs_per_prompt=1,
+        seed=cfg.seed,
+        batch_size=64,
+        output_dir=os.path.join(os.path.dirname(out), "mined"),
     )
     if arm == "dpo_mined":
         return mined.select_columns(["prompt", "chosen", "rejected"])
@@ -394,8 +474,11 @@ def curve_from_log(log_history: list[dict], start: dict) -> list[dict]:
     """The accuracy curve of an arm: its starting point (the strong checkpoint, step 0) and every
     ``eval_<split>_accuracy`` the callback logged (transformers' ``state.log_history``)."""
     points = [{"step": 0, "test": start["test"], "ood": start["ood"]}]
-    points += [{"step": h["step"], "test": h["eval_test_accuracy"], "ood": h["eval_ood_accuracy"]}
-               for h in log_history if "eval_test_accuracy" in h]
+    points += [
+        {"step": h["step"], "test": h["eval_test_accuracy"], "ood": h["eval_ood_accuracy"]}
+        for h in log_history
+        if "eval_test_accuracy" in h
+    ]
     return points
 
 
@@ -415,8 +498,13 @@ def plot(results: dict, path: str) -> None:
         for ax, split, label in zip(row, ("test", "ood"), ("held-out", "OOD (3 steps, unseen)")):
             for ref, style in (("weak", ":"), ("strong", "--")):
                 value = 100 * results["phases"][ref][split]
-                ax.axhline(value, color="grey" if ref == "weak" else "black", linestyle=style, linewidth=1,
-                           label=f"{ref} checkpoint ({value:.1f}%)")
+                ax.axhline(
+                    value,
+                    color="grey" if ref == "weak" else "black",
+                    linestyle=style,
+                    linewidth=1,
+                    label=f"{ref} checkpoint ({value:.1f}%)",
+                )
             for arm in arms:
                 pts = results["arms"][arm]["curve"]
                 ax.plot([p["step"] for p in pts], [100 * p[split] for p in pts], marker="o", ms=3, label=arm)
@@ -425,8 +513,10 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel("greedy accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"wmss demo, seed {results['config']['seed']}: greedy accuracy during training "
-                 "(last point of each curve = the table)")
+    fig.suptitle(
+        f"wmss demo, seed {results['config']['seed']}: greedy accuracy during training "
+        "(last point of each curve = the table)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -463,14 +553,21 @@ def check_made_by(run_dir: str, record: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
-        diff = [f"{k}: {stored.get(k)!r} there, {record.get(k)!r} now"
-                for k in sorted(set(stored) | set(record)) if stored.get(k) != record.get(k)]
+        diff = [
+            f"{k}: {stored.get(k)!r} there, {record.get(k)!r} now"
+            for k in sorted(set(stored) | set(record))
+            if stored.get(k) != record.get(k)
+        ]
         if diff:
-            raise SystemExit(f"{run_dir} holds checkpoints made with other settings ({'; '.join(diff)}). Delete that "
-                             "folder or use another --output_dir.")
+            raise SystemExit(
+                f"{run_dir} holds checkpoints made with other settings ({'; '.join(diff)}). Delete that "
+                "folder or use another --output_dir."
+            )
     elif os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise SystemExit(f"{run_dir} holds files but no made_by.json (an older demo made them): delete that folder or "
-                         "use another --output_dir.")
+        raise SystemExit(
+            f"{run_dir} holds files but no made_by.json (an older demo made them): delete that folder or "
+            "use another --output_dir."
+        )
     else:
         os.makedirs(run_dir, exist_ok=True)
         with open(path, "w") as f:
@@ -490,49 +587,91 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     numerics = numerics_in_effect(pins)
     arms = cfg.arms.split(",")
-    print(f"WMSS demo, seed {cfg.seed}: weak -> strong -> {len(arms)} arms ({', '.join(arms)}) -> table + plot in "
-          f"{cfg.output_dir}")
-    print("numerics: " + ", ".join(f"{k}={v}" for k, v in numerics["sources"].items())
-          + f"; ATen kernels in effect {numerics['aten_cpu_capability']}, torch {numerics['torch']}, "
-          f"{numerics['torch_threads']} thread(s)")
+    print(
+        f"WMSS demo, seed {cfg.seed}: weak -> strong -> {len(arms)} arms ({', '.join(arms)}) -> table + plot in "
+        f"{cfg.output_dir}"
+    )
+    print(
+        "numerics: "
+        + ", ".join(f"{k}={v}" for k, v in numerics["sources"].items())
+        + f"; ATen kernels in effect {numerics['aten_cpu_capability']}, torch {numerics['torch']}, "
+        f"{numerics['torch_threads']} thread(s)"
+    )
     print(describe_machine(), flush=True)
     set_seed(cfg.seed)
     data = load_embedded("arith")
     tokenizer = build_char_tokenizer(CHARSET)
-    results = {"config": asdict(cfg), "numerics": numerics, "machine": machine_info(),
-               "eval_problems": {"test": len(data["test"]), "ood": len(data["ood"])}, "phases": {}, "arms": {}}
+    results = {
+        "config": asdict(cfg),
+        "numerics": numerics,
+        "machine": machine_info(),
+        "eval_problems": {"test": len(data["test"]), "ood": len(data["ood"])},
+        "phases": {},
+        "arms": {},
+    }
     pace = Pace()
 
     # 1-2. weak (from scratch) and strong (more SFT) checkpoints, reused across runs with the same settings
-    run_dir = os.path.join(cfg.output_dir, f"seed{cfg.seed}-w{cfg.weak_steps}-s{cfg.strong_steps}-"
-                           f"h{cfg.hidden_size}x{cfg.num_layers}-b{cfg.batch_size}-lr{cfg.learning_rate:g}")
-    made_by = {k: getattr(cfg, k) for k in ("seed", "weak_steps", "strong_steps", "hidden_size", "num_layers",
-                                            "batch_size", "learning_rate")}
+    run_dir = os.path.join(
+        cfg.output_dir,
+        f"seed{cfg.seed}-w{cfg.weak_steps}-s{cfg.strong_steps}-"
+        f"h{cfg.hidden_size}x{cfg.num_layers}-b{cfg.batch_size}-lr{cfg.learning_rate:g}",
+    )
+    made_by = {
+        k: getattr(cfg, k)
+        for k in ("seed", "weak_steps", "strong_steps", "hidden_size", "num_layers", "batch_size", "learning_rate")
+    }
     check_made_by(run_dir, {**made_by, "numerics": numerics["variables"], "torch": numerics["torch"]})
     weak, strong = os.path.join(run_dir, "weak"), os.path.join(run_dir, "strong")
     for name, path, steps, what in (
-        ("weak", weak, cfg.weak_steps, f"a small Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, char "
-         "tokenizer) trained from scratch with SFT"),
+        (
+            "weak",
+            weak,
+            cfg.weak_steps,
+            f"a small Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, char "
+            "tokenizer) trained from scratch with SFT",
+        ),
         ("strong", strong, cfg.strong_steps, "the weak checkpoint after more SFT"),
     ):
         n = 1 if name == "weak" else 2
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             pace.start(f"[{n}/4] {name} checkpoint: reusing {path} (same settings, made_by.json)", None)
         else:
-            pace.start(f"[{n}/4] {name} checkpoint: {what}, {steps} steps x {cfg.batch_size} problems",
-                       steps * SECONDS_PER_STEP["sft"] + SECONDS_SETUP + SECONDS_PER_EVAL)
-            source = weak if name == "strong" else build_tiny_model(
-                tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=4, seed=cfg.seed)
-            sft_phase(source, tokenizer, data["train"], path, cfg.seed, steps, cfg.learning_rate, cfg.batch_size,
-                      cfg.report_to)
+            pace.start(
+                f"[{n}/4] {name} checkpoint: {what}, {steps} steps x {cfg.batch_size} problems",
+                steps * SECONDS_PER_STEP["sft"] + SECONDS_SETUP + SECONDS_PER_EVAL,
+            )
+            source = (
+                weak
+                if name == "strong"
+                else build_tiny_model(
+                    tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=4, seed=cfg.seed
+                )
+            )
+            sft_phase(
+                source,
+                tokenizer,
+                data["train"],
+                path,
+                cfg.seed,
+                steps,
+                cfg.learning_rate,
+                cfg.batch_size,
+                cfg.report_to,
+            )
         model = AutoModelForCausalLM.from_pretrained(path)
-        r = results["phases"][name] = {"test": evaluate(model, tokenizer, data["test"]),
-                                       "ood": evaluate(model, tokenizer, data["ood"])}
+        r = results["phases"][name] = {
+            "test": evaluate(model, tokenizer, data["test"]),
+            "ood": evaluate(model, tokenizer, data["ood"]),
+        }
         print(f"{name}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({pace.stop():.0f} s)", flush=True)
 
     # 3. WD-DS entropies H0 (weak) and H1 (strong) on every training problem
-    pace.start(f"[3/4] WD-DS entropies: mean token entropy of the weak (H0) and strong (H1) model on the "
-               f"{len(data['train'])} training problems (the wmss arms resample by them)", SECONDS_ENTROPIES)
+    pace.start(
+        f"[3/4] WD-DS entropies: mean token entropy of the weak (H0) and strong (H1) model on the "
+        f"{len(data['train'])} training problems (the wmss arms resample by them)",
+        SECONDS_ENTROPIES,
+    )
     entropy_files = []
     for name, path, column in (("h0", weak, "entropy_0"), ("h1", strong, "entropy_1")):
         file = os.path.join(run_dir, f"{name}.jsonl")
@@ -554,15 +693,27 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
             what, nominal = f"{steps} steps", steps * SECONDS_PER_STEP[arm] + SECONDS_SETUP + evals * SECONDS_PER_EVAL
         else:
             what, nominal = f"{cfg.time_budget:.0f} s of training", cfg.time_budget + SECONDS_SETUP + SECONDS_PER_EVAL
-        pace.start(f"[4/4] arm {i}/{len(arms)} {arm}: {ARM_INFO[arm]}; {what} from the strong checkpoint, greedy "
-                   f"accuracy {evals}x on all {len(data['test'])} held-out + {len(data['ood'])} OOD problems", nominal)
+        pace.start(
+            f"[4/4] arm {i}/{len(arms)} {arm}: {ARM_INFO[arm]}; {what} from the strong checkpoint, greedy "
+            f"accuracy {evals}x on all {len(data['test'])} held-out + {len(data['ood'])} OOD problems",
+            nominal,
+        )
         trainer, curve = run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg, os.path.join(run_dir, arm))
         points = curve_from_log(trainer.state.log_history, results["phases"]["strong"])
-        r = {"test": points[-1]["test"], "ood": points[-1]["ood"], "steps": trainer.state.global_step,
-             "train_seconds": curve.train_time(), "seconds": pace.stop(), "curve": points}
+        r = {
+            "test": points[-1]["test"],
+            "ood": points[-1]["ood"],
+            "steps": trainer.state.global_step,
+            "train_seconds": curve.train_time(),
+            "seconds": pace.stop(),
+            "curve": points,
+        }
         results["arms"][arm] = r
-        print(f"{arm}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({r['steps']} steps, "
-              f"{r['train_seconds']:.0f} s training, {r['seconds']:.0f} s in all)", flush=True)
+        print(
+            f"{arm}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({r['steps']} steps, "
+            f"{r['train_seconds']:.0f} s training, {r['seconds']:.0f} s in all)",
+            flush=True,
+        )
 
     results["seconds"] = time.perf_counter() - t0
     with open(os.path.join(cfg.output_dir, f"results_seed{cfg.seed}.json"), "w") as f:
@@ -577,15 +728,19 @@ def reading(results: dict) -> str:
     for arm, base, name in READINGS:
         if arm in arms and base in arms:
             d = {s: 100 * (arms[arm][s] - arms[base][s]) for s in ("test", "ood")}
-            parts.append(f"{name} is {_signed(d['test'])} points vs {base} held-out "
-                         f"({100 * arms[arm]['test']:.1f} vs {100 * arms[base]['test']:.1f}), {_signed(d['ood'])} OOD")
+            parts.append(
+                f"{name} is {_signed(d['test'])} points vs {base} held-out "
+                f"({100 * arms[arm]['test']:.1f} vs {100 * arms[base]['test']:.1f}), {_signed(d['ood'])} OOD"
+            )
     if not parts:
         return "Reading: no WMSS arm ran with its baseline (wmss + sft, wmss_grpo + grpo, dpo_mined + dpo_random)."
     n = results["eval_problems"]["test"]
     half = 100 * 1.96 * math.sqrt(0.25 / n)  # widest 95% binomial half-width, at 50% accuracy
-    return (f"Reading: {'; '.join(parts)}. One seed says little: each number carries up to ±{half:.0f} points of "
-            f"sampling noise ({n} problems, 95%) before any seed-to-seed variation; the multi-seed benchmark with "
-            "controls is in docs/results.md.")
+    return (
+        f"Reading: {'; '.join(parts)}. One seed says little: each number carries up to ±{half:.0f} points of "
+        f"sampling noise ({n} problems, 95%) before any seed-to-seed variation; the multi-seed benchmark with "
+        "controls is in docs/results.md."
+    )
 
 
 def _signed(x: float) -> str:
@@ -604,8 +759,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = run_demo(cfg, pins)
-    print(f"\nWMSS demo, seed {cfg.seed}: greedy accuracy (%) from the strong checkpoint, equal steps per family, "
-          f"{results['eval_problems']['test']} held-out / {results['eval_problems']['ood']} OOD problems")
+    print(
+        f"\nWMSS demo, seed {cfg.seed}: greedy accuracy (%) from the strong checkpoint, equal steps per family, "
+        f"{results['eval_problems']['test']} held-out / {results['eval_problems']['ood']} OOD problems"
+    )
     print(f"{'':<14}{'held-out':>9}{'ood':>7}{'steps':>7}{'train s':>9}")
     for name, r in {**results["phases"], **results["arms"]}.items():
         steps = r.get("steps", "")

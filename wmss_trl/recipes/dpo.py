@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     state = trainer.accelerator.state
     zero = state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None
-    weak = "peft-base" if trainer.weak_model is None else ("zero3-sharded" if is_zero3_partitioned(trainer.weak_model) else "replicated")
+    weak = (
+        "peft-base"
+        if trainer.weak_model is None
+        else ("zero3-sharded" if is_zero3_partitioned(trainer.weak_model) else "replicated")
+    )
     trainer.accelerator.print(
         f"wmss dpo: {state.num_processes} process(es), {state.distributed_type.value}, zero_stage={zero}, "
         f"weak model {weak}, loss_type={training_args.loss_type}, mixing_lambda={training_args.mixing_lambda}, "

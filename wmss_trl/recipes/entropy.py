@@ -41,10 +41,18 @@ from ..io import (
 )
 from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
 
+
 META_SUFFIX = ".meta.json"
 META_FORMAT = "wmss-entropy/2"
-MASK_FIELDS = ("max_length", "truncation_mode", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
-               "chat_template_path", "pad_token")
+MASK_FIELDS = (
+    "max_length",
+    "truncation_mode",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "dataset_text_field",
+    "chat_template_path",
+    "pad_token",
+)
 
 
 @dataclass
@@ -60,8 +68,10 @@ class EntropyArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to score."})
     entropy_column: str = field(
         default="entropy",
-        metadata={"help": "Name of the entropy column, e.g. `entropy_0` for the weak model and `entropy_1` for the "
-                  "strong one (the names WD-DS selection reads by default)."},
+        metadata={
+            "help": "Name of the entropy column, e.g. `entropy_0` for the weak model and `entropy_1` for the "
+            "strong one (the names WD-DS selection reads by default)."
+        },
     )
     idx_column: str = field(
         default="idx", metadata={"help": "Dataset column with a stable sample index; the row number if absent."}
@@ -111,8 +121,10 @@ def provenance(ent: EntropyArguments, sft_args: SFTConfig, dataset) -> dict:
 
 
 def start_over(output: str) -> str:
-    return (f"To start over, delete {output} and {output}{META_SUFFIX} (or choose another --output); they are "
-            "recomputed by the next run.")
+    return (
+        f"To start over, delete {output} and {output}{META_SUFFIX} (or choose another --output); they are "
+        "recomputed by the next run."
+    )
 
 
 def read_rows(path: str, keys=None) -> dict[int, dict]:
@@ -145,8 +157,10 @@ def read_rows(path: str, keys=None) -> dict[int, dict]:
     if keys is not None:
         extra = set(done) - {int(k) for k in keys}
         if extra:
-            raise SystemExit(f"{path} holds rows for idx values that are not in the dataset ({sorted(extra)[:5]}...). "
-                             f"{start_over(path)}")
+            raise SystemExit(
+                f"{path} holds rows for idx values that are not in the dataset ({sorted(extra)[:5]}...). "
+                f"{start_over(path)}"
+            )
     if good_end != len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -166,8 +180,10 @@ class RowAppender:
         if again:
             raise RuntimeError(f"refusing to append idx {again[:5]} to {self.path}: already there.")
         if os.path.getsize(self.path) != self.size:
-            raise RuntimeError(f"{self.path} changed size while this process was its only writer: another process "
-                               f"wrote to it. {start_over(self.path)}")
+            raise RuntimeError(
+                f"{self.path} changed size while this process was its only writer: another process "
+                f"wrote to it. {start_over(self.path)}"
+            )
         with open(self.path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -187,8 +203,9 @@ def read_meta(meta_path: str, expected: dict) -> dict | None:
         meta = json.load(f)
     try:
         if meta.get("format") != META_FORMAT:
-            raise ProvenanceError(f"{output} has the sidecar format {meta.get('format')!r}, not {META_FORMAT!r}. "
-                                  f"{start_over(output)}")
+            raise ProvenanceError(
+                f"{output} has the sidecar format {meta.get('format')!r}, not {META_FORMAT!r}. {start_over(output)}"
+            )
         check_provenance(output, meta["provenance"], expected["provenance"], start_over(output))
     except ProvenanceError as e:
         raise SystemExit(str(e)) from e
@@ -204,8 +221,9 @@ def _open_output(output: str, expected: dict, keys) -> list[int]:
     meta_path = output + META_SUFFIX
     meta = read_meta(meta_path, expected)
     if meta is None and os.path.exists(output) and os.path.getsize(output) > 0:
-        raise SystemExit(f"{output} exists but has no {META_SUFFIX} sidecar: refusing to append to it. "
-                         f"{start_over(output)}")
+        raise SystemExit(
+            f"{output} exists but has no {META_SUFFIX} sidecar: refusing to append to it. {start_over(output)}"
+        )
     if meta is None:
         os.makedirs(os.path.dirname(output), exist_ok=True)
         open(output, "w").close()
@@ -213,8 +231,10 @@ def _open_output(output: str, expected: dict, keys) -> list[int]:
         return []
     done = read_rows(output, keys)
     if meta.get("complete") and len(done) != len(keys):
-        print(f"{output}: marked complete but holds {len(done)} of {len(keys)} samples; scoring the missing ones.",
-              flush=True)
+        print(
+            f"{output}: marked complete but holds {len(done)} of {len(keys)} samples; scoring the missing ones.",
+            flush=True,
+        )
         write_json_atomic(meta_path, {**expected, "complete": False, "num_done": len(done)})
     return sorted(done)
 
@@ -245,7 +265,9 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
         sft_args.output_dir = os.path.dirname(output)
 
     splits = load_dataset_splits(
-        DataArguments(dataset_name=ent.dataset, dataset_config=ent.dataset_config, dataset_train_split=ent.dataset_split)
+        DataArguments(
+            dataset_name=ent.dataset, dataset_config=ent.dataset_config, dataset_train_split=ent.dataset_split
+        )
     )
     if ent.dataset_split not in splits:
         raise SystemExit(f"split {ent.dataset_split!r} not in {ent.dataset!r} (splits: {list(splits)}).")
@@ -293,8 +315,9 @@ def _score(ent, sft_args, dataset, keys, output, expected, done) -> dict:
     if not todo:
         if state.is_main_process:
             write_json_atomic(meta_path, final)
-            print(f"{output}: complete ({len(done)} samples, verified: one row per sample), nothing to do.",
-                  flush=True)
+            print(
+                f"{output}: complete ({len(done)} samples, verified: one row per sample), nothing to do.", flush=True
+            )
         return final
     if done and state.is_main_process:
         print(f"{output}: resuming, {len(done)} of {len(dataset)} samples already scored.", flush=True)
@@ -302,17 +325,25 @@ def _score(ent, sft_args, dataset, keys, output, expected, done) -> dict:
     tokenizer = load_tokenizer(ent.model, sft_args.trust_remote_code)
     scorer = EntropyScorer(ent.model, dataset, tokenizer, sft_args, ent.idx_column, ent.entropy_chunk_size)
     acc = scorer.accelerator
-    acc.print(f"wmss entropy: {acc.num_processes} process(es), {acc.distributed_type.value}, {len(todo)} samples to score")
+    acc.print(
+        f"wmss entropy: {acc.num_processes} process(es), {acc.distributed_type.value}, {len(todo)} samples to score"
+    )
     appender = RowAppender(output, done) if acc.is_main_process else None
-    bar = tqdm(total=len(todo), desc=f"entropy {ent.entropy_column}", unit="sample",
-               disable=not (ent.progress and acc.is_main_process) or not todo)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"entropy {ent.entropy_column}",
+        unit="sample",
+        disable=not (ent.progress and acc.is_main_process) or not todo,
+    )
     for start in range(0, len(todo), ent.write_every):
         result = scorer.score(todo[start : start + ent.write_every], progress=bar)
         if acc.is_main_process:
-            appender.append([
-                {"idx": int(i), ent.entropy_column: (None if math.isnan(h) else float(h)), "num_tokens": int(n)}
-                for i, h, n in zip(result["idx"], result["entropy"], result["num_tokens"])
-            ])
+            appender.append(
+                [
+                    {"idx": int(i), ent.entropy_column: (None if math.isnan(h) else float(h)), "num_tokens": int(n)}
+                    for i, h, n in zip(result["idx"], result["entropy"], result["num_tokens"])
+                ]
+            )
         acc.wait_for_everyone()
     bar.close()
 

@@ -38,9 +38,11 @@ class GRPODataArguments(DataArguments):
 
     reward_funcs: list[str] | None = field(
         default=None,
-        metadata={"help": "Reward functions: registered names (numeric_accuracy_reward, math_verify_reward, "
-                  "accuracy_reward, ...) or dotted import paths (my_lib.rewards.f, importable from the current "
-                  "directory)."},
+        metadata={
+            "help": "Reward functions: registered names (numeric_accuracy_reward, math_verify_reward, "
+            "accuracy_reward, ...) or dotted import paths (my_lib.rewards.f, importable from the current "
+            "directory)."
+        },
     )
     reward_model_name_or_path: str | None = field(
         default=None,
@@ -48,8 +50,10 @@ class GRPODataArguments(DataArguments):
     )
     vanilla: bool = field(
         default=False,
-        metadata={"help": "Run TRL's plain GRPOTrainer with the same configuration (WMSS options ignored): the "
-                  "baseline of a comparison."},
+        metadata={
+            "help": "Run TRL's plain GRPOTrainer with the same configuration (WMSS options ignored): the "
+            "baseline of a comparison."
+        },
     )
 
 
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if data_args.reward_model_name_or_path:
         reward_funcs.append(data_args.reward_model_name_or_path)
     if not reward_funcs:
-        raise SystemExit("no reward: pass --reward_funcs (a registered name or a dotted path) or --reward_model_name_or_path.")
+        raise SystemExit(
+            "no reward: pass --reward_funcs (a registered name or a dotted path) or --reward_model_name_or_path."
+        )
 
     # 2. Prompts (a `prompt` column; other columns reach the reward functions).
     splits = load_dataset_splits(data_args)

@@ -47,8 +47,10 @@ class MineNegativesArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["numeric_accuracy_reward"],
-        metadata={"help": "Verifiers: numeric_accuracy_reward, math_verify_reward, accuracy_reward (TRL), or dotted "
-                  "import paths (my_lib.rewards.f)."},
+        metadata={
+            "help": "Verifiers: numeric_accuracy_reward, math_verify_reward, accuracy_reward (TRL), or dotted "
+            "import paths (my_lib.rewards.f)."
+        },
     )
     dtype: str = field(default="float32", metadata={"help": "dtype of both models (float32, bfloat16, float16)."})
     max_prompts: int | None = field(default=None, metadata={"help": "Mine only the first N prompts."})
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     # the columns the verifiers and the chosen answers read, before any model loads
     name = f"--dataset_name {data_args.dataset_name} (split {data_args.dataset_train_split!r})"
     check_dataset_columns(prompts, "grpo", name=name, reward_funcs=resolve_reward_funcs(args.reward_funcs))
-    chosen_column = find_reference_column(prompts.column_names, mining.reference_column,
-                                          required=mining.chosen == "reference")
+    chosen_column = find_reference_column(
+        prompts.column_names, mining.reference_column, required=mining.chosen == "reference"
+    )
 
     # 2. Models (safetensors, no remote code) and the shared tokenizer, checked before either model loads: the
     # tokenizer used for the weak model must be the strong model's (found in its folder).
@@ -93,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.strong_model_name_or_path:
         check_weak_compatible(args.strong_model_name_or_path, args.weak_model_name_or_path, None, tokenizer_path)
     weak = _load(args.weak_model_name_or_path, args.dtype, state.device)
-    strong = _load(args.strong_model_name_or_path, args.dtype, state.device) if args.strong_model_name_or_path else None
+    strong = (
+        _load(args.strong_model_name_or_path, args.dtype, state.device) if args.strong_model_name_or_path else None
+    )
     state.print(
         f"wmss mine-negatives: {state.num_processes} process(es), {state.distributed_type.value}, "
         f"{len(prompts)} prompts x {mining.num_samples} samples, rank_by={mining.rank_by}, chosen={mining.chosen} "
@@ -105,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts, weak, strong, tokenizer, args.reward_funcs, output_dir=args.output_dir, config=mining
     )
     state.print(json.dumps(summary, indent=2))
-    state.print(f"{len(dataset)} preference pairs written to {args.output_dir}/dataset (train with: wmss dpo "
-                f"--dataset_name {args.output_dir}/dataset ...)")
+    state.print(
+        f"{len(dataset)} preference pairs written to {args.output_dir}/dataset (train with: wmss dpo "
+        f"--dataset_name {args.output_dir}/dataset ...)"
+    )
     teardown()
     return 0

@@ -62,6 +62,7 @@ from ..io import (
     write_json_atomic,
 )
 
+
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline_default.yaml")
 RUN_FILE = "wmss_pipeline.json"
 LOCK_FILE = "wmss_pipeline.lock"
@@ -74,13 +75,23 @@ TOP_KEYS = ("output_dir", "base_model", "strong_model", "dataset")
 FLAT_ALIASES = {"model_name_or_path": "base_model", "dataset_name": "dataset"}  # TRL's names of the top-level keys
 PIPELINE_SET = {  # WMSSSFTConfig / trl keys the pipeline sets itself
     "weak_model_name_or_path": "the weak model is `base_model` (the base before phase 1)",
-    "entropy_files": "the WD-DS phase writes them", "weak_entropy_column": "the entropy phases name it",
-    "strong_entropy_column": "the entropy phases name it", "resume_from_checkpoint": "a re-run resumes by itself",
+    "entropy_files": "the WD-DS phase writes them",
+    "weak_entropy_column": "the entropy phases name it",
+    "strong_entropy_column": "the entropy phases name it",
+    "resume_from_checkpoint": "a re-run resumes by itself",
 }
 LAUNCH_KEYS = ("accelerate_config", "num_processes")
 ENTROPY_KEYS = ("per_device_eval_batch_size", "idx_column", "write_every", "entropy_chunk_size")
-MASK_FIELDS = ("max_length", "truncation_mode", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
-               "chat_template_path", "pad_token", "dataset_kwargs")
+MASK_FIELDS = (
+    "max_length",
+    "truncation_mode",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "dataset_text_field",
+    "chat_template_path",
+    "pad_token",
+    "dataset_kwargs",
+)
 
 
 def log(msg: str) -> None:
@@ -93,12 +104,12 @@ def log(msg: str) -> None:
 def flat_targets(key: str) -> list[tuple[str, ...]]:
     """Where a flat (top-level, TRL-style) key goes; more than one entry means ambiguous, none unknown. The rule:
 
-        accelerate_config, num_processes                      -> launch
-        selection_* fields of WMSSSFTConfig                   -> selection
-        the other WMSSSFTConfig fields that SFTConfig lacks   -> wdjt
-        SFTConfig fields                                      -> sft and wdjt (both trainings; the entropy passes
-                                                                 follow WD-JT's masking fields and bf16)
-        per_device_eval_batch_size and `wmss entropy`'s idx_column, write_every, entropy_chunk_size -> entropy
+    accelerate_config, num_processes                      -> launch
+    selection_* fields of WMSSSFTConfig                   -> selection
+    the other WMSSSFTConfig fields that SFTConfig lacks   -> wdjt
+    SFTConfig fields                                      -> sft and wdjt (both trainings; the entropy passes
+                                                             follow WD-JT's masking fields and bf16)
+    per_device_eval_batch_size and `wmss entropy`'s idx_column, write_every, entropy_chunk_size -> entropy
     """
     from dataclasses import fields
 
@@ -138,10 +149,12 @@ def sectioned(layer: dict, source: str) -> dict:
         targets = flat_targets(key)
         if len(targets) != 1:
             where = " or ".join("`" + " + ".join(t) + "`" for t in targets)
-            why = (f"ambiguous key {key!r} in {source}: it fits several sections ({where}); put it under the one "
-                   "you mean" if targets else
-                   f"unknown key {key!r} in {source}: it fits no section (it is neither a pipeline key, "
-                   f"{', '.join(TOP_KEYS)}, nor a field of TRL's SFTConfig, WMSSSFTConfig or `wmss entropy`)")
+            why = (
+                f"ambiguous key {key!r} in {source}: it fits several sections ({where}); put it under the one you mean"
+                if targets
+                else f"unknown key {key!r} in {source}: it fits no section (it is neither a pipeline key, "
+                f"{', '.join(TOP_KEYS)}, nor a field of TRL's SFTConfig, WMSSSFTConfig or `wmss entropy`)"
+            )
             raise SystemExit(f"{why}. Sections: {', '.join(SECTIONS)} (see `wmss pipeline --help`).")
         for section in targets[0]:
             out.setdefault(section, {})[key] = value
@@ -237,8 +250,12 @@ def _claim_locked(out: Path, run_file: Path, fingerprint: str, ident: dict, cfg:
         previous = json.loads(run_file.read_text())
         if previous["fingerprint"] != fingerprint:
             old = previous.get("identity", {})
-            diff = sorted(k for k in set(old) | set(ident) if json.dumps(old.get(k), sort_keys=True, default=str)
-                          != json.dumps(ident.get(k), sort_keys=True, default=str))
+            diff = sorted(
+                k
+                for k in set(old) | set(ident)
+                if json.dumps(old.get(k), sort_keys=True, default=str)
+                != json.dumps(ident.get(k), sort_keys=True, default=str)
+            )
             raise SystemExit(
                 f"{out} holds another WMSS pipeline run (different {', '.join(diff)}). Use a new output_dir, or "
                 "delete that folder to start over."
@@ -302,12 +319,27 @@ class Run:
 
     def mark(self, phase: str, seconds: float, inputs: dict, **info) -> None:
         """Mark ``phase`` done, with the fingerprints of what it read (``inputs``) and wrote (``outputs``)."""
-        write_json_atomic(self.marker(phase), {"phase": phase, "seconds": round(seconds, 2), "inputs": inputs,
-                                               "outputs": self.fingerprints(PHASE_OUTPUTS[phase]), **info})
+        write_json_atomic(
+            self.marker(phase),
+            {
+                "phase": phase,
+                "seconds": round(seconds, 2),
+                "inputs": inputs,
+                "outputs": self.fingerprints(PHASE_OUTPUTS[phase]),
+                **info,
+            },
+        )
 
     def path_of(self, name: str) -> str:
-        return {"weak": self.weak, "data": self.data, "strong": self.strong, "entropy_weak": self.entropy("weak"),
-                "entropy_strong": self.entropy("strong"), "wd_ds": self.merged, "final": self.final}[name]
+        return {
+            "weak": self.weak,
+            "data": self.data,
+            "strong": self.strong,
+            "entropy_weak": self.entropy("weak"),
+            "entropy_strong": self.entropy("strong"),
+            "wd_ds": self.merged,
+            "final": self.final,
+        }[name]
 
     def fingerprints(self, names) -> dict:
         """Fingerprints (``wmss_trl.io.path_fingerprint``) of the named artefacts of the run."""
@@ -321,9 +353,11 @@ class Run:
         """A finished phase is reused only while what it read and wrote is unchanged; else SystemExit naming it."""
         with open(self.marker(phase)) as f:
             marker = json.load(f)
-        later = PHASES[PHASES.index(phase):]
-        how = (f"Delete {self.marker(phase)} and the markers of the later phases ({', '.join(later[1:]) or 'none'}) "
-               f"to redo them from this phase, or use a new output_dir to start over.")
+        later = PHASES[PHASES.index(phase) :]
+        how = (
+            f"Delete {self.marker(phase)} and the markers of the later phases ({', '.join(later[1:]) or 'none'}) "
+            f"to redo them from this phase, or use a new output_dir to start over."
+        )
         for kind, names in (("inputs", PHASE_INPUTS[phase]), ("outputs", PHASE_OUTPUTS[phase])):
             if kind not in marker:
                 raise SystemExit(f"{self.marker(phase)} records no fingerprints (written by an older wmss_trl). {how}")
@@ -339,13 +373,22 @@ class Run:
 
 # What each phase reads and writes, by artefact name (Run.path_of)
 PHASE_INPUTS = {
-    "base": (), "data": (), "sft": ("weak", "data"), "entropy_weak": ("weak", "data"),
-    "entropy_strong": ("strong", "data"), "wd_ds": ("entropy_weak", "entropy_strong"),
+    "base": (),
+    "data": (),
+    "sft": ("weak", "data"),
+    "entropy_weak": ("weak", "data"),
+    "entropy_strong": ("strong", "data"),
+    "wd_ds": ("entropy_weak", "entropy_strong"),
     "wdjt": ("weak", "strong", "data", "wd_ds"),
 }
 PHASE_OUTPUTS = {
-    "base": ("weak",), "data": ("data",), "sft": ("strong",), "entropy_weak": ("entropy_weak",),
-    "entropy_strong": ("entropy_strong",), "wd_ds": ("wd_ds",), "wdjt": ("final",),
+    "base": ("weak",),
+    "data": ("data",),
+    "sft": ("strong",),
+    "entropy_weak": ("entropy_weak",),
+    "entropy_strong": ("entropy_strong",),
+    "wd_ds": ("wd_ds",),
+    "wdjt": ("final",),
 }
 
 
@@ -360,11 +403,13 @@ def make_arithmetic_rows(num_samples: int = 512, max_operand: int = 50, seed: in
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         op = rng.choice("+-")
         result = a + b if op == "+" else a - b
-        rows.append({
-            "idx": i,
-            "prompt": [{"role": "user", "content": f"{a}{op}{b}="}],
-            "completion": [{"role": "assistant", "content": str(result)}],
-        })
+        rows.append(
+            {
+                "idx": i,
+                "prompt": [{"role": "user", "content": f"{a}{op}{b}="}],
+                "completion": [{"role": "assistant", "content": str(result)}],
+            }
+        )
     return rows
 
 
@@ -406,8 +451,13 @@ def launch_prefix(cfg: dict) -> list[str]:
     launch = cfg["launch"] or {}
     if not launch.get("accelerate_config"):
         return [sys.executable, "-m", "wmss_trl.cli"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           resolve_accelerate_config(launch["accelerate_config"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        resolve_accelerate_config(launch["accelerate_config"]),
+    ]
     if launch.get("num_processes"):
         cmd += ["--num_processes", str(launch["num_processes"])]
     return cmd + ["-m", "wmss_trl.cli"]
@@ -426,8 +476,9 @@ def run_command(run: Run, phase: str, args: list[str]) -> None:
     log(f"{phase}: {' '.join(cmd)}")
     with open(log_path, "ab") as logf:
         logf.write(f"\n$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=child_dies_with(os.getpid()))
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=child_dies_with(os.getpid())
+        )
         try:
             while chunk := proc.stdout.read1(65536):
                 sys.stdout.buffer.write(chunk)
@@ -439,8 +490,10 @@ def run_command(run: Run, phase: str, args: list[str]) -> None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
     if rc != 0:
-        raise SystemExit(f"phase {phase!r} failed (exit code {rc}); see {log_path}. Re-run the same command to "
-                         "continue from this phase.")
+        raise SystemExit(
+            f"phase {phase!r} failed (exit code {rc}); see {log_path}. Re-run the same command to "
+            "continue from this phase."
+        )
 
 
 def training_config(run: Run, section: str) -> dict:
@@ -526,10 +579,27 @@ def entropy_config(run: Run) -> str:
 def phase_entropy(run: Run, which: str) -> dict:
     model, column = (run.weak, "entropy_0") if which == "weak" else (run.strong, "entropy_1")
     output = run.entropy(which)
-    run_command(run, f"entropy_{which}", [
-        "entropy", "--config", entropy_config(run), "--model", model, "--dataset", run.data, "--output", output,
-        "--entropy_column", column, "--progress", "false", "--lock_timeout", str(CHILD_LOCK_TIMEOUT),
-    ])
+    run_command(
+        run,
+        f"entropy_{which}",
+        [
+            "entropy",
+            "--config",
+            entropy_config(run),
+            "--model",
+            model,
+            "--dataset",
+            run.data,
+            "--output",
+            output,
+            "--entropy_column",
+            column,
+            "--progress",
+            "false",
+            "--lock_timeout",
+            str(CHILD_LOCK_TIMEOUT),
+        ],
+    )
     with open(output + ".meta.json") as f:
         if not json.load(f)["complete"]:
             raise SystemExit(f"{output} is incomplete after the entropy phase.")
@@ -548,22 +618,41 @@ def phase_wd_ds(run: Run) -> dict:
     h0, h1 = cols["entropy_0"], cols["entropy_1"]
     valid = ~np.isnan(h0) & ~np.isnan(h1)
     weights = np.zeros(len(idx))
-    weights[valid] = wd_ds_weights(h0[valid], h1[valid], sel.get("selection_alpha", 0.1),
-                                   sel.get("selection_beta", 0.8), sel.get("selection_gamma", 0.1))
+    weights[valid] = wd_ds_weights(
+        h0[valid],
+        h1[valid],
+        sel.get("selection_alpha", 0.1),
+        sel.get("selection_beta", 0.8),
+        sel.get("selection_gamma", 0.1),
+    )
     os.makedirs(os.path.dirname(run.merged), exist_ok=True)
     with open(f"{run.merged}.tmp", "w") as f:
         for i, a, b, w in zip(idx.tolist(), h0.tolist(), h1.tolist(), weights.tolist()):
             nan = a != a
-            f.write(json.dumps({"idx": i, "entropy_0": None if nan else a, "entropy_1": None if b != b else b,
-                                "wd_ds_weight": w}) + "\n")
+            f.write(
+                json.dumps(
+                    {"idx": i, "entropy_0": None if nan else a, "entropy_1": None if b != b else b, "wd_ds_weight": w}
+                )
+                + "\n"
+            )
     os.replace(f"{run.merged}.tmp", run.merged)
     with open(sources[0] + ".meta.json") as f:
         dataset_provenance = json.load(f)["provenance"]["dataset"]  # the same in both: merge_entropy_files checked it
-    write_json_atomic(run.merged + ".meta.json", {
-        "format": "wmss-entropy/2", "complete": True, "num_rows": int(len(idx)), "num_done": int(len(idx)),
-        "entropy_column": ["entropy_0", "entropy_1", "wd_ds_weight"], "idx_column": "idx",
-        "provenance": {"dataset": dataset_provenance, "sources": run.fingerprints(["entropy_weak", "entropy_strong"])},
-    })
+    write_json_atomic(
+        run.merged + ".meta.json",
+        {
+            "format": "wmss-entropy/2",
+            "complete": True,
+            "num_rows": int(len(idx)),
+            "num_done": int(len(idx)),
+            "entropy_column": ["entropy_0", "entropy_1", "wd_ds_weight"],
+            "idx_column": "idx",
+            "provenance": {
+                "dataset": dataset_provenance,
+                "sources": run.fingerprints(["entropy_weak", "entropy_strong"]),
+            },
+        },
+    )
     dh = (h1 - h0)[valid]
     draw = resample_indices(weights, sel.get("selection_multiplier", 1.0), sel.get("selection_seed", 42))
     summary = {
@@ -684,9 +773,12 @@ The embedded default (wmss_trl/recipes/pipeline_default.yaml):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wmss pipeline", description=__doc__.split("\n\n")[0],
-                                epilog=CONFIG_HELP + DEFAULT_CONFIG.read_text(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="wmss pipeline",
+        description=__doc__.split("\n\n")[0],
+        epilog=CONFIG_HELP + DEFAULT_CONFIG.read_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML merged over the embedded default (wmss_trl/recipes/pipeline_default.yaml).")
     p.add_argument("--output_dir", help="Run folder (overrides the config's output_dir).")
     p.add_argument("--launch_config", help="accelerate config for every phase: ddp, zero2, zero3 or a path.")

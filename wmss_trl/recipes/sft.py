@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=get_peft_config(model_args),
     )
     state = trainer.accelerator.state
-    trainer.accelerator.print(f"wmss sft: {state.num_processes} process(es), {state.distributed_type.value}, lambda={training_args.mixing_lambda}")
+    trainer.accelerator.print(
+        f"wmss sft: {state.num_processes} process(es), {state.distributed_type.value}, lambda={training_args.mixing_lambda}"
+    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finish_run(trainer, "WD-JT model" if trainer.wmss_enabled else "SFT model (WMSS inactive)")
     teardown()
