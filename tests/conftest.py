@@ -1,9 +1,12 @@
 """Shared fixtures: tiny Qwen2 models and a character tokenizer, built from config and saved locally (no hub)."""
 
 import os
+import tempfile
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `wmss <command> --help` caches its text (wmss_trl/cli.py): keep the tests' cache out of the user's home.
+os.environ.setdefault("WMSS_CACHE_DIR", tempfile.mkdtemp(prefix="wmss-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

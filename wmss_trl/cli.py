@@ -6,6 +6,11 @@ parsed by TRL's ``TrlParser`` (same keys as ``trl sft|grpo|dpo``). Run it under 
 command relaunch itself: ``wmss sft --config run.yaml --accelerate_config zero3`` (a name from
 ``wmss_trl/accelerate_configs`` (ddp, zero2, zero3) or a path; ``--num_processes N`` overrides the config's).
 
+``wmss <command> --help`` is answered from a cache after its first call (the flags are TRL's config dataclasses, and
+importing them costs ~4 s: torch, transformers, peft): the text is stored in :func:`help_cache_dir` keyed by everything that shapes it (the package's source, the versions of the
+libraries the configs come from, the terminal width), so a changed key regenerates it and a stale text is never shown.
+The same cache makes an unknown flag an instant error with the nearest valid names.
+
 The commands hide the pinned libraries' own deprecation notices (:data:`THIRD_PARTY_DEPRECATIONS`, each raised by
 TRL, DeepSpeed or accelerate calling an old name inside its own code); set ``PYTHONWARNINGS=default`` (or pass
 ``python -W ...``) to see every warning.
@@ -13,8 +18,16 @@ TRL, DeepSpeed or accelerate calling an old name inside its own code); set ``PYT
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import hashlib
 import importlib
+import importlib.metadata
+import io
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -131,6 +144,75 @@ def relaunch(command: str, argv: list[str], config: str, num_processes: str | No
     return subprocess.call(launch, env=env)
 
 
+# Flags the `wmss` wrapper and TRL's parser take besides the dataclass fields listed by `--help`.
+WRAPPER_FLAGS = ("--config", "--accelerate_config", "--num_processes")
+HELP_LIBRARIES = ("trl", "transformers", "accelerate", "peft", "torch")
+
+
+def _help_cache_path(command: str) -> Path:
+    """Where ``wmss <command> --help`` is cached, named by a key over everything that shapes the text: the sha256 of
+    every source file of the package, the versions of :data:`HELP_LIBRARIES`, Python's version and the terminal width
+    argparse wraps at."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*")):
+        if path.suffix in (".py", ".yaml") and path.is_file():
+            digest.update(path.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in HELP_LIBRARIES:
+        digest.update(f"{name}=={importlib.metadata.version(name)}".encode())
+    digest.update(f"{sys.version}|{shutil.get_terminal_size().columns}".encode())
+    return help_cache_dir() / f"{command}-{digest.hexdigest()[:16]}.json"
+
+
+def help_cache_dir() -> Path:
+    """``$WMSS_CACHE_DIR/help``, else ``$XDG_CACHE_HOME/wmss_trl/help``, else ``~/.cache/wmss_trl/help``."""
+    if os.environ.get("WMSS_CACHE_DIR"):
+        return Path(os.environ["WMSS_CACHE_DIR"]) / "help"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wmss_trl" / "help"
+
+
+def _read_help(command: str) -> dict | None:
+    try:
+        return json.loads(_help_cache_path(command).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _capture_help(command: str, module) -> dict:
+    """Run the recipe's own ``--help`` (its parser prints and exits 0), store the text and its flags atomically, and
+    return both. A cache that cannot be written (read-only home) is skipped silently: it only saves time."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        module.main(["--help"])
+    text = out.getvalue()
+    entry = {"help": text, "flags": sorted(set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text)) | set(WRAPPER_FLAGS))}
+    path = _help_cache_path(command)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+    return entry
+
+
+def unknown_flags(argv: list[str], flags: list[str]) -> list[str]:
+    """The ``--name`` / ``--name=value`` tokens of ``argv`` that match no flag, not even as a prefix (argparse accepts
+    an unambiguous prefix, so a prefix is left to the parser)."""
+    given = [token.split("=", 1)[0] for token in argv if token.startswith("--")]
+    return [flag for flag in given if not any(known.startswith(flag) for known in flags)]
+
+
+def unknown_flags_message(command: str, unknown: list[str], flags: list[str]) -> str:
+    """``wmss <command>: error: unknown flag --x (did you mean --y?)``, one line per flag, then where to look."""
+    lines = []
+    for flag in unknown:
+        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.6)
+        lines.append(
+            f"wmss {command}: error: unknown flag {flag}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        )
+    lines.append(f"`wmss {command} --help` lists them.")
+    return "\n".join(lines)
+
+
 def usage() -> str:
     lines = [
         "usage: wmss <command> [--config run.yaml] [--accelerate_config ddp|zero2|zero3|PATH] [flags]",
@@ -155,10 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     num_processes = _pop_flag(rest, "--num_processes") if config is not None else None
     if config is not None and "LOCAL_RANK" not in os.environ:
         return relaunch(command, rest, config, num_processes)
+    wants_help = any(token in ("-h", "--help") for token in rest)
+    cached = _read_help(command)
+    if cached is not None and wants_help:
+        print(cached["help"], end="")
+        return 0
+    if cached is not None and (unknown := unknown_flags(rest, cached["flags"])):
+        print(unknown_flags_message(command, unknown, cached["flags"]), file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         filter_third_party_deprecations()
         module = importlib.import_module(COMMANDS[command][0])
-        return module.main(rest) or 0
+        if wants_help:
+            print(_capture_help(command, module)["help"], end="")
+            return 0
+        try:
+            return module.main(rest) or 0
+        except ValueError as error:  # TRL's parser: "Some specified arguments are not used by the HfArgumentParser"
+            entry = _capture_help(command, module) if "not used by the HfArgumentParser" in str(error) else None
+            if entry is None or not (unknown := unknown_flags(rest, entry["flags"])):
+                raise
+            print(unknown_flags_message(command, unknown, entry["flags"]), file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

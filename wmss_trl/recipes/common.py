@@ -42,6 +42,7 @@ def cpu_default_argv(argv: list[str] | None) -> list[str]:
 def check_before_loading(model_args, training_args, role: str = "strong model") -> None:
     """Check the inputs before any model loads, so a bad one fails in seconds, with its fix:
 
+    * ``model_name_or_path`` is given (without it transformers would look ``None`` up on the hub, for a minute);
     * ``model_name_or_path`` and ``weak_model_name_or_path`` hold safetensors weights (the project's one loading
       policy, :func:`wmss_trl.weak.require_safetensors`);
     * ``resume_from_checkpoint`` becomes a *complete* checkpoint (:mod:`wmss_trl.checkpoints`): ``true`` -> the last
@@ -51,6 +52,10 @@ def check_before_loading(model_args, training_args, role: str = "strong model") 
     from ..checkpoints import resolve_resume_from_checkpoint
     from ..weak import require_safetensors
 
+    if not model_args.model_name_or_path:
+        raise SystemExit(
+            f"--model_name_or_path is required: the {role} (a folder of safetensors weights or a hub id)."
+        )
     require_safetensors(model_args.model_name_or_path, role)
     require_safetensors(getattr(training_args, "weak_model_name_or_path", None), "weak model")
     training_args.resume_from_checkpoint = resolve_resume_from_checkpoint(
