@@ -4,10 +4,13 @@ The mixed distribution of WMSS joint training is
 
     z_mix = lam * z_strong + (1 - lam) * z_weak,      p_mix = softmax(z_mix) ∝ p_strong^lam * p_weak^(1 - lam)
 
-and the WD-JT loss is plain cross-entropy of the labels under ``p_mix``. The weak model is frozen, so only
-the strong logits receive a gradient:
+and the WD-JT loss is plain cross-entropy of the labels under ``p_mix``. The strong logits receive the gradient
 
     d(-log p_mix[y]) / d z_strong = lam * (p_mix - onehot(y))
+
+and, only when the weak model is co-trained (``train_weak``; frozen by default), the weak logits
+
+    d(-log p_mix[y]) / d z_weak = (1 - lam) * (p_mix - onehot(y))
 
 Every function here works on *chunks* of positions so that no full ``(batch, seq, vocab)`` fp32 tensor of
 mixed logits ever exists. Three entry points:
@@ -52,7 +55,8 @@ def mix_logits(strong_logits: torch.Tensor, weak_logits: torch.Tensor, lam: floa
 
 
 class _MixedTokenLogProbs(torch.autograd.Function):
-    """log softmax(lam*z_s + (1-lam)*z_w)[y] per position, chunked; gradient flows to z_s only."""
+    """log softmax(lam*z_s + (1-lam)*z_w)[y] per position, chunked; gradient to z_s (and to z_w when it requires one:
+    the co-trained weak model, d log p_mix[y] / d z_w = (1 - lam) * (onehot(y) - p_mix))."""
 
     @staticmethod
     def forward(ctx, strong, weak, tokens, lam, chunk_size):
@@ -75,15 +79,27 @@ class _MixedTokenLogProbs(torch.autograd.Function):
         vocab = strong.shape[-1]
         flat_s, flat_w, flat_y = strong.reshape(-1, vocab), weak.reshape(-1, vocab), tokens.reshape(-1)
         flat_g = grad_out.reshape(-1).float()
-        grad = torch.empty_like(flat_s)
+        need_s, need_w = ctx.needs_input_grad[:2]
+        grad = torch.empty_like(flat_s) if need_s else None
+        grad_w = torch.empty_like(flat_w) if need_w else None
         for start in range(0, flat_y.numel(), chunk_size):
             sl = slice(start, start + chunk_size)
             p_mix = torch.softmax(mix_logits(flat_s[sl], flat_w[sl], lam), dim=-1)
-            # d log p_mix[y] / d z_s = lam * (onehot(y) - p_mix)
+            # d log p_mix[y] / d z_s = lam * (onehot(y) - p_mix); for z_w the factor is (1 - lam)
             g = -p_mix
             g.scatter_add_(-1, flat_y[sl, None], torch.ones_like(flat_y[sl, None], dtype=g.dtype))
-            grad[sl] = (lam * flat_g[sl, None] * g).to(grad.dtype)
-        return grad.view(strong.shape), None, None, None, None
+            g.mul_(flat_g[sl, None])
+            if need_s:
+                grad[sl] = (lam * g).to(grad.dtype)
+            if need_w:
+                grad_w[sl] = ((1.0 - lam) * g).to(grad_w.dtype)
+        return (
+            None if grad is None else grad.view(strong.shape),
+            None if grad_w is None else grad_w.view(weak.shape),
+            None,
+            None,
+            None,
+        )
 
 
 def mixed_token_logprobs(
@@ -92,15 +108,17 @@ def mixed_token_logprobs(
     tokens: torch.Tensor,
     lam: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    train_weak: bool = False,
 ) -> torch.Tensor:
     """Per-position log p_mix[token] with p_mix = softmax(lam * z_strong + (1 - lam) * z_weak).
 
     Args:
         strong_logits: ``(..., V)`` logits of the trained model (any dtype; upcast to fp32 per chunk).
-        weak_logits: ``(..., V)`` logits of the frozen weak model (treated as a constant).
+        weak_logits: ``(..., V)`` logits of the weak model (a constant unless ``train_weak``).
         tokens: ``(...)`` token ids to score; must be valid ids (replace ignore labels before calling).
         lam: weight of the strong logits, 0 < lam <= 1.
         chunk_size: positions processed at once.
+        train_weak: also differentiable w.r.t. ``weak_logits`` (the co-trained weak model).
 
     Returns:
         ``(...)`` fp32 log-probabilities, differentiable w.r.t. ``strong_logits``.
@@ -110,7 +128,8 @@ def mixed_token_logprobs(
             f"strong and weak logits differ in shape: {tuple(strong_logits.shape)} vs {tuple(weak_logits.shape)}; "
             "the weak model must share the strong model's tokenizer and vocabulary size."
         )
-    return _MixedTokenLogProbs.apply(strong_logits, weak_logits.detach(), tokens, float(lam), int(chunk_size))
+    weak_logits = weak_logits if train_weak else weak_logits.detach()
+    return _MixedTokenLogProbs.apply(strong_logits, weak_logits, tokens, float(lam), int(chunk_size))
 
 
 def mixed_cross_entropy(
@@ -120,15 +139,17 @@ def mixed_cross_entropy(
     lam: float,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    train_weak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed WD-JT cross-entropy -sum_t log p_mix[y_t] over positions whose label != ignore_index.
 
     ``labels`` are aligned with the logits (already shifted). Returns ``(loss_sum, num_tokens)``; divide
-    to get the mean, or divide by a global token count for gradient accumulation, as TRL does.
+    to get the mean, or divide by a global token count for gradient accumulation, as TRL does. ``train_weak``: the
+    weak logits get their gradient too (see :func:`mixed_token_logprobs`).
     """
     mask = labels != ignore_index
     safe = labels.masked_fill(~mask, 0)
-    logp = mixed_token_logprobs(strong_logits, weak_logits, safe, lam, chunk_size)
+    logp = mixed_token_logprobs(strong_logits, weak_logits, safe, lam, chunk_size, train_weak)
     return -(logp * mask).sum(), mask.sum()
 
 

@@ -16,6 +16,7 @@ metrics; a weak model is then neither loaded nor run. docs/sft.md lists what ``l
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -24,7 +25,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 from transformers import TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
@@ -62,6 +67,10 @@ from .weak import (
 
 
 logger = logging.getLogger(__name__)
+
+# the co-trained weak model: its name as a submodule of the policy, and its folder in a checkpoint
+WEAK_MODULE = "wmss_weak_model"
+WEAK_CHECKPOINT_FOLDER = "weak_model"
 
 WMSS_PAPER = {
     "title": "Weak-Driven Learning: How Weak Agents Make Strong Agents Stronger",
@@ -192,6 +201,16 @@ class WMSSSFTConfig(SFTConfig):
             code's value (paper's sweet spot 0.42-0.48). No effect without a weak model.
         mixing_chunk_size (`int`, defaults to `256`):
             Positions per chunk of the fp32 mixed cross-entropy (bounds its memory).
+        train_weak_model (`bool`, defaults to `False`):
+            Co-train the weak model (the official code's default, `freeze=false`): the same mixed loss trains it, with
+            the gradient (1 - lambda) * (p_mix - onehot(y)) on its logits, in the same optimizer (its own parameter
+            group, learning rate `weak_learning_rate`) and sharded like the policy under DeepSpeed ZeRO. Only the
+            strong model is saved by `save_model` and as a checkpoint's model weights; a checkpoint keeps the weak
+            model's state for resuming (`checkpoint-N/weak_model/model.safetensors`, or DeepSpeed's own states).
+            Needs a separate weak model (not `peft_base_as_weak`) and `mixing_lambda < 1`. Off: the weak model is
+            frozen (the paper's v2 text).
+        weak_learning_rate (`float`, *optional*):
+            Learning rate of the co-trained weak model (same schedule as the policy's). Defaults to `learning_rate`.
         saturation_metrics (`bool`, *optional*):
             Log the saturation and mechanism diagnostics on the trained tokens at each logging step (docs/sft.md):
             `wmss/logit_margin`, `wmss/min_margin`, `wmss/sft_nontarget_grad_norm` and, with the WD-JT loss,
@@ -253,6 +272,21 @@ class WMSSSFTConfig(SFTConfig):
         default=DEFAULT_CHUNK_SIZE,
         metadata={"help": "Positions per chunk of the fp32 mixed cross-entropy (memory: chunk x vocab floats)."},
     )
+    train_weak_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Co-train the weak model (the official code's freeze=false): the same mixed loss trains it "
+            "(gradient (1-lambda)*(p_mix - onehot) on its logits), in the same optimizer with its own learning rate "
+            "(weak_learning_rate), sharded like the policy under ZeRO. Only the strong model is saved; checkpoints "
+            "keep the weak one for resuming. Needs a separate weak model and mixing_lambda < 1."
+        },
+    )
+    weak_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the co-trained weak model (train_weak_model=True); default learning_rate."
+        },
+    )
     saturation_metrics: bool | None = field(
         default=None,
         metadata={
@@ -307,6 +341,32 @@ class WMSSSFTConfig(SFTConfig):
         self.mixing_chunk_size = check_int(
             "mixing_chunk_size", self.mixing_chunk_size, low=1, hint="It is the number of positions per loss chunk."
         )
+        if self.weak_learning_rate is not None:
+            if not self.train_weak_model:
+                raise ValueError(
+                    f"weak_learning_rate={self.weak_learning_rate} is set but train_weak_model=False: it is the "
+                    "learning rate of the co-trained weak model. Set train_weak_model=True, or drop weak_learning_rate."
+                )
+            self.weak_learning_rate = check_float(
+                "weak_learning_rate",
+                self.weak_learning_rate,
+                low=0.0,
+                low_open=True,
+                hint="It is the co-trained weak model's learning rate (train_weak_model=False freezes it).",
+            )
+        if self.train_weak_model:
+            if self.peft_base_as_weak:
+                raise ValueError(
+                    "train_weak_model=True cannot train the adapter-disabled PEFT base (peft_base_as_weak=True): that "
+                    "weak model is the policy's own frozen base weights. Pass a separate weak checkpoint (weak_model= "
+                    "or weak_model_name_or_path, with peft_base_as_weak=False), or set train_weak_model=False."
+                )
+            if self.mixing_lambda == 1.0:
+                raise ValueError(
+                    "train_weak_model=True with mixing_lambda=1.0: the loss is then plain SFT, the weak model gets "
+                    "no gradient ((1 - lambda) = 0) and is not even loaded. Set mixing_lambda < 1 (the official code "
+                    "uses 0.5), or train_weak_model=False."
+                )
         self.selection_alpha, self.selection_beta, self.selection_gamma = check_shares(
             ("selection_alpha", "selection_beta", "selection_gamma"),
             (self.selection_alpha, self.selection_beta, self.selection_gamma),
@@ -353,6 +413,28 @@ def _own_loss_reason(args: WMSSSFTConfig, use_mixing: bool) -> tuple[str, str, s
         return f"mixing_lambda={args.mixing_lambda} < 1", "the WD-JT loss", off
     off = "or set saturation_metrics=False (TRL's SFTTrainer, unchanged)"
     return "saturation_metrics=True", "the loss that logs the diagnostics (wmss_trl's fused head)", off
+
+
+def _check_co_training(model, args: WMSSSFTConfig, named: dict, weak_given: bool) -> None:
+    """Refuse, before anything loads, what ``train_weak_model=True`` does not handle (the config refuses
+    ``peft_base_as_weak`` and ``mixing_lambda=1``)."""
+    if not weak_given:
+        raise ValueError(
+            "train_weak_model=True needs a weak model to train: pass weak_model= or weak_model_name_or_path, or set "
+            "train_weak_model=False."
+        )
+    if is_peft_model(model) or named.get("peft_config") is not None:
+        raise ValueError(
+            "train_weak_model=True is not supported with a PEFT policy (the co-trained weak model would be frozen by "
+            "PEFT and saved with the adapters). Train the policy without peft_config, or set train_weak_model=False."
+        )
+    optimizers = named.get("optimizers")
+    if named.get("optimizer_cls_and_kwargs") is None and optimizers is not None and optimizers[0] is not None:
+        raise ValueError(
+            "train_weak_model=True builds the optimizer itself (the weak model's parameters in their own groups), so "
+            "a ready optimizer (optimizers=(optimizer, ...)) is not supported: pass optimizer_cls_and_kwargs instead, "
+            "or set train_weak_model=False."
+        )
 
 
 def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict, use_mixing: bool) -> None:
@@ -452,6 +534,8 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
                     "peft_base_as_weak=True and a weak model are both given; pick one: the adapter-disabled PEFT base "
                     "(drop weak_model / weak_model_name_or_path) or the weak checkpoint (peft_base_as_weak=False)."
                 )
+        if args.train_weak_model:
+            _check_co_training(model, args, named, weak_given)
         self.wmss_enabled = weak_given or args.peft_base_as_weak
         self.use_mixing = self.wmss_enabled and args.mixing_lambda < 1.0  # lambda = 1: z_mix = z_strong, TRL's loss
         # the saturation diagnostics; in plain SFT (`saturation_metrics=True`) they need wmss_trl's loss path too
@@ -480,7 +564,10 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             weak_source = "the adapter-disabled PEFT base"  # `self.weak_model` None: the policy, adapters disabled
             if weak is not None:
                 check_weak_compatible(self.model, weak, self.processing_class, weak_path)
-                self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
+                if args.train_weak_model:
+                    self.weak_model = self._attach_co_trained_weak(weak)
+                else:
+                    self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
                 weak_source = weak_path or f"a loaded {type(weak).__name__}"
             if self.weak_model is not None:
                 self._fused_head = self._can_fuse_head(
@@ -489,6 +576,102 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         self._check_trainable_tokens(train_dataset)
         self._log_selection()
         self._log_mode(weak_source)
+
+    def _attach_co_trained_weak(self, weak):
+        """Make the co-trained weak model the submodule `WEAK_MODULE` of the policy, so that the Trainer's one model
+        holds both: its optimizer (the weak parameters in their own groups, see `create_optimizer`), gradient
+        clipping, DDP wrapper and DeepSpeed engine (ZeRO shards the weak model like the policy). `_save` keeps it out
+        of the saved weights; `_save_checkpoint` / `_load_from_checkpoint` keep its state for resuming."""
+        what = f"train_weak_model=True puts the weak model in the policy's optimizer{' and DeepSpeed engine' if self.is_deepspeed_enabled else ''}"
+        if self.is_deepspeed_enabled and self.args.save_only_model:
+            raise ValueError(
+                f"{what}, whose checkpoint states are then its only copy, but save_only_model=True skips them. Set "
+                "save_only_model=False, or train_weak_model=False."
+            )
+        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else {}
+        if "optimizer" in ds_config and self.args.weak_learning_rate not in (None, self.args.learning_rate):
+            raise ValueError(
+                f"{what}, but the DeepSpeed config builds its own optimizer (its 'optimizer' section), with one "
+                f"learning rate for both models, not weak_learning_rate={self.args.weak_learning_rate}. Drop the "
+                "config's optimizer section (the Trainer then builds it), or drop weak_learning_rate."
+            )
+        strong = next(self.model.parameters())
+        weak_dtype = next(weak.parameters()).dtype
+        if weak_dtype != strong.dtype:
+            raise ValueError(
+                f"{what}, so it must have the policy's dtype: the weak model is {weak_dtype}, the policy {strong.dtype}. "
+                "Load both in the same dtype (weak_model_init_kwargs / model_init_kwargs `dtype`), or set "
+                "train_weak_model=False."
+            )
+        weak.requires_grad_(True)
+        weak.train(self.model.training)
+        self.model.add_module(WEAK_MODULE, weak.to(strong.device))
+        return weak
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; with a co-trained weak model its parameters are moved to groups of their own (same
+        settings, learning rate `weak_learning_rate`), so the scheduler scales both learning rates alike."""
+        built = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if built and self.args.train_weak_model and self.weak_model is not None:
+            lr = self.args.weak_learning_rate if self.args.weak_learning_rate is not None else self.args.learning_rate
+            weak = {id(p) for p in self.weak_model.parameters()}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in weak]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in weak]
+                    optimizer.add_param_group({**group, "params": moved, "lr": lr})
+        return optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Trainer's save of the policy; a co-trained weak model (a submodule of it) is left out of the weights, so
+        the folder is the strong model alone, loadable by `AutoModelForCausalLM.from_pretrained`."""
+        if self.args.train_weak_model and self.weak_model is not None:
+            if state_dict is None:
+                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{WEAK_MODULE}.")}
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint; with a co-trained weak model (not under DeepSpeed, whose states hold it) first its
+        weights, in `checkpoint-N/weak_model/model.safetensors` (before `trainer_state.json`, which a complete
+        checkpoint ends with)."""
+        if self.args.train_weak_model and not self.is_deepspeed_enabled and self.args.should_save:
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(os.path.join(checkpoint, WEAK_CHECKPOINT_FOLDER), exist_ok=True)
+            save_safetensors_model(
+                self.weak_model, os.path.join(checkpoint, WEAK_CHECKPOINT_FOLDER, SAFE_WEIGHTS_NAME)
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Trainer's resume of the policy's weights, then the co-trained weak model's; a checkpoint written with the
+        other `train_weak_model` setting is refused."""
+        weak_file = os.path.join(resume_from_checkpoint, WEAK_CHECKPOINT_FOLDER, SAFE_WEIGHTS_NAME)
+        if self.args.train_weak_model and not os.path.isfile(weak_file):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {WEAK_CHECKPOINT_FOLDER}/{SAFE_WEIGHTS_NAME}: it was written by a "
+                "run with a frozen weak model (train_weak_model=False), so it holds no co-trained weak model to "
+                "resume. Resume it with train_weak_model=False, or start this co-trained run from scratch."
+            )
+        if not self.args.train_weak_model and os.path.exists(weak_file):
+            raise ValueError(
+                f"{resume_from_checkpoint} was written by a run that co-trained its weak model (it holds "
+                f"{WEAK_CHECKPOINT_FOLDER}/), but this run freezes it: it would continue with the original weak model. "
+                "Resume it with train_weak_model=True, or start this run from scratch."
+            )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.args.train_weak_model:
+            load_safetensors_model(self.weak_model, weak_file)
+
+    def _issue_warnings_after_load(self, load_result):
+        # the co-trained weak model is not in the policy's saved weights (`_save`); it is loaded on its own
+        if self.args.train_weak_model:
+            missing = [k for k in load_result.missing_keys if not k.startswith(f"{WEAK_MODULE}.")]
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
 
     def _can_fuse_head(self, models) -> bool:
         """Whether the fused loss can run: it reads the LM heads' weights and computes no router loss, so the models'
@@ -675,12 +858,16 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             targets[mask],
             self.mixing_lambda if self.use_mixing else 1.0,
             self.args.mixing_chunk_size,
+            train_weak=self.args.train_weak_model,
             diagnostics=diagnostics,
         )
         return loss_sum, stats.sum(0), mask.sum(), None  # no router loss on this path (see `_fused_head`)
 
     def _weak_hidden(self, unwrapped, model_inputs):
-        """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients."""
+        """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients unless it
+        is co-trained (it is then a submodule of the policy, run inside the policy's forward)."""
+        if self.args.train_weak_model:
+            return backbone_of(self.weak_model)(**model_inputs).last_hidden_state
         with torch.no_grad():
             if self.weak_model is None:
                 with disable_gradient_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs):
@@ -697,7 +884,8 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         strong_logits = strong.logits
         lam, chunk = (self.mixing_lambda if self.use_mixing else 1.0), self.args.mixing_chunk_size
         weak_logits = None
-        with torch.no_grad():  # no weak model: plain SFT with saturation_metrics=True
+        train_weak = self.args.train_weak_model
+        with contextlib.nullcontext() if train_weak else torch.no_grad():  # no weak model: plain SFT + diagnostics
             if self.use_mixing and self.weak_model is not None:
                 weak_logits = self.weak_model(**model_inputs).logits
             elif self.use_mixing:
@@ -706,7 +894,12 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
                         weak_logits = model(**model_inputs).logits
         # lam = 1 without a weak model: z_mix = z_strong, SFT's cross-entropy (the weak slot's logits do not count)
         loss_sum, n_local = mixed_cross_entropy(
-            strong_logits, strong_logits if weak_logits is None else weak_logits, targets, lam, chunk_size=chunk
+            strong_logits,
+            strong_logits if weak_logits is None else weak_logits,
+            targets,
+            lam,
+            chunk_size=chunk,
+            train_weak=train_weak,
         )
         stats = logits_stats(strong_logits, weak_logits, targets, lam, chunk, diagnostics).sum(0)
         return loss_sum, stats, n_local, strong.aux_loss if self.aux_loss_enabled else None
