@@ -304,3 +304,15 @@ def test_saturation_metrics_computed_on_logged_steps_only(tiny, tmp_path, monkey
 def test_saturation_metrics_in_plain_sft_refuse_what_its_loss_does_not_do(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"loss_type='dft' is not supported with saturation_metrics=True.*False"):
         make_trainer(tiny, tmp_path, saturation_metrics=True, loss_type="dft")
+
+
+def test_saturation_metrics_and_train_weak_model_strings_are_booleans(tmp_path):
+    from conftest import cpu_args
+
+    from wmss_trl import WMSSSFTConfig
+
+    args = cpu_args(WMSSSFTConfig, tmp_path, saturation_metrics="false", train_weak_model="False")
+    assert args.saturation_metrics is False and args.train_weak_model is False
+    assert cpu_args(WMSSSFTConfig, tmp_path, saturation_metrics="true").saturation_metrics is True
+    with pytest.raises(ValueError, match=r"saturation_metrics must be true or false, got 'maybe'"):
+        cpu_args(WMSSSFTConfig, tmp_path, saturation_metrics="maybe")

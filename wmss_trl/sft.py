@@ -6,8 +6,10 @@ With a weak model (a frozen earlier checkpoint of the same model, or the adapter
     z_mix = lam * z_strong + (1 - lam) * z_weak,      L = -sum_t log softmax(z_mix)_t[y_t] / N_tokens
 
 on exactly the tokens TRL's SFT trains (completion-only / assistant-only masks honoured); for an MoE policy,
-SFTTrainer's router load-balancing term ``router_aux_loss_coef * aux_loss`` is added to L. Only the strong model is
-trained and saved; the weak model is never part of a checkpoint, so inference is unchanged.
+SFTTrainer's router load-balancing term ``router_aux_loss_coef * aux_loss`` is added to L. The weak model is frozen,
+unless ``train_weak_model=True`` co-trains it by the same loss (the official code's default); only the strong model
+is saved (a checkpoint keeps a co-trained weak model's state for resuming), so inference is unchanged. The
+saturation metrics of :mod:`wmss_trl.diagnostics` are logged from the loss's chunks (``saturation_metrics``).
 
 Without a weak model, or with ``lam = 1`` (where z_mix = z_strong), the trainer is TRL's ``SFTTrainer``: its
 ``compute_loss`` (every ``loss_type``, ``compute_loss_func``, the MoE auxiliary loss, PEFT prompt learning) and its
@@ -20,6 +22,7 @@ import contextlib
 import inspect
 import logging
 import os
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ from datasets import Dataset
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from transformers import TrainingArguments
+from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
@@ -341,6 +345,13 @@ class WMSSSFTConfig(SFTConfig):
         self.mixing_chunk_size = check_int(
             "mixing_chunk_size", self.mixing_chunk_size, low=1, hint="It is the number of positions per loss chunk."
         )
+        for name in ("train_weak_model", "saturation_metrics"):  # a YAML / JSON string such as "false" is truthy
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, string_to_bool(value))
+                except ArgumentTypeError:
+                    raise ValueError(f"{name} must be true or false, got {value!r}.") from None
         if self.weak_learning_rate is not None:
             if not self.train_weak_model:
                 raise ValueError(
@@ -481,7 +492,8 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
     Args:
         model, args, ...: as [`~trl.SFTTrainer`] (`args` may also be an `SFTConfig` or `TrainingArguments`).
         weak_model (`PreTrainedModel` or `str`, *optional*):
-            The frozen weak model, or its local folder; overrides `args.weak_model_name_or_path`.
+            The weak model (frozen unless `train_weak_model=True`), or its local folder; overrides
+            `args.weak_model_name_or_path`.
 
     Modes (one info line at construction says which):
         * no weak model and `peft_base_as_weak=False`: TRL's `SFTTrainer`, exactly (WD-DS selection still applies
@@ -493,7 +505,9 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
     Logged metrics with `mixing_lambda < 1`: TRL's `entropy`, `mean_token_accuracy` (of the strong model alone),
     `num_tokens` and (MoE) `aux_loss`, and in the namespace `wmss/`: `mixed_loss` (the training loss, per token),
     `strong_nll` (plain SFT loss of the strong model on the same tokens), `weak_nll`, `strong_entropy`,
-    `weak_entropy` (nats, per token).
+    `weak_entropy` (nats, per token), and on logged steps the saturation metrics `logit_margin`, `min_margin`,
+    `sft_nontarget_grad_norm`, `nontarget_grad_norm`, `weak_topk_grad_share` (docs/sft.md; the first three also in
+    plain SFT with `saturation_metrics=True`).
     """
 
     _wmss_name = "WMSS-SFT"

@@ -9,6 +9,7 @@ OUT/final (``save_model``), the weak model's weights to OUT/weak_final.safetenso
 learning rates of the optimizer's parameter groups.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -19,12 +20,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from conftest import arithmetic_prompt_completion, cpu_args  # noqa: E402
-from safetensors.torch import save_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer  # noqa: E402
 from wmss_trl.recipes.common import exit_worker, teardown  # noqa: E402
 from wmss_trl.toy import load_tokenizer  # noqa: E402
+from wmss_trl.weak import is_zero3_partitioned  # noqa: E402
 
 
 class KillAt(TrainerCallback):
@@ -66,12 +68,22 @@ def main():
     trainer.train(resume_from_checkpoint=True if "--resume" in sys.argv else None)
     trainer.save_model(os.path.join(out, "final"))
     state = trainer.accelerator.state
+    partitioned = is_zero3_partitioned(trainer.weak_model)
+    # copies (under DeepSpeed the parameters are views of its flat buffers), gathered under ZeRO-3 (every rank)
+    gather = contextlib.nullcontext()
+    if partitioned:
+        from deepspeed import zero
+
+        gather = zero.GatheredParameters(list(trainer.weak_model.parameters()))
+    with gather:
+        weights = {k: v.detach().clone() for k, v in trainer.weak_model.state_dict().items()}
     if trainer.accelerator.is_main_process:
-        save_model(trainer.weak_model, os.path.join(out, "weak_final.safetensors"))
+        save_file(weights, os.path.join(out, "weak_final.safetensors"))
         result = {
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": str(state.distributed_type),
             "zero_stage": state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None,
+            "weak_partitioned": partitioned,
             "losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
             "weak_nll": {h["step"]: h["wmss/weak_nll"] for h in trainer.state.log_history if "loss" in h},
             "initial_lrs": [g["initial_lr"] for g in trainer.optimizer.param_groups],
