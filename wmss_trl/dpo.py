@@ -40,7 +40,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head, hash_module
+from trl.trainer.utils import add_fused_lm_head, hash_module
 
 from .checkpoints import CompleteCheckpointResume
 from .checks import as_wmss_config, check_float, check_int, check_shares
@@ -48,6 +48,7 @@ from .data_checks import check_dataset_columns, require_rows
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
 from .sft import WMSSModelCard
+from .trl_compat import dpo_reference_from_inputs, fused_lm_head_output
 from .weak import (
     check_weak_compatible,
     freeze,
@@ -326,8 +327,7 @@ class _WMSSPolicy:
                 log_sum_sq = _scatter_columns(
                     _mixed_log_sum_sq_probs(strong, self.weak.logits, lam, chunk) * mask_k, keep, width
                 )
-        return FusedCausalLMOutput(
-            loss=None,
+        return fused_lm_head_output(
             log_probs=_scatter_columns(log_probs, keep, width),
             entropy=_scatter_columns(entropy, keep, width),
             log_sum_sq_probs=log_sum_sq,
@@ -504,33 +504,25 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
             else:  # once TRL has loaded its processing class, before the first weak forward (precompute or training)
                 self._weak_to_check = (weak, weak_path)
 
-        # With the PEFT base as weak model, TRL would precompute against a copy of the adapter ("ref"): defer it.
-        defer_precompute = args.peft_base_as_weak and args.precompute_ref_log_probs
-        if defer_precompute:
-            args.precompute_ref_log_probs = False
-        try:
-            super().__init__(
-                model,
-                ref_model=weak,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-            )
-        finally:
-            if defer_precompute:
-                args.precompute_ref_log_probs = True
+        super().__init__(
+            model,
+            ref_model=weak,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
         self._check_weak_once()
 
         self.weak_model = self.ref_model if has_weak else None  # None: the PEFT policy with adapters disabled, or off
         if args.peft_base_as_weak:
-            self._use_peft_base_as_weak(defer_precompute)
+            self._drop_ref_adapter()
         elif not has_weak and self.accelerator.is_main_process:
             logger.warning(
                 "WMSS inactive: no weak model given, so this is TRL's DPOTrainer. Pass weak_model= or "
@@ -551,26 +543,19 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         self._check_weak_once()  # TRL's precompute is the first weak forward
+        if self.args.peft_base_as_weak:
+            self._drop_ref_adapter()  # TRL's __init__ precomputes before it returns: the reference is the base
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
-    def _use_peft_base_as_weak(self, run_precompute: bool):
-        """Reference = adapters disabled: remove the frozen copy of the adapter ("ref") that TRL adds to a PeftModel."""
+    def _drop_ref_adapter(self):
+        """Reference = adapters disabled: remove the frozen copy of the adapter ("ref") that TRL adds to a PeftModel
+        (TRL then disables the adapters for the reference), and re-key TRL's precompute cache to the model without it,
+        so a cache of log-probs against that copy is not reused."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in unwrapped.peft_config:
             unwrapped.delete_adapter("ref")
-        if run_precompute:  # what DPOTrainer.__init__ does with precompute_ref_log_probs, now against the base
-            self.precompute_ref_logps = True
-            self._precompute_model_hash = hash_module(self.model)
-            bs_train = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", bs_train)
-            if self.eval_dataset is not None:
-                bs_eval = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-                if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {
-                        k: self._precompute_ref_logps(d, k, bs_eval) for k, d in self.eval_dataset.items()
-                    }
-                else:
-                    self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", bs_eval)
+            if self.args.precompute_ref_log_probs:
+                self._precompute_model_hash = hash_module(self.model)
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -694,12 +679,8 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref.chunk(2, dim=0)
         policy = _WMSSPolicy(model, self, weak, shift_mask)
         # Hand the weak log-probs to DPOTrainer through its own precomputed-reference input path (no second forward)
-        precompute = self.precompute_ref_logps
-        self.precompute_ref_logps = True
-        try:
+        with dpo_reference_from_inputs(self):
             result = super()._compute_loss(policy, inputs, return_outputs)
-        finally:
-            self.precompute_ref_logps = precompute
         self._log_wmss_metrics(mode, weak, policy, shift_mask)
         return result
 

@@ -89,6 +89,7 @@ from .data_checks import check_dataset_columns
 from .entropy import token_entropy
 from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
 from .sft import WMSSModelCard
+from .trl_compat import grpo_without_reference_logps, grpo_without_reference_model
 from .weak import check_weak_compatible, is_peft_model, prepare_weak_model, require_safetensors, resolve_weak_model
 
 
@@ -376,15 +377,10 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
                 "sync_ref_model=True would overwrite the weak reference model with the policy; WMSS keeps the weak "
                 "checkpoint frozen. Set sync_ref_model=False."
             )
-        # A separate weak model replaces TRL's reference model: hide beta while GRPOTrainer builds itself, so it does
-        # not load and shard a copy of the policy as reference (see cpu-setup.md section 5).
-        beta = args.beta
-        if separate_weak:
-            args.beta = 0.0
-        try:
+        # A separate weak model replaces TRL's reference model: GRPOTrainer must not load and shard a copy of the
+        # policy as reference (see cpu-setup.md section 5)
+        with grpo_without_reference_model(args) if separate_weak else contextlib.nullcontext(args.beta) as beta:
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        finally:
-            args.beta = beta
         self.beta = beta
         self._setup_wmss(weak_model, separate_weak)
 
@@ -914,13 +910,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if not self._wmss_hook:
             return super()._generate_and_score_completions(inputs)
-        saved_beta = self.beta
-        if self._weak_ref:  # the reference log-probs are computed below, with the weak model, in one forward
-            self.beta = 0.0
-        try:
+        # the reference log-probs are computed in `_add_wmss`, with the weak model, in one forward
+        with grpo_without_reference_logps(self, active=self._weak_ref):
             output = super()._generate_and_score_completions(inputs)
-        finally:
-            self.beta = saved_beta
         return self._add_wmss(inputs, output, self._wmss_rewards_per_func)
 
     def _add_wmss(self, inputs, out: dict, rewards_per_func: torch.Tensor) -> dict:
