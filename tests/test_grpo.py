@@ -55,13 +55,13 @@ def test_entropy_weights_match_naive_formula(coefs):
     g = torch.Generator().manual_seed(0)
     hw, hp = torch.rand(5, 7, generator=g) * 3, torch.rand(5, 7, generator=g) * 3
     mask = torch.rand(5, 7, generator=g) > 0.3
-    w = entropy_advantage_weights(hw, hp, mask, *coefs)
+    w = entropy_advantage_weights(hw, hp, mask, coefs)
     expected = naive_entropy_weights(hw, hp, mask, *coefs)
     torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=1e-6)
     assert w[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
     assert (w[~mask] == 0).all()
     # clipping after normalisation
-    wc = entropy_advantage_weights(hw, hp, mask, *coefs, min_weight=0.5, max_weight=1.5)
+    wc = entropy_advantage_weights(hw, hp, mask, coefs, min_weight=0.5, max_weight=1.5)
     torch.testing.assert_close(
         wc.double(), naive_entropy_weights(hw, hp, mask, *coefs, 0.5, 1.5), rtol=1e-5, atol=1e-6
     )
@@ -79,11 +79,11 @@ def test_entropy_weights_degenerate_cases():
     g = torch.Generator().manual_seed(1)
     hw, hp, m = torch.rand(6, 4, generator=g), torch.rand(6, 4, generator=g), torch.rand(6, 4, generator=g) > 0.2
     full = entropy_advantage_weights(hw, hp, m)
-    from wmss_trl.advantages import entropy_weight_sums
-
-    other = {0: entropy_weight_sums(hw[3:], hp[3:], m[3:]), 1: entropy_weight_sums(hw[:3], hp[:3], m[:3])}
-    part0 = entropy_advantage_weights(hw[:3], hp[:3], m[:3], reduce_sum=lambda t: t + other[0])
-    part1 = entropy_advantage_weights(hw[3:], hp[3:], m[3:], reduce_sum=lambda t: t + other[1])
+    local = {}  # each half's local sums, as the other process would contribute them
+    for half, rows in ((0, slice(0, 3)), (1, slice(3, 6))):
+        entropy_advantage_weights(hw[rows], hp[rows], m[rows], reduce_sum=lambda t, h=half: local.setdefault(h, t))
+    part0 = entropy_advantage_weights(hw[:3], hp[:3], m[:3], reduce_sum=lambda t: t + local[1])
+    part1 = entropy_advantage_weights(hw[3:], hp[3:], m[3:], reduce_sum=lambda t: t + local[0])
     torch.testing.assert_close(torch.cat([part0, part1]), full)
 
 

@@ -44,6 +44,7 @@ from trl.trainer.utils import add_fused_lm_head, hash_module
 
 from .checkpoints import CompleteCheckpointResume
 from .checks import as_wmss_config, check_float, check_int, check_shares
+from .core import three_signal_weights
 from .data_checks import check_dataset_columns, require_rows
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
 from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
@@ -188,31 +189,6 @@ def sequence_logps(per_token_logps: torch.Tensor, shift_completion_mask: torch.T
     return (per_token_logps * shared_mask).sum(dim=1) + ld_alpha * (per_token_logps * tail_mask).sum(dim=1)
 
 
-def entropy_pair_weights(h_weak, h_strong, alpha=0.1, beta=0.8, gamma=0.1, all_reduce_sum=None) -> torch.Tensor:
-    """Per-pair weights with mean 1 from the weak/strong entropy of the rejected answers (WD-DS's three signals).
-
-        dH_i = H_s(i) - H_w(i)
-        u_i  = a H_w(i)/mean(H_w) + b [-dH_i]_+ / mean([-dH]_+) + c [dH_i]_+ / mean([dH]_+)
-        w_i  = u_i / (a + b 1[mean([-dH]_+) > 0] + c 1[mean([dH]_+) > 0])
-
-    ``all_reduce_sum`` sums a tensor over processes, so the means are over the global batch. A term whose mean is 0
-    (or whose share is 0) is left out; with no term left every weight is 1.
-    """
-    h_weak, h_strong = h_weak.float(), h_strong.float()
-    gap = h_strong - h_weak
-    signals = torch.stack([h_weak.clamp(min=0), (-gap).clamp(min=0), gap.clamp(min=0)])  # (3, B)
-    totals = torch.cat([signals.sum(-1), torch.tensor([h_weak.numel()], dtype=torch.float32, device=h_weak.device)])
-    if all_reduce_sum is not None:
-        totals = all_reduce_sum(totals)
-    means = totals[:3] / totals[3].clamp(min=1)
-    shares = torch.tensor([alpha, beta, gamma], dtype=torch.float32, device=h_weak.device)
-    active = (means > 0) & (shares > 0)
-    if not bool(active.any()):
-        return torch.ones_like(h_weak)
-    u = (shares[active, None] * signals[active] / means[active, None]).sum(0)
-    return u / shares[active].sum()
-
-
 class _ScaleGrad(torch.autograd.Function):
     """Identity in the forward pass; multiplies the gradient of row i by ``scale[i]`` in the backward pass."""
 
@@ -288,15 +264,13 @@ class _WMSSPolicy:
             _, rejected_mask = self.shift_mask.chunk(2, dim=0)
             _, h_strong = masked_mean(out.entropy.detach().float(), self.shift_mask).chunk(2, dim=0)
             _, h_weak = masked_mean(self.weak.entropy.float(), self.shift_mask).chunk(2, dim=0)
-            args_ = trainer.args
-            w = entropy_pair_weights(
+            args = trainer.args
+            w = three_signal_weights(
                 h_weak,
                 h_strong,
-                args_.pair_weight_alpha,
-                args_.pair_weight_beta,
-                args_.pair_weight_gamma,
-                all_reduce_sum=lambda t: trainer.accelerator.reduce(t, reduction="sum"),
-            )
+                (args.pair_weight_alpha, args.pair_weight_beta, args.pair_weight_gamma),
+                reduce_sum=lambda t: trainer.accelerator.reduce(t, reduction="sum"),
+            ).float()
             out.log_probs = scale_grad(out.log_probs, torch.cat([w, w]))
             self.stats.update(weights=w, h_weak=h_weak, h_strong=h_strong)
         return out

@@ -73,10 +73,9 @@ from transformers.generation.logits_process import TopHLogitsWarper
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
-from trl.trainer.utils import RepeatSampler, pad
+from trl.trainer.utils import RepeatSampler, nanstd, pad
 
 from .advantages import (
-    _nanstd,
     advantages_with_weak_negatives,
     entropy_advantage_weights,
     select_weak_negatives,
@@ -85,6 +84,7 @@ from .advantages import (
 )
 from .checkpoints import CompleteCheckpointResume
 from .checks import as_wmss_config, check_float, check_int, check_order, check_shares
+from .core import aggregate_rewards, cut_at_eos
 from .data_checks import check_dataset_columns
 from .entropy import token_entropy
 from .mixing import DEFAULT_CHUNK_SIZE, mixed_token_logprobs
@@ -686,10 +686,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         return rewards_per_func
 
     def _aggregate(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """TRL's ``sum_then_normalize`` reward: weighted nansum, NaN when every function returned None."""
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        return rewards
+        return aggregate_rewards(rewards_per_func, self.reward_weights)
 
     def _correctness(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         if self._correctness_index is not None:
@@ -761,12 +758,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
                 )
         completion_ids = out[:, input_ids.size(1) :]
         logps = recorder.finish(completion_ids)
-        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
-        eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
-        eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
-        keep = torch.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1) <= eos_idx.unsqueeze(1)
-        ids = [c[m].tolist() for c, m in zip(completion_ids.cpu(), keep.cpu(), strict=True)]
-        return ids, [lp[m].tolist() for lp, m in zip(logps.cpu(), keep.cpu(), strict=True)]
+        ids = [cut_at_eos(row, set(self.eos_token_ids))[0] for row in completion_ids.tolist()]
+        return ids, [lp[: len(row)] for lp, row in zip(logps.tolist(), ids, strict=True)]
 
     @property
     def _generate_every(self) -> int:
@@ -1103,9 +1096,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             weak_h,
             pol_h,
             mask,
-            alpha=args.entropy_weight_alpha,
-            beta=args.entropy_weight_beta,
-            gamma=args.entropy_weight_gamma,
+            coefs=(args.entropy_weight_alpha, args.entropy_weight_beta, args.entropy_weight_gamma),
             min_weight=args.entropy_weight_min,
             max_weight=args.entropy_weight_max,
             reduce_sum=lambda t: self.accelerator.reduce(t, reduction="sum"),
@@ -1130,7 +1121,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             valid.view(n_groups, k),
         )
         policy_rewards = self._aggregate(rewards_per_func).view(n_groups, g)
-        batch_std = _nanstd(policy_rewards.flatten(), dim=0) if self.scale_rewards == "batch" else None
+        batch_std = nanstd(policy_rewards.flatten()) if self.scale_rewards == "batch" else None
         weak_rewards = self._aggregate(weak_rpf).view(n_groups, k)
         adv, weak_adv, touched = advantages_with_weak_negatives(
             policy_rewards, weak_rewards, selected, self.scale_rewards, batch_std

@@ -31,12 +31,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .core import three_signal_weights, three_signals
 from .io import check_provenance, dataset_fingerprint
 
 
 logger = logging.getLogger(__name__)
 
-ZERO_TOTAL = 1e-12  # what the official code puts in place of a zero normaliser
 SELECTION_MODES = ("resample", "weighted_sampler", "top_fraction")
 WEIGHT_COLUMN = "_wmss_weight"  # carries the per-row weight through TRL's dataset preparation (weighted_sampler)
 
@@ -104,6 +104,8 @@ def wd_ds_weights(h_weak, h_strong, alpha: float = 0.1, beta: float = 0.8, gamma
     defaults 0.1 / 0.8 / 0.1 are the official script's. A signal with zero total (e.g. no entropy rose) contributes
     nothing and the final renormalisation gives its share to the others. If every ``p_i`` is 0 (all entropies 0 and
     unchanged) the official pipeline falls back to uniform sampling, and so does this function (with a warning).
+    Computed with :func:`wmss_trl.core.three_signal_weights`, the weighting GRPO and DPO use too: ``p_i = w_i / N``
+    (a zero total drops its signal, as 1e-12 in its place does in the official code).
 
     Args:
         h_weak: ``H0``, per-sample mean token entropy of the weak model (nats, finite, >= 0).
@@ -119,14 +121,13 @@ def wd_ds_weights(h_weak, h_strong, alpha: float = 0.1, beta: float = 0.8, gamma
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}.")
 
-    dh = h1 - h0
-    z1 = h0.sum()
-    z2 = (-dh[dh < 0]).sum()
-    z3 = dh[dh > 0].sum()
-    z1, z2, z3 = (z if z != 0 else ZERO_TOTAL for z in (z1, z2, z3))
-
-    p = alpha * (h0 / z1) + beta * ((-dh) / z2) * (dh < 0) + gamma * (dh / z3) * (dh > 0)
-    p = np.maximum(p, 0.0)
+    coefs = (alpha, beta, gamma)
+    h0_t, h1_t = torch.from_numpy(h0), torch.from_numpy(h1)
+    totals = three_signals(h0_t, h1_t).sum(dim=1).tolist()
+    if not any(c != 0 and z > 0 for c, z in zip(coefs, totals)):
+        p = np.zeros_like(h0)
+    else:  # p_i = w_i / N up to the final renormalisation, which also applies the official max(p, 0)
+        p = np.maximum(three_signal_weights(h0_t, h1_t, coefs).numpy(), 0.0)
     total = p.sum()
     if total <= 0:
         logger.warning("WD-DS: every sampling weight is zero (no entropy signal); falling back to uniform weights.")
