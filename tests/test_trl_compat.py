@@ -34,6 +34,10 @@ def test_contact_point_holds(contact):
         (Contact("trl:GRPOTrainer", "_no_such_attribute", "attribute", ("grpo",)), "assigns self._no_such_attribute"),
         (Contact("trl:DPOTrainer", "_compute_loss", "source", ("dpo",), ("if self.gone:",)), "no longer contains"),
         (Contact("trl.trainer.utils", "_Gone", "import", ("sft",)), "no longer exists"),
+        (
+            Contact("trl:GRPOTrainer", "_compute_loss", "sequence", ("grpo",), ("advantages =", "per_token_logps, ")),
+            "in this order",
+        ),
         (Contact("trl.no_such_module", "x", "import", ("sft",)), "cannot be imported"),
     ],
 )

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
@@ -44,10 +43,11 @@ from trl.trainer.utils import add_fused_lm_head, hash_module
 
 from .checkpoints import CompleteCheckpointResume
 from .checks import as_wmss_config, check_float, check_int, check_shares
+from .config import WeakModelArgs
 from .core import three_signal_weights
 from .data_checks import check_dataset_columns, require_rows
 from .entropy import masked_mean, token_entropy, token_nll, trained_positions
-from .mixing import DEFAULT_CHUNK_SIZE, mix_logits, mixed_token_logprobs
+from .mixing import mix_logits, mixed_token_logprobs
 from .sft import WMSSModelCard
 from .trl_compat import dpo_reference_from_inputs, fused_lm_head_output
 from .weak import (
@@ -67,7 +67,7 @@ _SORTING_LOSSES = {"aot", "aot_unpaired"}
 
 
 @dataclass
-class WMSSDPOConfig(DPOConfig):
+class WMSSDPOConfig(WeakModelArgs, DPOConfig):
     r"""
     Configuration for [`WMSSDPOTrainer`]: everything of [`~trl.DPOConfig`], plus the weak model and the WMSS options.
 
@@ -84,7 +84,7 @@ class WMSSDPOConfig(DPOConfig):
         mixing_lambda (`float`, defaults to `1.0`):
             WD-JT: the policy log-probs come from z_mix = lambda * z_strong + (1 - lambda) * z_weak. 1.0 is off (plain
             DPO log-probs); the WMSS paper's value is 0.5. Must satisfy 0 < lambda <= 1.
-        mixing_chunk_size (`int`, defaults to `1024`):
+        mixing_chunk_size (`int`, defaults to `256`):
             Positions per chunk of the fp32 mixed log-softmax.
         entropy_pair_weights (`bool`, defaults to `False`):
             Weight each pair by the weak/strong entropy gap on its rejected answer (formula in the module docstring).
@@ -98,34 +98,12 @@ class WMSSDPOConfig(DPOConfig):
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
 
-    weak_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Local folder of the weak checkpoint, used as the DPO reference model. Without a weak model "
-            "(and peft_base_as_weak=False) WMSS is inactive: this is TRL's DPOTrainer."
-        },
-    )
-    peft_base_as_weak: bool = field(
-        default=False,
-        metadata={
-            "help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
-            "adapters disabled as the weak model (no second copy of the weights). Off, a peft_config alone "
-            "means plain TRL."
-        },
-    )
-    weak_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
-    )
     mixing_lambda: float = field(
         default=1.0,
         metadata={
             "help": "WD-JT: policy log-probs from lambda*z_strong + (1-lambda)*z_weak. 1.0 = off (plain DPO); "
             "the paper uses 0.5."
         },
-    )
-    mixing_chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Positions per chunk of the fp32 mixed log-softmax."}
     )
     entropy_pair_weights: bool = field(
         default=False,

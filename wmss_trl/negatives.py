@@ -63,6 +63,7 @@ from .io import (
     loaded_model_fingerprint,
     tokenizer_fingerprint,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from .rewards import reward_func_name
 
@@ -661,14 +662,6 @@ def summarize(results: list[dict], num_chunks: int, resumed_chunks: int, cfg: Mi
     }
 
 
-def _write_chunk(path: str, results: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for res in results:
-            f.write(json.dumps(res, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_chunk(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -843,7 +836,7 @@ def _mine_chunks(
         chunk_results = [res for _, block in sorted(gathered, key=lambda x: x[0]) for res in block]
         results[c] = chunk_results
         if output_dir is not None and state.is_main_process:
-            _write_chunk(os.path.join(output_dir, CHUNKS_DIR, f"chunk-{c:05d}.jsonl"), chunk_results)
+            write_jsonl_atomic(os.path.join(output_dir, CHUNKS_DIR, f"chunk-{c:05d}.jsonl"), chunk_results)
         bar.update(chunk_prompts)
         if first_fresh:
             first_fresh = False

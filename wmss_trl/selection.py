@@ -135,52 +135,6 @@ def wd_ds_weights(h_weak, h_strong, alpha: float = 0.1, beta: float = 0.8, gamma
     return p / total
 
 
-def brownboost_weights(
-    e0,
-    e1,
-    e2,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-    easy_quantile: float = 0.2,
-    hard_quantile: float = 0.8,
-    patience: int = 2,
-    easy_patience: int = 2,
-    lambda_time: float = 1.0,
-    lambda_easy: float = 1.0,
-    k_trend: float = 0.5,
-) -> np.ndarray:
-    r"""The official code's BrownBoost-style weights (``compute_sampling_weights_brownboost_style``).
-
-    **Unused by the paper's pipeline** (the official script always calls the AdaBoost-style formula,
-    :func:`wd_ds_weights`, despite naming its output folders "brownboost"); provided for completeness. Needs three
-    entropy rounds ``e0, e1, e2`` (e.g. base, first and second SFT checkpoint):
-
-        q_e, q_h       = quantile(e2, easy_quantile), quantile(e2, hard_quantile)
-        difficulty_i   = clip((e2_i - q_e) / (q_h - q_e + 1e-8), 0, 1) + 1e-8
-        trend_i        = clip(1 + k_trend * (e0_i - e2_i) / (std(e0 - e2) + 1e-8), 0.1, 10)
-        time_pen_i     = exp(-lambda_time * max(0, #{t: e_t,i > q_h} - patience))
-        easy_pen_i     = exp(-lambda_easy * max(0, #{t: e_t,i < q_e} - easy_patience))
-        w_i            = max(difficulty_i^alpha * trend_i^beta * time_pen_i^gamma * easy_pen_i, 1e-8),  normalised
-
-    Returns a float64 array that sums to 1.
-    """
-    e0, e1, e2 = (_as_entropies(e, name) for e, name in ((e0, "e0"), (e1, "e1"), (e2, "e2")))
-    _check_same_length(e0=e0, e1=e1, e2=e2)
-    eps = 1e-8
-    easy_th = np.quantile(e2, easy_quantile)
-    hard_th = np.quantile(e2, hard_quantile)
-    difficulty = np.clip((e2 - easy_th) / (hard_th - easy_th + eps), 0.0, 1.0) + eps
-    improve = e0 - e2
-    trend = np.clip(1.0 + k_trend * (improve / (np.std(improve) + eps)), 0.1, 10.0)
-    hard_rounds = (e0 > hard_th).astype(int) + (e1 > hard_th).astype(int) + (e2 > hard_th).astype(int)
-    time_penalty = np.exp(-lambda_time * np.maximum(0, hard_rounds - patience))
-    easy_rounds = (e0 < easy_th).astype(int) + (e1 < easy_th).astype(int) + (e2 < easy_th).astype(int)
-    easy_penalty = np.exp(-lambda_easy * np.maximum(0, easy_rounds - easy_patience))
-    w = np.maximum((difficulty**alpha) * (trend**beta) * (time_penalty**gamma) * easy_penalty, eps)
-    return w / w.sum()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Selection
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ documented helper, instead of being spread over the trainers:
 * :func:`grpo_without_reference_logps`: ``GRPOTrainer._generate_and_score_completions`` computes
   ``ref_per_token_logps`` exactly when ``self.beta != 0``; WMSS-GRPO computes them itself, with the weak model, in the
   same forward as the weak rows' statistics.
+* WMSS-GRPO's token weights taken from the loss's own forward rely on ``GRPOTrainer._compute_loss`` running its
+  policy forward (``self._get_per_token_logps_and_entropies``) before it reads ``inputs["advantages"]`` and
+  ``inputs["ref_per_token_logps"]``: the forward of our override applies them to the in-flight batch.
 * :func:`dpo_reference_from_inputs`: ``DPOTrainer._compute_loss`` reads the reference log-probs from
   ``inputs["ref_chosen_logps"]`` / ``inputs["ref_rejected_logps"]`` instead of running the reference model exactly
   when ``self.precompute_ref_logps`` is true; WMSS-DPO hands it the weak model's log-probs that way (one weak forward,
@@ -41,8 +44,8 @@ class Contact:
 
     ``kind`` is ``"method"`` (a callable whose leading parameters, after ``self``, are ``params``), ``"attribute"``
     (an instance attribute the owner's code assigns, ``self.<name> =``), ``"class_attribute"``, ``"import"`` (the
-    module exports the name) or ``"source"`` (the owner's source contains each string of ``params``: a control-flow
-    contract or template text we edit)."""
+    module exports the name), ``"source"`` (the owner's source contains each string of ``params``: a control-flow
+    contract or template text we edit) or ``"sequence"`` (it contains them in that order)."""
 
     owner: str
     name: str
@@ -100,7 +103,17 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ("grpo_without_reference_logps",),
         ("if self.beta != 0.0:", "ref_per_token_logps = None"),
     ),
-    Contact(_GRPO, "_compute_loss", "source", ("grpo",), ('inputs["ref_per_token_logps"]',)),
+    Contact(
+        _GRPO,
+        "_compute_loss",
+        "sequence",
+        ("grpo.stats.apply_token_weights",),
+        (
+            "self._get_per_token_logps_and_entropies(",
+            'advantages = inputs["advantages"]',
+            'ref_per_token_logps = inputs["ref_per_token_logps"]',
+        ),
+    ),
     Contact("trl:GRPOConfig", "_VALID_DICT_FIELDS", "class_attribute", ("grpo",)),
     # ---- DPOTrainer (wmss_trl.dpo)
     Contact(_DPO, "_compute_loss", "method", ("dpo",), ("model", "inputs", "return_outputs")),
@@ -212,13 +225,18 @@ def check_contact(contact: Contact) -> str | None:
         target, _ = _resolve(contact.owner)
     except (ImportError, AttributeError) as error:
         return f"{label}: {contact.owner} cannot be imported ({error})"
-    if contact.kind == "source":
+    if contact.kind in ("source", "sequence"):
         try:
             text = _source_of(contact.owner, contact.name)
         except (OSError, TypeError, AttributeError) as error:
             return f"{label}: its source cannot be read ({error})"
         missing = [s for s in contact.params if s not in text]
-        return f"{label}: the code no longer contains {missing}" if missing else None
+        if missing:
+            return f"{label}: the code no longer contains {missing}"
+        positions = [text.index(s) for s in contact.params]
+        if contact.kind == "sequence" and positions != sorted(positions):
+            return f"{label}: the code no longer runs {list(contact.params)} in this order"
+        return None
     if contact.kind in ("import", "class_attribute"):
         return None if hasattr(target, contact.name) else f"{label}: no longer exists"
     if contact.kind == "attribute":

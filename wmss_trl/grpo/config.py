@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from trl import GRPOConfig
 
 from ..checks import check_float, check_int, check_order, check_shares
-from ..mixing import DEFAULT_CHUNK_SIZE
+from ..config import WeakModelArgs
 
 
 @dataclass
-class WMSSGRPOConfig(GRPOConfig):
+class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
     r"""
     Configuration for [`WMSSGRPOTrainer`]: everything of [`~trl.GRPOConfig`] plus the weak model and the WMSS options.
     WMSS is active only with a weak model (`weak_model=` or `weak_model_name_or_path`) or `peft_base_as_weak=True`.
@@ -58,7 +57,7 @@ class WMSSGRPOConfig(GRPOConfig):
             Clip the token weights (after the mean-1 normalisation).
         mixing_lambda (`float`, defaults to `1.0`):
             WD-JT in RL: policy log-probs in the loss from lambda * z_policy + (1 - lambda) * z_weak; 1.0 = off.
-        mixing_chunk_size (`int`, defaults to `1024`):
+        mixing_chunk_size (`int`, defaults to `256`):
             Positions per chunk of the fp32 mixed log-softmax.
     """
 
@@ -66,25 +65,6 @@ class WMSSGRPOConfig(GRPOConfig):
     # set by GRPOConfig.__post_init__ from steps_per_generation (or the reverse): not copied from a GRPOConfig
     _DERIVED_FIELDS = ("generation_batch_size",)
 
-    weak_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Local folder of the weak checkpoint (earlier checkpoint of the same model, safetensors). "
-            "With PEFT, peft_base_as_weak=True uses the adapter-disabled base instead."
-        },
-    )
-    weak_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
-    )
-    peft_base_as_weak: bool = field(
-        default=False,
-        metadata={
-            "help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
-            "adapters disabled as the weak model (no second copy of the weights). Without it, a peft_config "
-            "alone is plain TRL GRPO."
-        },
-    )
     num_weak_generations: int = field(
         default=0,
         metadata={
@@ -152,9 +132,6 @@ class WMSSGRPOConfig(GRPOConfig):
             "help": "WD-JT in RL: the loss uses log-probs of lambda*z_policy + (1-lambda)*z_weak; "
             "0 < lambda <= 1, 1.0 is off."
         },
-    )
-    mixing_chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Positions per chunk of the fp32 mixed log-softmax."}
     )
 
     def __post_init__(self):
