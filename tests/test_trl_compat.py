@@ -80,7 +80,7 @@ def test_every_private_trl_name_is_listed():
 
 def test_dpo_reads_only_fused_fields_we_fill():
     """The stand-in WD-JT policy output of WMSS-DPO fills every field DPOTrainer._compute_loss reads."""
-    from wmss_trl.dpo import _WMSSPolicy
+    from wmss_trl.dpo.policy import _WMSSPolicy
 
     read = set(re.findall(r"\boutputs\.(\w+)", inspect.getsource(DPOTrainer._compute_loss)))
     tree = ast.parse(textwrap.dedent(inspect.getsource(_WMSSPolicy._mixed_forward)))
