@@ -100,14 +100,13 @@ class ModelLoadReached(Exception):
 @pytest.fixture
 def before_loading(monkeypatch):
     """Stop a recipe at its first load (the tokenizer, right before the model): the checks must have run by then."""
-    import wmss_trl.recipes.dpo
-    import wmss_trl.recipes.sft
+    import wmss_trl.recipes.common
 
     def reached(*args, **kwargs):
         raise ModelLoadReached
 
-    for recipe in (wmss_trl.recipes.sft, wmss_trl.recipes.dpo):
-        monkeypatch.setattr(recipe, "load_tokenizer", reached)
+    # every training recipe loads through `load_run`, which loads the tokenizer first
+    monkeypatch.setattr(wmss_trl.recipes.common, "load_tokenizer", reached)
 
 
 def pickle_only(tiny, path):

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dpo_run import make_sharp, preference_pairs  # noqa: E402
 
 from wmss_trl import WMSSDPOConfig, WMSSDPOTrainer  # noqa: E402
-from wmss_trl.dpo import entropy_pair_weights, scale_grad, sequence_logps  # noqa: E402
+from wmss_trl.core import three_signal_weights  # noqa: E402
+from wmss_trl.dpo import scale_grad, sequence_logps  # noqa: E402
 from wmss_trl.toy import build_char_tokenizer, build_tiny_model, load_tokenizer, save_model_and_tokenizer  # noqa: E402
 
 
@@ -229,24 +230,22 @@ def test_every_loss_type_runs_with_wdjt(tiny, tmp_path, loss_type):
 def test_entropy_pair_weights_formula():
     h_weak = torch.tensor([1.0, 2.0, 3.0, 2.0])
     h_strong = torch.tensor([0.5, 2.5, 3.0, 1.0])  # gap = -0.5, 0.5, 0, -1
-    w = entropy_pair_weights(h_weak, h_strong, 0.1, 0.8, 0.1)
+    w = three_signal_weights(h_weak, h_strong, (0.1, 0.8, 0.1))
     expected = (
         0.1 * h_weak / 2.0 + 0.8 * torch.tensor([0.5, 0, 0, 1]) / 0.375 + 0.1 * torch.tensor([0, 0.5, 0, 0]) / 0.125
     )
-    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w, expected.double())
     assert w.mean().item() == pytest.approx(1.0)
     # no entropy rise anywhere: the gamma term is left out and the weights still average 1
-    w2 = entropy_pair_weights(h_weak, torch.minimum(h_strong, h_weak), 0.1, 0.8, 0.1)
+    w2 = three_signal_weights(h_weak, torch.minimum(h_strong, h_weak), (0.1, 0.8, 0.1))
     assert w2.mean().item() == pytest.approx(1.0) and w2[1] == pytest.approx(0.1 * 1.0 / 0.9)
     # nothing to weigh by: all ones
-    assert torch.equal(entropy_pair_weights(h_weak, h_weak, 0.0, 0.8, 0.1), torch.ones(4))
+    assert torch.equal(three_signal_weights(h_weak, h_weak, (0.0, 0.8, 0.1)), torch.ones(4, dtype=torch.float64))
     # global statistics: two "ranks" that exchange their totals get the weights of the whole batch
     halves = [(h_weak[:2], h_strong[:2]), (h_weak[2:], h_strong[2:])]
     totals = [torch.stack([hw.sum(), (hw - hs).clamp(min=0).sum(), (hs - hw).clamp(min=0).sum()]) for hw, hs in halves]
-    both = torch.cat([totals[0] + totals[1], torch.tensor([4.0])])
-    split = torch.cat(
-        [entropy_pair_weights(hw, hs, 0.1, 0.8, 0.1, all_reduce_sum=lambda t: both) for hw, hs in halves]
-    )
+    both = torch.cat([totals[0] + totals[1], torch.tensor([4.0])]).double()
+    split = torch.cat([three_signal_weights(hw, hs, (0.1, 0.8, 0.1), reduce_sum=lambda t: both) for hw, hs in halves])
     torch.testing.assert_close(split, w)
 
 

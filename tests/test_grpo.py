@@ -55,13 +55,13 @@ def test_entropy_weights_match_naive_formula(coefs):
     g = torch.Generator().manual_seed(0)
     hw, hp = torch.rand(5, 7, generator=g) * 3, torch.rand(5, 7, generator=g) * 3
     mask = torch.rand(5, 7, generator=g) > 0.3
-    w = entropy_advantage_weights(hw, hp, mask, *coefs)
+    w = entropy_advantage_weights(hw, hp, mask, coefs)
     expected = naive_entropy_weights(hw, hp, mask, *coefs)
     torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=1e-6)
     assert w[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
     assert (w[~mask] == 0).all()
     # clipping after normalisation
-    wc = entropy_advantage_weights(hw, hp, mask, *coefs, min_weight=0.5, max_weight=1.5)
+    wc = entropy_advantage_weights(hw, hp, mask, coefs, min_weight=0.5, max_weight=1.5)
     torch.testing.assert_close(
         wc.double(), naive_entropy_weights(hw, hp, mask, *coefs, 0.5, 1.5), rtol=1e-5, atol=1e-6
     )
@@ -79,11 +79,11 @@ def test_entropy_weights_degenerate_cases():
     g = torch.Generator().manual_seed(1)
     hw, hp, m = torch.rand(6, 4, generator=g), torch.rand(6, 4, generator=g), torch.rand(6, 4, generator=g) > 0.2
     full = entropy_advantage_weights(hw, hp, m)
-    from wmss_trl.advantages import entropy_weight_sums
-
-    other = {0: entropy_weight_sums(hw[3:], hp[3:], m[3:]), 1: entropy_weight_sums(hw[:3], hp[:3], m[:3])}
-    part0 = entropy_advantage_weights(hw[:3], hp[:3], m[:3], reduce_sum=lambda t: t + other[0])
-    part1 = entropy_advantage_weights(hw[3:], hp[3:], m[3:], reduce_sum=lambda t: t + other[1])
+    local = {}  # each half's local sums, as the other process would contribute them
+    for half, rows in ((0, slice(0, 3)), (1, slice(3, 6))):
+        entropy_advantage_weights(hw[rows], hp[rows], m[rows], reduce_sum=lambda t, h=half: local.setdefault(h, t))
+    part0 = entropy_advantage_weights(hw[:3], hp[:3], m[:3], reduce_sum=lambda t: t + local[1])
+    part1 = entropy_advantage_weights(hw[3:], hp[3:], m[3:], reduce_sum=lambda t: t + local[0])
     torch.testing.assert_close(torch.cat([part0, part1]), full)
 
 
@@ -233,7 +233,7 @@ def test_string_mixing_lambda_trains(tiny, tmp_path):
     from wmss_trl import WMSSGRPOTrainer
 
     wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], mixing_lambda="0.5", max_steps=1)
-    assert wmss.mixing_lambda == 0.5 and wmss._use_mixing
+    assert wmss.mixing_lambda == 0.5
     wmss.train()
     assert math.isfinite(wmss.state.log_history[0]["loss"])
 
@@ -368,7 +368,7 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
     assert (source[:n_pol] == SOURCE_POLICY).all() and (source[n_pol:] != SOURCE_POLICY).all()
     assert torch.equal(out["completion_ids"][:n_pol, : ref["completion_ids"].size(1)], ref["completion_ids"])
 
-    stats = wmss._wmss_debug_negatives
+    stats = wmss.wmss_stats.negatives
     touched, selected = stats["touched"], stats["selected"]
     assert touched.any() and not touched.all(), "the seed should give groups with and without wrong weak answers"
     assert (selected.sum(1) <= wmss.max_weak_negatives).all()
@@ -395,19 +395,19 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
     negatives = source == SOURCE_WEAK_NEGATIVE
     assert negatives.sum() == selected.sum()
     # importance weights in [0, c], exactly min(pi_old / pi_weak, c) on the negatives' tokens
-    rho = wmss._wmss_debug["is_weight"]
+    rho = wmss.wmss_stats.is_weight
     assert (rho >= 0).all() and (rho <= 1.5).all() and (rho[:n_pol] == 1).all()
-    dbg = wmss._wmss_debug
-    behaviour = torch.cat([torch.zeros(n_pol, dbg["behaviour_logps"].size(1)), dbg["behaviour_logps"]])
-    expected = torch.minimum(torch.exp(dbg["policy_logps"] - behaviour), torch.tensor(1.5))
+    dbg = wmss.wmss_stats
+    behaviour = torch.cat([torch.zeros(n_pol, dbg.behaviour_logps.size(1)), dbg.behaviour_logps])
+    expected = torch.minimum(torch.exp(dbg.policy_logps - behaviour), torch.tensor(1.5))
     torch.testing.assert_close(rho[negatives][mask[negatives]], expected[negatives][mask[negatives]])
     # the behaviour log-probs recorded while the weak model sampled are its log softmax(z / T) of a full forward
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)[n_pol:]
-    am = torch.cat([out["prompt_mask"][n_pol:], wmss._wmss_debug_weak_mask], 1)
+    am = torch.cat([out["prompt_mask"][n_pol:], wmss.wmss_stats.weak_mask], 1)
     with torch.no_grad():
         forward_lp, _ = wmss._plain_logps(wmss.weak_model, ids, am, out["completion_ids"].size(1), False)
     sampled = am[:, -out["completion_ids"].size(1) :].bool()
-    torch.testing.assert_close(dbg["behaviour_logps"][sampled], forward_lp[sampled], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dbg.behaviour_logps[sampled], forward_lp[sampled], rtol=1e-4, atol=1e-4)
     # token advantage of a negative = its sequence advantage x rho
     torch.testing.assert_close(
         adv[negatives] * mask[negatives], stats["weak_adv"][selected].unsqueeze(1) * rho[negatives] * mask[negatives]
@@ -453,17 +453,17 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
     wmss = make(
         WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5, beta=beta
     )
-    assert wmss._defer_to_loss and wmss.max_weak_negatives == 2
+    assert wmss.stats_from_loss and wmss.max_weak_negatives == 2
     names = ("wmss/is_weight_mean", "wmss/is_weight_max", "wmss/weak_negative_logp")
 
-    wmss._defer_to_loss = False  # 1. eager: a policy forward over the weak rows at generation time
+    wmss.stats_from_loss = False  # 1. eager: a policy forward over the weak rows at generation time
     out = generate(wmss, 2)
     assert out["advantages"].dim() == 2 and "wmss_behaviour_logps" not in out
-    rho_eager = wmss._wmss_debug["is_weight"]
+    rho_eager = wmss.wmss_stats.is_weight
     eager_metrics = {k: wmss._metrics["train"][k][-1] for k in names}
     loss_eager, grads_eager = loss_and_grads(wmss, out)
 
-    wmss._defer_to_loss = True  # 2. deferred
+    wmss.stats_from_loss = True  # 2. deferred
     wmss._metrics["train"].clear()
     out_d = generate(wmss, 2)
     assert torch.equal(out_d["completion_ids"], out["completion_ids"])
@@ -476,7 +476,7 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
     neg = (out["wmss_source"] == SOURCE_WEAK_NEGATIVE)[keep]
     mask = out["completion_mask"][keep].bool()
     assert neg.any() and (mask & neg.unsqueeze(1)).any()
-    rho_d = wmss._wmss_debug["is_weight"]
+    rho_d = wmss.wmss_stats.is_weight
     torch.testing.assert_close(rho_d[mask], rho_eager[keep][mask], rtol=1e-5, atol=1e-6)
     assert (rho_d[~neg] == 1).all() and (rho_d <= 1.5).all()
     assert (rho_d[mask & neg.unsqueeze(1)] - 1).abs().max() > 0.05  # the weights do something to the loss
@@ -532,13 +532,13 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
                 out["prompt_ids"][weak],
                 out["prompt_mask"][weak],
                 out["completion_ids"][weak],
-                trainer._wmss_debug_weak_mask,
+                trainer.wmss_stats.weak_mask,
             )
         ]
         seen.append(([x["prompt"][0]["content"] for x in inputs], rows))
         return out
 
-    trainer._weak_generate, trainer._add_wmss = fake_weak_generate, spy
+    trainer.weak_sampler.generate, trainer._add_wmss = fake_weak_generate, spy
     torch.manual_seed(0)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, answers, calls, seen
@@ -608,12 +608,12 @@ def test_weak_sampling_draws_nothing_from_the_training_rng(tiny, tmp_path, peft)
     keys = [(0, 0, 4, j) for j in range(6)]
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    ids, logps = wmss._weak_generate(prompts, keys)
+    ids, logps = wmss.weak_sampler.generate(prompts, keys)
     assert torch.equal(torch.get_rng_state(), state)
     assert len({tuple(x) for x in ids}) > 1 and all(len(a) == len(b) for a, b in zip(ids, logps))
-    again, _ = wmss._weak_generate(prompts[3:], keys[3:])  # rows 3-5 alone: their completions
+    again, _ = wmss.weak_sampler.generate(prompts[3:], keys[3:])  # rows 3-5 alone: their completions
     assert again == ids[3:]
-    other, _ = wmss._weak_generate(prompts, [(0, 0, 5, j) for j in range(6)])  # the next batch's keys
+    other, _ = wmss.weak_sampler.generate(prompts, [(0, 0, 5, j) for j in range(6)])  # the next batch's keys
     assert other != ids
 
 
@@ -784,7 +784,7 @@ def test_no_weak_model_is_trl_grpo_and_says_so(tiny, tmp_path, caplog, peft):
         "WMSS inactive: no weak model given, so this is TRL's GRPOTrainer. Pass weak_model= or "
         "weak_model_name_or_path (or peft_base_as_weak=True with PEFT) to enable it."
     ]
-    assert wmss._weak_source is None and wmss.weak_model is None and not wmss._wmss_hook
+    assert wmss.weak_source is None and wmss.weak_model is None and not wmss._wmss_hook
     batch_v, batch_w = generate(vanilla, 2), generate(wmss, 2)
     assert batch_v.keys() == batch_w.keys()
     for key in batch_v:
@@ -817,13 +817,13 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
     vanilla = make(GRPOTrainer, tiny, tmp_path, config_class=GRPOConfig)
     ref = generate(vanilla, 2)
     # 1. weights computed at generation time (the path for steps_per_generation > 1 or num_iterations > 1)
-    assert wmss._defer_to_loss  # one micro-batch per generation: the default takes them from the loss
-    wmss._defer_to_loss = False
+    assert wmss.stats_from_loss  # one micro-batch per generation: the default takes them from the loss
+    wmss.stats_from_loss = False
     out = generate(wmss, 2)
-    dbg = wmss._wmss_debug
+    dbg = wmss.wmss_stats
     mask = out["completion_mask"]
-    weights = entropy_advantage_weights(dbg["weak_entropy"], dbg["policy_entropy"], mask, max_weight=3.0)
-    torch.testing.assert_close(dbg["entropy_weight"], weights)
+    weights = entropy_advantage_weights(dbg.weak_entropy, dbg.policy_entropy, mask, max_weight=3.0)
+    torch.testing.assert_close(dbg.entropy_weight, weights)
     torch.testing.assert_close(out["advantages"], ref["advantages"].unsqueeze(1) * weights)
     assert weights.max() <= 3.0
     # the entropies are the models' real token entropies: compare with full-logit computations
@@ -840,16 +840,16 @@ def test_entropy_weighted_advantages_in_trainer(tiny, tmp_path):
                 input_ids=ids, attention_mask=am, logits_to_keep=width + 1
             ).logits
             h = token_entropy(logits[:, :-1] / wmss.temperature)
-            torch.testing.assert_close(dbg[name] * mask, h * mask, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(getattr(dbg, name) * mask, h * mask, rtol=1e-4, atol=1e-4)
     loss_eager = wmss.compute_loss(wmss.model, out)
 
     # 2. deferred: the same weights and loss, from the loss's own forward (no extra policy forward)
-    wmss._defer_to_loss = True
+    wmss.stats_from_loss = True
     out_deferred = generate(wmss, 2)
     assert torch.equal(out_deferred["completion_ids"], out["completion_ids"])
     assert torch.equal(out_deferred["advantages"], ref["advantages"])  # weights not applied yet
     loss_deferred = wmss.compute_loss(wmss.model, out_deferred)
-    torch.testing.assert_close(wmss._wmss_debug["entropy_weight"], weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wmss.wmss_stats.entropy_weight, weights, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_deferred, loss_eager, rtol=1e-5, atol=1e-7)
     loss_deferred.backward()  # the cached forward keeps its graph
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wmss.model.parameters())
@@ -908,7 +908,7 @@ def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
         log_completions=True,
         peft_base_as_weak=True,
     )
-    assert is_peft_model(wmss.model) and wmss.weak_model is None and wmss._weak_source == "peft_base"
+    assert is_peft_model(wmss.model) and wmss.weak_model is None and wmss.weak_source == "peft_base"
     out = generate(wmss, 2)
     # the weak log-probs are the base model's (adapters off), which differ from the policy's (adapters on)
     from transformers import AutoModelForCausalLM
@@ -930,8 +930,8 @@ def test_lora_with_adapter_disabled_weak_model(tiny, tmp_path):
     # KL reference: the weak model (base) on the policy's samples; on the weak negatives' rows the generating
     # policy itself, so the k3 term never pulls the policy towards the weak model's answers
     torch.testing.assert_close(out["ref_per_token_logps"][policy_rows], base_lp[policy_rows], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["ref_per_token_logps"][weak_rows], wmss._wmss_debug["policy_logps"][weak_rows])
-    assert not torch.allclose(wmss._wmss_debug["policy_logps"][m], base_lp[m], atol=1e-4)
+    torch.testing.assert_close(out["ref_per_token_logps"][weak_rows], wmss.wmss_stats.policy_logps[weak_rows])
+    assert not torch.allclose(wmss.wmss_stats.policy_logps[m], base_lp[m], atol=1e-4)
     before = {n: p.detach().clone() for n, p in wmss.model.named_parameters()}
     wmss.train()
     logs = wmss.state.log_history

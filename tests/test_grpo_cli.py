@@ -121,12 +121,13 @@ class ModelLoadReached(Exception):
 @pytest.fixture
 def grpo_main(monkeypatch):
     """`wmss grpo`'s main, stopped at its first load (the tokenizer, right before the model)."""
+    import wmss_trl.recipes.common
     import wmss_trl.recipes.grpo
 
     def reached(*args, **kwargs):
         raise ModelLoadReached
 
-    monkeypatch.setattr(wmss_trl.recipes.grpo, "load_tokenizer", reached)
+    monkeypatch.setattr(wmss_trl.recipes.common, "load_tokenizer", reached)  # what load_run calls first
     return wmss_trl.recipes.grpo.main
 
 

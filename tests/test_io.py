@@ -188,3 +188,13 @@ def _state(pid) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "Z"
+
+
+def test_write_jsonl_atomic_replaces_whole_files(tmp_path):
+    from wmss_trl.io import write_jsonl_atomic
+
+    path = tmp_path / "rows.jsonl"
+    write_jsonl_atomic(path, [{"a": 1}, {"b": [2, 3]}])
+    write_jsonl_atomic(path, ({"i": i} for i in range(3)))  # a generator, and a second write over the first
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no .tmp left behind

@@ -1,7 +1,6 @@
 """WD-DS selection: the official weight formula, its edge cases and errors, the draws, and the trainer wiring."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import pytest
 from wmss_trl.selection import (
     WEIGHT_COLUMN,
     WeightedEpochSampler,
-    brownboost_weights,
     dataset_wd_ds_weights,
     resample_indices,
     top_fraction_indices,
@@ -36,39 +34,6 @@ def naive_wd_ds(h0, h1, a, b, c):
         p.append(max(v, 0.0))
     s = sum(p)
     return [x / s for x in p]
-
-
-def naive_brownboost(
-    e0,
-    e1,
-    e2,
-    alpha=1.0,
-    beta=1.0,
-    gamma=1.0,
-    easy_q=0.2,
-    hard_q=0.8,
-    patience=2,
-    easy_patience=2,
-    lambda_time=1.0,
-    lambda_easy=1.0,
-    k_trend=0.5,
-):
-    n = len(e0)
-    lo, hi = float(np.quantile(e2, easy_q)), float(np.quantile(e2, hard_q))
-    imp = [e0[i] - e2[i] for i in range(n)]
-    mean = sum(imp) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in imp) / n)
-    w = []
-    for i in range(n):
-        diff = min(max((e2[i] - lo) / (hi - lo + 1e-8), 0.0), 1.0) + 1e-8
-        trend = min(max(1 + k_trend * imp[i] / (std + 1e-8), 0.1), 10.0)
-        hard = sum(e[i] > hi for e in (e0, e1, e2))
-        easy = sum(e[i] < lo for e in (e0, e1, e2))
-        tp = math.exp(-lambda_time * max(0, hard - patience))
-        ep = math.exp(-lambda_easy * max(0, easy - easy_patience))
-        w.append(max(diff**alpha * trend**beta * tp**gamma * ep, 1e-8))
-    s = sum(w)
-    return [x / s for x in w]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -152,19 +117,6 @@ def test_wd_ds_errors(h0, h1, match):
 def test_wd_ds_rejects_non_finite_coefficient():
     with pytest.raises(ValueError, match="beta must be finite"):
         wd_ds_weights([1.0], [1.0], beta=float("nan"))
-
-
-def test_brownboost_matches_naive_implementation():
-    rng = np.random.default_rng(1)
-    e0 = rng.gamma(2.0, 1.0, 60)
-    e1 = np.clip(e0 - rng.normal(0.3, 0.4, 60), 0, None)
-    e2 = np.clip(e1 - rng.normal(0.2, 0.4, 60), 0, None)
-    w = brownboost_weights(e0, e1, e2, alpha=1.5, beta=0.5, gamma=2.0)
-    ref = naive_brownboost(e0.tolist(), e1.tolist(), e2.tolist(), alpha=1.5, beta=0.5, gamma=2.0)
-    np.testing.assert_allclose(w, ref, rtol=1e-10)
-    assert w.sum() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="mismatched"):
-        brownboost_weights(e0, e1, e2[:-1])
 
 
 # ------------------------------------------------------------------------------------------------------------------

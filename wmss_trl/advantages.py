@@ -3,7 +3,7 @@
 Three pieces, each with its equation:
 
 1. **Entropy-weighted advantages** (:func:`entropy_advantage_weights`), WD-DS's three signals moved from samples to
-   completion tokens. With H^w_t the weak model's and H^p_t the policy's token entropy (nats, full vocabulary) and
+   completion tokens (:func:`wmss_trl.core.three_signal_weights`, the one implementation of the weighting). With H^w_t the weak model's and H^p_t the policy's token entropy (nats, full vocabulary) and
    dH_t = H^p_t - H^w_t::
 
        raw_t = a * H^w_t / mean(H^w) + b * relu(-dH_t) / mean(relu(-dH)) + c * relu(dH_t) / mean(relu(dH))
@@ -47,20 +47,13 @@ import math
 from collections.abc import Callable
 
 import torch
+from trl.trainer.utils import nanstd
 
+from .core import ThreeSignalCoefs, three_signal_weights
 from .entropy import masked_mean
 
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """TRL's ``nanstd``: unbiased (Bessel) std ignoring NaNs; NaN when fewer than 2 values."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
-    corr = torch.where(count > 1, count / (count - 1), torch.full_like(var, float("nan")))
-    return torch.sqrt(var * corr).squeeze(dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,21 +61,11 @@ def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def entropy_weight_sums(weak_entropy: torch.Tensor, policy_entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Local sufficient statistics ``[sum H^w, sum relu(-dH), sum relu(dH), n_tokens]`` over ``mask`` (fp64)."""
-    m = mask.to(torch.float64)
-    hw, hp = weak_entropy.to(torch.float64), policy_entropy.to(torch.float64)
-    dh = hp - hw
-    return torch.stack([(hw * m).sum(), (torch.relu(-dh) * m).sum(), (torch.relu(dh) * m).sum(), m.sum()])
-
-
 def entropy_advantage_weights(
     weak_entropy: torch.Tensor,
     policy_entropy: torch.Tensor,
     mask: torch.Tensor,
-    alpha: float = 0.1,
-    beta: float = 0.8,
-    gamma: float = 0.1,
+    coefs: tuple[float, float, float] = ThreeSignalCoefs(),
     min_weight: float | None = None,
     max_weight: float | None = None,
     reduce_sum: ReduceFn | None = None,
@@ -93,7 +76,7 @@ def entropy_advantage_weights(
     Args:
         weak_entropy, policy_entropy: ``(B, T)`` token entropies (nats) of the weak model and of the policy.
         mask: ``(B, T)`` completion tokens that carry loss (1) or not (0).
-        alpha, beta, gamma: coefficients of base difficulty, consolidation (entropy drop) and regression (rise).
+        coefs: ``(a, b, c)``, the coefficients of base difficulty, consolidation (entropy drop) and regression (rise).
         min_weight, max_weight: optional clipping, applied after the mean-1 normalisation.
         reduce_sum: sums a tensor over all processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``); ``None`` for
             one process. The statistics are global, so 2 processes give the weights of 1 process on the same batch.
@@ -102,26 +85,10 @@ def entropy_advantage_weights(
         ``(B, T)`` fp32 weights; 0 where ``mask`` is 0; mean 1 over the global masked tokens before clipping. When
         every term is 0 (e.g. all entropies 0) the weights are 1.
     """
-    sums = entropy_weight_sums(weak_entropy, policy_entropy, mask)
-    if reduce_sum is not None:
-        sums = reduce_sum(sums)
-    n = sums[3].clamp(min=1.0)
-    means = sums[:3] / n
-    coefs = torch.tensor([alpha, beta, gamma], dtype=torch.float64, device=sums.device)
-    active = means > eps
-    hw, hp = weak_entropy.to(torch.float64), policy_entropy.to(torch.float64)
-    dh = hp - hw
-    terms = torch.stack([hw, torch.relu(-dh), torch.relu(dh)])  # (3, B, T)
-    safe_means = torch.where(active, means, torch.ones_like(means))
-    scaled = (coefs * active)[:, None, None] * terms / safe_means[:, None, None]
-    total = (coefs * active).sum()  # = mean(raw) over the global masked tokens
-    if total > 0:
-        weights = scaled.sum(0) / total
-    else:
-        weights = torch.ones_like(hw)
+    weights = three_signal_weights(weak_entropy, policy_entropy, coefs, mask, reduce_sum, eps)
     if min_weight is not None or max_weight is not None:
-        weights = weights.clamp(min=min_weight, max=max_weight)
-    return (weights * mask.to(torch.float64)).to(torch.float32)
+        weights = weights.clamp(min=min_weight, max=max_weight) * mask.to(weights.dtype)
+    return weights.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +156,7 @@ def advantages_with_weak_negatives(
     pooled = torch.cat([rewards, torch.where(sel, weak_rewards, torch.full_like(weak_rewards, float("nan")))], dim=1)
     mean = torch.nanmean(pooled, dim=1, keepdim=True)
     if scale_rewards == "group":
-        std = _nanstd(pooled, dim=1).unsqueeze(1) if pooled.shape[1] > 1 else torch.zeros_like(mean)
+        std = nanstd(pooled, dim=1).unsqueeze(1) if pooled.shape[1] > 1 else torch.zeros_like(mean)
     elif scale_rewards == "batch":
         if batch_std is None:
             raise ValueError("scale_rewards='batch' needs batch_std.")

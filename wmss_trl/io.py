@@ -54,6 +54,18 @@ def write_json_atomic(path, obj, indent: int = 1) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path, rows) -> None:
+    """Write ``rows`` as JSON lines to ``path`` via ``<path>.tmp`` + fsync + ``os.replace`` (never a half-written
+    file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def jsonable(obj):
     """``obj`` as it reads back from JSON (tuples -> lists, other types -> str): stored and fresh records compare."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))

@@ -50,7 +50,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from trl.data_utils import is_conversational
 
+from .core import aggregate_rewards, cut_at_eos  # noqa: F401 (cut_at_eos: public here too)
 from .entropy import token_nll, trained_positions
 from .io import (
     LockedError,
@@ -61,6 +63,7 @@ from .io import (
     loaded_model_fingerprint,
     tokenizer_fingerprint,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from .rewards import reward_func_name
 
@@ -196,22 +199,13 @@ def block_seed(seed: int, block: int) -> int:
 def combine_rewards(
     rewards_per_func: Sequence[Sequence[float | None]], weights: Sequence[float]
 ) -> list[float | None]:
-    """TRL GRPO's combination, per completion j: r_j = sum_k w_k r_jk over the functions with r_jk not None;
-    None when no function applies (GRPO's all-NaN row)."""
-    combined = []
-    for row in zip(*rewards_per_func, strict=True):
-        vals = [w * float(r) for w, r in zip(weights, row, strict=True) if r is not None and not math.isnan(float(r))]
-        combined.append(sum(vals) if vals else None)
-    return combined
-
-
-def cut_at_eos(ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], bool]:
-    """Generated ids up to and including the first EOS; ``truncated`` is True when there is no EOS."""
-    ids = list(ids)
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[: i + 1], False
-    return ids, True
+    """TRL GRPO's combination (:func:`wmss_trl.core.aggregate_rewards`, fp64), per completion j: r_j = sum_k w_k r_jk
+    over the functions with r_jk not None; None when no function applies (GRPO's all-NaN row)."""
+    table = torch.tensor(
+        [[math.nan if r is None else float(r) for r in row] for row in rewards_per_func], dtype=torch.float64
+    ).reshape(len(rewards_per_func), -1)
+    combined = aggregate_rewards(table.T, torch.tensor(list(weights), dtype=torch.float64))
+    return [None if math.isnan(r) else r for r in combined.tolist()]
 
 
 @torch.no_grad()
@@ -284,14 +278,10 @@ def call_reward_funcs(
     return out
 
 
-def _is_conversational_prompt(prompt) -> bool:
-    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
-
-
 def tokenize_prompt(tokenizer, prompt) -> list[int]:
     """Prompt ids exactly as TRL's DPO/GRPO build them: the chat template with the generation prompt for
     conversational prompts, the plain tokenizer otherwise."""
-    if _is_conversational_prompt(prompt):
+    if is_conversational({"prompt": prompt}):
         return list(
             tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)[
                 "input_ids"
@@ -672,14 +662,6 @@ def summarize(results: list[dict], num_chunks: int, resumed_chunks: int, cfg: Mi
     }
 
 
-def _write_chunk(path: str, results: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for res in results:
-            f.write(json.dumps(res, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_chunk(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -767,7 +749,7 @@ def mine_negatives(
     ref_col = find_reference_column(columns, cfg.reference_column, required=cfg.chosen == "reference")
     if cfg.chosen == "reference":
         check_references(prompts_dataset, ref_col)
-    conversational = _is_conversational_prompt(prompts_dataset[0]["prompt"])
+    conversational = is_conversational({"prompt": prompts_dataset[0]["prompt"]})
 
     state = PartialState()
     n = len(prompts_dataset)
@@ -854,7 +836,7 @@ def _mine_chunks(
         chunk_results = [res for _, block in sorted(gathered, key=lambda x: x[0]) for res in block]
         results[c] = chunk_results
         if output_dir is not None and state.is_main_process:
-            _write_chunk(os.path.join(output_dir, CHUNKS_DIR, f"chunk-{c:05d}.jsonl"), chunk_results)
+            write_jsonl_atomic(os.path.join(output_dir, CHUNKS_DIR, f"chunk-{c:05d}.jsonl"), chunk_results)
         bar.update(chunk_prompts)
         if first_fresh:
             first_fresh = False

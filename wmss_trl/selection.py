@@ -31,12 +31,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .core import three_signal_weights, three_signals
 from .io import check_provenance, dataset_fingerprint
 
 
 logger = logging.getLogger(__name__)
 
-ZERO_TOTAL = 1e-12  # what the official code puts in place of a zero normaliser
 SELECTION_MODES = ("resample", "weighted_sampler", "top_fraction")
 WEIGHT_COLUMN = "_wmss_weight"  # carries the per-row weight through TRL's dataset preparation (weighted_sampler)
 
@@ -104,6 +104,8 @@ def wd_ds_weights(h_weak, h_strong, alpha: float = 0.1, beta: float = 0.8, gamma
     defaults 0.1 / 0.8 / 0.1 are the official script's. A signal with zero total (e.g. no entropy rose) contributes
     nothing and the final renormalisation gives its share to the others. If every ``p_i`` is 0 (all entropies 0 and
     unchanged) the official pipeline falls back to uniform sampling, and so does this function (with a warning).
+    Computed with :func:`wmss_trl.core.three_signal_weights`, the weighting GRPO and DPO use too: ``p_i = w_i / N``
+    (a zero total drops its signal, as 1e-12 in its place does in the official code).
 
     Args:
         h_weak: ``H0``, per-sample mean token entropy of the weak model (nats, finite, >= 0).
@@ -119,65 +121,18 @@ def wd_ds_weights(h_weak, h_strong, alpha: float = 0.1, beta: float = 0.8, gamma
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}.")
 
-    dh = h1 - h0
-    z1 = h0.sum()
-    z2 = (-dh[dh < 0]).sum()
-    z3 = dh[dh > 0].sum()
-    z1, z2, z3 = (z if z != 0 else ZERO_TOTAL for z in (z1, z2, z3))
-
-    p = alpha * (h0 / z1) + beta * ((-dh) / z2) * (dh < 0) + gamma * (dh / z3) * (dh > 0)
-    p = np.maximum(p, 0.0)
+    coefs = (alpha, beta, gamma)
+    h0_t, h1_t = torch.from_numpy(h0), torch.from_numpy(h1)
+    totals = three_signals(h0_t, h1_t).sum(dim=1).tolist()
+    if not any(c != 0 and z > 0 for c, z in zip(coefs, totals)):
+        p = np.zeros_like(h0)
+    else:  # p_i = w_i / N up to the final renormalisation, which also applies the official max(p, 0)
+        p = np.maximum(three_signal_weights(h0_t, h1_t, coefs).numpy(), 0.0)
     total = p.sum()
     if total <= 0:
         logger.warning("WD-DS: every sampling weight is zero (no entropy signal); falling back to uniform weights.")
         return np.full(p.shape, 1.0 / p.size)
     return p / total
-
-
-def brownboost_weights(
-    e0,
-    e1,
-    e2,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-    easy_quantile: float = 0.2,
-    hard_quantile: float = 0.8,
-    patience: int = 2,
-    easy_patience: int = 2,
-    lambda_time: float = 1.0,
-    lambda_easy: float = 1.0,
-    k_trend: float = 0.5,
-) -> np.ndarray:
-    r"""The official code's BrownBoost-style weights (``compute_sampling_weights_brownboost_style``).
-
-    **Unused by the paper's pipeline** (the official script always calls the AdaBoost-style formula,
-    :func:`wd_ds_weights`, despite naming its output folders "brownboost"); provided for completeness. Needs three
-    entropy rounds ``e0, e1, e2`` (e.g. base, first and second SFT checkpoint):
-
-        q_e, q_h       = quantile(e2, easy_quantile), quantile(e2, hard_quantile)
-        difficulty_i   = clip((e2_i - q_e) / (q_h - q_e + 1e-8), 0, 1) + 1e-8
-        trend_i        = clip(1 + k_trend * (e0_i - e2_i) / (std(e0 - e2) + 1e-8), 0.1, 10)
-        time_pen_i     = exp(-lambda_time * max(0, #{t: e_t,i > q_h} - patience))
-        easy_pen_i     = exp(-lambda_easy * max(0, #{t: e_t,i < q_e} - easy_patience))
-        w_i            = max(difficulty_i^alpha * trend_i^beta * time_pen_i^gamma * easy_pen_i, 1e-8),  normalised
-
-    Returns a float64 array that sums to 1.
-    """
-    e0, e1, e2 = (_as_entropies(e, name) for e, name in ((e0, "e0"), (e1, "e1"), (e2, "e2")))
-    _check_same_length(e0=e0, e1=e1, e2=e2)
-    eps = 1e-8
-    easy_th = np.quantile(e2, easy_quantile)
-    hard_th = np.quantile(e2, hard_quantile)
-    difficulty = np.clip((e2 - easy_th) / (hard_th - easy_th + eps), 0.0, 1.0) + eps
-    improve = e0 - e2
-    trend = np.clip(1.0 + k_trend * (improve / (np.std(improve) + eps)), 0.1, 10.0)
-    hard_rounds = (e0 > hard_th).astype(int) + (e1 > hard_th).astype(int) + (e2 > hard_th).astype(int)
-    time_penalty = np.exp(-lambda_time * np.maximum(0, hard_rounds - patience))
-    easy_rounds = (e0 < easy_th).astype(int) + (e1 < easy_th).astype(int) + (e2 < easy_th).astype(int)
-    easy_penalty = np.exp(-lambda_easy * np.maximum(0, easy_rounds - easy_patience))
-    w = np.maximum((difficulty**alpha) * (trend**beta) * (time_penalty**gamma) * easy_penalty, eps)
-    return w / w.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------

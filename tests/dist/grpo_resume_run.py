@@ -68,7 +68,7 @@ def main():
     if hold is not None:
         trainer.add_callback(HoldAfter(hold, os.path.join(out, "holding")))
     weak_rows, weak_logps = {}, {}
-    generate = trainer._weak_generate
+    generate = trainer.weak_sampler.generate
 
     def recording(prompt_ids_list, row_keys):  # what the weak model sampled for each (batch, global row)
         ids, logps = generate(prompt_ids_list, row_keys)
@@ -76,7 +76,7 @@ def main():
             weak_rows[f"{epoch}/{batch}/{row}"], weak_logps[f"{epoch}/{batch}/{row}"] = completion, lp
         return ids, logps
 
-    trainer._weak_generate = recording
+    trainer.weak_sampler.generate = recording
     trainer.train(resume_from_checkpoint=flag("--resume", None, str))
     trainer.save_model(os.path.join(out, "final"))
     from accelerate.utils import gather_object

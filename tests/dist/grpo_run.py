@@ -71,7 +71,7 @@ def main():
         "world_size": acc.num_processes,
         "distributed_type": str(acc.state.distributed_type),
         "zero_stage": zero,
-        "weak_source": trainer._weak_source,
+        "weak_source": trainer.weak_source,
         "ref_is_weak": trainer.ref_model is weak_model,
         "policy_partitioned": is_zero3_partitioned(trainer.model),
     }

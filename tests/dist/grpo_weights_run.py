@@ -32,7 +32,7 @@ def main():
     mask = torch.rand(rows, width, generator=g) > 0.3
     mask[: rows // 2, :2] = False  # unequal token counts across processes
     results = {}
-    for name, kw in {"default": {}, "clipped": {"min_weight": 0.2, "max_weight": 2.0}, "base_only": {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}}.items():
+    for name, kw in {"default": {}, "clipped": {"min_weight": 0.2, "max_weight": 2.0}, "base_only": {"coefs": (1.0, 0.0, 0.0)}}.items():
         local = slice(rank * rows // world, (rank + 1) * rows // world)
         w_local = entropy_advantage_weights(hw[local], hp[local], mask[local],
                                             reduce_sum=lambda t: acc.reduce(t, reduction="sum"), **kw)

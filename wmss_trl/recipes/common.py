@@ -122,6 +122,47 @@ def load_dataset_splits(data_args: DataArguments):
         ) from e
 
 
+def parse_run(parser, argv: list[str] | None, role: str = "strong model"):
+    """``(data_args, training_args, model_args)`` of a training command, checked before anything loads."""
+    data_args, training_args, model_args = parser.parse_args_and_config(args=cpu_default_argv(argv))
+    check_before_loading(model_args, training_args, role)
+    return data_args, training_args, model_args
+
+
+def load_run(data_args, training_args, model_args, kind: str, **column_checks):
+    """The tokenizer and the train / evaluation splits of a training command; the splits' columns are checked for
+    ``kind`` (``"sft"``, ``"dpo"``, ``"grpo"``; ``column_checks`` go to ``check_dataset_columns``) before any model
+    loads. Sets the model's dtype from ``--dtype``."""
+    from ..data_checks import check_dataset_columns
+
+    training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    splits = load_dataset_splits(data_args)
+    train = splits[data_args.dataset_train_split]
+    evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+    for split, dataset in ((data_args.dataset_train_split, train), (data_args.dataset_test_split, evaluation)):
+        where = f"--dataset_name {data_args.dataset_name} (split {split!r})"
+        check_dataset_columns(dataset, kind, name=where, **column_checks)
+    return tokenizer, train, evaluation
+
+
+def zero_stage(trainer) -> int | None:
+    """The DeepSpeed ZeRO stage of a trainer's run (None without DeepSpeed)."""
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return plugin.zero_stage if plugin else None
+
+
+def run_trainer(trainer, prog: str, details: str, what: str) -> int:
+    """Print ``"<prog>: N process(es), <distributed type>, <details>"``, train (resuming from ``--resume_from_checkpoint``),
+    write the run's outputs (:func:`finish_run`, naming the model ``what``) and tear down. Returns the exit code 0."""
+    state = trainer.accelerator.state
+    trainer.accelerator.print(f"{prog}: {state.num_processes} process(es), {state.distributed_type.value}, {details}")
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    finish_run(trainer, what)
+    teardown()
+    return 0
+
+
 def finish_run(trainer, what: str) -> None:
     """Write what every command leaves in ``output_dir`` once training ends, the same for each: the final model
     (``trainer.save_model``: weights, config, tokenizer), ``trainer_state.json`` (the log history) and TRL's model

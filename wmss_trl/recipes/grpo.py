@@ -18,18 +18,9 @@ from dataclasses import dataclass, field
 
 from trl import GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
-from ..data_checks import check_dataset_columns
 from ..grpo import WMSSGRPOConfig, WMSSGRPOTrainer
 from ..weak import is_zero3_partitioned, require_safetensors
-from .common import (
-    DataArguments,
-    check_before_loading,
-    cpu_default_argv,
-    finish_run,
-    load_dataset_splits,
-    load_tokenizer,
-    teardown,
-)
+from .common import DataArguments, load_run, parse_run, run_trainer, zero_stage
 
 
 @dataclass
@@ -62,14 +53,10 @@ def make_parser(prog: str = "wmss grpo") -> TrlParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
-    check_before_loading(model_args, training_args, "policy model")
+    data_args, training_args, model_args = parse_run(make_parser(), argv, "policy model")
     require_safetensors(data_args.reward_model_name_or_path, "reward model")
     from ..rewards import resolve_reward_funcs
 
-    # 1. Model, tokenizer and rewards.
-    training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
     reward_funcs = resolve_reward_funcs(data_args.reward_funcs) if data_args.reward_funcs else []
     if data_args.reward_model_name_or_path:
         reward_funcs.append(data_args.reward_model_name_or_path)
@@ -77,16 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             "no reward: pass --reward_funcs (a registered name or a dotted path) or --reward_model_name_or_path."
         )
-
-    # 2. Prompts (a `prompt` column; other columns reach the reward functions).
-    splits = load_dataset_splits(data_args)
-    train = splits[data_args.dataset_train_split]
-    evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
-    for split, dataset in ((data_args.dataset_train_split, train), (data_args.dataset_test_split, evaluation)):
-        where = f"--dataset_name {data_args.dataset_name} (split {split!r})"
-        check_dataset_columns(dataset, "grpo", name=where, reward_funcs=reward_funcs)  # before any model loads
-
-    # 3. WMSS-GRPO, or TRL's GRPO with the same configuration.
+    # prompts (a `prompt` column; other columns reach the reward functions)
+    tokenizer, train, evaluation = load_run(data_args, training_args, model_args, "grpo", reward_funcs=reward_funcs)
+    # WMSS-GRPO, or TRL's GRPO with the same configuration
     common = dict(
         reward_funcs=reward_funcs,
         args=training_args,
@@ -100,21 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         what = "vanilla TRL GRPO (WMSS options ignored)"
     else:
         trainer = WMSSGRPOTrainer(model_args.model_name_or_path, **common)
-        weak = trainer.weak_model
-        where = {None: "none (WMSS inactive: TRL's GRPO)", "peft_base": "peft-base"}.get(trainer._weak_source)
+        where = {None: "none (WMSS inactive: TRL's GRPO)", "peft_base": "peft-base"}.get(trainer.weak_source)
         if where is None:
-            where = "zero3-sharded" if is_zero3_partitioned(weak) else "replicated"
+            where = "zero3-sharded" if is_zero3_partitioned(trainer.weak_model) else "replicated"
         what = (
             f"WMSS-GRPO: weak model {where}, beta={trainer.beta}, num_weak_generations="
             f"{training_args.num_weak_generations}, entropy_weighted_advantages="
             f"{training_args.entropy_weighted_advantages}, mixing_lambda={training_args.mixing_lambda}"
         )
-    state = trainer.accelerator.state
-    zero = state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None
-    trainer.accelerator.print(
-        f"wmss grpo: {state.num_processes} process(es), {state.distributed_type.value}, zero_stage={zero}, {what}"
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish_run(trainer, "GRPO model")
-    teardown()
-    return 0
+    return run_trainer(trainer, "wmss grpo", f"zero_stage={zero_stage(trainer)}, {what}", "GRPO model")

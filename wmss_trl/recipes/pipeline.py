@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import random
@@ -59,7 +58,9 @@ from ..io import (
     die_with_parent,
     model_fingerprint,
     path_fingerprint,
+    sha256_json,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 
 
@@ -205,8 +206,7 @@ def run_fingerprint(cfg: dict) -> tuple[str, dict]:
             if not os.path.exists(cfg[key]):
                 raise SystemExit(f"{key} {cfg[key]!r} does not exist.")
             ident[f"{key}_content"] = path_fingerprint(cfg[key])
-    blob = json.dumps(ident, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest(), ident
+    return sha256_json(ident), ident
 
 
 def check_checkpoint_formats(cfg: dict) -> None:
@@ -250,12 +250,7 @@ def _claim_locked(out: Path, run_file: Path, fingerprint: str, ident: dict, cfg:
         previous = json.loads(run_file.read_text())
         if previous["fingerprint"] != fingerprint:
             old = previous.get("identity", {})
-            diff = sorted(
-                k
-                for k in set(old) | set(ident)
-                if json.dumps(old.get(k), sort_keys=True, default=str)
-                != json.dumps(ident.get(k), sort_keys=True, default=str)
-            )
+            diff = sorted(k for k in set(old) | set(ident) if sha256_json(old.get(k)) != sha256_json(ident.get(k)))
             raise SystemExit(
                 f"{out} holds another WMSS pipeline run (different {', '.join(diff)}). Use a new output_dir, or "
                 "delete that folder to start over."
@@ -435,10 +430,7 @@ def phase_data(run: Run) -> dict:
         return {"dataset": run.data, "generated": False}
     rows = make_arithmetic_rows(**run.cfg["toy_data"])
     os.makedirs(os.path.dirname(run.data), exist_ok=True)
-    with open(f"{run.data}.tmp", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(f"{run.data}.tmp", run.data)
+    write_jsonl_atomic(run.data, rows)
     return {"dataset": run.data, "generated": True, "num_samples": len(rows)}
 
 
@@ -446,7 +438,7 @@ def phase_data(run: Run) -> dict:
 # Launched phases
 # ---------------------------------------------------------------------------------------------------------------
 def launch_prefix(cfg: dict) -> list[str]:
-    from ..cli import resolve_accelerate_config
+    from ..launch import resolve_accelerate_config
 
     launch = cfg["launch"] or {}
     if not launch.get("accelerate_config"):
@@ -626,16 +618,13 @@ def phase_wd_ds(run: Run) -> dict:
         sel.get("selection_gamma", 0.1),
     )
     os.makedirs(os.path.dirname(run.merged), exist_ok=True)
-    with open(f"{run.merged}.tmp", "w") as f:
-        for i, a, b, w in zip(idx.tolist(), h0.tolist(), h1.tolist(), weights.tolist()):
-            nan = a != a
-            f.write(
-                json.dumps(
-                    {"idx": i, "entropy_0": None if nan else a, "entropy_1": None if b != b else b, "wd_ds_weight": w}
-                )
-                + "\n"
-            )
-    os.replace(f"{run.merged}.tmp", run.merged)
+    write_jsonl_atomic(
+        run.merged,
+        (
+            {"idx": i, "entropy_0": None if a != a else a, "entropy_1": None if b != b else b, "wd_ds_weight": w}
+            for i, a, b, w in zip(idx.tolist(), h0.tolist(), h1.tolist(), weights.tolist())
+        ),
+    )
     with open(sources[0] + ".meta.json") as f:
         dataset_provenance = json.load(f)["provenance"]["dataset"]  # the same in both: merge_entropy_files checked it
     write_json_atomic(

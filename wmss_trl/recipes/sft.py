@@ -10,17 +10,8 @@ from __future__ import annotations
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from ..data_checks import check_dataset_columns
 from ..sft import WMSSSFTConfig, WMSSSFTTrainer
-from .common import (
-    DataArguments,
-    check_before_loading,
-    cpu_default_argv,
-    finish_run,
-    load_dataset_splits,
-    load_tokenizer,
-    teardown,
-)
+from .common import DataArguments, load_run, parse_run, run_trainer
 
 
 def make_parser(prog: str = "wmss sft") -> TrlParser:
@@ -28,22 +19,10 @@ def make_parser(prog: str = "wmss sft") -> TrlParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    data_args, training_args, model_args = make_parser().parse_args_and_config(args=cpu_default_argv(argv))
-    check_before_loading(model_args, training_args)
-
-    # 1. Model and tokenizer: the strong model is whatever `model_name_or_path` holds (e.g. the phase-1 SFT output).
-    training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
-
-    # 2. Data.
-    splits = load_dataset_splits(data_args)
-    train = splits[data_args.dataset_train_split]
-    evaluation = splits.get(data_args.dataset_test_split) if training_args.eval_strategy != "no" else None
-    for split, dataset in ((data_args.dataset_train_split, train), (data_args.dataset_test_split, evaluation)):
-        where = f"--dataset_name {data_args.dataset_name} (split {split!r})"
-        check_dataset_columns(dataset, "sft", name=where, args=training_args)  # before any model loads
-
-    # 3. Train with the weak model mixed into the logits; only the strong model is saved.
+    data_args, training_args, model_args = parse_run(make_parser(), argv)
+    # the strong model is whatever `model_name_or_path` holds (e.g. the phase-1 SFT output)
+    tokenizer, train, evaluation = load_run(data_args, training_args, model_args, "sft", args=training_args)
+    # train with the weak model mixed into the logits; only the strong model is saved
     trainer = WMSSSFTTrainer(
         model_args.model_name_or_path,
         args=training_args,
@@ -52,11 +31,5 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    state = trainer.accelerator.state
-    trainer.accelerator.print(
-        f"wmss sft: {state.num_processes} process(es), {state.distributed_type.value}, lambda={training_args.mixing_lambda}"
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish_run(trainer, "WD-JT model" if trainer.wmss_enabled else "SFT model (WMSS inactive)")
-    teardown()
-    return 0
+    what = "WD-JT model" if trainer.wmss_enabled else "SFT model (WMSS inactive)"
+    return run_trainer(trainer, "wmss sft", f"lambda={training_args.mixing_lambda}", what)

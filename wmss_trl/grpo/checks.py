@@ -1,0 +1,93 @@
+"""WMSS-GRPO's input checks that need more than the config: run before any model loads where possible."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from datasets import IterableDataset
+
+from ..weak import is_peft_model, require_safetensors
+from .config import WMSSGRPOConfig
+
+
+def check_request(model, args: WMSSGRPOConfig, weak_model, peft_config, train_dataset) -> None:
+    """Refuse, before any model loads, what cannot run: a WMSS option without a weak model, ``peft_base_as_weak``
+    without PEFT (or together with a weak model), a pickle-only weak folder, a training set with no batch."""
+    separate_weak = weak_model is not None or bool(args.weak_model_name_or_path)
+    peft = is_peft_model(model) or peft_config is not None
+    if args.peft_base_as_weak and separate_weak:
+        raise ValueError(
+            "peft_base_as_weak=True and a weak model (weak_model= or weak_model_name_or_path) were both given; "
+            "choose one: drop the weak model to use the adapter-disabled base, or set peft_base_as_weak=False."
+        )
+    if args.peft_base_as_weak and not peft:
+        raise ValueError(
+            "peft_base_as_weak=True needs a PEFT policy (a PeftModel or peft_config=, e.g. a LoraConfig), whose "
+            "adapter-disabled base is the weak model. Pass peft_config, or give a weak model with weak_model= or "
+            "weak_model_name_or_path instead."
+        )
+    if not (separate_weak or args.peft_base_as_weak) and args.needs_weak_model:
+        options = [
+            name
+            for name, on in (
+                ("num_weak_generations > 0", args.num_weak_generations > 0),
+                ("entropy_weighted_advantages=True", args.entropy_weighted_advantages),
+                ("mixing_lambda < 1", args.mixing_lambda < 1.0),
+            )
+            if on
+        ]
+        raise ValueError(
+            f"{', '.join(options)} needs a weak model, and none was given. Pass weak_model= to the trainer or set "
+            "weak_model_name_or_path (a local checkpoint folder of an earlier version of the model), or, with a "
+            "PEFT policy, set peft_base_as_weak=True to use its adapter-disabled base; or turn the option off."
+        )
+    for weak in (weak_model, args.weak_model_name_or_path):
+        if isinstance(weak, (str, os.PathLike)):
+            require_safetensors(weak, "weak model")
+    if (
+        train_dataset is not None
+        and not isinstance(train_dataset, IterableDataset)
+        and hasattr(train_dataset, "__len__")
+    ):
+        n, per_batch = len(train_dataset), args.generation_batch_size // args.num_generations
+        if n == 0:
+            raise ValueError(
+                "the training dataset is empty (0 prompts), so GRPO would train 0 steps. Pass a train_dataset with "
+                "a 'prompt' column holding at least one row (check the split and any filtering upstream)."
+            )
+        if n < per_batch:
+            raise ValueError(
+                f"the training dataset has {n} prompt(s), fewer than the {per_batch} distinct prompts of one "
+                f"generation batch (generation_batch_size {args.generation_batch_size} / num_generations "
+                f"{args.num_generations}). TRL's sampler drops an incomplete generation batch, so GRPO would train "
+                "0 steps. Add prompts, or lower per_device_train_batch_size or steps_per_generation (or raise "
+                "num_generations)."
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# setup
+# ------------------------------------------------------------------------------------------------------------
+
+
+def correctness_index(reward_func_names: list[str], reward_weights: torch.Tensor, name: str | None) -> int | None:
+    """The reward function that decides whether a weak completion is wrong (``weak_correctness_reward``), or None for
+    the weighted sum of all of them; refuses reward setups that cannot mark anything wrong."""
+    names = list(reward_func_names)
+    if not names:
+        raise ValueError(
+            "weak negatives need a reward function that can mark a completion wrong, but no reward function was "
+            "given. Pass reward_funcs (e.g. a verifier returning 1 for right and 0 for wrong answers)."
+        )
+    if name is not None:
+        if name not in names:
+            raise ValueError(f"weak_correctness_reward={name!r} is not one of the reward functions {names}.")
+        return names.index(name)
+    if not bool((reward_weights != 0).any()):
+        raise ValueError(
+            "weak negatives need a reward function that can mark a completion wrong, but every reward weight "
+            f"is 0 ({reward_weights.tolist()}), so every weak completion would get reward 0. Give a "
+            "verifier a non-zero weight, or name it with weak_correctness_reward."
+        )
+    return None

@@ -1,0 +1,227 @@
+"""[`WMSSGRPOConfig`]: TRL's `GRPOConfig` plus the weak model and the WMSS-GRPO options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ..checks import check_float, check_int, check_order, check_shares
+from ..config import WeakModelArgs
+
+
+@dataclass
+class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
+    r"""
+    Configuration for [`WMSSGRPOTrainer`]: everything of [`~trl.GRPOConfig`] plus the weak model and the WMSS options.
+    WMSS is active only with a weak model (`weak_model=` or `weak_model_name_or_path`) or `peft_base_as_weak=True`.
+    Without one, training is exactly TRL's GRPO (a `peft_config` alone too: plain TRL GRPO with LoRA), and an option
+    that needs the weak model (`num_weak_generations > 0`, `entropy_weighted_advantages`, `mixing_lambda < 1`) is
+    refused.
+
+    Parameters:
+        weak_model_name_or_path (`str`, *optional*):
+            Local folder of the weak checkpoint (an earlier checkpoint of the same model, same tokenizer, safetensors).
+            Overridden by the trainer's `weak_model` argument.
+        peft_base_as_weak (`bool`, defaults to `False`):
+            With a PEFT policy (a `PeftModel` or `peft_config`) and no weak model, use the policy with its adapters
+            disabled as the weak model; no second copy of the weights.
+        weak_model_init_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments for `from_pretrained` of the weak model (dict or JSON string).
+        num_weak_generations (`int`, defaults to `0`):
+            K: completions the weak model samples per prompt (0 = no weak negatives). `per_device_train_batch_size *
+            K` must be divisible by `num_generations`.
+        max_weak_negatives (`int`, *optional*):
+            M: at most this many wrong weak completions join each group, the most plausible to the policy
+            (default: K). With M < K the ranking costs a policy forward over the weak rows at generation time.
+        weak_negative_threshold (`float`, defaults to `0.5`):
+            A weak completion is wrong when its reward is below this (0/1 rewards: reward 0).
+        weak_correctness_reward (`str`, *optional*):
+            Name of the reward function that decides wrongness (default: the weighted sum of all reward functions).
+        weak_is_clip (`float`, defaults to `2.0`):
+            c: truncation of the per-token importance weight min(pi_old / pi_weak, c) of weak negatives.
+        weak_rollout_prefetch (`int`, defaults to `3`):
+            P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
+            the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
+            frozen, so sampling early draws from the same distribution; rewards are computed when a batch is used.
+            0 = sample each batch's weak completions when it is used. Either way the weak completion of a row is drawn
+            from noise seeded by (seed, epoch, generation batch, global row, token), never from the training RNG, so
+            it is the same whatever P, the resume point or the process count.
+        entropy_weighted_advantages (`bool`, defaults to `False`):
+            Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
+        entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
+            Weights of base difficulty (weak entropy), consolidation (entropy drop weak -> policy) and regression
+            (entropy rise), as WD-DS's a, b, c.
+        entropy_weight_min, entropy_weight_max (`float`, *optional*):
+            Clip the token weights (after the mean-1 normalisation).
+        mixing_lambda (`float`, defaults to `1.0`):
+            WD-JT in RL: policy log-probs in the loss from lambda * z_policy + (1 - lambda) * z_weak; 1.0 = off.
+        mixing_chunk_size (`int`, defaults to `256`):
+            Positions per chunk of the fp32 mixed log-softmax.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
+    # set by GRPOConfig.__post_init__ from steps_per_generation (or the reverse): not copied from a GRPOConfig
+    _DERIVED_FIELDS = ("generation_batch_size",)
+
+    num_weak_generations: int = field(
+        default=0,
+        metadata={
+            "help": "K: completions the weak model samples per prompt; its plausible wrong ones become "
+            "negatives of the group. 0 disables weak negatives. per_device_train_batch_size * K must be "
+            "divisible by num_generations."
+        },
+    )
+    max_weak_negatives: int | None = field(
+        default=None,
+        metadata={
+            "help": "M: at most this many weak negatives per group, the most plausible to the policy "
+            "(default: num_weak_generations). With M < K the ranking costs a policy forward over the weak rows."
+        },
+    )
+    weak_negative_threshold: float = field(
+        default=0.5,
+        metadata={"help": "A weak completion is wrong when its reward is below this value (0/1 rewards: 0 is wrong)."},
+    )
+    weak_correctness_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the reward function that decides whether a weak completion is wrong (default: "
+            "the weighted sum of all reward functions)."
+        },
+    )
+    weak_is_clip: float = field(
+        default=2.0,
+        metadata={"help": "c: the per-token importance weight of weak negatives is min(pi_old / pi_weak, c)."},
+    )
+    weak_rollout_prefetch: int = field(
+        default=3,
+        metadata={
+            "help": "P: sample the weak completions of the next P generation batches in the same weak generate "
+            "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
+            "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
+            "amortises the decode. 0: sample per batch."
+        },
+    )
+    entropy_weighted_advantages: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight each token's advantage by the WD-DS entropy-dynamics weight (mean 1 over the "
+            "global batch)."
+        },
+    )
+    entropy_weight_alpha: float = field(
+        default=0.1, metadata={"help": "Weight of base difficulty: the weak model's token entropy."}
+    )
+    entropy_weight_beta: float = field(
+        default=0.8, metadata={"help": "Weight of consolidation: relu(H_weak - H_policy)."}
+    )
+    entropy_weight_gamma: float = field(
+        default=0.1, metadata={"help": "Weight of regression: relu(H_policy - H_weak)."}
+    )
+    entropy_weight_min: float | None = field(
+        default=None, metadata={"help": "Lower clip of the token weights (after normalisation)."}
+    )
+    entropy_weight_max: float | None = field(
+        default=None, metadata={"help": "Upper clip of the token weights (after normalisation)."}
+    )
+    mixing_lambda: float = field(
+        default=1.0,
+        metadata={
+            "help": "WD-JT in RL: the loss uses log-probs of lambda*z_policy + (1-lambda)*z_weak; "
+            "0 < lambda <= 1, 1.0 is off."
+        },
+    )
+
+    def __post_init__(self):
+        self._check_numbers()
+        super().__post_init__()
+        self._check_weak_negatives()
+
+    def _check_numbers(self):
+        """Every numeric WMSS field: converted (a YAML/JSON string "0.5" becomes 0.5), finite and in range, kept."""
+        self.mixing_lambda = check_float(
+            "mixing_lambda",
+            self.mixing_lambda,
+            low=0.0,
+            low_open=True,
+            high=1.0,
+            hint="It is the weight of the policy logits; 1.0 is off.",
+        )
+        self.mixing_chunk_size = check_int("mixing_chunk_size", self.mixing_chunk_size, low=1)
+        self.num_weak_generations = check_int(
+            "num_weak_generations", self.num_weak_generations, low=0, hint="0 disables weak negatives."
+        )
+        self.max_weak_negatives = check_int("max_weak_negatives", self.max_weak_negatives, low=1, optional=True)
+        self.weak_negative_threshold = check_float(
+            "weak_negative_threshold",
+            self.weak_negative_threshold,
+            hint="A weak completion is wrong when its reward is below it (0.5 for 0/1 rewards).",
+        )
+        self.weak_is_clip = check_float(
+            "weak_is_clip",
+            self.weak_is_clip,
+            low=0.0,
+            low_open=True,
+            hint="It truncates the importance weight min(pi_old / pi_weak, c).",
+        )
+        self.weak_rollout_prefetch = check_int(
+            "weak_rollout_prefetch",
+            self.weak_rollout_prefetch,
+            low=0,
+            hint="0 samples each batch's weak completions when it is used.",
+        )
+        self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma = check_shares(
+            ("entropy_weight_alpha", "entropy_weight_beta", "entropy_weight_gamma"),
+            (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma),
+            need_positive_sum=bool(self.entropy_weighted_advantages),
+        )
+        self.entropy_weight_min = check_float(
+            "entropy_weight_min",
+            self.entropy_weight_min,
+            low=0.0,
+            optional=True,
+            hint="It is the lower clip of the token weights (mean 1).",
+        )
+        self.entropy_weight_max = check_float(
+            "entropy_weight_max",
+            self.entropy_weight_max,
+            low=0.0,
+            low_open=True,
+            optional=True,
+            hint="It is the upper clip of the token weights (mean 1); a weight <= 0 would flip or erase advantages.",
+        )
+        check_order("entropy_weight_min", self.entropy_weight_min, "entropy_weight_max", self.entropy_weight_max)
+
+    def _check_weak_negatives(self):
+        """The batch layout of weak negatives (see the module docstring of :mod:`wmss_trl.grpo`) and their defaults."""
+        k, g, p = self.num_weak_generations, self.num_generations, self.per_device_train_batch_size
+        if k > 0:
+            if (p * k) % g != 0:
+                step = g // math.gcd(p, g)
+                raise ValueError(
+                    f"num_weak_generations={k} breaks the batch layout: every process appends "
+                    f"per_device_train_batch_size * steps_per_generation * num_weak_generations / num_generations weak "
+                    f"completions to its batch, which must still split into steps_per_generation equal micro-batches, "
+                    f"so per_device_train_batch_size * num_weak_generations ({p} * {k}) must be divisible by "
+                    f"num_generations ({g}). With these sizes use a multiple of {step} (e.g. {step}), or change "
+                    "per_device_train_batch_size."
+                )
+            if self.max_weak_negatives is None:
+                self.max_weak_negatives = k
+            if not 1 <= self.max_weak_negatives <= k:
+                raise ValueError(
+                    f"max_weak_negatives must be between 1 and num_weak_generations ({k}), got {self.max_weak_negatives}."
+                )
+            if self.multi_objective_aggregation != "sum_then_normalize":
+                raise ValueError(
+                    "weak negatives (num_weak_generations > 0) need multi_objective_aggregation='sum_then_normalize' "
+                    f"(got {self.multi_objective_aggregation!r}): the negatives are scored by the weighted sum of the "
+                    "rewards."
+                )
+
+    @property
+    def needs_weak_model(self) -> bool:
+        """True when an option that needs the weak model beyond the KL reference is on."""
+        return self.num_weak_generations > 0 or self.entropy_weighted_advantages or self.mixing_lambda < 1.0

@@ -1,0 +1,311 @@
+"""Every private TRL / transformers name wmss_trl relies on, in one place, with the contract it relies on.
+
+TRL offers public extension points for little of what a WMSS trainer does (see docs/architecture.md), so the trainers
+override or read a few private methods and attributes of ``GRPOTrainer``, ``DPOTrainer``, ``SFTTrainer`` and
+``transformers.Trainer``. :data:`CONTACT_POINTS` lists them all (the ``used_by`` column says which of our modules
+touches each); :func:`check_contact_points` verifies them against the installed TRL / transformers and returns one
+clear line per broken contract (``tests/test_trl_compat.py`` runs it). After a TRL upgrade that test names what moved.
+
+Where a contract is not a method or an attribute but a piece of TRL's control flow, the contact is kept here, in one
+documented helper, instead of being spread over the trainers:
+
+* :func:`grpo_without_reference_model`: ``GRPOTrainer.__init__`` builds a reference model (a second copy of the
+  policy) exactly when ``args.beta != 0`` and the policy is not a PEFT model. A WMSS-GRPO run with a separate weak
+  model has its own reference (the weak model), so ``beta`` is reported as 0 while the parent builds itself.
+* :func:`grpo_without_reference_logps`: ``GRPOTrainer._generate_and_score_completions`` computes
+  ``ref_per_token_logps`` exactly when ``self.beta != 0``; WMSS-GRPO computes them itself, with the weak model, in the
+  same forward as the weak rows' statistics.
+* WMSS-GRPO's token weights taken from the loss's own forward rely on ``GRPOTrainer._compute_loss`` running its
+  policy forward (``self._get_per_token_logps_and_entropies``) before it reads ``inputs["advantages"]`` and
+  ``inputs["ref_per_token_logps"]``: the forward of our override applies them to the in-flight batch.
+* :func:`dpo_reference_from_inputs`: ``DPOTrainer._compute_loss`` reads the reference log-probs from
+  ``inputs["ref_chosen_logps"]`` / ``inputs["ref_rejected_logps"]`` instead of running the reference model exactly
+  when ``self.precompute_ref_logps`` is true; WMSS-DPO hands it the weak model's log-probs that way (one weak forward,
+  which also gives the logits / entropies WD-JT and the pair weights need).
+* :func:`fused_lm_head_output`: the ``FusedCausalLMOutput`` TRL's fused LM head returns (``fused_lm_head=True``),
+  built with every field of the installed TRL (those we do not compute are None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+
+from trl.trainer.utils import FusedCausalLMOutput
+
+
+@dataclass(frozen=True)
+class Contact:
+    """One private name: ``owner`` (``module:Class`` or ``module``), ``name`` and what we rely on.
+
+    ``kind`` is ``"method"`` (a callable whose leading parameters, after ``self``, are ``params``), ``"attribute"``
+    (an instance attribute the owner's code assigns, ``self.<name> =``), ``"class_attribute"``, ``"import"`` (the
+    module exports the name), ``"source"`` (the owner's source contains each string of ``params``: a control-flow
+    contract or template text we edit) or ``"sequence"`` (it contains them in that order)."""
+
+    owner: str
+    name: str
+    kind: str
+    used_by: tuple[str, ...]
+    params: tuple[str, ...] = ()
+
+
+_GRPO, _DPO, _SFT = "trl:GRPOTrainer", "trl:DPOTrainer", "trl:SFTTrainer"
+_TRAINER, _BASE = "transformers:Trainer", "trl.trainer.base_trainer:_BaseTrainer"
+
+CONTACT_POINTS: tuple[Contact, ...] = (
+    # ---- GRPOTrainer (wmss_trl.grpo)
+    Contact(_GRPO, "_generate_and_score_completions", "method", ("grpo",), ("inputs",)),
+    Contact(
+        _GRPO, "_calculate_rewards", "method", ("grpo",), ("inputs", "prompts", "completions", "completion_ids_list")
+    ),
+    Contact(
+        _GRPO,
+        "_get_per_token_logps_and_entropies",
+        "method",
+        ("grpo",),
+        (
+            "model",
+            "input_ids",
+            "attention_mask",
+            "logits_to_keep",
+            "batch_size",
+            "compute_entropy",
+            "compute_aux_loss",
+        ),
+    ),
+    Contact(_GRPO, "_compute_loss", "method", ("grpo",), ("model", "inputs")),
+    Contact(_GRPO, "_get_train_sampler", "method", ("grpo",), ("dataset",)),
+    Contact(_GRPO, "_tokenize_prompts", "method", ("grpo",), ("prompts",)),
+    Contact(_GRPO, "_metrics", "attribute", ("grpo", "dpo", "sft")),
+    Contact(_GRPO, "_logs", "attribute", ("grpo",)),
+    Contact(_GRPO, "_pending_extra_logs", "attribute", ("grpo",)),
+    Contact(_GRPO, "_pending_metrics", "attribute", ("grpo",)),
+    Contact(_GRPO, "_tokenizer", "attribute", ("grpo",)),
+    Contact(_GRPO, "_is_vlm", "attribute", ("grpo", "sft")),
+    Contact(_GRPO, "_step", "attribute", ("grpo",)),
+    Contact(_GRPO, "_entropy_bonus_enabled", "attribute", ("grpo",)),
+    Contact(
+        _GRPO,
+        "__init__",
+        "source",
+        ("grpo_without_reference_model",),
+        ("self.beta = args.beta", "if self.beta == 0.0:", "self.ref_model = None"),
+    ),
+    Contact(
+        _GRPO,
+        "_generate_and_score_completions",
+        "source",
+        ("grpo_without_reference_logps",),
+        ("if self.beta != 0.0:", "ref_per_token_logps = None"),
+    ),
+    Contact(
+        _GRPO,
+        "_compute_loss",
+        "sequence",
+        ("grpo.stats.apply_token_weights",),
+        (
+            "self._get_per_token_logps_and_entropies(",
+            'advantages = inputs["advantages"]',
+            'ref_per_token_logps = inputs["ref_per_token_logps"]',
+        ),
+    ),
+    Contact("trl:GRPOConfig", "_VALID_DICT_FIELDS", "class_attribute", ("grpo",)),
+    # ---- DPOTrainer (wmss_trl.dpo)
+    Contact(_DPO, "_compute_loss", "method", ("dpo",), ("model", "inputs", "return_outputs")),
+    Contact(_DPO, "_prepare_dataset", "method", ("dpo",), ("dataset", "processing_class", "args", "dataset_name")),
+    Contact(_DPO, "_precompute_ref_logps", "method", ("dpo",), ("dataset", "name", "batch_size")),
+    Contact(_DPO, "_precompute_model_hash", "attribute", ("dpo",)),
+    Contact(_DPO, "_metrics", "attribute", ("dpo",)),
+    Contact(
+        _DPO,
+        "_compute_loss",
+        "source",
+        ("dpo_reference_from_inputs",),
+        ("if self.precompute_ref_logps:", 'inputs["ref_chosen_logps"]', 'inputs["ref_rejected_logps"]'),
+    ),
+    Contact(
+        _DPO,
+        "__init__",
+        "source",
+        ("dpo",),
+        ("self.precompute_ref_logps = args.precompute_ref_log_probs", 'model.add_adapter("ref", default_config)'),
+    ),
+    Contact("trl:DPOConfig", "_VALID_DICT_FIELDS", "class_attribute", ("dpo",)),
+    Contact("trl.trainer.utils", "FusedCausalLMOutput", "import", ("fused_lm_head_output",)),
+    # ---- SFTTrainer (wmss_trl.sft)
+    Contact(
+        _SFT,
+        "_prepare_dataset",
+        "method",
+        ("sft",),
+        ("dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
+    ),
+    Contact(_SFT, "_get_train_sampler", "method", ("sft",), ("train_dataset",)),
+    Contact(_SFT, "_formatting_func", "attribute", ("sft",)),
+    Contact(_SFT, "_total_train_tokens", "attribute", ("sft",)),
+    Contact(_SFT, "_tp_size", "attribute", ("sft",)),
+    Contact(_SFT, "_is_vlm", "attribute", ("sft",)),
+    Contact(_SFT, "_metrics", "attribute", ("sft",)),
+    Contact("trl:SFTConfig", "_VALID_DICT_FIELDS", "class_attribute", ("sft",)),
+    Contact("trl.models.utils", "_ForwardRedirection", "import", ("sft",)),
+    # ---- the model card (wmss_trl.sft.WMSSModelCard, used by every trainer)
+    Contact(_BASE, "_name", "class_attribute", ("sft", "grpo", "dpo")),
+    Contact(_BASE, "_paper", "class_attribute", ("sft", "grpo", "dpo")),
+    Contact(_BASE, "_tag_names", "class_attribute", ("sft", "grpo", "dpo")),
+    Contact(
+        "trl.trainer.base_trainer:_BaseTrainer",
+        "create_model_card",
+        "source",
+        ("sft",),
+        ("base_model = None", 'os.path.join(self.args.output_dir, "README.md")'),
+    ),
+    Contact(
+        "trl:templates/lm_model_card.md",
+        "card template",
+        "source",
+        ("sft",),
+        (
+            "[{{ base_model }}](https://huggingface.co/{{ base_model }})",
+            'model="{{ hub_model_id }}"',
+            "## Quick start",
+        ),
+    ),
+    Contact("trl:templates/lm_model_card.md", "card anchor", "source", ("sft",), ("### Framework versions",)),
+    # ---- transformers
+    Contact(
+        _TRAINER,
+        "_run_epoch",
+        "method",
+        ("grpo",),
+        (
+            "model",
+            "epoch",
+            "train_dataloader",
+            "steps_in_epoch",
+            "num_update_steps_per_epoch",
+            "trial",
+            "ignore_keys_for_eval",
+            "start_time",
+            "resume_from_checkpoint",
+            "epochs_trained",
+            "steps_trained_in_current_epoch",
+        ),
+    ),
+    Contact(_TRAINER, "_get_num_items_in_batch", "method", ("grpo",), ("batch_samples", "device")),
+    Contact("transformers:GenerationMixin", "_prepare_generation_config", "method", ("grpo",), ("generation_config",)),
+    Contact("transformers.generation.logits_process", "TopHLogitsWarper", "import", ("grpo",)),
+)
+
+
+def _resolve(owner: str):
+    module_name, _, attr = owner.partition(":")
+    module = importlib.import_module(module_name)
+    if attr.startswith("templates/"):
+        return module, attr
+    return (getattr(module, attr) if attr else module), None
+
+
+def _source_of(owner: str, name: str) -> str:
+    target, template = _resolve(owner)
+    if template is not None:
+        with open(f"{inspect.getfile(target).rsplit('/', 1)[0]}/{template}", encoding="utf-8") as f:
+            return f.read()
+    return inspect.getsource(getattr(target, name) if name != "__init__" else target.__init__)
+
+
+def check_contact(contact: Contact) -> str | None:
+    """None when the installed libraries keep ``contact``; otherwise one line naming what changed."""
+    label = f"{contact.owner}.{contact.name} (used by wmss_trl: {', '.join(contact.used_by)})"
+    try:
+        target, _ = _resolve(contact.owner)
+    except (ImportError, AttributeError) as error:
+        return f"{label}: {contact.owner} cannot be imported ({error})"
+    if contact.kind in ("source", "sequence"):
+        try:
+            text = _source_of(contact.owner, contact.name)
+        except (OSError, TypeError, AttributeError) as error:
+            return f"{label}: its source cannot be read ({error})"
+        missing = [s for s in contact.params if s not in text]
+        if missing:
+            return f"{label}: the code no longer contains {missing}"
+        positions = [text.index(s) for s in contact.params]
+        if contact.kind == "sequence" and positions != sorted(positions):
+            return f"{label}: the code no longer runs {list(contact.params)} in this order"
+        return None
+    if contact.kind in ("import", "class_attribute"):
+        return None if hasattr(target, contact.name) else f"{label}: no longer exists"
+    if contact.kind == "attribute":
+        pattern = re.compile(rf"self\.{re.escape(contact.name)}\s*(:[^=\n]*)?=[^=]")
+        for cls in inspect.getmro(target):
+            if cls.__module__.split(".")[0] not in ("trl", "transformers"):
+                continue
+            with contextlib.suppress(OSError, TypeError):
+                if pattern.search(inspect.getsource(cls)):
+                    return None
+        return f"{label}: no class of {contact.owner} assigns self.{contact.name} any more"
+    method = getattr(target, contact.name, None)
+    if not callable(method):
+        return f"{label}: the method no longer exists"
+    names = [p for p in inspect.signature(method).parameters if p != "self"][: len(contact.params)]
+    if tuple(names) != contact.params:
+        return f"{label}: its signature changed: expected leading parameters {contact.params}, found {tuple(names)}"
+    return None
+
+
+def check_contact_points() -> list[str]:
+    """One line per broken contract of :data:`CONTACT_POINTS` (empty: all hold)."""
+    return [problem for problem in map(check_contact, CONTACT_POINTS) if problem is not None]
+
+
+@contextlib.contextmanager
+def grpo_without_reference_model(args):
+    """While ``GRPOTrainer.__init__`` runs, report ``args.beta = 0`` so it builds no reference copy of the policy
+    (contract: its ``if self.beta == 0.0: self.ref_model = None``). ``args.beta`` is restored on exit, also on error;
+    the caller sets the trainer's ``beta`` back from it."""
+    beta = args.beta
+    args.beta = 0.0
+    try:
+        yield beta
+    finally:
+        args.beta = beta
+
+
+@contextlib.contextmanager
+def grpo_without_reference_logps(trainer, active: bool = True):
+    """While TRL's ``_generate_and_score_completions`` runs, skip its reference forward (contract: it computes
+    ``ref_per_token_logps`` only when ``self.beta != 0``); ``trainer.beta`` is restored on exit, also on error."""
+    beta = trainer.beta
+    if active:
+        trainer.beta = 0.0
+    try:
+        yield
+    finally:
+        trainer.beta = beta
+
+
+@contextlib.contextmanager
+def dpo_reference_from_inputs(trainer):
+    """While TRL's ``DPOTrainer._compute_loss`` runs, make it read the reference log-probs from
+    ``inputs["ref_chosen_logps"]`` / ``inputs["ref_rejected_logps"]`` (contract: it does so when
+    ``self.precompute_ref_logps``); the flag is restored on exit, also on error."""
+    precompute = trainer.precompute_ref_logps
+    trainer.precompute_ref_logps = True
+    try:
+        yield
+    finally:
+        trainer.precompute_ref_logps = precompute
+
+
+def fused_lm_head_output(**values) -> FusedCausalLMOutput:
+    """A ``FusedCausalLMOutput`` with ``values`` and None for every other field of the installed TRL. A name that is
+    not one of its fields is refused (TRL renamed or dropped it)."""
+    names = {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"trl.trainer.utils.FusedCausalLMOutput has no field(s) {unknown}; it has {sorted(names)}.")
+    return FusedCausalLMOutput(**{name: values.get(name) for name in names})
