@@ -7,7 +7,7 @@ The repro of docs/real_model.md section 5 (toy models from the test helpers, abo
 A confident policy and a confident weak model, ``beta=0.04``, 4 weak samples per group and a verifier that marks the
 weak samples wrong. It prints the number of selected weak-negative rows, the mean and max per-token k3 on their tokens
 with the weak model as reference (before the fix), and the max with the reference the loss receives now (0). It reads
-the trainer's debug record (``_wmss_debug``) and calls TRL's private ``_generate_and_score_completions``: a diagnostic,
+the trainer's step statistics (``trainer.wmss_stats``) and calls TRL's private ``_generate_and_score_completions``: a diagnostic,
 not an example of the public API.
 """
 
@@ -50,15 +50,15 @@ def main():
     tr.model.train()  # weak negatives are drawn in training mode only
     torch.manual_seed(0)
     batch = tr._generate_and_score_completions([dict(tr.train_dataset[i]) for i in range(4) for _ in range(4)])
-    d = tr._wmss_debug
-    neg = batch["completion_mask"].bool() & (d["source"] == 1).unsqueeze(1)  # tokens of the selected weak negatives
+    d = tr.wmss_stats
+    neg = batch["completion_mask"].bool() & (d.source == 1).unsqueeze(1)  # tokens of the selected weak negatives
 
     def k3(r):
         return (torch.exp(r) - r - 1)[neg]
 
-    before = k3(d["weak_logps"] - d["policy_logps"])  # reference = weak model (before the fix)
-    now = k3(batch["ref_per_token_logps"] - d["policy_logps"])  # the reference the loss receives now
-    print(f"weak-negative rows: {int((d['source'] == 1).sum())}")
+    before = k3(d.weak_logps - d.policy_logps)  # reference = weak model (before the fix)
+    now = k3(batch["ref_per_token_logps"] - d.policy_logps)  # the reference the loss receives now
+    print(f"weak-negative rows: {int((d.source == 1).sum())}")
     print(f"k3 with the weak model as reference: mean {before.mean().item():.1f}, max {before.max().item():.0f}")
     print(f"k3 with the reference the loss receives now: max |k3| {now.abs().max().item():.3g}")
 

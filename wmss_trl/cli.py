@@ -33,6 +33,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .launch import resolve_accelerate_config
+
 
 COMMANDS = {
     "demo": (
@@ -61,8 +63,6 @@ COMMANDS = {
         "DPO with the weak checkpoint as reference (WMSSDPOTrainer), optional WD-JT and entropy-gap weights",
     ),
 }
-
-CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
 
 # Deprecation notices raised inside the pinned libraries by the libraries themselves, silenced in `wmss` commands
 # only (never on `import wmss_trl`: a library does not change its user's warning filters). A user cannot act on any
@@ -111,16 +111,6 @@ def filter_third_party_deprecations() -> None:
         return
     for message, category, module, _source in THIRD_PARTY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
-
-def resolve_accelerate_config(value: str) -> str:
-    if Path(value).is_file():
-        return value
-    candidate = CONFIG_DIR / f"{value}.yaml"
-    if not candidate.is_file():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise SystemExit(f"--accelerate_config {value!r} is neither a file nor one of: {names}.")
-    return str(candidate)
 
 
 def _pop_flag(argv: list[str], name: str) -> str | None:
