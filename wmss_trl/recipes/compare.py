@@ -523,6 +523,8 @@ class Evaluator:
 
         self.plan = plan
         self.tokenizer = load_tokenizer(plan.model_args.model_name_or_path, plan.training_args.trust_remote_code)
+        if self.tokenizer.pad_token is None:  # as GRPOTrainer does
+            self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def __call__(self, path: str, seed: int, step: int, desc: str) -> dict:
         import torch
@@ -705,11 +707,13 @@ def plots(plan: Plan, summary: dict, folder: str) -> list[str]:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, m in zip(axes.flat, names):
         for arm, e in summary["arms"].items():
-            points = [{"step": 0, m: base[m]}] + [{"step": p["step"], m: p[m]} for p in e["curve"]]
+            points = [{"step": 0, m: base[m]}] if base[m]["mean"] is not None else []
+            points += [{"step": p["step"], m: p[m]} for p in e["curve"]]
             band(ax, [p["step"] for p in points], [p[m] for p in points], arm)
-        ax.set_title(m + (" (x100)" if m == "mean reward" else " (%)"))
+        unit = "x100" if m == "mean reward" else "%"
+        ax.set_title(f"held-out {m} ({unit})")
         ax.set_xlabel("training step (0 = base model)")
-        ax.set_ylabel(m)
+        ax.set_ylabel(f"{m} ({unit})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names) :]:
@@ -725,7 +729,8 @@ def plots(plan: Plan, summary: dict, folder: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = plan.ks
-    band(ax, ks, [base[f"pass@{k}"] for k in ks], "base model", color="grey", linestyle="--")
+    if base.get("pass@1", {}).get("mean") is not None:
+        band(ax, ks, [base[f"pass@{k}"] for k in ks], "base model", color="grey", linestyle="--")
     for arm, e in summary["arms"].items():
         band(ax, ks, [e["final"][f"pass@{k}"] for k in ks], arm)
     ax.set_xscale("log", base=2)

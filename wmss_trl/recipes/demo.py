@@ -562,7 +562,7 @@ def plot(results: dict, path: str) -> None:
         plot_pass_at_k(axes[-1], {"strong checkpoint": results["phases"]["strong"]["pass_at_k"], **rl}, results)
     fig.suptitle(
         f"wmss demo, seed {results['config']['seed']}: greedy accuracy during training "
-        "(last point of each curve = the table)"
+        "(last point of each curve = the table)" + ("; last row: RL pass@k after training" if rl else "")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
