@@ -149,3 +149,16 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="arm 'x' overrides 'max_steps'"):
         compare.main(["--config", str(write_config(tmp_path, "arms:\n  x: {max_steps: 5}\n")), *argv[2:]])
     assert not (tmp_path / "out").exists()  # nothing written either
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_runs_under_accelerate_with_accelerate_config(tmp_path):
+    """`--accelerate_config ddp --num_processes 2` reaches each run (not the compare process itself)."""
+    config = write_config(tmp_path)
+    out = tmp_path / "out"
+    cmd = compare_cmd(config, out, "--arms", "wmss", "--accelerate_config", "ddp", "--num_processes", "2")
+    proc = run([c if c != "0,1" else "0" for c in cmd])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "wmss grpo: 2 process(es)" in (out / "runs/wmss/seed0/train.log").read_text()
+    assert json.loads((out / "compare.json").read_text())["summary"]["arms"]["wmss"]["seeds"] == [0]
