@@ -72,7 +72,7 @@ def test_embedded_task_splits_are_disjoint_and_verifiable():
 
 def _run(args, env):
     return subprocess.run(
-        [sys.executable, "-c", SPY, "demo", *args], capture_output=True, text=True, timeout=900, env=env
+        [sys.executable, "-c", SPY, "demo", *args], capture_output=True, text=True, timeout=1800, env=env
     )
 
 

@@ -575,9 +575,10 @@ def plot_pass_at_k(row, models: dict, results: dict) -> None:
     ks = pass_at_k_ks(DemoArguments(**results["config"]))
     n, size = ks[-1], results["eval_problems"]["test"]
     left, right = row
+    colors = {name: "black" if i == 0 else f"C{i - 1}" for i, name in enumerate(models)}  # as the curves above
     for name, m in models.items():
-        style = dict(color="black", linestyle="--") if name == "strong checkpoint" else {}
-        left.plot(ks, [100 * m[f"pass@{k}"] for k in ks], marker="o", ms=3, label=name, **style)
+        style = dict(linestyle="--") if name == "strong checkpoint" else {}
+        left.plot(ks, [100 * m[f"pass@{k}"] for k in ks], marker="o", ms=3, label=name, color=colors[name], **style)
     left.set_xscale("log", base=2)
     left.set_xticks(ks, [str(k) for k in ks])
     left.set_title(f"RL: held-out pass@k ({size} problems, n = {n} samples each, temperature 1)")
@@ -588,7 +589,8 @@ def plot_pass_at_k(row, models: dict, results: dict) -> None:
     metrics = ["greedy pass@1", "pass@1", f"pass@{n}"]
     width = 0.8 / len(models)
     for i, (name, m) in enumerate(models.items()):
-        right.bar([j + i * width for j in range(len(metrics))], [100 * m[k] for k in metrics], width, label=name)
+        xs = [j + i * width for j in range(len(metrics))]
+        right.bar(xs, [100 * m[k] for k in metrics], width, label=name, color=colors[name], alpha=0.8)
     right.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(metrics))], metrics)
     right.set_title(f"RL: greedy vs sampled, held-out ({size} problems)")
     right.set_ylabel("%")
