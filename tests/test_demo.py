@@ -72,7 +72,7 @@ def test_embedded_task_splits_are_disjoint_and_verifiable():
 
 def _run(args, env):
     return subprocess.run(
-        [sys.executable, "-c", SPY, "demo", *args], capture_output=True, text=True, timeout=900, env=env
+        [sys.executable, "-c", SPY, "demo", *args], capture_output=True, text=True, timeout=1800, env=env
     )
 
 
@@ -107,6 +107,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
         "[4/4] arm 3/4 grpo: TRL's GRPO",
         "[4/4] arm 4/4 wmss_grpo: WMSS-GRPO",
         "greedy accuracy (%) from the strong checkpoint",
+        "RL through wmss_trl.evaluation (the code of `wmss compare`): 200 held-out problems, n = 4 samples",
         "Reading: WMSS is",
         "plot:",
     ]
@@ -125,7 +126,8 @@ def test_demo_command_runs_end_to_end(tmp_path):
         assert 0.0 <= r["test"] <= 1.0 and 0.0 <= r["ood"] <= 1.0
         assert r["steps"] == (2 if "grpo" in arm else 6)
         curve = r["curve"]
-        assert curve[0] == {"step": 0, **results["phases"]["strong"]}
+        strong = results["phases"]["strong"]
+        assert curve[0] == {"step": 0, "test": strong["test"], "ood": strong["ood"]}
         assert [p["step"] for p in curve[1:]] == ([2] if "grpo" in arm else [3, 6])
         assert (curve[-1]["test"], curve[-1]["ood"]) == (r["test"], r["ood"])  # the table is the curve's last point
         logged = [
@@ -137,6 +139,22 @@ def test_demo_command_runs_end_to_end(tmp_path):
             (p["step"], p["test"], p["ood"]) for p in curve[1:]
         ]
     assert os.path.getsize(tmp_path / "accuracy.png") > 10_000
+
+    # the RL arms and the strong checkpoint through wmss_trl.evaluation: greedy pass@1, pass@k (k = 1, 2, 4), reward
+    rl = {
+        "strong": results["phases"]["strong"],
+        "grpo": results["arms"]["grpo"],
+        "wmss_grpo": results["arms"]["wmss_grpo"],
+    }
+    for name, r in rl.items():
+        m = r["pass_at_k"]
+        assert list(m) == ["greedy pass@1", "pass@1", "pass@2", "pass@4", "mean reward"]
+        assert m["pass@1"] <= m["pass@2"] <= m["pass@4"]
+        assert m["mean reward"] == pytest.approx(m["pass@1"])  # a 0/1 reward: mean reward is the sampled pass@1
+        assert m["greedy pass@1"] == pytest.approx(r["test"], abs=0.02)  # = the greedy held-out accuracy
+        row = next(line for line in out.splitlines() if line.startswith(f"{name} ") and line.count(".") == 5)
+        assert [float(v) for v in row.split()[1:]] == pytest.approx([100 * v for v in m.values()], abs=0.051)
+    assert "pass_at_k" not in results["arms"]["sft"]
 
     # the cached checkpoints were made with MKL_CBWR=AVX2,STRICT: with other numerics they are refused, not reused
     env.pop("MKL_CBWR")

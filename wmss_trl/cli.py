@@ -41,6 +41,10 @@ COMMANDS = {
         "wmss_trl.recipes.demo",
         "the embedded demo: weak -> strong -> SFT / NEFTune / WMSS / GRPO / WMSS-GRPO, table + plot",
     ),
+    "compare": (
+        "wmss_trl.recipes.compare",
+        "WMSS-GRPO vs vanilla GRPO on your config: seeds, pass@k, CIs, table + plots",
+    ),
     "sft": ("wmss_trl.recipes.sft", "WD-JT: SFT on weak/strong mixed logits (WMSSSFTTrainer)"),
     "grpo": (
         "wmss_trl.recipes.grpo",
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
         return 2
-    config = _pop_flag(rest, "--accelerate_config")
+    config = _pop_flag(rest, "--accelerate_config") if command != "compare" else None  # compare launches its runs
     num_processes = _pop_flag(rest, "--num_processes") if config is not None else None
     if config is not None and "LOCAL_RANK" not in os.environ:
         return relaunch(command, rest, config, num_processes)

@@ -17,6 +17,9 @@
    never seen in training), during training (curves, logged like any metric: ``eval_test_accuracy``,
    ``eval_ood_accuracy``) and at the end (the last curve point): a table and a one-line reading on stdout,
    ``results_seed<N>.json``, each arm's ``trainer_state.json`` and ``accuracy.png``.
+6. The RL arms and the strong checkpoint through ``wmss compare``'s evaluation (:mod:`wmss_trl.evaluation`) on the
+   200 held-out problems: greedy pass@1, pass@k for k = 1, 2, 4 from n = 4 samples per problem at the GRPO arms'
+   sampling settings (unbiased estimator), mean reward; a second table and the plot's pass@k row.
 
 Reproducible numerics: the same seed gives the same table on every Intel x86-64 CPU with AVX2 only if the kernels
 take the same code path. Before torch is imported, :func:`pin_numerics` pins oneMKL's conditional numerical
@@ -88,6 +91,8 @@ SECONDS_PER_STEP = {
 SECONDS_PER_EVAL = 2.0  # greedy decoding of the 200 + 200 problems by a trained model
 SECONDS_SETUP = 6.0  # building a trainer (TRL tokenizes the 4000 training problems)
 SECONDS_ENTROPIES = 20.0  # H0 and H1 on the 4000 training problems
+SECONDS_PASS_AT_K = 10.0  # the RL pass@k evaluation: 200 problems x (1 greedy + 4 sampled) completions (measured)
+PASS_K = (1, 2, 4, 8, 16)  # the k of the RL pass@k, up to pass_at_k_samples
 
 
 @dataclass
@@ -126,6 +131,13 @@ class DemoArguments:
     dpo_learning_rate: float = field(
         default=1e-5, metadata={"help": "Constant LR of the DPO arms (5e-4 collapsed both DPO arms to ~2%% held-out)."}
     )
+    pass_at_k_samples: int = field(
+        default=4,
+        metadata={
+            "help": "Samples per held-out problem for the RL arms' pass@k (k = 1, 2, 4, ... up to this; "
+            "wmss_trl.evaluation, the code of `wmss compare`)."
+        },
+    )
     mixing_lambda: float = field(default=0.5, metadata={"help": "WD-JT lambda (weight of the strong logits)."})
     neftune_noise_alpha: float = field(default=5.0, metadata={"help": "NEFTune noise for the neftune arm."})
     report_to: str = field(
@@ -162,6 +174,7 @@ class DemoArguments:
             "hidden_size",
             "num_layers",
             "batch_size",
+            "pass_at_k_samples",
         ):
             setattr(self, name, check_int(name, getattr(self, name), low=1))
         self.eval_every = check_int("eval_every", self.eval_every, low=1, optional=True)
@@ -351,6 +364,47 @@ def arm_steps(arm: str, cfg: DemoArguments) -> int:
     return cfg.grpo_steps if "grpo" in arm else cfg.dpo_steps if arm.startswith("dpo") else cfg.arm_steps
 
 
+def grpo_args(cfg: DemoArguments, out: str, steps: int, generations: int = 8) -> dict:
+    """The ``GRPOConfig`` keyword arguments of the GRPO arms (their sampling settings also drive the RL pass@k)."""
+    return common_args(
+        out,
+        cfg.seed,
+        steps,
+        cfg.grpo_learning_rate,
+        cfg.batch_size,
+        cfg.report_to,
+        num_generations=generations,
+        max_completion_length=40,
+        temperature=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        log_completions=False,
+    )
+
+
+def pass_at_k_ks(cfg: DemoArguments) -> list[int]:
+    """The k of the RL pass@k: :data:`PASS_K` up to n = ``pass_at_k_samples``, and n itself."""
+    n = cfg.pass_at_k_samples
+    return sorted({k for k in PASS_K if k <= n} | {n})
+
+
+def rl_pass_at_k(model, tokenizer, test, cfg: DemoArguments, out: str) -> dict:
+    """Greedy pass@1, pass@k and mean reward of ``model`` on the held-out problems through
+    :func:`wmss_trl.evaluation.evaluate_model` (the code of ``wmss compare``), with the GRPO arms' sampling settings
+    and reward, n = ``pass_at_k_samples`` samples per problem seeded by the run seed."""
+    from trl import GRPOConfig
+
+    from ..evaluation import evaluate_model, summarize
+    from ..tasks import correctness_reward
+
+    args = GRPOConfig(**grpo_args(cfg, out, 1))
+    result = evaluate_model(
+        model, tokenizer, test, [correctness_reward], args, cfg.pass_at_k_samples, seed=cfg.seed, batch_size=50,
+        desc="pass@k",
+    )  # fmt: skip
+    return summarize(result, pass_at_k_ks(cfg))
+
+
 def run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg: DemoArguments, out):
     """Train one arm from the strong checkpoint; returns (trainer, curve callback)."""
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
@@ -376,20 +430,7 @@ def run_arm(arm, strong, weak, tokenizer, data, entropy_files, cfg: DemoArgument
         )
     elif arm in ("grpo", "wmss_grpo"):
         generations = 8
-        grpo = common_args(
-            out,
-            cfg.seed,
-            steps,
-            cfg.grpo_learning_rate,
-            cfg.batch_size,
-            cfg.report_to,
-            num_generations=generations,
-            max_completion_length=40,
-            temperature=1.0,
-            beta=0.0,
-            loss_type="dapo",
-            log_completions=False,
-        )
+        grpo = grpo_args(cfg, out, steps, generations)
         prompts = data["train"].remove_columns(["completion"])
         if arm == "grpo":
             trainer = GRPOTrainer(
@@ -493,7 +534,11 @@ def plot(results: dict, path: str) -> None:
     families = [(name, [a for a in arms if a in results["arms"]]) for name, arms in FAMILIES.items()]
     families = [(name, arms) for name, arms in families if arms]
     sizes = results["eval_problems"]
-    fig, axes = plt.subplots(len(families), 2, figsize=(12, 3.8 * len(families)), squeeze=False)
+    rl = {
+        arm: results["arms"][arm]["pass_at_k"] for arm in FAMILIES["RL"] if "pass_at_k" in results["arms"].get(arm, {})
+    }
+    rows = len(families) + bool(rl)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.8 * rows), squeeze=False)
     for row, (family, arms) in zip(axes, families):
         for ax, split, label in zip(row, ("test", "ood"), ("held-out", "OOD (3 steps, unseen)")):
             for ref, style in (("weak", ":"), ("strong", "--")):
@@ -513,13 +558,44 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel("greedy accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
+    if rl:
+        plot_pass_at_k(axes[-1], {"strong checkpoint": results["phases"]["strong"]["pass_at_k"], **rl}, results)
     fig.suptitle(
         f"wmss demo, seed {results['config']['seed']}: greedy accuracy during training "
-        "(last point of each curve = the table)"
+        "(last point of each curve = the table)" + ("; last row: RL pass@k after training" if rl else "")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_pass_at_k(row, models: dict, results: dict) -> None:
+    """The RL row of ``accuracy.png``: pass@k vs k per model (left) and greedy pass@1 / pass@1 / pass@n side by side
+    (right), on the held-out problems (:func:`rl_pass_at_k`)."""
+    ks = pass_at_k_ks(DemoArguments(**results["config"]))
+    n, size = ks[-1], results["eval_problems"]["test"]
+    left, right = row
+    colors = {name: "black" if i == 0 else f"C{i - 1}" for i, name in enumerate(models)}  # as the curves above
+    for name, m in models.items():
+        style = dict(linestyle="--") if name == "strong checkpoint" else {}
+        left.plot(ks, [100 * m[f"pass@{k}"] for k in ks], marker="o", ms=3, label=name, color=colors[name], **style)
+    left.set_xscale("log", base=2)
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.set_title(f"RL: held-out pass@k ({size} problems, n = {n} samples each, temperature 1)")
+    left.set_xlabel("k (samples per problem)")
+    left.set_ylabel("pass@k (%)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="best")
+    metrics = ["greedy pass@1", "pass@1", f"pass@{n}"]
+    width = 0.8 / len(models)
+    for i, (name, m) in enumerate(models.items()):
+        xs = [j + i * width for j in range(len(metrics))]
+        right.bar(xs, [100 * m[k] for k in metrics], width, label=name, color=colors[name], alpha=0.8)
+    right.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(metrics))], metrics)
+    right.set_title(f"RL: greedy vs sampled, held-out ({size} problems)")
+    right.set_ylabel("%")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8, loc="best")
 
 
 class Pace:
@@ -664,6 +740,8 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
             "test": evaluate(model, tokenizer, data["test"]),
             "ood": evaluate(model, tokenizer, data["ood"]),
         }
+        if name == "strong" and any(a in FAMILIES["RL"] for a in arms):
+            r["pass_at_k"] = rl_pass_at_k(model, tokenizer, data["test"], cfg, os.path.join(run_dir, "pass_at_k"))
         print(f"{name}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({pace.stop():.0f} s)", flush=True)
 
     # 3. WD-DS entropies H0 (weak) and H1 (strong) on every training problem
@@ -693,6 +771,8 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
             what, nominal = f"{steps} steps", steps * SECONDS_PER_STEP[arm] + SECONDS_SETUP + evals * SECONDS_PER_EVAL
         else:
             what, nominal = f"{cfg.time_budget:.0f} s of training", cfg.time_budget + SECONDS_SETUP + SECONDS_PER_EVAL
+        if arm in FAMILIES["RL"]:
+            nominal += SECONDS_PASS_AT_K
         pace.start(
             f"[4/4] arm {i}/{len(arms)} {arm}: {ARM_INFO[arm]}; {what} from the strong checkpoint, greedy "
             f"accuracy {evals}x on all {len(data['test'])} held-out + {len(data['ood'])} OOD problems",
@@ -705,9 +785,10 @@ def run_demo(cfg: DemoArguments, pins: dict[str, str] | None = None) -> dict:
             "ood": points[-1]["ood"],
             "steps": trainer.state.global_step,
             "train_seconds": curve.train_time(),
-            "seconds": pace.stop(),
-            "curve": points,
         }
+        if arm in FAMILIES["RL"]:
+            r["pass_at_k"] = rl_pass_at_k(trainer.model, tokenizer, data["test"], cfg, os.path.join(run_dir, arm))
+        r.update(seconds=pace.stop(), curve=points)
         results["arms"][arm] = r
         print(
             f"{arm}: held-out {100 * r['test']:.1f}%  ood {100 * r['ood']:.1f}%  ({r['steps']} steps, "
@@ -768,6 +849,21 @@ def main(argv: list[str] | None = None) -> int:
         steps = r.get("steps", "")
         secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else ""
         print(f"{name:<14}{100 * r['test']:>9.1f}{100 * r['ood']:>7.1f}{steps:>7}{secs:>9}")
+    rl = {
+        name: r["pass_at_k"]
+        for name, r in {"strong": results["phases"]["strong"], **results["arms"]}.items()
+        if "pass_at_k" in r
+    }
+    if rl:
+        ks = pass_at_k_ks(cfg)
+        names = ["greedy pass@1", *(f"pass@{k}" for k in ks), "mean reward"]
+        print(
+            f"\nRL through wmss_trl.evaluation (the code of `wmss compare`): {results['eval_problems']['test']} "
+            f"held-out problems, n = {ks[-1]} samples each at the GRPO arms' sampling settings (%; mean reward x100)"
+        )
+        print(f"{'':<14}" + "".join(f"{m:>15}" for m in names))
+        for name, m in rl.items():
+            print(f"{name:<14}" + "".join(f"{100 * m[k]:>15.1f}" for k in names))
     print(reading(results))
     if cfg.plot:
         path = os.path.join(cfg.output_dir, "accuracy.png")
