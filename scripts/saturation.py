@@ -19,8 +19,9 @@ Saturation rule (:func:`saturation_check`): the strong checkpoint is the first e
 the last ``window`` epochs,
   (1) probe token NLL at e < ``nll_floor`` nats,
   (2) the probe mean margin moved by less than ``margin_tol`` relative: (m_e - m_{e-window+1}) / |m_e| < margin_tol,
-  (3) the held-out accuracy (500 problems) has no detectable trend: the 95% t confidence interval of the OLS slope
-      of accuracy against epoch over those ``window`` epochs contains 0.
+  (3) held-out (500 problems) shows no detectable improvement: neither the OLS slope of the held-out NLL against
+      epoch is significantly negative, nor that of the held-out greedy accuracy significantly positive (95% t
+      confidence intervals over those ``window`` epochs; a held-out NLL rising from overfitting counts as a plateau).
 If no epoch meets it by ``max_epochs``, the last epoch is taken and the row says ``rule_met: false``.
 Weak = the checkpoint at round(e/3) epochs (lag ablation: round(2e/3)).
 
@@ -80,9 +81,9 @@ class Settings:
     warmup_steps: int = 50
     max_epochs: int = 120
     min_epochs: int = 10
-    window: int = 8
-    nll_floor: float = 0.1
-    margin_tol: float = 0.05
+    window: int = 10
+    nll_floor: float = 0.05
+    margin_tol: float = 0.03
     arm_steps: int = 300
     arm_warmup: int = 30
     eval_every: int = 50
@@ -193,22 +194,26 @@ def ols_slope_ci(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def saturation_check(history: list[dict], s: Settings) -> dict:
     """The saturation rule (module docstring) at the last epoch of ``history`` (one dict per epoch, in order, with
-    ``epoch``, ``probe_nll``, ``probe_margin`` and ``heldout_acc``). Returns the three tests and whether all hold."""
+    ``epoch``, ``probe_nll``, ``probe_margin``, ``heldout_nll`` and ``heldout_acc``). Returns the three tests and whether all hold."""
     if len(history) < max(s.window, s.min_epochs):
         return {"met": False, "reason": "too few epochs"}
     last = history[-s.window :]
     nll_ok = last[-1]["probe_nll"] < s.nll_floor
     change = (last[-1]["probe_margin"] - last[0]["probe_margin"]) / max(abs(last[-1]["probe_margin"]), 1e-12)
     margin_ok = change < s.margin_tol
-    slope, half = ols_slope_ci([h["epoch"] for h in last], [h["heldout_acc"] for h in last])
-    slope_ok = abs(slope) <= half
+    epochs = [h["epoch"] for h in last]
+    acc_slope, acc_half = ols_slope_ci(epochs, [h["heldout_acc"] for h in last])
+    nll_slope, nll_half = ols_slope_ci(epochs, [h["heldout_nll"] for h in last])
+    slope_ok = acc_slope - acc_half <= 0 and nll_slope + nll_half >= 0
     return {
         "met": nll_ok and margin_ok and slope_ok,
         "nll_ok": nll_ok,
         "margin_change": change,
         "margin_ok": margin_ok,
-        "acc_slope": slope,
-        "acc_slope_half": half,
+        "acc_slope": acc_slope,
+        "acc_slope_half": acc_half,
+        "heldout_nll_slope": nll_slope,
+        "heldout_nll_slope_half": nll_half,
         "slope_ok": slope_ok,
     }
 

@@ -85,9 +85,16 @@ def test_ols_slope_ci_against_naive(sat):
 # ----------------------------------------------------------------------------------------------------------------
 # the saturation rule
 # ----------------------------------------------------------------------------------------------------------------
-def _history(n, nll, margin, acc):
+def _history(n, nll, margin, acc, heldout_nll=lambda e: 0.1):
     return [
-        {"epoch": e, "probe_nll": nll(e), "probe_margin": margin(e), "heldout_acc": acc(e)} for e in range(1, n + 1)
+        {
+            "epoch": e,
+            "probe_nll": nll(e),
+            "probe_margin": margin(e),
+            "heldout_acc": acc(e),
+            "heldout_nll": heldout_nll(e),
+        }
+        for e in range(1, n + 1)
     ]
 
 
@@ -108,6 +115,15 @@ def test_saturation_rule_each_condition_can_fail(sat):
     rising_acc = _history(30, lambda e: 0.01, lambda e: 20.0, lambda e: 0.01 * e + noise[e] / 10)
     check = sat.saturation_check(rising_acc, s)
     assert not check["met"] and not check["slope_ok"] and check["margin_ok"]
+
+    # held-out NLL still falling (accuracy flat within noise): not saturated
+    falling = _history(30, lambda e: 0.01, lambda e: 20.0, lambda e: 0.4 + noise[e], lambda e: 1 / e + noise[e] / 100)
+    check = sat.saturation_check(falling, s)
+    assert not check["met"] and not check["slope_ok"] and check["heldout_nll_slope"] < 0
+
+    # held-out NLL rising (overfitting) is a plateau: continued SFT no longer helps
+    overfit = _history(30, lambda e: 0.01, lambda e: 20.0, lambda e: 0.4 + noise[e], lambda e: 0.1 + 0.01 * e)
+    assert sat.saturation_check(overfit, s)["met"]
 
     assert not sat.saturation_check(plateau[:5], s)["met"]  # fewer epochs than the window
 
