@@ -294,3 +294,167 @@ def test_modules_to_save_lm_head_mixes_the_heads_the_models_compute(tiny, sft_da
     mask = labels != -100
     naive = -(mixed.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum() / mask.sum()
     torch.testing.assert_close(loss.detach(), naive, rtol=1e-5, atol=1e-6)
+
+
+# ---- co-trained weak model (train_weak_model=True) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_co_trained_weak_gets_the_mixed_loss_gradient(tiny, sft_dataset, tmp_path, fused):
+    """Both loss paths give the weak model the gradient of the mixed loss: the same as autograd through both
+    models' plain logits (naive CE on the mixed logits), so d loss / d z_weak = (1 - lam) * (p_mix - onehot)."""
+    lam = 0.3
+    args = cpu_args(
+        WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], mixing_lambda=lam, train_weak_model=True
+    )
+    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    trainer._fused_head = fused
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch)).backward()
+    got = {n: p.grad.clone() for n, p in trainer.weak_model.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in got.values())
+
+    strong = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    weak = AutoModelForCausalLM.from_pretrained(tiny["weak"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    zs, zw = strong(**inputs).logits[:, :-1], weak(**inputs).logits[:, :-1]
+    zw.retain_grad()
+    labels = batch["labels"][:, 1:]
+    z = lam * zs + (1 - lam) * zw
+    loss = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    for name, param in weak.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # ...and on the weak logits it is (1 - lam) * (softmax(z_mix) - onehot(y)) / N
+    mask = labels != -100
+    expected = torch.softmax(z.detach(), -1)
+    expected[mask] -= torch.nn.functional.one_hot(labels[mask], z.shape[-1]).float()
+    expected = (1 - lam) * expected * mask[..., None] / mask.sum()
+    torch.testing.assert_close(zw.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_co_trained_weak_changes_is_not_saved_and_has_its_learning_rate(tiny, sft_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = cpu_args(
+        WMSSSFTConfig,
+        out,
+        weak_model_name_or_path=tiny["weak"],
+        train_weak_model=True,
+        learning_rate=1e-2,
+        weak_learning_rate=3e-2,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    weak_before = {k: v.clone() for k, v in trainer.weak_model.state_dict().items()}
+    trainer.train()
+    assert trainer.weak_model.training and all(p.requires_grad for p in trainer.weak_model.parameters())
+    changed = [k for k, v in trainer.weak_model.state_dict().items() if not torch.equal(v, weak_before[k])]
+    assert len(changed) > 0.9 * len(weak_before)
+    # one optimizer; the weak parameters in groups of their own, with their learning rate
+    weak_ids = {id(p) for p in trainer.weak_model.parameters()}
+    groups = trainer.optimizer.param_groups
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= weak_ids or not ids & weak_ids
+        assert group["initial_lr"] == (3e-2 if ids and ids <= weak_ids else 1e-2)
+    assert weak_ids == {id(p) for g in groups for p in g["params"]} & weak_ids
+
+    # save_model: the strong model alone, loadable by plain transformers, equal to the trained strong model
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", out / "checkpoint-2"):
+        saved = load_file(str(folder / "model.safetensors"))
+        assert not any(k.startswith("wmss_weak_model") for k in saved)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    strong_state = {k: v for k, v in trainer.model.state_dict().items() if not k.startswith("wmss_weak_model.")}
+    assert set(loaded.state_dict()) == set(strong_state)
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, strong_state[name], rtol=0, atol=0, msg=name)
+    assert not (tmp_path / "final" / "weak_model").exists()
+    # the checkpoint keeps the weak model's state for resuming
+    assert set(load_file(str(out / "checkpoint-2" / "weak_model" / "model.safetensors"))) <= set(weak_before)
+
+
+COTRAIN = os.path.join(os.path.dirname(__file__), "dist", "sft_cotrain_run.py")
+
+
+def run_cotrain(tiny, out, *extra):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, COTRAIN, tiny["strong"], tiny["weak"], str(out), "--steps", "6", "--save_steps", "2"]
+    proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)
+    return proc, [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def test_co_trained_run_sigkilled_mid_run_resumes_to_the_uninterrupted_run(tiny, tmp_path):
+    import signal
+
+    proc, _ = run_cotrain(tiny, tmp_path / "whole")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (whole,) = _
+    killed, result = run_cotrain(tiny, tmp_path / "killed", "--kill_at", "5")  # after checkpoint-4, a real SIGKILL
+    assert killed.returncode == -signal.SIGKILL and not result
+    assert sorted(p for p in os.listdir(tmp_path / "killed") if p.startswith("checkpoint")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    proc, (resumed,) = run_cotrain(tiny, tmp_path / "killed", "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(whole["losses"]) == 6 and resumed["losses"].keys() == whole["losses"].keys()
+    for step, loss in whole["losses"].items():
+        assert resumed["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert whole["weak_nll"]["6"] < whole["weak_nll"]["1"]  # the weak model really trained
+    for name in ("final/model.safetensors", "weak_final.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "killed" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_co_training_refusals_and_resume_mismatch(tiny, sft_dataset, tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match=r"train_weak_model=True cannot train the adapter-disabled PEFT base"):
+        cpu_args(WMSSSFTConfig, tmp_path, train_weak_model=True, peft_base_as_weak=True)
+    with pytest.raises(ValueError, match=r"train_weak_model=True with mixing_lambda=1.0"):
+        cpu_args(WMSSSFTConfig, tmp_path, train_weak_model=True, mixing_lambda=1.0)
+    with pytest.raises(ValueError, match=r"weak_learning_rate=0.001 is set but train_weak_model=False"):
+        cpu_args(WMSSSFTConfig, tmp_path, weak_learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"weak_learning_rate must be in \(0.0, inf\)"):
+        cpu_args(WMSSSFTConfig, tmp_path, train_weak_model=True, weak_learning_rate=0)
+
+    def build(**kw):
+        kwargs = {k: kw.pop(k) for k in ("peft_config",) if k in kw}
+        args = cpu_args(WMSSSFTConfig, tmp_path / "run", **kw)
+        return WMSSSFTTrainer(
+            tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"], **kwargs
+        )
+
+    with pytest.raises(ValueError, match=r"train_weak_model=True needs a weak model to train"):
+        build(train_weak_model=True)
+    with pytest.raises(ValueError, match=r"train_weak_model=True is not supported with a PEFT policy"):
+        build(train_weak_model=True, weak_model_name_or_path=tiny["weak"], peft_config=LoraConfig(r=4))
+    with pytest.raises(ValueError, match=r"the weak model is torch.bfloat16, the policy torch.float32"):
+        build(
+            train_weak_model=True,
+            weak_model_name_or_path=tiny["weak"],
+            weak_model_init_kwargs={"dtype": "bfloat16"},
+        )
+
+    # a checkpoint is resumed only with the train_weak_model setting that wrote it
+    save = {"max_steps": 1, "save_strategy": "steps", "save_steps": 1, "weak_model_name_or_path": tiny["weak"]}
+    build(train_weak_model=True, **save).train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-1")
+    with pytest.raises(ValueError, match=r"co-trained its weak model .* but this run freezes it"):
+        build(**{**save, "max_steps": 2}).train(resume_from_checkpoint=checkpoint)
+    import shutil
+
+    shutil.rmtree(os.path.join(checkpoint, "weak_model"))
+    with pytest.raises(
+        ValueError, match=r"has no weak_model/model.safetensors: it was written by a run with a frozen"
+    ):
+        build(train_weak_model=True, **{**save, "max_steps": 2}).train(resume_from_checkpoint=checkpoint)

@@ -49,7 +49,7 @@ def nontarget_grad_norm(probs: Tensor, targets: Tensor, scale: float = 1.0) -> T
     Plain SFT: ``probs = p_strong``, ``scale = 1``. WD-JT on the strong logits: ``probs = p_mix``, ``scale = lam``.
     The ratio of the two is the paper's "gradient amplification".
     """
-    return abs(scale) * _off_target(probs, targets, 0.0).square().sum(-1).sqrt()
+    return abs(scale) * torch.linalg.vector_norm(_off_target(probs, targets, 0.0), dim=-1)
 
 
 def weak_topk_share(probs: Tensor, weak_logits: Tensor, targets: Tensor, k: int = 5) -> Tensor:

@@ -16,6 +16,7 @@ metrics; a weak model is then neither loaded nor run. docs/sft.md lists what ``l
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -24,7 +25,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 from transformers import TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
@@ -32,8 +37,16 @@ from trl.trainer.utils import get_config_model_id
 from .checkpoints import CompleteCheckpointResume
 from .checks import as_wmss_config, check_float, check_int, check_shares
 from .data_checks import check_dataset_columns, require_rows
-from .entropy import token_entropy, token_nll, trained_positions
-from .mixing import DEFAULT_CHUNK_SIZE, STAT_NAMES, mixed_cross_entropy, mixed_head_loss, plain_lm_head
+from .entropy import trained_positions
+from .mixing import (
+    DEFAULT_CHUNK_SIZE,
+    DIAGNOSTIC_NAMES,
+    STAT_NAMES,
+    logits_stats,
+    mixed_cross_entropy,
+    mixed_head_loss,
+    plain_lm_head,
+)
 from .selection import (
     check_selection_config,
     format_stats,
@@ -54,6 +67,10 @@ from .weak import (
 
 
 logger = logging.getLogger(__name__)
+
+# the co-trained weak model: its name as a submodule of the policy, and its folder in a checkpoint
+WEAK_MODULE = "wmss_weak_model"
+WEAK_CHECKPOINT_FOLDER = "weak_model"
 
 WMSS_PAPER = {
     "title": "Weak-Driven Learning: How Weak Agents Make Strong Agents Stronger",
@@ -184,6 +201,23 @@ class WMSSSFTConfig(SFTConfig):
             code's value (paper's sweet spot 0.42-0.48). No effect without a weak model.
         mixing_chunk_size (`int`, defaults to `256`):
             Positions per chunk of the fp32 mixed cross-entropy (bounds its memory).
+        train_weak_model (`bool`, defaults to `False`):
+            Co-train the weak model (the official code's default, `freeze=false`): the same mixed loss trains it, with
+            the gradient (1 - lambda) * (p_mix - onehot(y)) on its logits, in the same optimizer (its own parameter
+            group, learning rate `weak_learning_rate`) and sharded like the policy under DeepSpeed ZeRO. Only the
+            strong model is saved by `save_model` and as a checkpoint's model weights; a checkpoint keeps the weak
+            model's state for resuming (`checkpoint-N/weak_model/model.safetensors`, or DeepSpeed's own states).
+            Needs a separate weak model (not `peft_base_as_weak`) and `mixing_lambda < 1`. Off: the weak model is
+            frozen (the paper's v2 text).
+        weak_learning_rate (`float`, *optional*):
+            Learning rate of the co-trained weak model (same schedule as the policy's). Defaults to `learning_rate`.
+        saturation_metrics (`bool`, *optional*):
+            Log the saturation and mechanism diagnostics on the trained tokens at each logging step (docs/sft.md):
+            `wmss/logit_margin`, `wmss/min_margin`, `wmss/sft_nontarget_grad_norm` and, with the WD-JT loss,
+            `wmss/nontarget_grad_norm` and `wmss/weak_topk_grad_share`. `None`: on when the WD-JT loss runs (a weak
+            model and `mixing_lambda < 1`). `True`: also in plain SFT (the first three); this is a WMSS option, so the
+            trainer is then not TRL's `SFTTrainer` exactly (the same cross-entropy, computed by wmss_trl's fused
+            head; `loss_type="nll"` only). `False`: off.
 
         > WD-DS selection (Weak-Driven Discrepancy Selection, see `wmss_trl.selection`)
 
@@ -238,6 +272,31 @@ class WMSSSFTConfig(SFTConfig):
         default=DEFAULT_CHUNK_SIZE,
         metadata={"help": "Positions per chunk of the fp32 mixed cross-entropy (memory: chunk x vocab floats)."},
     )
+    train_weak_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Co-train the weak model (the official code's freeze=false): the same mixed loss trains it "
+            "(gradient (1-lambda)*(p_mix - onehot) on its logits), in the same optimizer with its own learning rate "
+            "(weak_learning_rate), sharded like the policy under ZeRO. Only the strong model is saved; checkpoints "
+            "keep the weak one for resuming. Needs a separate weak model and mixing_lambda < 1."
+        },
+    )
+    weak_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the co-trained weak model (train_weak_model=True); default learning_rate."
+        },
+    )
+    saturation_metrics: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Log the saturation/mechanism diagnostics (wmss/logit_margin, wmss/min_margin, "
+            "wmss/sft_nontarget_grad_norm; with WD-JT also wmss/nontarget_grad_norm, wmss/weak_topk_grad_share) at "
+            "each logging step. None: on when the WD-JT loss runs (a weak model and mixing_lambda < 1). True: also "
+            "in plain SFT, which makes it a WMSS option (the trainer is then not TRL's SFTTrainer exactly: same "
+            "cross-entropy, computed by wmss_trl's fused head, loss_type='nll' only). False: off."
+        },
+    )
 
     # WD-DS selection
     selection_mode: str | None = field(
@@ -282,6 +341,32 @@ class WMSSSFTConfig(SFTConfig):
         self.mixing_chunk_size = check_int(
             "mixing_chunk_size", self.mixing_chunk_size, low=1, hint="It is the number of positions per loss chunk."
         )
+        if self.weak_learning_rate is not None:
+            if not self.train_weak_model:
+                raise ValueError(
+                    f"weak_learning_rate={self.weak_learning_rate} is set but train_weak_model=False: it is the "
+                    "learning rate of the co-trained weak model. Set train_weak_model=True, or drop weak_learning_rate."
+                )
+            self.weak_learning_rate = check_float(
+                "weak_learning_rate",
+                self.weak_learning_rate,
+                low=0.0,
+                low_open=True,
+                hint="It is the co-trained weak model's learning rate (train_weak_model=False freezes it).",
+            )
+        if self.train_weak_model:
+            if self.peft_base_as_weak:
+                raise ValueError(
+                    "train_weak_model=True cannot train the adapter-disabled PEFT base (peft_base_as_weak=True): that "
+                    "weak model is the policy's own frozen base weights. Pass a separate weak checkpoint (weak_model= "
+                    "or weak_model_name_or_path, with peft_base_as_weak=False), or set train_weak_model=False."
+                )
+            if self.mixing_lambda == 1.0:
+                raise ValueError(
+                    "train_weak_model=True with mixing_lambda=1.0: the loss is then plain SFT, the weak model gets "
+                    "no gradient ((1 - lambda) = 0) and is not even loaded. Set mixing_lambda < 1 (the official code "
+                    "uses 0.5), or train_weak_model=False."
+                )
         self.selection_alpha, self.selection_beta, self.selection_gamma = check_shares(
             ("selection_alpha", "selection_beta", "selection_gamma"),
             (self.selection_alpha, self.selection_beta, self.selection_gamma),
@@ -320,32 +405,63 @@ def _peft_wrapped_head(model) -> bool:
     return isinstance(lm_head_of(model), (BaseTunerLayer, ModulesToSaveWrapper))
 
 
-def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
-    """Refuse, before anything loads, what the WD-JT loss (``mixing_lambda < 1``) does not implement.
+def _own_loss_reason(args: WMSSSFTConfig, use_mixing: bool) -> tuple[str, str, str]:
+    """Why wmss_trl computes the loss itself (the WD-JT loss, or plain SFT with ``saturation_metrics=True``), that
+    loss's name, and how to turn it off: the parts of every refusal of a set-up that loss does not handle."""
+    if use_mixing:
+        off = "or set mixing_lambda=1.0 (TRL's SFT loss; the weak model is then not used)"
+        return f"mixing_lambda={args.mixing_lambda} < 1", "the WD-JT loss", off
+    off = "or set saturation_metrics=False (TRL's SFTTrainer, unchanged)"
+    return "saturation_metrics=True", "the loss that logs the diagnostics (wmss_trl's fused head)", off
+
+
+def _check_co_training(model, args: WMSSSFTConfig, named: dict, weak_given: bool) -> None:
+    """Refuse, before anything loads, what ``train_weak_model=True`` does not handle (the config refuses
+    ``peft_base_as_weak`` and ``mixing_lambda=1``)."""
+    if not weak_given:
+        raise ValueError(
+            "train_weak_model=True needs a weak model to train: pass weak_model= or weak_model_name_or_path, or set "
+            "train_weak_model=False."
+        )
+    if is_peft_model(model) or named.get("peft_config") is not None:
+        raise ValueError(
+            "train_weak_model=True is not supported with a PEFT policy (the co-trained weak model would be frozen by "
+            "PEFT and saved with the adapters). Train the policy without peft_config, or set train_weak_model=False."
+        )
+    optimizers = named.get("optimizers")
+    if named.get("optimizer_cls_and_kwargs") is None and optimizers is not None and optimizers[0] is not None:
+        raise ValueError(
+            "train_weak_model=True builds the optimizer itself (the weak model's parameters in their own groups), so "
+            "a ready optimizer (optimizers=(optimizer, ...)) is not supported: pass optimizer_cls_and_kwargs instead, "
+            "or set train_weak_model=False."
+        )
+
+
+def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict, use_mixing: bool) -> None:
+    """Refuse, before anything loads, what wmss_trl's loss (the WD-JT loss, ``mixing_lambda < 1``, or plain SFT with
+    ``saturation_metrics=True``) does not implement.
 
     Supported: ``loss_type="nll"``, no ``compute_loss_func`` / label smoothing / Liger, PEFT adapters that keep the
     backbone's forward (LoRA-like; not prompt / prefix tuning).
     """
-    lam = args.mixing_lambda
-    off = "or set mixing_lambda=1.0 (TRL's SFT loss; the weak model is then not used)"
+    what, loss, off = _own_loss_reason(args, use_mixing)
     if args.loss_type != "nll":
         raise ValueError(
-            f"loss_type={args.loss_type!r} is not supported with mixing_lambda={lam} < 1: the WD-JT loss is the "
-            f"cross-entropy of the mixed logits, so the only supported loss_type is 'nll'. Set loss_type='nll', {off}."
+            f"loss_type={args.loss_type!r} is not supported with {what}: {loss} is a plain cross-entropy (of the "
+            f"mixed logits with WD-JT), so the only supported loss_type is 'nll'. Set loss_type='nll', {off}."
         )
     if named.get("compute_loss_func") is not None:
         raise ValueError(
-            f"compute_loss_func is not supported with mixing_lambda={lam} < 1: the loss is the WD-JT mixed "
-            f"cross-entropy. Remove compute_loss_func, {off}."
+            f"compute_loss_func is not supported with {what}: the loss is {loss}. Remove compute_loss_func, {off}."
         )
     if args.label_smoothing_factor > 0:
         raise ValueError(
-            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with mixing_lambda={lam} < 1 "
-            f"(the WD-JT loss is not smoothed). Set label_smoothing_factor=0, {off}."
+            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with {what} "
+            f"({loss} is not smoothed). Set label_smoothing_factor=0, {off}."
         )
     if args.use_liger_kernel:
         raise ValueError(
-            f"use_liger_kernel=True is not supported with mixing_lambda={lam} < 1: the WD-JT loss runs its own "
+            f"use_liger_kernel=True is not supported with {what}: {loss} runs its own "
             f"chunked LM head on the backbone's hidden states. Set use_liger_kernel=False, {off}."
         )
     peft_config = named.get("peft_config")
@@ -353,9 +469,9 @@ def _check_mixing_supported(model, args: WMSSSFTConfig, named: dict) -> None:
         peft_config = model.active_peft_config
     if peft_config is not None and peft_config.is_prompt_learning:
         raise ValueError(
-            f"PEFT {type(peft_config).__name__} (prompt learning) is not supported with mixing_lambda={lam} < 1: the "
-            "WD-JT loss calls the backbone directly, which skips the virtual tokens. Use an adapter that keeps the "
-            f"backbone's forward (e.g. peft.LoraConfig), {off}."
+            f"PEFT {type(peft_config).__name__} (prompt learning) is not supported with {what}: {loss} calls the "
+            "backbone directly, which skips the virtual tokens. Use an adapter that keeps the backbone's forward "
+            f"(e.g. peft.LoraConfig), {off}."
         )
 
 
@@ -418,10 +534,15 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
                     "peft_base_as_weak=True and a weak model are both given; pick one: the adapter-disabled PEFT base "
                     "(drop weak_model / weak_model_name_or_path) or the weak checkpoint (peft_base_as_weak=False)."
                 )
+        if args.train_weak_model:
+            _check_co_training(model, args, named, weak_given)
         self.wmss_enabled = weak_given or args.peft_base_as_weak
         self.use_mixing = self.wmss_enabled and args.mixing_lambda < 1.0  # lambda = 1: z_mix = z_strong, TRL's loss
-        if self.use_mixing:
-            _check_mixing_supported(model, args, named)
+        # the saturation diagnostics; in plain SFT (`saturation_metrics=True`) they need wmss_trl's loss path too
+        self.saturation_metrics = self.use_mixing if args.saturation_metrics is None else args.saturation_metrics
+        self._own_loss = self.use_mixing or self.saturation_metrics
+        if self._own_loss:
+            _check_mixing_supported(model, args, named, self.use_mixing)
 
         self.selection_stats = None
         train_dataset = named.get("train_dataset")
@@ -432,55 +553,163 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         self.mixing_lambda = args.mixing_lambda
         self.weak_model = None
         weak_source = None
-        if self.use_mixing:
+        if self._own_loss:
             self._check_mixing_setup()
+            self._forward_redirection = _ForwardRedirection()
+            self._fused_head = self._can_fuse_head([self.accelerator.unwrap_model(self.model)])
+        if self.use_mixing:
             weak, weak_path = resolve_weak_model(
                 weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model
             )
             weak_source = "the adapter-disabled PEFT base"  # `self.weak_model` None: the policy, adapters disabled
             if weak is not None:
                 check_weak_compatible(self.model, weak, self.processing_class, weak_path)
-                self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
+                if args.train_weak_model:
+                    self.weak_model = self._attach_co_trained_weak(weak)
+                else:
+                    self.weak_model = prepare_weak_model(weak, self.accelerator, self.is_deepspeed_enabled)
                 weak_source = weak_path or f"a loaded {type(weak).__name__}"
-            # the fused loss reads the LM heads' weights and computes no router loss: the models' own logits when
-            # a head is PEFT-wrapped (LoRA on lm_head, modules_to_save) or the MoE router loss is on
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            heads = (
-                [unwrapped] if self.weak_model is None else [unwrapped, self.accelerator.unwrap_model(self.weak_model)]
-            )
-            self._fused_head = (
-                plain_lm_head(unwrapped) and not self.aux_loss_enabled and not any(map(_peft_wrapped_head, heads))
-            )
-            self._forward_redirection = _ForwardRedirection()
+            if self.weak_model is not None:
+                self._fused_head = self._can_fuse_head(
+                    [self.accelerator.unwrap_model(self.model), self.accelerator.unwrap_model(self.weak_model)]
+                )
         self._check_trainable_tokens(train_dataset)
         self._log_selection()
         self._log_mode(weak_source)
 
+    def _attach_co_trained_weak(self, weak):
+        """Make the co-trained weak model the submodule `WEAK_MODULE` of the policy, so that the Trainer's one model
+        holds both: its optimizer (the weak parameters in their own groups, see `create_optimizer`), gradient
+        clipping, DDP wrapper and DeepSpeed engine (ZeRO shards the weak model like the policy). `_save` keeps it out
+        of the saved weights; `_save_checkpoint` / `_load_from_checkpoint` keep its state for resuming."""
+        what = f"train_weak_model=True puts the weak model in the policy's optimizer{' and DeepSpeed engine' if self.is_deepspeed_enabled else ''}"
+        if self.is_deepspeed_enabled and self.args.save_only_model:
+            raise ValueError(
+                f"{what}, whose checkpoint states are then its only copy, but save_only_model=True skips them. Set "
+                "save_only_model=False, or train_weak_model=False."
+            )
+        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else {}
+        if "optimizer" in ds_config and self.args.weak_learning_rate not in (None, self.args.learning_rate):
+            raise ValueError(
+                f"{what}, but the DeepSpeed config builds its own optimizer (its 'optimizer' section), with one "
+                f"learning rate for both models, not weak_learning_rate={self.args.weak_learning_rate}. Drop the "
+                "config's optimizer section (the Trainer then builds it), or drop weak_learning_rate."
+            )
+        strong = next(self.model.parameters())
+        weak_dtype = next(weak.parameters()).dtype
+        if weak_dtype != strong.dtype:
+            raise ValueError(
+                f"{what}, so it must have the policy's dtype: the weak model is {weak_dtype}, the policy {strong.dtype}. "
+                "Load both in the same dtype (weak_model_init_kwargs / model_init_kwargs `dtype`), or set "
+                "train_weak_model=False."
+            )
+        weak.requires_grad_(True)
+        weak.train(self.model.training)
+        self.model.add_module(WEAK_MODULE, weak.to(strong.device))
+        return weak
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; with a co-trained weak model its parameters are moved to groups of their own (same
+        settings, learning rate `weak_learning_rate`), so the scheduler scales both learning rates alike."""
+        built = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if built and self.args.train_weak_model and self.weak_model is not None:
+            lr = self.args.weak_learning_rate if self.args.weak_learning_rate is not None else self.args.learning_rate
+            weak = {id(p) for p in self.weak_model.parameters()}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in weak]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in weak]
+                    optimizer.add_param_group({**group, "params": moved, "lr": lr})
+        return optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Trainer's save of the policy; a co-trained weak model (a submodule of it) is left out of the weights, so
+        the folder is the strong model alone, loadable by `AutoModelForCausalLM.from_pretrained`."""
+        if self.args.train_weak_model and self.weak_model is not None:
+            if state_dict is None:
+                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{WEAK_MODULE}.")}
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint; with a co-trained weak model (not under DeepSpeed, whose states hold it) first its
+        weights, in `checkpoint-N/weak_model/model.safetensors` (before `trainer_state.json`, which a complete
+        checkpoint ends with)."""
+        if self.args.train_weak_model and not self.is_deepspeed_enabled and self.args.should_save:
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(os.path.join(checkpoint, WEAK_CHECKPOINT_FOLDER), exist_ok=True)
+            save_safetensors_model(
+                self.weak_model, os.path.join(checkpoint, WEAK_CHECKPOINT_FOLDER, SAFE_WEIGHTS_NAME)
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Trainer's resume of the policy's weights, then the co-trained weak model's; a checkpoint written with the
+        other `train_weak_model` setting is refused."""
+        weak_file = os.path.join(resume_from_checkpoint, WEAK_CHECKPOINT_FOLDER, SAFE_WEIGHTS_NAME)
+        if self.args.train_weak_model and not os.path.isfile(weak_file):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {WEAK_CHECKPOINT_FOLDER}/{SAFE_WEIGHTS_NAME}: it was written by a "
+                "run with a frozen weak model (train_weak_model=False), so it holds no co-trained weak model to "
+                "resume. Resume it with train_weak_model=False, or start this co-trained run from scratch."
+            )
+        if not self.args.train_weak_model and os.path.exists(weak_file):
+            raise ValueError(
+                f"{resume_from_checkpoint} was written by a run that co-trained its weak model (it holds "
+                f"{WEAK_CHECKPOINT_FOLDER}/), but this run freezes it: it would continue with the original weak model. "
+                "Resume it with train_weak_model=True, or start this run from scratch."
+            )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.args.train_weak_model:
+            load_safetensors_model(self.weak_model, weak_file)
+
+    def _issue_warnings_after_load(self, load_result):
+        # the co-trained weak model is not in the policy's saved weights (`_save`); it is loaded on its own
+        if self.args.train_weak_model:
+            missing = [k for k in load_result.missing_keys if not k.startswith(f"{WEAK_MODULE}.")]
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
+
+    def _can_fuse_head(self, models) -> bool:
+        """Whether the fused loss can run: it reads the LM heads' weights and computes no router loss, so the models'
+        own logits are used when a head is PEFT-wrapped (LoRA on lm_head, modules_to_save), has logit scaling or
+        soft-capping, or the MoE router loss is on."""
+        return plain_lm_head(models[0]) and not self.aux_loss_enabled and not any(map(_peft_wrapped_head, models))
+
     def _check_mixing_setup(self):
-        """Refuse the set-ups the WD-JT loss does not handle that are only known once the accelerator exists."""
-        lam = self.args.mixing_lambda
-        off = "or set mixing_lambda=1.0 (TRL's SFT loss)"
+        """Refuse the set-ups wmss_trl's loss does not handle that are only known once the accelerator exists."""
+        what, loss, off = _own_loss_reason(self.args, self.use_mixing)
         config = self.accelerator.parallelism_config
         if config is not None and (config.tp_enabled or config.cp_enabled or config.sp_enabled):
             raise ValueError(
-                f"tensor, context or sequence parallelism is not supported with mixing_lambda={lam} < 1 (the WD-JT "
-                f"loss needs every position's full hidden state). Use data parallelism or DeepSpeed ZeRO, {off}."
+                f"tensor, context or sequence parallelism is not supported with {what} ({loss} "
+                f"needs every position's full hidden state). Use data parallelism or DeepSpeed ZeRO, {off}."
             )
         if self.is_fsdp_enabled:
             raise ValueError(
-                f"FSDP is not supported with mixing_lambda={lam} < 1. Use DeepSpeed ZeRO-2/3 (e.g. "
+                f"FSDP is not supported with {what}. Use DeepSpeed ZeRO-2/3 (e.g. "
                 f"wmss_trl/accelerate_configs/zero3.yaml) or DDP, {off}."
             )
         if self._is_vlm:
             raise ValueError(
-                f"vision-language models are not supported with mixing_lambda={lam} < 1 (the WD-JT loss runs the text "
+                f"vision-language models are not supported with {what} ({loss} runs the text "
                 f"backbone only). Train a causal LM, {off}."
             )
 
     def _log_mode(self, weak_source: str | None):
         """One log line: which of the three modes this trainer is in (a warning when WMSS is inactive)."""
         args = self.args
-        if not self.wmss_enabled:
+        if self._own_loss and not self.use_mixing:
+            message = (
+                "WMSS mixing off (no weak model, or mixing_lambda=1.0): the loss is plain SFT cross-entropy, computed "
+                "by wmss_trl's fused head instead of TRL's so that it logs the saturation metrics "
+                "(saturation_metrics=True: wmss/logit_margin, wmss/min_margin, wmss/sft_nontarget_grad_norm). Set "
+                "saturation_metrics=False for TRL's SFTTrainer, unchanged."
+            )
+        elif not self.wmss_enabled:
             selection = ""
             if args.selection_mode is not None:
                 selection = f" WD-DS selection (selection_mode={args.selection_mode!r}) still applies."
@@ -500,7 +729,7 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
                 f"{1 - args.mixing_lambda:g} * z_weak, weak model: {weak_source}."
             )
         if self.accelerator.is_main_process:
-            (logger.info if self.wmss_enabled else logger.warning)(message)
+            (logger.info if self.wmss_enabled or self._own_loss else logger.warning)(message)
 
     def _log_selection(self):
         """Record how many distinct samples WD-DS selection trains on (`selection_stats`, metric `wmss/unique_samples`)."""
@@ -562,9 +791,10 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
     # Fallback (models with logit scaling / soft-capping): the models' own logits, mixed chunk by chunk.
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.use_mixing:
+        if not self._own_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
+        diagnostics = self._diagnostics_logged_now()
         keep, targets = trained_positions(inputs["labels"])  # positions whose next token is trained
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
@@ -573,11 +803,11 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if self._fused_head:
             loss_sum, stats_sum, n_local, aux_loss = self._forward_redirection(
-                model, unwrapped, self._fused_mixed_loss, unwrapped, model_inputs, keep, targets
+                model, unwrapped, self._fused_mixed_loss, unwrapped, model_inputs, keep, targets, diagnostics
             )
         else:
             loss_sum, stats_sum, n_local, aux_loss = self._logits_mixed_loss(
-                model, unwrapped, model_inputs, keep, targets
+                model, unwrapped, model_inputs, keep, targets, diagnostics
             )
 
         num_tokens = n_local if num_items_in_batch is None else num_items_in_batch
@@ -599,25 +829,45 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             return loss, outputs
         return loss
 
-    def _fused_mixed_loss(self, unwrapped, model_inputs, keep, targets):
+    def _diagnostics_logged_now(self) -> bool:
+        """Whether this step computes the saturation metrics: only on the training steps whose metrics are logged
+        (transformers' DefaultFlowCallback rule: logging_strategy="steps", global_step % logging_steps == 0, or the
+        first step with logging_first_step), and on every evaluation batch; every step with another strategy."""
+        if not self.saturation_metrics:
+            return False
+        args, step = self.args, self.state.global_step + 1  # the step being computed, once its optimizer step is done
+        if not self.model.training or args.logging_strategy != "steps":
+            return True
+        return step % self.state.logging_steps == 0 or (args.logging_first_step and step == 1)
+
+    def _fused_mixed_loss(self, unwrapped, model_inputs, keep, targets, diagnostics):
         mask = targets != -100
         strong = backbone_of(unwrapped)(**model_inputs)
         strong_hidden = strong.last_hidden_state[:, keep][mask]
-        weak_hidden = self._weak_hidden(unwrapped, model_inputs)[:, keep][mask]
-        weak = unwrapped if self.weak_model is None else self.accelerator.unwrap_model(self.weak_model)
+        weak_hidden = weak_head = None
+        if self.use_mixing:
+            weak_hidden = self._weak_hidden(unwrapped, model_inputs)[:, keep][mask]
+            weak_head = lm_head_of(
+                unwrapped if self.weak_model is None else self.accelerator.unwrap_model(self.weak_model)
+            )
         loss_sum, stats = mixed_head_loss(
             strong_hidden,
             lm_head_of(unwrapped),
             weak_hidden,
-            lm_head_of(weak),
+            weak_head,
             targets[mask],
-            self.mixing_lambda,
+            self.mixing_lambda if self.use_mixing else 1.0,
             self.args.mixing_chunk_size,
+            train_weak=self.args.train_weak_model,
+            diagnostics=diagnostics,
         )
         return loss_sum, stats.sum(0), mask.sum(), None  # no router loss on this path (see `_fused_head`)
 
     def _weak_hidden(self, unwrapped, model_inputs):
-        """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients."""
+        """Final hidden states of the weak model (the adapter-disabled policy under PEFT), without gradients unless it
+        is co-trained (it is then a submodule of the policy, run inside the policy's forward)."""
+        if self.args.train_weak_model:
+            return backbone_of(self.weak_model)(**model_inputs).last_hidden_state
         with torch.no_grad():
             if self.weak_model is None:
                 with disable_gradient_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs):
@@ -628,49 +878,56 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
                 self.weak_model, weak, lambda m, inputs: backbone_of(m)(**inputs).last_hidden_state, weak, model_inputs
             )
 
-    def _logits_mixed_loss(self, model, unwrapped, model_inputs, keep, targets):
+    def _logits_mixed_loss(self, model, unwrapped, model_inputs, keep, targets, diagnostics):
         model_inputs = {**model_inputs, "logits_to_keep": keep}
         strong = model(**model_inputs)
         strong_logits = strong.logits
-        with torch.no_grad():
-            if self.weak_model is not None:
+        lam, chunk = (self.mixing_lambda if self.use_mixing else 1.0), self.args.mixing_chunk_size
+        weak_logits = None
+        train_weak = self.args.train_weak_model
+        with contextlib.nullcontext() if train_weak else torch.no_grad():  # no weak model: plain SFT + diagnostics
+            if self.use_mixing and self.weak_model is not None:
                 weak_logits = self.weak_model(**model_inputs).logits
-            else:
+            elif self.use_mixing:
                 with disable_gradient_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs):
                     with unwrapped.disable_adapter():
                         weak_logits = model(**model_inputs).logits
+        # lam = 1 without a weak model: z_mix = z_strong, SFT's cross-entropy (the weak slot's logits do not count)
         loss_sum, n_local = mixed_cross_entropy(
-            strong_logits, weak_logits, targets, self.mixing_lambda, chunk_size=self.args.mixing_chunk_size
+            strong_logits,
+            strong_logits if weak_logits is None else weak_logits,
+            targets,
+            lam,
+            chunk_size=chunk,
+            train_weak=train_weak,
         )
-        mask = targets != -100
-        safe = targets.masked_fill(~mask, 0)
-        chunk = self.args.mixing_chunk_size
-        stats = torch.stack(
-            [
-                (token_nll(strong_logits, safe, chunk) * mask).sum(),
-                (token_nll(weak_logits, safe, chunk) * mask).sum(),
-                (token_entropy(strong_logits, chunk) * mask).sum(),
-                (token_entropy(weak_logits, chunk) * mask).sum(),
-                ((strong_logits.argmax(-1) == safe) & mask).sum(),
-            ]
-        ).float()  # in the order of `STAT_NAMES`
+        stats = logits_stats(strong_logits, weak_logits, targets, lam, chunk, diagnostics).sum(0)
         return loss_sum, stats, n_local, strong.aux_loss if self.aux_loss_enabled else None
 
     @torch.no_grad()
     def _log_mixing_metrics(self, mode, loss_sum, stats_sum, n_local, inputs):
-        """TRL's SFT metrics of the strong model (`entropy`, `mean_token_accuracy`, `num_tokens`) and the `wmss/`
-        ones, from the per-token statistics the mixed loss computed anyway (global sums: every rank logs the same)."""
+        """TRL's SFT metrics of the strong model (`entropy`, `mean_token_accuracy`, `num_tokens`), the `wmss/` ones
+        with WD-JT, and the saturation metrics when computed, from the per-token statistics the loss computed anyway:
+        means over the trained tokens of every rank (global sums / global count: every rank logs the same)."""
         sums = torch.cat([loss_sum.float().view(1), stats_sum.float(), n_local.float().view(1)])
         sums = self.accelerator.reduce(sums, reduction="sum")
-        means = dict(zip(("mixed_loss", *STAT_NAMES), (sums[:-1] / sums[-1].clamp(min=1)).tolist()))
+        names = ("mixed_loss", *STAT_NAMES, *DIAGNOSTIC_NAMES)[: len(sums) - 1]  # diagnostics: on logged steps only
+        means = dict(zip(names, (sums[:-1] / sums[-1].clamp(min=1)).tolist()))
         metrics = self._metrics[mode]
         metrics["entropy"].append(means["strong_entropy"])
         metrics["mean_token_accuracy"].append(means["strong_top1"])
         if mode == "train":
             self._total_train_tokens += self._count_batch_tokens(inputs)
         metrics["num_tokens"] = [self._total_train_tokens]
-        for name in ("mixed_loss", "strong_nll", "weak_nll", "strong_entropy", "weak_entropy"):
-            metrics[f"wmss/{name}"].append(means[name])
+        if self.use_mixing:
+            for name in ("mixed_loss", "strong_nll", "weak_nll", "strong_entropy", "weak_entropy"):
+                metrics[f"wmss/{name}"].append(means[name])
+        diagnostics = (
+            DIAGNOSTIC_NAMES if self.use_mixing else ("logit_margin", "min_margin", "sft_nontarget_grad_norm")
+        )
+        for name in diagnostics:
+            if name in means:
+                metrics[f"wmss/{name}"].append(means[name])
 
     def _count_batch_tokens(self, inputs) -> int:
         """Tokens of the global batch, counted as SFTTrainer counts `num_tokens` (padding-free: the packed row)."""
