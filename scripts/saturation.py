@@ -27,7 +27,8 @@ Weak = the checkpoint at round(e/3) epochs (lag ablation: round(2e/3)).
 
 Arms (all from strong, fresh AdamW, the same 30-step warmup to the same constant LR, the same data order, the same
 number of steps ``arm_steps``, unless named otherwise): see :data:`ARMS`. Equal compute: ``sft_eqc`` and
-``neftune_eqc`` get round(arm_steps * r) steps, r = WD-JT's / SFT's measured training time in this seed.
+``neftune_eqc`` get round(arm_steps * r) steps, r = WD-JT's / SFT's measured training time in this seed (CPU time of
+the one-thread process, evaluations excluded, so other jobs on the machine do not distort it).
 
 Measured per arm: every ``eval_every`` steps (and at step 0) on the probe: token NLL, margins, the SFT non-target
 gradient norm ||p_s,k!=y||, WD-JT's ||lam * p_mix,k!=y|| (with the arm's weak model; arms without one use the frozen
@@ -553,7 +554,7 @@ def phase_a(ctx: Context, seed: int, made: dict) -> dict:
                 f"  seed {seed} epoch {epoch:3d} step {state.global_step:5d}: probe nll {h['probe_nll']:.4f} "
                 f"margin {h['probe_margin']:.2f} grad {h['probe_sft_grad_norm']:.4f} | held-out nll "
                 f"{h['heldout_nll']:.3f} acc {100 * h['heldout_acc']:.1f}% | rule {check.get('met')} "
-                f"({time.perf_counter() - self.t0:.0f} s)",
+                f"({time.perf_counter() - self.t0:.0f} s wall, {time.process_time():.0f} s CPU in this process)",
                 flush=True,
             )
             if check["met"]:
@@ -770,7 +771,7 @@ def run_arm(ctx: Context, seed: int, arm: str, steps: int, phase: dict) -> dict:
             self.points, self.eval_time, self.start = [], 0.0, None
 
         def measure(self, model, step):
-            t = time.perf_counter()
+            t = time.process_time()
             p = probe_metrics(model, ctx.probe, probe_weak, s.mixing_lambda, s.top_k)
             point = {"step": step, "probe": p, "heldout_nll": heldout_nll(model, ctx.test_batches)}
             if step in greedy_steps:
@@ -782,25 +783,26 @@ def run_arm(ctx: Context, seed: int, arm: str, steps: int, phase: dict) -> dict:
                     ood_acc=_acc(ctx.greedy(model, "ood")),
                 )
             self.points.append(point)
-            self.eval_time += time.perf_counter() - t
+            self.eval_time += time.process_time() - t
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.measure(model, 0)
-            self.start = time.perf_counter()
+            self.start = time.process_time()
 
         def on_step_end(self, args, state, control, model=None, **kw):
             if state.global_step in eval_steps:
                 self.measure(model, state.global_step)
 
         def train_time(self):
-            return time.perf_counter() - self.start - self.eval_time
+            """CPU seconds of training (evaluations excluded): one thread, so robust to other jobs' load."""
+            return time.process_time() - self.start - self.eval_time
 
     curve = Curve()
     trainer.add_callback(curve)
     trainer.remove_callback(PrinterCallback)
     t = time.perf_counter()
     trainer.train()
-    train_seconds = curve.train_time()
+    train_seconds, train_wall = curve.train_time(), time.perf_counter() - t
     model = trainer.model
     last = [p for p in curve.points if "heldout_acc" in p]
     final = {
@@ -817,6 +819,7 @@ def run_arm(ctx: Context, seed: int, arm: str, steps: int, phase: dict) -> dict:
         "steps": trainer.state.global_step,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - t,
+        "train_and_eval_wall_seconds": train_wall,
         "final": final,
         "curve": curve.points,
         "probe_weak": "own" if own_weak is not None else "frozen weak (1/3)",
@@ -863,7 +866,7 @@ def run_seed(ctx: Context, seed: int, arms: list[str], made: dict, info: dict) -
             f"seed {seed} {arm:<17} {row['steps']:4d} steps: held-out nll {f['heldout_nll']:.4f} acc "
             f"{100 * f['heldout_acc']:.1f}% ood {100 * f['ood_acc']:.1f}% amplification "
             f"{row['curve'][-1]['probe'].get('amplification', float('nan')):.2f} ({row['train_seconds']:.0f} s "
-            f"training, {time.perf_counter() - t:.0f} s in all; seed {time.perf_counter() - t0:.0f} s)",
+            f"CPU training, {time.perf_counter() - t:.0f} s wall in all; seed {time.perf_counter() - t0:.0f} s wall)",
             flush=True,
         )
 
