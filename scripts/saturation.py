@@ -990,8 +990,9 @@ def plot_phase_a(phase: dict, path: str) -> None:
         ("heldout_nll", "held-out NLL (500 problems)", False),
         ("heldout_acc", "held-out greedy accuracy (500)", False),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (key, label, log) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes.flat[-1].axis("off")
+    for ax, (key, label, log) in zip(axes.flat, panels):
         for seed, row in sorted(phase.items()):
             xs = [h["epoch"] for h in row["history"]]
             line = ax.plot(xs, [h[key] for h in row["history"]], lw=1, label=f"seed {seed}")[0]
@@ -1020,11 +1021,12 @@ def plot_arms(rows: dict, seeds: list[int], arms: list[str], path: str) -> None:
         (lambda p: p["probe"]["margin"], "probe mean margin"),
         (lambda p: p["probe"]["sft_grad_norm"], "probe SFT non-target grad norm"),
         (lambda p: p["probe"].get("amplification"), "amplification (mixed / SFT grad norm)"),
+        (lambda p: p["probe"].get("weak_topk_share"), "weak top-5 share of the WD-JT non-target gradient"),
         (lambda p: p["heldout_nll"], "held-out NLL (2,000)"),
         (lambda p: 100 * p["heldout_acc"] if "heldout_acc" in p else None, "held-out greedy acc % (2,000)"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2))
-    for ax, (get, label) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 3, figsize=(17, 10))
+    for ax, (get, label) in zip(axes.flat, panels):
         for arm in arms:
             curves = [rows[f"seed{s}/{arm}"]["curve"] for s in seeds if f"seed{s}/{arm}" in rows]
             steps = sorted({p["step"] for c in curves for p in c})
