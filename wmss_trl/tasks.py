@@ -12,6 +12,9 @@ Splits (``load_embedded("arith")``), disjoint by construction (a held-out proble
     test       same distribution, held out               (seed 1)
     ood        3 operations (one more step than ever seen in training; seed 2)
 
+``load_embedded("arith_hard")`` (the saturation benchmark): numbers 1-20, train 1,000 (seed 10), test 2,000
+(seed 11, disjoint from train), ood 1,000 (3 operations, seed 12).
+
 Rewards are verifiable: :func:`final_answer` parses ``#### N`` and :func:`correctness_reward` is a TRL reward
 function (1.0 when the final answer equals the ``answer`` column, else 0.0).
 """
@@ -35,7 +38,13 @@ SPLITS = {
     "train": dict(seed=0, ops=(1, 2), low=1, high=9, size=4000),
     "test": dict(seed=1, ops=(1, 2), low=1, high=9, size=200),
     "ood": dict(seed=2, ops=(3, 3), low=1, high=9, size=200),
+    # "arith_hard" (scripts/saturation.py): numbers 1-20, few train problems, large held-out sets
+    "hard_train": dict(seed=10, ops=(1, 2), low=1, high=20, size=1000),
+    "hard_test": dict(seed=11, ops=(1, 2), low=1, high=20, size=2000),
+    "hard_ood": dict(seed=12, ops=(3, 3), low=1, high=20, size=1000),
 }
+# embedded dataset name -> its (train, test, ood) splits in SPLITS
+EMBEDDED = {"arith": ("train", "test", "ood"), "arith_hard": ("hard_train", "hard_test", "hard_ood")}
 
 
 def make_problem(rng: random.Random, num_ops: int, low: int, high: int) -> dict:
@@ -78,12 +87,13 @@ def load_embedded(name: str = "arith", conversational: bool = True, sizes: dict 
     """``DatasetDict`` with train / test / ood splits (prompt, completion, answer, idx columns)."""
     from datasets import Dataset, DatasetDict
 
-    if name != "arith":
-        raise ValueError(f"unknown embedded dataset {name!r}; available: 'arith'.")
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded dataset {name!r}; available: {sorted(EMBEDDED)}.")
     sizes = sizes or {}
-    train = generate("train", sizes.get("train"))
-    test = generate("test", sizes.get("test"), exclude={r["prompt"] for r in train})
-    ood = generate("ood", sizes.get("ood"))
+    names = EMBEDDED[name]
+    train = generate(names[0], sizes.get("train"))
+    test = generate(names[1], sizes.get("test"), exclude={r["prompt"] for r in train})
+    ood = generate(names[2], sizes.get("ood"))
     splits = {"train": train, "test": test, "ood": ood}
     if conversational:
         for rows in splits.values():
@@ -113,15 +123,17 @@ def correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [1.0 if final_answer(_text(c)) == str(a) else 0.0 for c, a in zip(completions, answer)]
 
 
-def evaluate(model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: int = 64, desc: str = "eval") -> float:
-    """Greedy accuracy of ``model`` on a split: the fraction of problems whose ``#### N`` equals ``answer``."""
+def greedy_correct(
+    model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: int = 64, desc: str = "eval"
+) -> list[bool]:
+    """Greedy decoding of every problem of a split: per problem, whether its ``#### N`` equals ``answer``."""
     import torch
     from tqdm.auto import tqdm
 
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    correct = 0
+    correct = []
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = dataset[start : start + batch_size]
@@ -141,7 +153,13 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: in
                     eos_token_id=tokenizer.eos_token_id,
                 )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(final_answer(t) == str(a) for t, a in zip(texts, rows["answer"]))
+            correct += [final_answer(t) == str(a) for t, a in zip(texts, rows["answer"])]
     finally:
         tokenizer.padding_side = side
-    return correct / max(len(dataset), 1)
+    return correct
+
+
+def evaluate(model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: int = 64, desc: str = "eval") -> float:
+    """Greedy accuracy of ``model`` on a split: the fraction of problems whose ``#### N`` equals ``answer``."""
+    correct = greedy_correct(model, tokenizer, dataset, batch_size, max_new_tokens, desc)
+    return sum(correct) / max(len(dataset), 1)
