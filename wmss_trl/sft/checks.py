@@ -3,6 +3,8 @@ and the co-trained weak model do not handle, each named with its fix, before any
 
 from __future__ import annotations
 
+import copy
+
 from datasets import Dataset
 
 from ..mixing import plain_lm_head
@@ -153,13 +155,11 @@ def truncation_error(trainer, raw_dataset) -> ValueError:
     """The error for a dataset that truncation emptied, with the prompt lengths (tokens before the first trained
     token, measured by preparing the rows again without `max_length`)."""
     args = trainer.args
-    max_length, args.max_length = args.max_length, None
-    try:
-        full = trainer._prepare_dataset(
-            raw_dataset, trainer.processing_class, args, False, trainer._formatting_func, "train"
-        )
-    finally:
-        args.max_length = max_length
+    max_length, untruncated = args.max_length, copy.copy(args)  # a copy: the trainer's own args stay untouched
+    untruncated.max_length = None
+    full = trainer._prepare_dataset(
+        raw_dataset, trainer.processing_class, untruncated, False, trainer._formatting_func, "train"
+    )
     prompts = [next((i for i, y in enumerate(labels) if y != -100), len(labels)) for labels in full["labels"]]
     return ValueError(
         f"truncation removed every trainable token: with max_length={max_length} (truncation_mode="

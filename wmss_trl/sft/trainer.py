@@ -89,8 +89,6 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
 
     _wmss_name = "WMSS-SFT"
 
-    _wmss_name = "WMSS-SFT"
-
     def __init__(
         self,
         model,
@@ -164,12 +162,12 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             return weighted_sampler_for(self.train_dataset, self.args)
         return super()._get_train_sampler(train_dataset)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer's train; a co-trained weak model is the policy's submodule only until it returns (`cotrain`)."""
         if self._co_trained is None:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         with self._co_trained.attached_while_training():
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer; a co-trained weak model's parameters in groups of their own (`cotrain`)."""
