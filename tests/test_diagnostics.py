@@ -273,7 +273,7 @@ def test_default_plain_sft_logs_no_saturation_metrics_and_off_switch(tiny, tmp_p
 
 @pytest.mark.parametrize("first", [False, True])
 def test_saturation_metrics_computed_on_logged_steps_only(tiny, tmp_path, monkeypatch, first):
-    import wmss_trl.sft as sft_module
+    import wmss_trl.sft.loss as sft_module
 
     calls = []
     original = sft_module.mixed_head_loss

@@ -377,6 +377,42 @@ def test_co_trained_weak_changes_is_not_saved_and_has_its_learning_rate(tiny, sf
     assert set(load_file(str(out / "checkpoint-2" / "weak_model" / "model.safetensors"))) <= set(weak_before)
 
 
+def test_co_trained_weak_is_the_policys_submodule_only_while_training(tiny, sft_dataset, tmp_path):
+    """The co-trained weak model rides in the policy while train() runs (so one optimizer / clipping / wrapper holds
+    both), and is detached when train() returns: the user's model object is then the strong model alone, and its own
+    `save_pretrained` saves only it. A second train() attaches it again."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Attached(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(hasattr(model, "wmss_weak_model"))
+
+    args = cpu_args(
+        WMSSSFTConfig, tmp_path / "run", weak_model_name_or_path=tiny["weak"], train_weak_model=True, max_steps=2
+    )
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+        callbacks=[Attached()],
+    )
+    model = trainer.model
+    for run in range(2):
+        weak_before = {k: v.clone() for k, v in trainer.weak_model.state_dict().items()}
+        trainer.train()
+        assert seen == [True, True] * (run + 1)
+        assert trainer.model is model and not hasattr(model, "wmss_weak_model")
+        assert not any(name.startswith("wmss_weak_model") for name, _ in model.named_parameters())
+        assert any(not torch.equal(v, weak_before[k]) for k, v in trainer.weak_model.state_dict().items())
+        model.save_pretrained(str(tmp_path / f"direct{run}"))
+        saved = load_file(str(tmp_path / f"direct{run}" / "model.safetensors"))
+        assert set(saved) == set(AutoModelForCausalLM.from_pretrained(tiny["strong"]).state_dict()) & set(saved)
+        assert not any(k.startswith("wmss_weak_model") for k in saved)
+
+
 COTRAIN = os.path.join(os.path.dirname(__file__), "dist", "sft_cotrain_run.py")
 
 
