@@ -197,6 +197,12 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ),
     ),
     Contact(_TRAINER, "_get_num_items_in_batch", "method", ("grpo",), ("batch_samples", "device")),
+    # the co-trained weak model of WD-JT (sft/cotrain.py): kept out of the saved weights, saved and restored beside them
+    Contact(_TRAINER, "_save", "method", ("sft",), ("output_dir", "state_dict")),
+    Contact(_TRAINER, "_save_checkpoint", "method", ("sft",), ("model", "trial")),
+    Contact(_TRAINER, "_load_from_checkpoint", "method", ("sft",), ("resume_from_checkpoint", "model")),
+    Contact(_TRAINER, "_issue_warnings_after_load", "method", ("sft",), ("load_result",)),
+    Contact(_TRAINER, "_get_output_dir", "method", ("sft",), ("trial",)),
     Contact("transformers:GenerationMixin", "_prepare_generation_config", "method", ("grpo",), ("generation_config",)),
     Contact("transformers.generation.logits_process", "TopHLogitsWarper", "import", ("grpo",)),
 )
