@@ -10,7 +10,7 @@ from .mixing import DEFAULT_CHUNK_SIZE
 
 @dataclass
 class WeakModelArgs:
-    """The weak-model fields of every WMSS config (mixed into [`WMSSGRPOConfig`] and [`WMSSDPOConfig`] before TRL's
+    """The weak-model fields of every WMSS config (mixed into [`WMSSSFTConfig`], [`WMSSGRPOConfig`] and [`WMSSDPOConfig`] before TRL's
     config class, so they come right after TRL's fields in ``--help``).
 
     Parameters:

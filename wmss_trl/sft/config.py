@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers.hf_argparser import string_to_bool
 from trl import SFTConfig
 
 from ..checks import check_float, check_int, check_shares
-from ..mixing import DEFAULT_CHUNK_SIZE
+from ..config import WeakModelArgs
 from ..selection import check_selection_config
 
 
 @dataclass
-class WMSSSFTConfig(SFTConfig):
+class WMSSSFTConfig(WeakModelArgs, SFTConfig):
     r"""
     Configuration for [`WMSSSFTTrainer`]: everything of [`~trl.SFTConfig`], plus the weak model and the mixing weight.
 
@@ -78,35 +77,12 @@ class WMSSSFTConfig(SFTConfig):
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["weak_model_init_kwargs"]
 
-    weak_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Local folder of the weak checkpoint (earlier checkpoint of the same model). Without a "
-            "weak model (and peft_base_as_weak=False) the trainer is TRL's SFTTrainer."
-        },
-    )
-    weak_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for from_pretrained of the weak model, as a dict or a JSON string."},
-    )
-    peft_base_as_weak: bool = field(
-        default=False,
-        metadata={
-            "help": "With a PEFT policy (a PeftModel or peft_config) and no weak model, use the policy with its "
-            "adapters disabled as the weak model (no second copy of the weights). Off: a peft_config alone is "
-            "plain TRL SFT."
-        },
-    )
     mixing_lambda: float = field(
         default=0.5,
         metadata={
             "help": "Weight of the strong logits in z_mix = lambda*z_strong + (1-lambda)*z_weak; "
             "0 < lambda <= 1, 1.0 is plain SFT (TRL's loss). No effect without a weak model."
         },
-    )
-    mixing_chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE,
-        metadata={"help": "Positions per chunk of the fp32 mixed cross-entropy (memory: chunk x vocab floats)."},
     )
     train_weak_model: bool = field(
         default=False,
