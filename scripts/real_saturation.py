@@ -230,8 +230,7 @@ class StepLogger(TrainerCallback):
 def train_stage(name, model_dir, out_dir, dataset, tokenizer, args, max_steps, weak_dir=None, plateau=False):
     """One training stage with WMSSSFTTrainer, resumable: Trainer checkpoints in ``<out_dir>.run`` (resumed when
     present), the final model saved to ``<out_dir>.tmp`` with ``stage.json`` and renamed to ``out_dir``."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    from wmss_trl.checkpoints import checkpoint_folders
     from wmss_trl.sft import WMSSSFTConfig, WMSSSFTTrainer
 
     info_path = os.path.join(out_dir, "stage.json")
@@ -274,10 +273,11 @@ def train_stage(name, model_dir, out_dir, dataset, tokenizer, args, max_steps, w
     trainer = WMSSSFTTrainer(
         model_dir, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
     )
-    resume = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    log(f"stage {name}: up to {max_steps} steps from {model_dir}" + (f", resuming {resume}" if resume else ""))
+    # True: WMSSSFTTrainer resumes from the newest *complete* checkpoint (a save cut short by a kill is skipped)
+    resume = bool(os.path.isdir(run_dir) and checkpoint_folders(run_dir))
+    log(f"stage {name}: up to {max_steps} steps from {model_dir}" + (f", resuming in {run_dir}" if resume else ""))
     t = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - t
     shutil.rmtree(tmp_dir, ignore_errors=True)
     trainer.save_model(tmp_dir)
@@ -289,7 +289,7 @@ def train_stage(name, model_dir, out_dir, dataset, tokenizer, args, max_steps, w
         "weak": weak_dir,
         "steps": trainer.state.global_step,
         "max_steps": max_steps,
-        "resumed_from": resume,
+        "resumed": resume,
         "seconds_this_invocation": round(seconds, 1),
         "step_seconds_this_invocation": [round(s, 2) for s in timer.step_times],
         "history": history,
