@@ -508,6 +508,8 @@ def summarize(args, plateau, arms, evals):
         "accuracy": acc,
         "paired": diffs,
         "amplification": stats(ratio),
+        # the same without WD-JT's factor lambda on the strong logits' gradient: ||p_mix - onehot|| / ||p_s - onehot||
+        "amplification_over_lambda": stats([None if x is None else x / args.mixing_lambda for x in ratio]),
         "per_arm": {
             arm: {k: stats(series(a["history"], k)) for k in METRICS if any(k in h for h in a["history"])}
             for arm, a in arms.items()
@@ -593,8 +595,10 @@ def markdown(r):
     every = max(1, len(amp) // 10)
     lines += [
         "",
-        "Amplification ratio (WD-JT nontarget_grad_norm / sft_nontarget_grad_norm) by step: "
-        + ", ".join(f"{i + 1}: {f3(x)}" for i, x in enumerate(amp) if i % every == 0 or i == len(amp) - 1),
+        "Amplification ratio (WD-JT nontarget_grad_norm / sft_nontarget_grad_norm, lambda included) by step: "
+        + ", ".join(f"{i + 1}: {f3(x)}" for i, x in enumerate(amp) if i % every == 0 or i == len(amp) - 1)
+        + f"; divided by lambda (the mixed distribution's own push-down vs SFT's), mean "
+        f"{f3((r['amplification_over_lambda'] or {}).get('mean'))}.",
         "",
         f"Command: `{r['command']}` (commit {r['provenance'].get('commit')})",
         "",
