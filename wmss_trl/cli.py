@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             return module.main(rest) or 0
-        except ValueError as error:  # TRL's parser: "Some specified arguments are not used by the HfArgumentParser"
+        except ValueError as error:  # TrlParser's unknown-flag error (its text: a contract listed in trl_compat)
             entry = _capture_help(command, module) if "not used by the HfArgumentParser" in str(error) else None
             if entry is None or not (unknown := unknown_flags(rest, entry["flags"])):
                 raise

@@ -176,6 +176,14 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ),
     ),
     Contact("trl:templates/lm_model_card.md", "card anchor", "source", ("sft",), ("### Framework versions",)),
+    # ---- TrlParser (wmss_trl.cli): an unknown flag raises this ValueError, which `wmss` turns into a one-line error
+    Contact(
+        "trl:TrlParser",
+        "parse_args_into_dataclasses",
+        "source",
+        ("cli",),
+        ("Some specified arguments are not used by the HfArgumentParser",),
+    ),
     # ---- transformers
     Contact(
         _TRAINER,
