@@ -73,3 +73,15 @@ def test_unknown_flags_leaves_prefixes_and_wrapper_flags_to_the_parser():
     flags = ["--mixing_lambda", "--output_dir", "--config"]
     assert unknown_flags(["--mixing_lam", "0.5", "--config=run.yaml", "--output_dir", "x"], flags) == []
     assert unknown_flags(["--mixing_lambdaa=1", "-1", "--bogus"], flags) == ["--mixing_lambdaa", "--bogus"]
+
+
+def test_flags_hidden_from_help_are_not_refused(monkeypatch, tmp_path):
+    """`wmss pipeline --phase ...` (the driver's own call of a phase, hidden from --help) passes the warm-cache check."""
+    import importlib
+
+    from wmss_trl import cli
+
+    monkeypatch.setenv("WMSS_CACHE_DIR", str(tmp_path))
+    entry = cli._capture_help("pipeline", importlib.import_module("wmss_trl.recipes.pipeline"))
+    assert "--phase" not in entry["help"] and "--phase" in entry["flags"]
+    assert cli.unknown_flags(["--phase", "sft", "--output_dir", "x"], entry["flags"]) == []

@@ -178,7 +178,10 @@ def _capture_help(command: str, module) -> dict:
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         module.main(["--help"])
     text = out.getvalue()
-    entry = {"help": text, "flags": sorted(set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text)) | set(WRAPPER_FLAGS))}
+    flags = set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text)) | set(WRAPPER_FLAGS)
+    if hasattr(module, "make_parser"):  # flags hidden from --help (e.g. the pipeline's internal --phase) are valid too
+        flags |= {option for action in module.make_parser()._actions for option in action.option_strings}
+    entry = {"help": text, "flags": sorted(flags)}
     path = _help_cache_path(command)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
