@@ -144,6 +144,25 @@ def launch(kind: str, nproc: int, strong: str, weak: str, argv: list[str]) -> li
     return rows
 
 
+def print_table(path: str) -> None:
+    """The measured runs of ``path`` as one markdown table (one row per model, arm and process count; the ranks'
+    mean, since their partitions are equal)."""
+    print(
+        "| model | arm | processes | policy / rank (MB) | weak or ref / rank (MB) | optimizer / rank (MB) | train memory / rank (MB) | step CPU (s) | step wall (s) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run in json.load(open(path)):
+        groups = {}
+        for r in run["rows"]:
+            groups.setdefault((r["kind"], r["world_size"]), []).append(r)
+        for (kind, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], ARMS.index(kv[0][0]))):
+            mean = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0] if isinstance(rs[0][k], float)}
+            print(
+                f"| {run['model'].split('/')[-1]} | {kind} | {n} | {mean['policy_mb']:.1f} | {mean['weak_or_ref_mb']:.1f} | "
+                f"{mean['optimizer_mb']:.1f} | {mean['train_mb']:.0f} | {mean['step_cpu_s']:.2f} | {mean['step_s']:.2f} |"
+            )
+
+
 # ------------------------------------------------------------------------------------------------------ paper model
 # Shapes of the two models the paper model is written for (Qwen3-4B / Qwen3-8B, from their config.json).
 MODELS = {
@@ -212,11 +231,12 @@ def main(argv=None):
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--output", help="append the results to this JSON file (a list of runs)")
     p.add_argument("--extrapolate", action="store_true", help="print the paper model only")
+    p.add_argument("--table", metavar="JSON", help="print the measured runs of this JSON file as a markdown table")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.extrapolate:
-        print_paper_model()
+    if a.extrapolate or a.table:
+        print_table(a.table) if a.table else print_paper_model()
         return
     if a.child:
         strong, weak = a.paths.split(",")
