@@ -11,7 +11,7 @@ import pytest
 from transformers import GenerationMixin, Trainer
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from wmss_trl import trl_compat
+from wmss_trl import trl_compat, trl_overrides
 from wmss_trl.trl_compat import CONTACT_POINTS, Contact, check_contact, fused_lm_head_output
 
 
@@ -120,14 +120,14 @@ def _trainer_pairs():
 @pytest.mark.parametrize("ours, base", _trainer_pairs(), ids=lambda c: c.__name__)
 def test_overrides_are_the_reviewed_list(ours, base):
     """Every TRL / transformers method a trainer overrides (its MRO: our classes and mixins) is in
-    trl_compat.OVERRIDES with its reason, and every listed one still is an override: a new one is a reviewed change."""
+    trl_overrides.OVERRIDES with its reason, and every listed one still is an override: a new one is a reviewed change."""
     expected: dict[str, set[str]] = {}
-    for override in trl_compat.OVERRIDES[ours.__name__]:
+    for override in trl_overrides.OVERRIDES[ours.__name__]:
         expected.setdefault(override.name, set()).add(override.defined_in)
-    assert all(o.reason for o in trl_compat.OVERRIDES[ours.__name__])
+    assert all(o.reason for o in trl_overrides.OVERRIDES[ours.__name__])
     found = _overrides(ours, base)
     assert found == {name: sorted(classes) for name, classes in expected.items()}, (
-        f"{ours.__name__} overrides {sorted(found.keys() - expected.keys())} not listed in trl_compat.OVERRIDES; "
+        f"{ours.__name__} overrides {sorted(found.keys() - expected.keys())} not listed in trl_overrides.OVERRIDES; "
         f"listed but no longer overridden: {sorted(expected.keys() - found.keys())}"
     )
 

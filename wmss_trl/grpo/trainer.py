@@ -51,7 +51,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
             policy, `args.peft_base_as_weak=True` uses the same network with adapters disabled instead. Without a weak
             model this is TRL's `GRPOTrainer`.
 
-    Overridden TRL hooks (the reviewed list: `trl_compat.OVERRIDES`): `_generate_and_score_completions` (calls TRL's,
+    Overridden TRL hooks (the reviewed list: `trl_overrides.OVERRIDES`): `_generate_and_score_completions` (calls TRL's,
     then adds weak rows, reference log-probs and token advantages), `_get_per_token_logps_and_entropies`
     (mixed log-probs for the policy when `mixing_lambda < 1`; applies deferred token weights in the loss) and
     `_compute_loss` (drops the zero-weight padding rows, then calls TRL's). With weak negatives, :class:`WeakReadAhead`
@@ -190,7 +190,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
             compute_entropy=compute_entropy,
         )[:2]
 
-    # ---- the TRL overrides (listed with their reasons in trl_compat.OVERRIDES) ------------------------------------
+    # ---- the TRL overrides (listed with their reasons in trl_overrides.OVERRIDES) ------------------------------------
 
     def _get_per_token_logps_and_entropies(
         self,
