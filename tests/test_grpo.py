@@ -261,6 +261,8 @@ def make(cls, tiny, tmp_path, reward=has_digit, **kw):
     peft_config = kw.pop("peft_config", None)
     config_class = kw.pop("config_class", None)
     dataset = kw.pop("train_dataset", None) or prompt_dataset(16)
+    # a generation batch of 8 rows (2 prompts x 4 generations): what `generate(trainer, 2)` passes, as TRL would
+    kw.setdefault("per_device_train_batch_size", 8)
     args = grpo_args(tmp_path / cls.__name__, **({"config_class": config_class} if config_class else {}), **kw)
     extra = {"weak_model": weak} if weak is not None else {}
     trainer = cls(
@@ -283,6 +285,8 @@ def generation_inputs(trainer, n_prompts):
 
 
 def generate(trainer, n_prompts, seed=0):
+    """TRL's generation step on ``n_prompts`` prompts: one generation batch, as TRL's dataloader hands it over."""
+    assert n_prompts * trainer.num_generations == trainer.args.generation_batch_size, "not one generation batch"
     torch.manual_seed(seed)
     return trainer._generate_and_score_completions(generation_inputs(trainer, n_prompts))
 
@@ -353,7 +357,7 @@ def test_weak_negatives_batch_layout_and_advantages(tiny, tmp_path):
     from wmss_trl import WMSSGRPOTrainer
     from wmss_trl.grpo import SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
 
-    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4)
+    common = dict(per_device_train_batch_size=16, gradient_accumulation_steps=2, num_generations=4)
     wmss = make(
         WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip=1.5, **common
     )
@@ -506,6 +510,7 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
         num_weak_generations=2,
         weak_rollout_prefetch=prefetch,
         logging_steps=100,
+        per_device_train_batch_size=4,
         **kw,
     )
     answers, calls, seen = {}, [], []
@@ -523,8 +528,8 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
 
     add_wmss = trainer._add_wmss
 
-    def spy(inputs, out, rewards_per_func):
-        out = add_wmss(inputs, out, rewards_per_func)
+    def spy(inputs, out):
+        out = add_wmss(inputs, out)
         weak = out["wmss_source"] != 0
         rows = [
             (tuple(p[m.bool()].tolist()), tuple(c[cm.bool()].tolist()) if cm.any() else None)

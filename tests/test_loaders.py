@@ -89,8 +89,8 @@ def test_toy_folder_tokenizer_round_trips_through_load_tokenizer(tiny):
 def test_core_does_not_import_the_recipes(tiny):
     """`wmss_trl.weak` (the core) finds a model's tokenizer with transformers, without importing `wmss_trl.recipes`."""
     code = (
-        "import sys\nfrom wmss_trl.weak import _find_tokenizer\n"
-        f"tok, source = _find_tokenizer({tiny['strong']!r})\n"
+        "import sys\nfrom wmss_trl.vocab import find_tokenizer\n"
+        f"tok, source = find_tokenizer({tiny['strong']!r})\n"
         "assert tok is not None and source.startswith('from '), source\n"
         "assert not any(m.startswith('wmss_trl.recipes') for m in sys.modules), sorted(sys.modules)\n"
     )

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from wmss_trl.selection import (
-    WEIGHT_COLUMN,
     WeightedEpochSampler,
     dataset_wd_ds_weights,
     resample_indices,
     top_fraction_indices,
     wd_ds_weights,
 )
+from wmss_trl.sft.selection import WEIGHT_COLUMN
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from transformers import GenerationMixin, Trainer
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from wmss_trl import trl_compat
+from wmss_trl import trl_compat, trl_overrides
 from wmss_trl.trl_compat import CONTACT_POINTS, Contact, check_contact, fused_lm_head_output
 
 
@@ -96,3 +96,96 @@ def test_fused_output_refuses_unknown_field():
     assert out.log_probs == 1 and out.entropy is None
     with pytest.raises(TypeError, match="no field.*'log_probz'"):
         fused_lm_head_output(log_probz=1)
+
+
+def _overrides(ours, base) -> dict[str, list[str]]:
+    """The names our classes / mixins in ``ours``' MRO define (besides ``__init__`` and other dunders) that the TRL
+    trainer ``base`` also has, each with the sorted names of our classes that define it."""
+    found: dict[str, set[str]] = {}
+    for cls in ours.__mro__:
+        if cls.__module__.split(".")[0] != "wmss_trl":
+            continue
+        for name in vars(cls):
+            if not name.startswith("__") and hasattr(base, name):
+                found.setdefault(name, set()).add(cls.__name__)
+    return {name: sorted(classes) for name, classes in found.items()}
+
+
+def _trainer_pairs():
+    from wmss_trl import WMSSDPOTrainer, WMSSGRPOTrainer, WMSSSFTTrainer
+
+    return [(WMSSSFTTrainer, SFTTrainer), (WMSSDPOTrainer, DPOTrainer), (WMSSGRPOTrainer, GRPOTrainer)]
+
+
+@pytest.mark.parametrize("ours, base", _trainer_pairs(), ids=lambda c: c.__name__)
+def test_overrides_are_the_reviewed_list(ours, base):
+    """Every TRL / transformers method a trainer overrides (its MRO: our classes and mixins) is in
+    trl_overrides.OVERRIDES with its reason, and every listed one still is an override: a new one is a reviewed change."""
+    expected: dict[str, set[str]] = {}
+    for override in trl_overrides.OVERRIDES[ours.__name__]:
+        expected.setdefault(override.name, set()).add(override.defined_in)
+    assert all(o.reason for o in trl_overrides.OVERRIDES[ours.__name__])
+    found = _overrides(ours, base)
+    assert found == {name: sorted(classes) for name, classes in expected.items()}, (
+        f"{ours.__name__} overrides {sorted(found.keys() - expected.keys())} not listed in trl_overrides.OVERRIDES; "
+        f"listed but no longer overridden: {sorted(expected.keys() - found.keys())}"
+    )
+
+
+@pytest.mark.parametrize("ours, base", _trainer_pairs(), ids=lambda c: c.__name__)
+def test_overrides_are_short(ours, base):
+    """Each override is short (at most 40 lines, docstring included): the work lives in helpers next to it."""
+    long = {}
+    for name, classes in _overrides(ours, base).items():
+        for cls_name in classes:
+            cls = next(c for c in ours.__mro__ if c.__name__ == cls_name)
+            member = vars(cls)[name]
+            member = member.fget if isinstance(member, property) else member
+            lines = len(inspect.getsource(member).splitlines())
+            if lines > 40:
+                long[f"{cls_name}.{name}"] = lines
+    assert not long, long
+
+
+def test_grpo_batch_rewards_are_what_calculate_rewards_returned(tiny, tmp_path, monkeypatch):
+    """trl_compat.grpo_batch_rewards reads back, from TRL GRPO's completions log, exactly the gathered rewards its
+    `_calculate_rewards` returned for the batch just scored (NaN for an unscored reward included)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent / "dist"))
+    from grpo_common import grpo_args, prompt_dataset
+    from trl import GRPOConfig
+
+    from wmss_trl.toy import load_tokenizer
+
+    def partial_reward(completions, **_):  # None (unscored) for every other completion
+        return [None if i % 2 else float(len(str(c))) for i, c in enumerate(completions)]
+
+    def digits(completions, **_):
+        return [float(sum(ch.isdigit() for ch in str(c))) for c in completions]
+
+    args = grpo_args(tmp_path, config_class=GRPOConfig, per_device_train_batch_size=8, num_generations=4)
+    trainer = GRPOTrainer(
+        tiny["strong"],
+        [partial_reward, digits],
+        args=args,
+        train_dataset=prompt_dataset(8),
+        processing_class=load_tokenizer(tiny["strong"]),
+    )
+    returned = []
+    calculate = trainer._calculate_rewards
+
+    def spy(*a, **kw):
+        returned.append(calculate(*a, **kw))
+        return returned[-1]
+
+    trainer._calculate_rewards = spy
+    trainer.model.train()
+    for seed in (0, 1):  # the second batch: read after a first one is already in the log
+        torch.manual_seed(seed)
+        rows = [dict(trainer.train_dataset[i]) for i in range(2) for _ in range(trainer.num_generations)]
+        trainer._generate_and_score_completions(rows)
+        got = trl_compat.grpo_batch_rewards(trainer, len(rows))
+        assert got.shape == returned[-1].shape and got.dtype == returned[-1].dtype and got.is_contiguous()
+        assert torch.equal(torch.isnan(got), torch.isnan(returned[-1])) and torch.isnan(got).any()
+        assert torch.equal(got.nan_to_num(-1.0), returned[-1].nan_to_num(-1.0))

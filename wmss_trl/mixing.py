@@ -13,17 +13,16 @@ and, only when the weak model is co-trained (``train_weak``; frozen by default),
     d(-log p_mix[y]) / d z_weak = (1 - lam) * (p_mix - onehot(y))
 
 Every function here works on *chunks* of positions so that no full ``(batch, seq, vocab)`` fp32 tensor of
-mixed logits ever exists. Three entry points:
+mixed logits ever exists. Two entry points:
 
 * :func:`mixed_token_logprobs` takes logits the caller already has (``(..., V)``), computes ``log p_mix[y]``
-  chunk by chunk in fp32 and recomputes ``p_mix`` chunk by chunk in the backward pass (GRPO, DPO).
-* :func:`mixed_head_logprobs` takes the two models' *hidden states* and LM-head weights and never builds the
-  logits at all, not even the strong model's: each chunk of positions is projected, mixed, reduced and dropped,
-  in the forward and again in the backward (the pattern of TRL's chunked distillation loss, including the ZeRO-3
-  gather of the LM heads). Per-token log-probs, any upstream gradient.
-* :func:`mixed_head_loss`, the same for a *summed* loss, with the gradient computed in the forward pass (one
-  projection per model per chunk instead of two). This is what ``WMSSSFTTrainer`` uses: its memory does not grow
-  with the vocabulary and its cost is close to plain SFT's (docs/results.md).
+  chunk by chunk in fp32 and recomputes ``p_mix`` chunk by chunk in the backward pass (GRPO, DPO, and SFT when the
+  LM head cannot be fused).
+* :func:`mixed_head_loss` takes the two models' *hidden states* and LM-head weights and never builds the logits at
+  all, not even the strong model's: each chunk of positions is projected, mixed, reduced and dropped (the pattern of
+  TRL's chunked distillation loss, including the ZeRO-3 gather of the LM heads). It is a *summed* loss, with the
+  gradient computed in the forward pass (one projection per model per chunk). This is what ``WMSSSFTTrainer`` uses:
+  its memory does not grow with the vocabulary and its cost is close to plain SFT's (docs/results.md).
 """
 
 from __future__ import annotations
@@ -210,72 +209,6 @@ def _mixed_diagnostics(p_mix: torch.Tensor, z_w: torch.Tensor | None, y: torch.T
     return torch.stack([norm, share], dim=-1)
 
 
-class _ChunkedMixedHead(torch.autograd.Function):
-    """Per-position log p_mix[y] from hidden states and LM heads, chunked; gradient to the strong side only.
-
-    Forward, per chunk of positions: z_s = h_s W_s^T, z_w = h_w W_w^T, z = lam z_s + (1-lam) z_w,
-    log p_mix[y] = z[y] - logsumexp(z); also (no gradient) the logging statistics of :func:`_own_stats`.
-    Backward, per chunk: g_z = lam * g * (onehot(y) - p_mix); dL/dh_s = g_z W_s; dL/dW_s = sum g_z^T h_s.
-    """
-
-    @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_w, w_w, b_w, targets, lam, chunk_size):
-        ctx.set_materialize_grads(False)
-        n = h_s.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=h_s.device)
-        stats = torch.empty(n, len(STAT_NAMES), dtype=torch.float32, device=h_s.device)
-        with maybe_gather_lm_head_ctx(w_s, b_s), maybe_gather_lm_head_ctx(w_w, b_w), torch.no_grad():
-            for start in range(0, n, chunk_size):
-                sl = slice(start, start + chunk_size)
-                y = targets[sl, None]
-                z_s, z_w = _project(h_s[sl], w_s, b_s), _project(h_w[sl], w_w, b_w)
-                stats[sl] = _own_stats(z_s, z_w, y)
-                z = lam * z_s + (1.0 - lam) * z_w
-                logp[sl] = z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, -1)
-        ctx.save_for_backward(h_s, w_s, b_s, h_w, w_w, b_w, targets)
-        ctx.lam, ctx.chunk_size = lam, chunk_size
-        ctx.mark_non_differentiable(stats)
-        return logp, stats
-
-    @staticmethod
-    def backward(ctx, grad_logp, _):
-        h_s, w_s, b_s, h_w, w_w, b_w, targets = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_logp is None or not (need_h or need_w or need_b):
-            return (None,) * 9
-        lam, chunk_size = ctx.lam, ctx.chunk_size
-        grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
-        grad_w = grad_b = None
-        with maybe_gather_lm_head_ctx(w_s, b_s), maybe_gather_lm_head_ctx(w_w, b_w):
-            if need_w:
-                grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
-            if need_b:
-                grad_b = torch.zeros(b_s.shape, dtype=torch.float32, device=b_s.device)
-            for start in range(0, h_s.shape[0], chunk_size):
-                sl = slice(start, start + chunk_size)
-                z = lam * _project(h_s[sl], w_s, b_s) + (1.0 - lam) * _project(h_w[sl], w_w, b_w)
-                g_z = -torch.softmax(z, -1)
-                g_z.scatter_add_(-1, targets[sl, None], torch.ones_like(g_z[:, :1]))
-                g_z.mul_(lam * grad_logp[sl, None].float())
-                if need_h:
-                    grad_h[sl] = (g_z.to(w_s.dtype) @ w_s).float()
-                if need_w:
-                    grad_w += g_z.t() @ h_s[sl].float()
-                if need_b:
-                    grad_b += g_z.sum(0)
-        return (
-            None if grad_h is None else grad_h.to(h_s.dtype),
-            None if grad_w is None else grad_w.to(w_s.dtype),
-            None if grad_b is None else grad_b.to(b_s.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
 class _ChunkedMixedHeadLoss(torch.autograd.Function):
     """Summed WD-JT loss sum_t -log p_mix[y_t] from hidden states and LM heads, with the gradient computed during
     the forward: one projection per model per chunk, instead of a second one in the backward.
@@ -284,7 +217,7 @@ class _ChunkedMixedHeadLoss(torch.autograd.Function):
     lam * g is dL/dz_s, so dL/dh_s = lam g W_s and dL/dW_s += lam g^T h_s; with ``train_weak``, (1 - lam) * g is
     dL/dz_w and the weak side gets the same form. Without a weak model (``h_w`` None, lam = 1) it is plain SFT's
     cross-entropy. The backward only scales these by the upstream gradient (a scalar), which is why this works for a
-    summed loss and :class:`_ChunkedMixedHead` exists for per-token use.
+    summed loss only (per-token log-probs: :func:`mixed_token_logprobs`).
     """
 
     @staticmethod
@@ -354,8 +287,10 @@ def mixed_head_loss(
     """Summed WD-JT cross-entropy sum_t -log p_mix[y_t] from final hidden states ``(N, H)`` and the LM heads.
 
     The fastest form for a summed loss (SFT): gradients are computed in the same pass as the loss. Returns
-    ``(loss_sum, stats)``: ``stats`` as in :func:`mixed_head_logprobs`, followed with ``diagnostics`` by the
-    :data:`DIAGNOSTIC_NAMES` columns of :func:`_diagnostics`. The weak side is a constant unless ``train_weak``
+    ``(loss_sum, stats)``: ``stats`` is ``(N, 5)`` (no gradient), per position: strong NLL, weak NLL, strong entropy,
+    weak entropy and whether the strong model's top-1 token is the target (:data:`STAT_NAMES`, :func:`_own_stats`),
+    followed with ``diagnostics`` by the :data:`DIAGNOSTIC_NAMES` columns (:func:`_mixed_diagnostics`). The heads must
+    have no logit scaling or soft-capping (see :func:`plain_lm_head`). The weak side is a constant unless ``train_weak``
     (co-training: it then gets the gradient (1 - lam) * (p_mix - onehot(y)) on its logits). ``weak_hidden=None`` and
     ``weak_head=None``: plain SFT cross-entropy of the strong model (lam must be 1).
     """
@@ -373,36 +308,6 @@ def mixed_head_loss(
         int(chunk_size),
         bool(train_weak),
         bool(diagnostics),
-    )
-
-
-def mixed_head_logprobs(
-    strong_hidden: torch.Tensor,
-    strong_head: torch.nn.Module,
-    weak_hidden: torch.Tensor,
-    weak_head: torch.nn.Module,
-    targets: torch.Tensor,
-    lam: float,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p_mix[target] for ``N`` positions, from the final hidden states ``(N, H)`` and the LM heads.
-
-    Returns ``(logp, stats)``: ``logp`` is ``(N,)`` fp32, differentiable w.r.t. the strong hidden states and LM head;
-    ``stats`` is ``(N, 5)`` (no gradient), per position: strong NLL, weak NLL, strong entropy, weak entropy and whether
-    the strong model's top-1 token is the target (:data:`STAT_NAMES`).
-    The weak side is a constant. The heads must have no logit scaling or soft-capping (see :func:`plain_lm_head`).
-    """
-    # (vocabulary sizes are checked when the weak model is loaded; ZeRO-3 shards have no usable shape here)
-    return _ChunkedMixedHead.apply(
-        strong_hidden,
-        strong_head.weight,
-        strong_head.bias,
-        weak_hidden.detach(),
-        weak_head.weight,
-        weak_head.bias,  # frozen parameters: no gradient is computed
-        targets,
-        float(lam),
-        int(chunk_size),
     )
 
 
@@ -437,7 +342,7 @@ def logits_stats(
 
 def plain_lm_head(model) -> bool:
     """True when the model's logits are exactly ``hidden @ lm_head.weight.T + bias`` (no logit scale, no
-    soft-capping), i.e. when :func:`mixed_head_logprobs` reproduces its logits."""
+    soft-capping), i.e. when :func:`mixed_head_loss` reproduces its logits."""
     config = model.config.get_text_config()
     if getattr(config, "final_logit_softcapping", None) is not None:
         return False

@@ -5,6 +5,7 @@ override or read a few private methods and attributes of ``GRPOTrainer``, ``DPOT
 ``transformers.Trainer``. :data:`CONTACT_POINTS` lists them all (the ``used_by`` column says which of our modules
 touches each); :func:`check_contact_points` verifies them against the installed TRL / transformers and returns one
 clear line per broken contract (``tests/test_trl_compat.py`` runs it). After a TRL upgrade that test names what moved.
+:data:`wmss_trl.trl_overrides.OVERRIDES` lists every TRL / transformers method each trainer overrides, with the reason.
 
 Where a contract is not a method or an attribute but a piece of TRL's control flow, the contact is kept here, in one
 documented helper, instead of being spread over the trainers:
@@ -18,6 +19,9 @@ documented helper, instead of being spread over the trainers:
 * WMSS-GRPO's token weights taken from the loss's own forward rely on ``GRPOTrainer._compute_loss`` running its
   policy forward (``self._get_per_token_logps_and_entropies``) before it reads ``inputs["advantages"]`` and
   ``inputs["ref_per_token_logps"]``: the forward of our override applies them to the in-flight batch.
+* :func:`grpo_batch_rewards`: ``GRPOTrainer._generate_and_score_completions`` logs the gathered per-function rewards
+  of every batch it scores (``self._logs["rewards"]``); WMSS-GRPO reads them back there to pool them with the weak
+  rows' rewards, instead of keeping ``_calculate_rewards``' return value on the side.
 * :func:`dpo_reference_from_inputs`: ``DPOTrainer._compute_loss`` reads the reference log-probs from
   ``inputs["ref_chosen_logps"]`` / ``inputs["ref_rejected_logps"]`` instead of running the reference model exactly
   when ``self.precompute_ref_logps`` is true; WMSS-DPO hands it the weak model's log-probs that way (one weak forward,
@@ -35,6 +39,7 @@ import inspect
 import re
 from dataclasses import dataclass
 
+import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
 
@@ -112,6 +117,17 @@ CONTACT_POINTS: tuple[Contact, ...] = (
             "self._get_per_token_logps_and_entropies(",
             'advantages = inputs["advantages"]',
             'ref_per_token_logps = inputs["ref_per_token_logps"]',
+        ),
+    ),
+    Contact(
+        _GRPO,
+        "_generate_and_score_completions",
+        "sequence",
+        ("grpo_batch_rewards",),
+        (
+            "rewards_per_func = self._calculate_rewards(",
+            'self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())',
+            "return output",
         ),
     ),
     Contact("trl:GRPOConfig", "_VALID_DICT_FIELDS", "class_attribute", ("grpo",)),
@@ -300,6 +316,24 @@ def grpo_without_reference_logps(trainer, active: bool = True):
         yield
     finally:
         trainer.beta = beta
+
+
+def grpo_batch_rewards(trainer, num_rows: int) -> torch.Tensor:
+    """The gathered ``rewards_per_func`` ``(num_rows, F)`` of the batch TRL's ``_generate_and_score_completions`` has
+    just scored, read back from its completions log (contract: for every batch, it extends
+    ``self._logs["rewards"][name]`` with ``rewards_per_func[:, i].tolist()`` for each reward function, in
+    ``reward_func_names`` order). Exact: float32 -> Python float -> float32 (NaN for an unscored reward stays NaN).
+    The log keeps the last ``generation_batch_size`` rows (more with weak rows), the gathered size of the generation
+    batch TRL's dataloader hands over, so it holds the whole batch."""
+    logs = trainer._logs["rewards"]
+    short = [name for name in trainer.reward_func_names if len(logs[name]) < num_rows]
+    if short:
+        raise RuntimeError(
+            f"GRPOTrainer's completions log holds fewer than the batch's {num_rows} rewards for {short}: TRL no longer "
+            "logs every batch's rewards_per_func there (see wmss_trl.trl_compat.grpo_batch_rewards)."
+        )
+    columns = [list(logs[name])[len(logs[name]) - num_rows :] for name in trainer.reward_func_names]
+    return torch.tensor(columns, dtype=torch.float32, device=trainer.accelerator.device).T.contiguous()
 
 
 @contextlib.contextmanager

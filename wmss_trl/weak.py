@@ -24,15 +24,15 @@ import torch
 from transformers import PreTrainedModel
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 
-
-try:
-    from peft import PeftModel
-except ImportError:  # pragma: no cover - peft is a hard dependency, kept optional for readers
-    PeftModel = None
-
-
-def is_peft_model(model) -> bool:
-    return PeftModel is not None and isinstance(model, PeftModel)
+from .vocab import (
+    describe_model,
+    embedding_rows,
+    find_tokenizer,
+    is_peft_model,
+    special_ids,
+    tokenizer_differences,
+    vocab_size_of,
+)
 
 
 def parse_init_kwargs(kwargs: dict | str | None) -> dict[str, Any]:
@@ -102,141 +102,6 @@ def load_weak_model(path: str, init_kwargs: dict | str | None = None) -> PreTrai
         ) from e
 
 
-# Files that make a folder a tokenizer folder (a fast tokenizer, or a slow one's config / vocabulary)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Special-token roles compared between two tokenizers. eos and pad are not: they are chosen per run (TRL's `eos_token`
-# and `pad_token` settings, pad := eos when unset, change the strong tokenizer at construction) and the strong
-# tokenizer's are then used for both models; their tokens' ids are still compared through the vocabulary.
-TOKENIZER_ROLES = ("bos", "unk", "sep", "cls", "mask")
-# Special-token ids compared between two model configs when a tokenizer cannot be found (configs are not changed at
-# construction: transformers aligns them with the tokenizer in `train()`).
-CONFIG_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
-
-
-def _unwrap(model):
-    """The ``PreTrainedModel`` inside DDP / DeepSpeed wrappers and PEFT."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def _text_config(model):
-    """The text config of a loaded model, or of a local folder / hub id (``config.json`` only, no remote code)."""
-    if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoConfig
-
-        try:
-            return AutoConfig.from_pretrained(model, trust_remote_code=False).get_text_config()
-        except OSError as e:
-            raise FileNotFoundError(
-                f"could not read the config of {str(model)!r}: {e}. Pass a local checkpoint folder (config.json + "
-                "model.safetensors) or a reachable hub id."
-            ) from e
-    return _unwrap(model).config.get_text_config()
-
-
-def vocab_size_of(model) -> int:
-    """Vocabulary size of a causal LM's output layer (config-based, so it works on ZeRO-3 shards).
-
-    ``model`` may also be a local checkpoint folder or a hub id (only its ``config.json`` is read, without remote
-    code), so a trainer can check a model it has not loaded yet.
-    """
-    return int(_text_config(model).vocab_size)
-
-
-def _source_of(model) -> str:
-    """Where a model comes from: its path, or the folder / hub id it was loaded from (``config._name_or_path``)."""
-    if isinstance(model, (str, os.PathLike)):
-        return str(model)
-    return str(getattr(_unwrap(model).config, "_name_or_path", "") or "")
-
-
-def _describe(model) -> str:
-    source = _source_of(model)
-    return source if source else f"an in-memory {type(_unwrap(model)).__name__} with no _name_or_path"
-
-
-def _find_tokenizer(model, path=None):
-    """The tokenizer saved with a model: in ``path`` if given, else where the model comes from (a local folder).
-
-    Returns ``(tokenizer, "from <folder>")``, or ``(None, why)`` when no local folder with tokenizer files
-    (:data:`TOKENIZER_FILES`) holds a loadable tokenizer.
-    """
-    from transformers import AutoTokenizer
-
-    tried = []
-    for folder in dict.fromkeys(str(p) for p in (path, _source_of(model)) if p):
-        if not os.path.isdir(folder):
-            tried.append(f"{folder!r} is not a local folder")
-        elif not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
-            tried.append(f"{folder!r} has no tokenizer files")
-        else:
-            try:
-                return AutoTokenizer.from_pretrained(folder), f"from {folder}"
-            except Exception as e:  # noqa: BLE001 - any failure means: not comparable, said in the warning
-                tried.append(f"the tokenizer in {folder!r} could not be loaded ({type(e).__name__}: {e})")
-    return None, "; ".join(tried) or "the model was not loaded from a folder (no config._name_or_path)"
-
-
-def _tokenizer_differences(strong_tok, weak_tok) -> list[str]:
-    """What differs between two tokenizers: the token -> id map (added tokens included), the added tokens (content,
-    special flag) and the ids of the :data:`TOKENIZER_ROLES` special tokens set in both. Empty when they agree."""
-    from transformers import ProcessorMixin
-
-    strong_tok, weak_tok = (t.tokenizer if isinstance(t, ProcessorMixin) else t for t in (strong_tok, weak_tok))
-    problems = []
-    v_s, v_w = strong_tok.get_vocab(), weak_tok.get_vocab()
-    if v_s != v_w:
-        moved = [t for t in v_s.keys() & v_w.keys() if v_s[t] != v_w[t]]
-        detail = [f"{len(moved)} of {len(v_s)} tokens have another id"] if moved else []
-        if moved:
-            t = min(moved, key=v_s.get)
-            detail[0] += f" (e.g. {t!r}: {v_s[t]} in the strong tokenizer, {v_w[t]} in the weak one)"
-        only_s, only_w = len(v_s.keys() - v_w.keys()), len(v_w.keys() - v_s.keys())
-        detail += [f"{only_s} tokens are only in the strong tokenizer"] if only_s else []
-        detail += [f"{only_w} tokens are only in the weak tokenizer"] if only_w else []
-        problems.append("different token -> id maps: " + ", ".join(detail))
-    added_s = {i: (t.content, t.special) for i, t in strong_tok.added_tokens_decoder.items()}
-    added_w = {i: (t.content, t.special) for i, t in weak_tok.added_tokens_decoder.items()}
-    if added_s != added_w:
-        ids = sorted(i for i in added_s.keys() | added_w.keys() if added_s.get(i) != added_w.get(i))
-        shown = ", ".join(f"id {i}: {added_s.get(i)} vs {added_w.get(i)}" for i in ids[:3])
-        problems.append(f"different added tokens (content, special) at {len(ids)} ids ({shown})")
-    for role in TOKENIZER_ROLES:
-        id_s, id_w = getattr(strong_tok, f"{role}_token_id", None), getattr(weak_tok, f"{role}_token_id", None)
-        if id_s is not None and id_w is not None and id_s != id_w:
-            problems.append(f"different {role}_token ids ({id_s} in the strong tokenizer, {id_w} in the weak one)")
-    return problems
-
-
-def _special_ids(model) -> dict[str, tuple[int, ...]]:
-    """The :data:`CONFIG_SPECIAL_IDS` a model config sets (a list of eos ids as a sorted tuple)."""
-    cfg, ids = _text_config(model), {}
-    for key in CONFIG_SPECIAL_IDS:
-        value = getattr(cfg, key, None)
-        if value is not None:
-            ids[key] = tuple(sorted(value)) if isinstance(value, (list, tuple)) else (int(value),)
-    return ids
-
-
-def _embedding_rows(model) -> dict[str, int]:
-    """Rows (vocabulary entries) of the input and output embedding matrices of a loaded model; ``{}`` for a path.
-
-    Under ZeRO-3 a weight is a shard that keeps its full shape in ``ds_shape``. The hidden size may differ between the
-    weak and the strong model: only the vocabulary dimension is compared.
-    """
-    if isinstance(model, (str, os.PathLike)):
-        return {}
-    base, rows = _unwrap(model), {}
-    for name, get in (("input", base.get_input_embeddings), ("output", base.get_output_embeddings)):
-        try:
-            weight = getattr(get(), "weight", None)
-        except (AttributeError, NotImplementedError):
-            weight = None
-        if weight is not None:
-            rows[name] = int((getattr(weight, "ds_shape", None) or weight.shape)[0])
-    return rows
-
-
 def check_weak_compatible(strong_model, weak_model, tokenizer=None, weak_tokenizer_path: str | None = None) -> None:
     """Raise ValueError when the weak model cannot be mixed with / compared to the strong one.
 
@@ -252,35 +117,28 @@ def check_weak_compatible(strong_model, weak_model, tokenizer=None, weak_tokeniz
        start, where both set them) instead, with a warning (main process, once per message) that the tokenizers
        could not be compared, since a permuted vocabulary passes 1 and 3.
     """
-    strong_name, weak_name = _describe(strong_model), _describe(weak_model)
-    v_strong, v_weak = vocab_size_of(strong_model), vocab_size_of(weak_model)
-    if v_strong != v_weak:
-        raise ValueError(
-            f"weak and strong models have different vocabularies: strong vocab_size={v_strong}, weak "
-            f"vocab_size={v_weak}. WMSS mixes logits token by token, so the weak model must be an earlier "
-            "checkpoint of the same model (same tokenizer). Pass a weak checkpoint trained with the strong model's "
-            f"tokenizer (weak model: {weak_name}; strong model: {strong_name})."
-        )
-    rows_s, rows_w = _embedding_rows(strong_model), _embedding_rows(weak_model)
+    names = describe_model(strong_model), describe_model(weak_model)
+    vocab_size = _check_vocab_size(strong_model, weak_model, names)
+    rows_s, rows_w = embedding_rows(strong_model), embedding_rows(weak_model)
     problems = [
         f"the {name} embeddings have {rows_s[name]} rows in the strong model, {rows_w[name]} in the weak one"
         for name in rows_s.keys() & rows_w.keys()
         if rows_s[name] != rows_w[name]
     ]
     if tokenizer is not None:
-        strong_tok, strong_src = tokenizer, "the tokenizer passed in (processing_class / tokenizer)"
+        strong = tokenizer, "the tokenizer passed in (processing_class / tokenizer)"
     else:
-        strong_tok, strong_src = _find_tokenizer(strong_model)
-    weak_tok, weak_src = _find_tokenizer(weak_model, weak_tokenizer_path)
-    compared = strong_tok is not None and weak_tok is not None
+        strong = find_tokenizer(strong_model)
+    weak = find_tokenizer(weak_model, weak_tokenizer_path)
+    compared = strong[0] is not None and weak[0] is not None
     if compared:
-        problems += _tokenizer_differences(strong_tok, weak_tok)
+        problems += tokenizer_differences(strong[0], weak[0])
         fix = (
             f"if you know the token ids of both are the same, copy the strong model's tokenizer into the weak model's "
-            f"folder ({weak_src.removeprefix('from ')})"
+            f"folder ({weak[1].removeprefix('from ')})"
         )
     else:
-        ids_s, ids_w = _special_ids(strong_model), _special_ids(weak_model)
+        ids_s, ids_w = special_ids(strong_model), special_ids(weak_model)
         problems += [
             f"different {key} in the configs ({list(ids_s[key])} in the strong model, {list(ids_w[key])} in the weak)"
             for key in sorted(ids_s.keys() & ids_w.keys())
@@ -288,33 +146,52 @@ def check_weak_compatible(strong_model, weak_model, tokenizer=None, weak_tokeniz
         ]
         fix = "if the weak model does use the strong model's tokenizer, save that tokenizer with it, pass its folder"
     if problems:
-        sources = f"weak tokenizer {weak_src}, strong tokenizer {strong_src}" if compared else "tokenizers not found"
+        sources = f"weak tokenizer {weak[1]}, strong tokenizer {strong[1]}" if compared else "tokenizers not found"
         raise ValueError(
-            f"the weak model ({weak_name}) and the strong model ({strong_name}) do not share a tokenizer ({sources}): "
+            f"the weak model ({names[1]}) and the strong model ({names[0]}) do not share a tokenizer ({sources}): "
             f"{'; '.join(problems)}. WMSS mixes logits token by token, so the weak model must use the strong model's "
             f"tokenizer: pass an earlier checkpoint of the strong model (trained with its tokenizer) as the weak "
             f"model; {fix}."
         )
     if not compared and os.environ.get("RANK", "0") == "0":
-        missing = []
-        if weak_tok is None:
-            missing.append(
-                f"none for the weak model ({weak_src}): pass it as a path to a folder that holds its tokenizer "
-                "(weak_model='folder' or weak_model_name_or_path), or save its tokenizer into the folder it was "
-                "loaded from"
-            )
-        if strong_tok is None:
-            missing.append(
-                f"none for the strong model ({strong_src}): pass its tokenizer (processing_class / tokenizer) or save "
-                "it with the model"
-            )
-        warnings.warn(
-            f"could not compare the tokenizers of the weak model ({weak_name}) and the strong model ({strong_name}): "
-            f"{'; and '.join(missing)}. Only the vocabulary size ({v_strong}), the special token ids of the configs "
-            "and the embedding rows were compared, and these do not detect a vocabulary with its tokens permuted.",
-            UserWarning,
-            stacklevel=2,
+        _warn_tokenizers_not_compared(strong, weak, names, vocab_size)
+
+
+def _check_vocab_size(strong_model, weak_model, names: tuple[str, str]) -> int:
+    """The common ``vocab_size`` of the two configs; ValueError naming both models when they differ."""
+    v_strong, v_weak = vocab_size_of(strong_model), vocab_size_of(weak_model)
+    if v_strong != v_weak:
+        raise ValueError(
+            f"weak and strong models have different vocabularies: strong vocab_size={v_strong}, weak "
+            f"vocab_size={v_weak}. WMSS mixes logits token by token, so the weak model must be an earlier "
+            "checkpoint of the same model (same tokenizer). Pass a weak checkpoint trained with the strong model's "
+            f"tokenizer (weak model: {names[1]}; strong model: {names[0]})."
         )
+    return v_strong
+
+
+def _warn_tokenizers_not_compared(strong: tuple, weak: tuple, names: tuple[str, str], vocab_size: int) -> None:
+    """The warning of :func:`check_weak_compatible` when a tokenizer was not found: ``strong`` / ``weak`` are
+    ``(tokenizer or None, where it was looked for)``, ``names`` the two models' descriptions (strong, weak)."""
+    missing = []
+    if weak[0] is None:
+        missing.append(
+            f"none for the weak model ({weak[1]}): pass it as a path to a folder that holds its tokenizer "
+            "(weak_model='folder' or weak_model_name_or_path), or save its tokenizer into the folder it was "
+            "loaded from"
+        )
+    if strong[0] is None:
+        missing.append(
+            f"none for the strong model ({strong[1]}): pass its tokenizer (processing_class / tokenizer) or save "
+            "it with the model"
+        )
+    warnings.warn(
+        f"could not compare the tokenizers of the weak model ({names[1]}) and the strong model ({names[0]}): "
+        f"{'; and '.join(missing)}. Only the vocabulary size ({vocab_size}), the special token ids of the configs "
+        "and the embedding rows were compared, and these do not detect a vocabulary with its tokens permuted.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def resolve_weak_model(weak_model, weak_model_name_or_path: str | None, init_kwargs, policy, required: bool = True):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from ..data_checks import require_rows
-from ..weak import is_peft_model
+from datasets import IterableDataset
+
+from ..data_checks import check_dataset_columns, require_rows
+from ..weak import is_peft_model, require_safetensors
 from .config import WMSSDPOConfig
 
 
@@ -15,6 +17,21 @@ logger = logging.getLogger(__package__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks
+
+
+def check_before_loading(args: WMSSDPOConfig, model, weak_model, peft_config, train_dataset, eval_dataset) -> bool:
+    """Every check of ``WMSSDPOTrainer``'s arguments that needs no loaded model; returns whether a weak model is
+    given (``weak_model`` or ``args.weak_model_name_or_path``)."""
+    require_safetensors(model, "policy")
+    require_safetensors(weak_model if weak_model is not None else args.weak_model_name_or_path, "weak model")
+    has_weak = weak_model is not None or bool(args.weak_model_name_or_path)
+    _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
+    _check_prompt_learning(args, model, peft_config)
+    if train_dataset is not None:  # None and wrong types: TRL's own messages
+        _require_pairs(train_dataset, "train")
+    check_dataset_columns(train_dataset, "dpo", name="train_dataset")
+    check_dataset_columns(eval_dataset, "dpo", name="eval_dataset")
+    return has_weak
 
 
 def _check_wmss_mode(args: WMSSDPOConfig, has_weak: bool, peft_policy: bool) -> None:
@@ -110,3 +127,79 @@ def _identical_pair(example, window: slice) -> bool:
     return (prompt + chosen)[window] == (prompt + rejected)[window] and (
         ([0] * n + [1] * len(chosen))[window] == ([0] * n + [1] * len(rejected))[window]
     )
+
+
+def handle_identical_pairs(dataset, args, dataset_name: str, wmss_enabled: bool):
+    """Pairs whose chosen and rejected are the same token sequence as the model sees it (after TRL's tokenisation
+    and the collator's truncation) give DPO no signal, their loss is constant. WMSS active: raise, or drop and
+    count (``drop_identical_pairs``). Inactive: kept as TRL keeps them, with a warning (dropped if asked).
+
+    Returns ``(dataset, dropped)``: ``dropped`` counts the pairs dropped from a tokenized map-style dataset; it is
+    None for a streamed one (filtered on the fly, not counted) and for a dataset without TRL's token columns."""
+    names = getattr(dataset, "column_names", None) or []
+    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(names):
+        return dataset, None
+    drop, raise_ = args.drop_identical_pairs, wmss_enabled and not args.drop_identical_pairs
+    if isinstance(dataset, IterableDataset):
+        return _identical_pairs_streamed(dataset, args, dataset_name, drop, raise_), None
+    window = _truncation_window(args)
+    same, by_truncation = [], 0
+    for i, ex in enumerate(dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])):
+        if _identical_pair(ex, window):
+            same.append(i)
+            by_truncation += ex["chosen_ids"] != ex["rejected_ids"]
+    if not same:
+        return dataset, 0
+    what = (
+        f"{len(same)} of {len(dataset)} pairs have the same chosen and rejected tokens (rows {same[:5]} of the "
+        f"tokenized dataset): {len(same) - by_truncation} have chosen == rejected, {by_truncation} became "
+        f"identical only after truncation to max_length={args.max_length} "
+        f"(truncation_mode={args.truncation_mode!r})"
+    )
+    fix = "fix the data" + (", raise max_length or use truncation_mode='keep_end'" if by_truncation else "")
+    if raise_:
+        raise ValueError(
+            f"{dataset_name} dataset: {what}; they carry no preference. Either {fix}, or set "
+            "drop_identical_pairs=True to drop them."
+        )
+    if not drop:
+        logger.warning(
+            "%s dataset: %s. They are kept, as TRL does (their loss is constant); set "
+            "drop_identical_pairs=True to drop them.",
+            dataset_name,
+            what,
+        )
+        return dataset, 0
+    if len(same) == len(dataset):
+        raise ValueError(
+            f"{dataset_name} dataset: every pair has the same chosen and rejected tokens ({what}); "
+            f"nothing to train on. To train, {fix}."
+        )
+    logger.warning("%s dataset: dropped %s.", dataset_name, what)
+    drop_set = set(same)
+    return dataset.select([i for i in range(len(dataset)) if i not in drop_set]), len(same)
+
+
+def _identical_pairs_streamed(dataset: IterableDataset, args, dataset_name: str, drop: bool, raise_: bool):
+    """:func:`handle_identical_pairs` for a streamed dataset: filtered on the fly (``drop``), or checked row by row
+    as it is read (``raise_``), or kept."""
+    window = _truncation_window(args)
+    if drop:
+        logger.warning(
+            "%s dataset: pairs identical after truncation are dropped on the fly (not counted).", dataset_name
+        )
+        return dataset.filter(lambda ex: not _identical_pair(ex, window))
+    if not raise_:
+        return dataset
+
+    def check(ex):
+        if _identical_pair(ex, window):
+            raise ValueError(
+                f"{dataset_name} dataset: a pair has the same chosen and rejected tokens after truncation "
+                f"(max_length={args.max_length}, truncation_mode={args.truncation_mode!r}); it carries no "
+                "preference. Fix the data or raise max_length, or set drop_identical_pairs=True to drop such "
+                "pairs."
+            )
+        return ex
+
+    return dataset.map(check)

@@ -5,34 +5,24 @@ from __future__ import annotations
 import logging
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, hash_module
 
 from ..checkpoints import CompleteCheckpointResume
 from ..checks import as_wmss_config
-from ..data_checks import check_dataset_columns
 from ..entropy import token_entropy, token_nll, trained_positions
 from ..sft import WMSSModelCard
 from ..trl_compat import dpo_reference_from_inputs
 from ..weak import (
     check_weak_compatible,
     freeze,
-    is_peft_model,
-    require_safetensors,
     resolve_weak_model,
     weak_forward_context,
 )
 from .config import _NON_MODEL_KEYS, WMSSDPOConfig
-from .data import (
-    _check_prompt_learning,
-    _check_wmss_mode,
-    _identical_pair,
-    _report_truncation_drops,
-    _require_pairs,
-    _truncation_window,
-)
+from .data import _report_truncation_drops, _require_pairs, check_before_loading, handle_identical_pairs
 from .policy import _scatter_columns, _WeakOutputs, _WMSSPolicy, sequence_logps
 
 
@@ -83,29 +73,10 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
             if weak_model is not None and weak_model is not ref_model:
                 raise ValueError("pass the weak model once: as `weak_model=` (or `ref_model=`, which means the same).")
             weak_model = ref_model
-        require_safetensors(model, "policy")
-        require_safetensors(weak_model if weak_model is not None else args.weak_model_name_or_path, "weak model")
-        has_weak = weak_model is not None or bool(args.weak_model_name_or_path)
-        _check_wmss_mode(args, has_weak, peft_policy=is_peft_model(model) or peft_config is not None)
-        _check_prompt_learning(args, model, peft_config)
-        if train_dataset is not None:  # None and wrong types: TRL's own messages
-            _require_pairs(train_dataset, "train")
-        check_dataset_columns(train_dataset, "dpo", name="train_dataset")  # before any model loads
-        check_dataset_columns(eval_dataset, "dpo", name="eval_dataset")
+        has_weak = check_before_loading(args, model, weak_model, peft_config, train_dataset, eval_dataset)
         self.wmss_enabled = has_weak or args.peft_base_as_weak
         self.identical_pairs_dropped: dict[str, int] = {}
-
-        weak, weak_path = None, None
-        if has_weak:
-            weak, weak_path = resolve_weak_model(
-                weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, model
-            )
-            freeze(weak)
-            if processing_class is not None:  # before the policy loads
-                check_weak_compatible(model, weak, processing_class, weak_path)
-            else:  # once TRL has loaded its processing class, before the first weak forward (precompute or training)
-                self._weak_to_check = (weak, weak_path)
-
+        weak = self._resolve_weak(weak_model, args, model, processing_class) if has_weak else None
         super().__init__(
             model,
             ref_model=weak,
@@ -121,7 +92,25 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
             peft_config=peft_config,
         )
         self._check_weak_once()
+        self._setup_wmss(has_weak)
 
+    def _resolve_weak(self, weak_model, args: WMSSDPOConfig, model, processing_class):
+        """The weak model, loaded if given as a path, frozen, and checked against the policy now if the processing
+        class is known, else once TRL has loaded it (:meth:`_check_weak_once`)."""
+        weak, weak_path = resolve_weak_model(
+            weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, model
+        )
+        freeze(weak)
+        if processing_class is not None:  # before the policy loads
+            check_weak_compatible(model, weak, processing_class, weak_path)
+        else:  # once TRL has loaded its processing class, before the first weak forward (precompute or training)
+            self._weak_to_check = (weak, weak_path)
+        return weak
+
+    def _setup_wmss(self, has_weak: bool) -> None:
+        """After TRL's ``__init__``: the weak model (TRL's reference), the mode's log line, the WD-JT / pair-weight
+        switches and the fused head's entropy output they need."""
+        args = self.args
         self.weak_model = self.ref_model if has_weak else None  # None: the PEFT policy with adapters disabled, or off
         if args.peft_base_as_weak:
             self._drop_ref_adapter()
@@ -167,75 +156,10 @@ class WMSSDPOTrainer(CompleteCheckpointResume, WMSSModelCard, DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if rows_before is not None:
             _report_truncation_drops(rows_before, len(dataset), args, dataset_name)
-        return self._handle_identical_pairs(dataset, args, dataset_name)
-
-    def _handle_identical_pairs(self, dataset, args, dataset_name):
-        """Pairs whose chosen and rejected are the same token sequence as the model sees it (after TRL's tokenisation
-        and the collator's truncation) give DPO no signal, their loss is constant. WMSS active: raise, or drop and
-        count (``drop_identical_pairs``). Inactive: kept as TRL keeps them, with a warning (dropped if asked)."""
-        names = getattr(dataset, "column_names", None) or []
-        if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(names):
-            return dataset
-        drop, raise_ = args.drop_identical_pairs, self.wmss_enabled and not args.drop_identical_pairs
-        window = _truncation_window(args)
-        if isinstance(dataset, IterableDataset):
-            if drop:
-                logger.warning(
-                    "%s dataset: pairs identical after truncation are dropped on the fly (not counted).", dataset_name
-                )
-                return dataset.filter(lambda ex: not _identical_pair(ex, window))
-            if not raise_:
-                return dataset
-
-            def check(ex):
-                if _identical_pair(ex, window):
-                    raise ValueError(
-                        f"{dataset_name} dataset: a pair has the same chosen and rejected tokens after truncation "
-                        f"(max_length={args.max_length}, truncation_mode={args.truncation_mode!r}); it carries no "
-                        "preference. Fix the data or raise max_length, or set drop_identical_pairs=True to drop such "
-                        "pairs."
-                    )
-                return ex
-
-            return dataset.map(check)
-        columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-        same, by_truncation = [], 0
-        for i, ex in enumerate(columns):
-            if _identical_pair(ex, window):
-                same.append(i)
-                by_truncation += ex["chosen_ids"] != ex["rejected_ids"]
-        self.identical_pairs_dropped[dataset_name] = 0
-        if not same:
-            return dataset
-        what = (
-            f"{len(same)} of {len(dataset)} pairs have the same chosen and rejected tokens (rows {same[:5]} of the "
-            f"tokenized dataset): {len(same) - by_truncation} have chosen == rejected, {by_truncation} became "
-            f"identical only after truncation to max_length={args.max_length} "
-            f"(truncation_mode={args.truncation_mode!r})"
-        )
-        fix = "fix the data" + (", raise max_length or use truncation_mode='keep_end'" if by_truncation else "")
-        if raise_:
-            raise ValueError(
-                f"{dataset_name} dataset: {what}; they carry no preference. Either {fix}, or set "
-                "drop_identical_pairs=True to drop them."
-            )
-        if not drop:
-            logger.warning(
-                "%s dataset: %s. They are kept, as TRL does (their loss is constant); set "
-                "drop_identical_pairs=True to drop them.",
-                dataset_name,
-                what,
-            )
-            return dataset
-        if len(same) == len(dataset):
-            raise ValueError(
-                f"{dataset_name} dataset: every pair has the same chosen and rejected tokens ({what}); "
-                f"nothing to train on. To train, {fix}."
-            )
-        logger.warning("%s dataset: dropped %s.", dataset_name, what)
-        self.identical_pairs_dropped[dataset_name] = len(same)
-        drop_set = set(same)
-        return dataset.select([i for i in range(len(dataset)) if i not in drop_set])
+        dataset, dropped = handle_identical_pairs(dataset, args, dataset_name, self.wmss_enabled)
+        if dropped is not None:
+            self.identical_pairs_dropped[dataset_name] = dropped
+        return dataset
 
     # -- loss ------------------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from ..checkpoints import CompleteCheckpointResume
 from ..checks import as_wmss_config
 from ..data_checks import check_dataset_columns
 from ..sft import WMSSModelCard
-from ..trl_compat import grpo_without_reference_logps, grpo_without_reference_model
+from ..trl_compat import grpo_batch_rewards, grpo_without_reference_logps, grpo_without_reference_model
 from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model
 from . import metrics
 from .batch import (
@@ -51,8 +51,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
             policy, `args.peft_base_as_weak=True` uses the same network with adapters disabled instead. Without a weak
             model this is TRL's `GRPOTrainer`.
 
-    Overridden TRL hooks: `_generate_and_score_completions` (calls TRL's, then adds weak rows, reference log-probs and
-    token advantages), `_calculate_rewards` (keeps the gathered rewards for it), `_get_per_token_logps_and_entropies`
+    Overridden TRL hooks (the reviewed list: `trl_overrides.OVERRIDES`): `_generate_and_score_completions` (calls TRL's,
+    then adds weak rows, reference log-probs and token advantages), `_get_per_token_logps_and_entropies`
     (mixed log-probs for the policy when `mixing_lambda < 1`; applies deferred token weights in the loss) and
     `_compute_loss` (drops the zero-weight padding rows, then calls TRL's). With weak negatives, :class:`WeakReadAhead`
     adds transformers' `get_batch_samples` (read-ahead) and `_run_epoch` (batch positions).
@@ -98,7 +98,6 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
         # batch with the parameters of generation time: the token statistics are taken from it (no extra forward)
         self.stats_from_loss = args.steps_per_generation == 1 and args.num_iterations == 1
         self.wmss_stats: StepStats | None = None
-        self._rewards_per_func = None
         self.weak_model = None
         self.weak_source = None  # "model": a separate frozen model; "peft_base": the policy with adapters disabled
         self.wmss_enabled = separate_weak or args.peft_base_as_weak  # a weak model is in use
@@ -191,7 +190,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
             compute_entropy=compute_entropy,
         )[:2]
 
-    # ---- the four TRL overrides ----------------------------------------------------------------------------------
+    # ---- the TRL overrides (listed with their reasons in trl_overrides.OVERRIDES) ------------------------------------
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -229,18 +228,13 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
             apply_token_weights(self, pending, result[0].detach().float(), entropies)
         return result
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._rewards_per_func = rewards_per_func  # gathered (global): the generation hook's policy rewards
-        return rewards_per_func
-
     def _generate_and_score_completions(self, inputs):
         if not self._wmss_hook:
             return super()._generate_and_score_completions(inputs)
         # the reference log-probs are computed in `_add_wmss`, with the weak model, in one forward
         with grpo_without_reference_logps(self, active=self._weak_ref):
             output = super()._generate_and_score_completions(inputs)
-        return self._add_wmss(inputs, output, self._rewards_per_func)
+        return self._add_wmss(inputs, output)
 
     def _compute_loss(self, model, inputs):
         """TRL's loss on the rows that carry loss: the zero-weight weak rows (not selected as negatives) are dropped
@@ -278,12 +272,14 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
 
     # ---- the generation hook -------------------------------------------------------------------------------------
 
-    def _add_wmss(self, inputs, out: dict, rewards_per_func: torch.Tensor) -> dict:
+    def _add_wmss(self, inputs, out: dict) -> dict:
         """TRL's batch ``out`` with the weak rows appended, their advantages, the weak reference log-probs and the
         token weights (applied now, or left for the loss's forward: :attr:`stats_from_loss`)."""
         train = self.model.training
         use_neg, use_ent = self.weak_sampler is not None and train, self.args.entropy_weighted_advantages and train
         n_pol = out["prompt_ids"].size(0)
+        # the gathered per-function rewards TRL has just scored this batch with (before the weak rows are scored)
+        rewards_per_func = grpo_batch_rewards(self, n_pol * self.accelerator.num_processes) if use_neg else None
         weak = self._append_weak_rows(inputs, out) if use_neg else None
         defer_ent = use_ent and self.stats_from_loss  # the policy entropies come from the loss's forward
         # so do the importance weights, when the selection needs no plausibility ranking (every wrong answer is kept,

@@ -11,7 +11,7 @@ from trl import SFTConfig
 
 from ..checks import check_float, check_int, check_shares
 from ..config import WeakModelArgs
-from ..selection import check_selection_config
+from .selection import check_selection_config
 
 
 @dataclass

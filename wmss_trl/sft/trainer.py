@@ -16,13 +16,7 @@ from trl.models.utils import _ForwardRedirection
 from ..checkpoints import CompleteCheckpointResume
 from ..checks import as_wmss_config
 from ..data_checks import check_dataset_columns, require_rows
-from ..selection import (
-    format_stats,
-    replace_train_dataset_argument,
-    select_train_dataset,
-    unique_count,
-    weighted_sampler_for,
-)
+from ..selection import unique_count
 from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model
 from .card import WMSSModelCard
 from .checks import (
@@ -36,6 +30,7 @@ from .checks import (
 from .config import WMSSSFTConfig
 from .cotrain import CoTrainedWeak, check_attachable, check_resume_matches
 from .loss import wdjt_loss
+from .selection import format_stats, replace_train_dataset_argument, select_train_dataset, weighted_sampler_for
 
 
 logger = logging.getLogger("wmss_trl.sft")  # the package's name: the one logger docs/sft.md names
