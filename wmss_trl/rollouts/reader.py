@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from ..io import provenance_diff
 from .pool import SHARDS_DIR, read_jsonl, read_manifest
@@ -27,19 +28,19 @@ class WeakRolloutPool:
     def check(
         self,
         *,
-        sampling: dict,
-        num_generations: int,
-        epochs: int,
-        prompt_ids: list[str],
+        sampling: dict | None = None,
+        num_generations: int = 0,
+        epochs: int = 0,
+        prompt_ids: Sequence[str] = (),
         weak_files: dict | None = None,
         weak_loaded: dict | None = None,
         tokenizer: str | None = None,
     ) -> None:
         """Refuse (``ValueError``, naming every difference and the fix) a pool that cannot serve a run: other weak
         weights, tokenizer or sampling settings, fewer than ``num_generations`` completions per prompt and epoch,
-        fewer than ``epochs`` epochs, or a training prompt it lacks. ``None`` arguments are not checked."""
+        fewer than ``epochs`` epochs, or a training prompt it lacks. Arguments left out are not checked."""
         pool = self.provenance
-        diffs = [f"sampling.{d}" for d in provenance_diff(pool["sampling"], sampling)]
+        diffs = [] if sampling is None else [f"sampling.{d}" for d in provenance_diff(pool["sampling"], sampling)]
         if num_generations > self.num_generations:
             diffs.append(
                 f"num_weak_generations: the run takes {num_generations} per prompt, the pool has {self.num_generations}"
