@@ -52,7 +52,7 @@ def generation_config(settings, tokenizer, eos_ids: list[int]) -> GenerationConf
     kwargs = {
         "max_new_tokens": settings.max_completion_length,
         "do_sample": True,
-        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": eos_ids,
         "temperature": settings.temperature,
@@ -86,7 +86,8 @@ class TransformersBackend:
         """One completion per prompt: ``(completion ids cut after the first EOS, their behaviour log-probs)``."""
         device = next(self.model.parameters()).device
         prompts = [torch.tensor(ids) for ids in prompt_ids_list]
-        input_ids = pad(prompts, padding_value=self.tokenizer.pad_token_id, padding_side="left").to(device)
+        pad_id = self.generation_config.pad_token_id
+        input_ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
         recorder = self._recorder(self.temperature)
         settings, processors = seeded_decoding(

@@ -163,7 +163,7 @@ def read_manifest(pool_dir: str) -> dict:
     return manifest
 
 
-class _Sampler:
+class PoolSampler:
     """Samples and scores one batch of pool rows ``(position in dataset, prompt id, epoch, draw)``."""
 
     def __init__(self, dataset, model, tokenizer, cfg: RolloutConfig, funcs):
@@ -227,7 +227,7 @@ def build_pool(
     provenance = pool_provenance(dataset, model, tokenizer, cfg, funcs, model_path)
     lock, done = _take_pool_dir(state, output_dir, provenance, shards)
     try:
-        _sample_shards(state, _Sampler(dataset, model, tokenizer, cfg, funcs), prompts, shards, done, output_dir)
+        _sample_shards(state, PoolSampler(dataset, model, tokenizer, cfg, funcs), prompts, shards, done, output_dir)
         manifest = {
             "format": POOL_FORMAT,
             "complete": True,
@@ -268,7 +268,7 @@ def _take_pool_dir(state, output_dir, provenance, shards):
     return lock, set(payload[0]["done"])
 
 
-def _sample_shards(state, sampler: _Sampler, prompts, shards, done, output_dir) -> None:
+def _sample_shards(state, sampler: PoolSampler, prompts, shards, done, output_dir) -> None:
     """Sample every shard not yet written, on every process a share, and write it from the main process."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm

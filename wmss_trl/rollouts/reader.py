@@ -23,7 +23,7 @@ class WeakRolloutPool:
         self.path, self.manifest, self.provenance = path, manifest, manifest["provenance"]
         self.num_generations, self.epochs = self.provenance["num_generations"], self.provenance["epochs"]
         self.prompt_ids = set(manifest["prompt_ids"])
-        self._rows: dict[tuple[str, int, int], tuple[list[int], list[float]]] | None = None
+        self._rows: dict[tuple[str, int, int], dict] | None = None
 
     def check(
         self,
@@ -73,11 +73,26 @@ class WeakRolloutPool:
         rows = {}
         for name in self.manifest["shards"]:
             for row in read_jsonl(os.path.join(self.path, SHARDS_DIR, name)):
-                rows[(row["prompt_id"], row["epoch"], row["draw"])] = (row["completion_ids"], row["behaviour_logps"])
+                rows[(row["prompt_id"], row["epoch"], row["draw"])] = row
         return rows
 
     def draw(self, pid: str, epoch: int, k: int) -> tuple[list[int], list[float]]:
         """Completion ``k`` of epoch ``epoch`` of the prompt ``pid``: its ids and behaviour log-probs."""
+        row = self.row(pid, epoch, k)
+        return row["completion_ids"], row["behaviour_logps"]
+
+    def row(self, pid: str, epoch: int, k: int) -> dict:
+        """The pool's row of completion ``k`` of epoch ``epoch`` of the prompt ``pid``."""
         if self._rows is None:
             self._rows = self._load()
-        return self._rows[(pid, epoch, k)]
+        key = (pid, epoch, k)
+        if key not in self._rows:
+            raise KeyError(
+                f"the weak-rollout pool {self.path} has no draw {k} of epoch {epoch} for the prompt {pid} (it holds "
+                f"{self.epochs} epoch(s) x {self.num_generations} draws of {len(self.prompt_ids)} prompts)."
+            )
+        return self._rows[key]
+
+    def completions(self, pid: str, n: int) -> list[dict]:
+        """The first ``n`` rows of the prompt ``pid``, epoch by epoch (draws 0..K-1 of epoch 0, then of epoch 1...)."""
+        return [self.row(pid, j // self.num_generations, j % self.num_generations) for j in range(n)]
