@@ -569,3 +569,33 @@ def test_mining_from_a_weak_rollout_pool_equals_mining_by_sampling(models, tiny,
         mine_negatives(prompts, strong, strong, tok, [parity_verifier], pool=str(tmp_path / "pool"), **SMALL)
     with pytest.raises(ValueError, match="Only with pool="):
         mine_negatives(prompts, None, strong, tok, [parity_verifier], **SMALL)
+
+
+def test_mine_negatives_command_reads_a_weak_rollouts_pool(tiny, tmp_path, monkeypatch):
+    """`wmss weak-rollouts` then `wmss mine-negatives --pool`: the pairs of mining by sampling, without loading the weak
+    model (rank_by strong); a pool of another weak model (checked from its folder) is refused."""
+    from wmss_trl.recipes.mine_negatives import main
+    from wmss_trl.recipes.weak_rollouts import main as pool_main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": 2 * i}) + "\n" for i in range(6)))
+    common = ["--dataset_name", str(data), "--max_new_tokens", "5"]
+    pool = ["--model", tiny["weak"], "--dataset", str(data), "--num_generations", "3", "--max_completion_length", "5"]
+    assert pool_main([*pool, "--output", str(tmp_path / "pool"), "--progress", "false"]) == 0
+    mine = [
+        *common, "--weak_model_name_or_path", tiny["weak"], "--strong_model_name_or_path", tiny["strong"],
+        "--reward_funcs", "numeric_accuracy_reward", "--num_samples", "3", "--keep_truncated", "true",
+        "--progress", "false",
+    ]  # fmt: skip
+    assert main([*mine, "--output_dir", str(tmp_path / "sampled")]) == 0
+    import wmss_trl.recipes.mine_negatives as recipe
+
+    loaded, load = [], recipe._load
+    monkeypatch.setattr(recipe, "_load", lambda *a: loaded.append(a[0]) or load(*a))
+    assert main([*mine, "--pool", str(tmp_path / "pool"), "--output_dir", str(tmp_path / "pooled")]) == 0
+    assert loaded == [tiny["strong"]]  # the weak model was not loaded
+    pooled = load_from_disk(str(tmp_path / "pooled" / "dataset")).to_list()
+    assert pooled == load_from_disk(str(tmp_path / "sampled" / "dataset")).to_list() and len(pooled) > 0
+    other = [a if a != tiny["weak"] else tiny["strong"] for a in mine]
+    with pytest.raises(ValueError, match=r"weak_model\.files\.safetensors"):
+        main([*other, "--pool", str(tmp_path / "pool"), "--output_dir", str(tmp_path / "other")])

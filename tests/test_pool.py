@@ -258,6 +258,7 @@ def test_weak_model_loaded_only_when_needed(tiny, weak, tmp_path, monkeypatch):
         ("temperature", r"sampling\.temperature: 1\.0 -> 0\.9"),
         ("prompts", r"prompts: 1 training prompt\(s\) are not in the pool"),
         ("epochs", "epochs: the run needs 2 epochs of draws, the pool has 1"),
+        ("max_steps", "epochs: the run needs 2 epochs of draws, the pool has 1"),  # 16 steps per epoch here
         ("k", "num_weak_generations: the run takes 4 per prompt, the pool has 2"),
         ("no_negatives", "num_weak_generations=0"),
     ],
@@ -276,6 +277,8 @@ def test_mismatched_pool_refused_before_any_model_loads(tiny, weak, tmp_path, ca
         dataset = Dataset.from_list(dataset.to_list() + [{"prompt": [{"role": "user", "content": "9+9="}]}])
     elif case == "epochs":
         kw.update(max_steps=-1, num_train_epochs=2)
+    elif case == "max_steps":
+        kw.update(max_steps=17)
     elif case == "k":
         kw["num_weak_generations"] = 4
     else:
