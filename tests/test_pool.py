@@ -292,3 +292,28 @@ def test_mismatched_pool_refused_before_any_model_loads(tiny, weak, tmp_path, ca
             weak_model=weak_path,
         )
     assert "wmss weak-rollouts" in str(error.value) or case == "no_negatives"
+
+
+@pytest.mark.distributed
+def test_two_processes_read_the_pool_like_one(tiny, weak, tmp_path):
+    """The same global generation batches on 1 process (4 rows) and on 2 (2 rows each, a group of 4 spread over both):
+    every weak row of every batch gets the same pool draw, over 2 epochs, and the weak model is not loaded."""
+    from launch import accelerate_launch
+
+    grpo_pool(tiny, weak, tmp_path / "pool", dataset=prompt_dataset(6))
+    script = Path(__file__).parent / "dist" / "grpo_pool_run.py"
+    pool, strong, weak_path = str(tmp_path / "pool"), tiny["strong"], tiny["weak"]
+    proc = subprocess.run(
+        [sys.executable, str(script), strong, weak_path, pool, str(tmp_path / "one"), "--processes_batch", "4"],
+        capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    (one,) = [json.loads(x[len("RESULT ") :]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    (two,) = accelerate_launch("ddp", script, strong, weak_path, pool, str(tmp_path / "two"), "--processes_batch", "2")
+    assert one["world_size"] == 1 and two["world_size"] == 2 and not one["weak_loaded"] and not two["weak_loaded"]
+    assert len(one["batches"]) == 8 and two["batches"] == one["batches"]
+    assert {row[0] for batch in one["batches"] for row in batch} == {0, 1}  # 6 prompts, 8 steps: 2 epochs
+    rows = pool_rows(tmp_path / "pool")
+    for batch in one["batches"]:  # the group's 2 weak rows are draws 0 and 1 of its prompt in that epoch
+        (e, pid, a), (_, _, b) = batch
+        assert [a, b] == [rows[(pid, e, 0)]["completion_ids"], rows[(pid, e, 1)]["completion_ids"]]
