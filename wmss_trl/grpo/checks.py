@@ -101,6 +101,11 @@ def check_weak_rollouts(args: WMSSGRPOConfig, weak_model, train_dataset) -> None
         )
     path = weak_model if isinstance(weak_model, (str, os.PathLike)) else None
     path = path or (args.weak_model_name_or_path if weak_model is None else None)
+    if path is not None and not os.path.isdir(path):
+        raise ValueError(
+            f"weak_rollouts_path: the pool's weak model is checked from its local folder, and {str(path)!r} is not "
+            "one. Pass the local checkpoint folder the pool was built from (wmss weak-rollouts --model)."
+        )
     loaded = None
     if weak_model is not None and path is None:
         from ..io import loaded_model_fingerprint
@@ -112,7 +117,7 @@ def check_weak_rollouts(args: WMSSGRPOConfig, weak_model, train_dataset) -> None
         num_generations=args.num_weak_generations,
         epochs=pool_epochs_needed(args, len(train_dataset)) if sized else 1,
         prompt_ids=[prompt_id(p) for p in train_dataset["prompt"]] if sized else [],
-        weak_files=weights_fingerprint(path) if path is not None and os.path.isdir(path) else None,
+        weak_files=weights_fingerprint(path) if path is not None else None,
         weak_loaded=loaded,
     )
 

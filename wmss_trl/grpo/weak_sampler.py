@@ -4,7 +4,9 @@ the completions of several generation batches come from one ``generate`` call, a
 A weak row's tokens are drawn by :class:`~wmss_trl.grpo.sampling.GumbelMaxSampler` from noise keyed by
 ``(seed, epoch, generation batch, global row)`` (:meth:`WeakSampler.row_keys`), never from torch's global RNG, so the
 training RNG stream (the policy's samples, TRL's shuffle) is the same whether and when the weak model samples, and a
-row's completion does not depend on the read-ahead, the resume point or the process count.
+row's completion does not depend on the read-ahead, the resume point or the process count. With
+``weak_rollouts_path`` the completions are read from a weak-rollout pool instead (:mod:`wmss_trl.rollouts`): weak row
+``j`` of a batch of epoch e is draw ``j mod K`` of its prompt in epoch e.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ class WeakSampler:
         """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``, from the cache that
         one weak ``generate`` call fills, every ``P + 1`` generation batches, with this batch's completions and the
         next P's. Under several processes the decision to generate is taken together, since ``generate`` is a
-        collective under ZeRO-3."""
+        collective under ZeRO-3. With a weak-rollout pool they are read from it (:meth:`_pool_samples`)."""
         t = self.trainer
         batches = self._generation_batches(inputs)
         key = batches[0][0]

@@ -286,10 +286,12 @@ def _sample_shards(state, sampler: PoolSampler, prompts, shards, done, output_di
             (first[pid], pid, e, k) for pid in pids for e in range(cfg.epochs) for k in range(cfg.num_generations)
         ]
         local = units[state.process_index :: state.num_processes]
-        rows = []
+        rows, shown = [], 0
         for b in range(0, len(local), cfg.batch_size):
             rows += sampler.rows(local[b : b + cfg.batch_size])
-            bar.update(len(local[b : b + cfg.batch_size]) * state.num_processes)
+            done_here = min((b + cfg.batch_size) * state.num_processes, len(units))  # every process, in lockstep
+            bar.update(done_here - shown)
+            shown = done_here
         rows = gather_object(rows) if state.num_processes > 1 else rows
         if state.is_main_process:
             order = {pid: i for i, pid in enumerate(pids)}
