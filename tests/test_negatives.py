@@ -17,7 +17,7 @@ from launch import accelerate_launch  # noqa: E402
 from mine_common import VERIFIER, mining_prompts, parity_verifier  # noqa: E402
 from test_io import hold_lock  # noqa: E402
 
-from wmss_trl.negatives import MiningConfig, block_seed, combine_rewards, cut_at_eos, mine_negatives  # noqa: E402
+from wmss_trl.negatives import MiningConfig, combine_rewards, cut_at_eos, mine_negatives  # noqa: E402
 from wmss_trl.rewards import (  # noqa: E402
     get_numeric_accuracy_reward,
     last_number,
@@ -100,7 +100,6 @@ def test_resolve_reward_funcs():
 def test_small_pieces():
     assert combine_rewards([[1.0, None, 0.0, None], [0.5, None, None, 1.0]], [1.0, 2.0]) == [2.0, None, 0.0, 2.0]
     assert cut_at_eos([5, 6, 1, 0, 0], {1}) == ([5, 6, 1], False) and cut_at_eos([5, 6], {1}) == ([5, 6], True)
-    assert block_seed(0, 3) == block_seed(0, 3) != block_seed(0, 4) != block_seed(1, 3)
     assert MiningConfig(batch_size=3, chunk_size=10).chunk_size == 12
 
 
@@ -445,7 +444,7 @@ def test_mine_negatives_command_relaunched_on_two_processes(tiny, models, tmp_pa
 def test_conversational_reference_column_gives_its_content():
     """A prompt/completion dataset's `completion` column (a list of messages) used as the reference must give the
     message content as the chosen answer, not the repr of the list."""
-    from wmss_trl.negatives import _reference_text
+    from wmss_trl.rollouts.pairs import reference_text as _reference_text
 
     assert _reference_text([{"role": "assistant", "content": "5+9=14\n#### 14"}]) == "5+9=14\n#### 14"
     assert _reference_text("42") == "42"
@@ -533,3 +532,70 @@ def test_chunks_of_the_previous_pair_layout_are_not_reused(models, tmp_path):
     meta.write_text(json.dumps({**record, "format": "wmss-mining/2"}))
     with pytest.raises(ValueError, match="format 'wmss-mining/2', written by another wmss_trl version.*delete"):
         mine_negatives(prompts, weak, strong, tok, [parity_verifier], output_dir=str(tmp_path), **SMALL)
+
+
+def test_mining_from_a_weak_rollout_pool_equals_mining_by_sampling(models, tiny, tmp_path):
+    """One pool serves DPO mining: a pool built with the mining's seed and sampling settings (K = num_samples, one
+    epoch) gives the very pairs mining samples itself, also with no weak model at all (rank_by strong); a pool of
+    other settings, too few draws or another weak model is refused, naming what differs."""
+    from wmss_trl.rollouts import build_pool
+    from wmss_trl.rollouts.mining import rollout_config
+
+    weak, strong, tok = models
+    prompts = mining_prompts(8)
+    sampled, summary = mine_negatives(prompts, weak, strong, tok, [parity_verifier], **SMALL)
+    settings = rollout_config(MiningConfig(**SMALL))
+    build_pool(prompts, weak, tok, str(tmp_path / "pool"), settings, model_path=tiny["weak"])
+    pooled, pooled_summary = mine_negatives(
+        prompts, None, strong, tok, [parity_verifier], pool=str(tmp_path / "pool"), **SMALL
+    )
+    assert pooled.to_list() == sampled.to_list() and len(pooled) > 0
+    assert pooled_summary == summary
+    with pytest.raises(ValueError, match=r"sampling.max_completion_length: 6 -> 5"):
+        mine_negatives(
+            prompts,
+            None,
+            strong,
+            tok,
+            [parity_verifier],
+            pool=str(tmp_path / "pool"),
+            **{**SMALL, "max_new_tokens": 5},
+        )
+    with pytest.raises(ValueError, match=r"holds 1 x 4 draws per prompt, fewer than num_samples=5"):
+        mine_negatives(
+            prompts, None, strong, tok, [parity_verifier], pool=str(tmp_path / "pool"), **{**SMALL, "num_samples": 5}
+        )
+    with pytest.raises(ValueError, match=r"weak_model.loaded.weights_sample_sha256"):
+        mine_negatives(prompts, strong, strong, tok, [parity_verifier], pool=str(tmp_path / "pool"), **SMALL)
+    with pytest.raises(ValueError, match="Only with pool="):
+        mine_negatives(prompts, None, strong, tok, [parity_verifier], **SMALL)
+
+
+def test_mine_negatives_command_reads_a_weak_rollouts_pool(tiny, tmp_path, monkeypatch):
+    """`wmss weak-rollouts` then `wmss mine-negatives --pool`: the pairs of mining by sampling, without loading the weak
+    model (rank_by strong); a pool of another weak model (checked from its folder) is refused."""
+    from wmss_trl.recipes.mine_negatives import main
+    from wmss_trl.recipes.weak_rollouts import main as pool_main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": 2 * i}) + "\n" for i in range(6)))
+    common = ["--dataset_name", str(data), "--max_new_tokens", "5"]
+    pool = ["--model", tiny["weak"], "--dataset", str(data), "--num_generations", "3", "--max_completion_length", "5"]
+    assert pool_main([*pool, "--output", str(tmp_path / "pool"), "--progress", "false"]) == 0
+    mine = [
+        *common, "--weak_model_name_or_path", tiny["weak"], "--strong_model_name_or_path", tiny["strong"],
+        "--reward_funcs", "numeric_accuracy_reward", "--num_samples", "3", "--keep_truncated", "true",
+        "--progress", "false",
+    ]  # fmt: skip
+    assert main([*mine, "--output_dir", str(tmp_path / "sampled")]) == 0
+    import wmss_trl.recipes.mine_negatives as recipe
+
+    loaded, load = [], recipe._load
+    monkeypatch.setattr(recipe, "_load", lambda *a: loaded.append(a[0]) or load(*a))
+    assert main([*mine, "--pool", str(tmp_path / "pool"), "--output_dir", str(tmp_path / "pooled")]) == 0
+    assert loaded == [tiny["strong"]]  # the weak model was not loaded
+    pooled = load_from_disk(str(tmp_path / "pooled" / "dataset")).to_list()
+    assert pooled == load_from_disk(str(tmp_path / "sampled" / "dataset")).to_list() and len(pooled) > 0
+    other = [a if a != tiny["weak"] else tiny["strong"] for a in mine]
+    with pytest.raises(ValueError, match=r"weak_model\.files\.safetensors"):
+        main([*other, "--pool", str(tmp_path / "pool"), "--output_dir", str(tmp_path / "other")])

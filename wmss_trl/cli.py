@@ -62,6 +62,10 @@ COMMANDS = {
         "wmss_trl.recipes.mine_negatives",
         "Weak model's verified-wrong, plausible answers as DPO rejected responses",
     ),
+    "weak-rollouts": (
+        "wmss_trl.recipes.weak_rollouts",
+        "Sample the weak model's rollouts once: a pool for GRPO and mining",
+    ),
     "dpo": (
         "wmss_trl.recipes.dpo",
         "DPO with the weak checkpoint as reference (WMSSDPOTrainer), optional WD-JT and entropy-gap weights",

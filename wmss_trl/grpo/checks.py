@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -45,6 +46,8 @@ def check_request(model, args: WMSSGRPOConfig, weak_model, peft_config, train_da
     for weak in (weak_model, args.weak_model_name_or_path):
         if isinstance(weak, (str, os.PathLike)):
             require_safetensors(weak, "weak model")
+    if args.weak_rollouts_path is not None:
+        check_weak_rollouts(args, weak_model, train_dataset)
     if (
         train_dataset is not None
         and not isinstance(train_dataset, IterableDataset)
@@ -64,6 +67,59 @@ def check_request(model, args: WMSSGRPOConfig, weak_model, peft_config, train_da
                 "0 steps. Add prompts, or lower per_device_train_batch_size or steps_per_generation (or raise "
                 "num_generations)."
             )
+
+
+def pool_epochs_needed(args: WMSSGRPOConfig, num_rows: int) -> int:
+    """Epochs of weak draws a run takes: ``ceil(num_train_epochs)``, or with ``max_steps > 0``
+    ``ceil(max_steps / S)`` with ``S = max(L // gradient_accumulation_steps, 1)`` optimizer steps per epoch and
+    ``L = (num_rows // P) * num_iterations * steps_per_generation`` micro-batches per epoch (TRL's ``RepeatSampler``
+    with ``P = generation_batch_size / num_generations`` prompts per generation batch)."""
+    if args.max_steps <= 0:
+        return math.ceil(args.num_train_epochs)
+    per_batch = args.generation_batch_size // args.num_generations
+    micro = (num_rows // per_batch) * args.num_iterations * args.steps_per_generation
+    return math.ceil(args.max_steps / max(micro // args.gradient_accumulation_steps, 1))
+
+
+def check_weak_rollouts(args: WMSSGRPOConfig, weak_model, train_dataset) -> None:
+    """Refuse, before any model loads, a ``weak_rollouts_path`` that cannot serve this run: no weak negatives to
+    serve, the PEFT base as weak model, or a pool made by another weak model (its folder's weights, or the weights of
+    a ``weak_model`` object), other sampling settings, too few completions or epochs, or missing training prompts
+    (:meth:`~wmss_trl.rollouts.WeakRolloutPool.check`). The tokenizer is checked by the trainer once it has it."""
+    from ..rollouts import WeakRolloutPool, prompt_id, weights_fingerprint
+    from ..rollouts.config import sampling_settings
+
+    if args.num_weak_generations == 0:
+        raise ValueError(
+            "weak_rollouts_path holds weak completions for the weak negatives, but num_weak_generations=0. Set "
+            "num_weak_generations > 0 (at most the pool's completions per prompt), or unset weak_rollouts_path."
+        )
+    if args.peft_base_as_weak:
+        raise ValueError(
+            "weak_rollouts_path needs a separate weak model (weak_model_name_or_path or weak_model=), the one the pool "
+            "was built from; with peft_base_as_weak=True unset weak_rollouts_path (the base samples online)."
+        )
+    path = weak_model if isinstance(weak_model, (str, os.PathLike)) else None
+    path = path or (args.weak_model_name_or_path if weak_model is None else None)
+    if path is not None and not os.path.isdir(path):
+        raise ValueError(
+            f"weak_rollouts_path: the pool's weak model is checked from its local folder, and {str(path)!r} is not "
+            "one. Pass the local checkpoint folder the pool was built from (wmss weak-rollouts --model)."
+        )
+    loaded = None
+    if weak_model is not None and path is None:
+        from ..io import loaded_model_fingerprint
+
+        loaded = loaded_model_fingerprint(weak_model)
+    sized = train_dataset is not None and not isinstance(train_dataset, IterableDataset)
+    WeakRolloutPool(args.weak_rollouts_path).check(
+        sampling=sampling_settings(args),
+        num_generations=args.num_weak_generations,
+        epochs=pool_epochs_needed(args, len(train_dataset)) if sized else 1,
+        prompt_ids=[prompt_id(p) for p in train_dataset["prompt"]] if sized else [],
+        weak_files=weights_fingerprint(path) if path is not None else None,
+        weak_loaded=loaded,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,13 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             0 = sample each batch's weak completions when it is used. Either way the weak completion of a row is drawn
             from noise seeded by (seed, epoch, generation batch, global row, token), never from the training RNG, so
             it is the same whatever P, the resume point or the process count.
+        weak_rollouts_path (`str`, *optional*):
+            Folder of a weak-rollout pool (`wmss weak-rollouts`): the weak negatives of epoch e are the pool's
+            completions of epoch e (draw k of a prompt for its k-th weak row) instead of being sampled, with their
+            recorded behaviour log-probs. The weak model is then loaded only if `beta > 0`,
+            `entropy_weighted_advantages` or `mixing_lambda < 1` needs it. Refused at construction, naming what
+            differs, unless the pool was built from the same weak model and tokenizer with the same sampling settings,
+            holds every training prompt, at least `num_weak_generations` completions per prompt and enough epochs.
         entropy_weighted_advantages (`bool`, defaults to `False`):
             Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
         entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
@@ -102,6 +109,15 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
             "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
             "amortises the decode. 0: sample per batch."
+        },
+    )
+    weak_rollouts_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a weak-rollout pool built by `wmss weak-rollouts` with the same weak model, tokenizer "
+            "and sampling settings: epoch e's weak negatives are the pool's epoch-e completions (with their "
+            "behaviour log-probs) instead of being sampled, and the weak model is loaded only if beta > 0, "
+            "entropy_weighted_advantages or mixing_lambda < 1 needs it. A pool that does not match is refused."
         },
     )
     entropy_weighted_advantages: bool = field(
@@ -220,6 +236,12 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
                     f"(got {self.multi_objective_aggregation!r}): the negatives are scored by the weighted sum of the "
                     "rewards."
                 )
+
+    @property
+    def weak_model_loaded(self) -> bool:
+        """False when a weak-rollout pool serves the weak negatives and nothing else reads the weak model."""
+        pool_only = self.weak_rollouts_path is not None and self.beta == 0.0
+        return not (pool_only and not self.entropy_weighted_advantages and self.mixing_lambda == 1.0)
 
     @property
     def needs_weak_model(self) -> bool:

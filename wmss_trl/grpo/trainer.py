@@ -139,6 +139,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
         if args.peft_base_as_weak:
             self.weak_source = "peft_base"
             return
+        if not args.weak_model_loaded:  # the pool holds the weak samples, and nothing else reads the weak model
+            return
         weak, path = resolve_weak_model(
             weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model, required=True
         )

@@ -4,7 +4,9 @@ the completions of several generation batches come from one ``generate`` call, a
 A weak row's tokens are drawn by :class:`~wmss_trl.grpo.sampling.GumbelMaxSampler` from noise keyed by
 ``(seed, epoch, generation batch, global row)`` (:meth:`WeakSampler.row_keys`), never from torch's global RNG, so the
 training RNG stream (the policy's samples, TRL's shuffle) is the same whether and when the weak model samples, and a
-row's completion does not depend on the read-ahead, the resume point or the process count.
+row's completion does not depend on the read-ahead, the resume point or the process count. With
+``weak_rollouts_path`` the completions are read from a weak-rollout pool instead (:mod:`wmss_trl.rollouts`): weak row
+``j`` of a batch of epoch e is draw ``j mod K`` of its prompt in epoch e.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from trl.trainer.utils import RepeatSampler, pad
 
 from ..core import cut_at_eos
 from .batch import weak_row_parents
-from .sampling import EpochOrderedSampler, GumbelMaxSampler, SampledTokenLogProbs, greedy_copy, sampling_warpers
+from .sampling import EpochOrderedSampler, SampledTokenLogProbs
 
 
 class WeakSampler:
@@ -47,6 +49,19 @@ class WeakSampler:
         self._source, self._ahead, self._returned = None, deque(), []
         self._epoch_start, self._epoch, self._next_position = (0, 0), 0, 0
         self._cache: dict[tuple[int, int], tuple[list, list]] = {}
+        self.pool = self._open_pool(trainer.args.weak_rollouts_path)
+
+    def _open_pool(self, path: str | None):
+        """The weak-rollout pool of ``weak_rollouts_path`` (checked against the run before any model loaded, see
+        :func:`~wmss_trl.grpo.checks.check_weak_rollouts`), now also against the trainer's tokenizer."""
+        if path is None:
+            return None
+        from ..io import tokenizer_fingerprint
+        from ..rollouts import WeakRolloutPool
+
+        pool = WeakRolloutPool(path)
+        pool.check(tokenizer=tokenizer_fingerprint(self.trainer.processing_class))
+        return pool
 
     def _generation_config(self) -> GenerationConfig:
         """The policy's HF generation config (vLLM runs build the equivalent from the same sampling settings)."""
@@ -158,27 +173,20 @@ class WeakSampler:
         """The generation config and logits processors of a weak ``generate`` call: the settings ``generate`` would
         use (ours over the model's generation_config over transformers' defaults), decoded greedily with the sampling
         warpers and the seeded Gumbel-max draw as processors."""
-        settings = unwrapped._prepare_generation_config(self.generation_config)[0]
-        # it filled in transformers' default max_length (20) / min_length (0): unset those, as generate would, or
-        # every call warns "both max_new_tokens and max_length (min_new_tokens and min_length) seem to be set"
-        if settings.max_new_tokens is not None:
-            settings.max_length = None
-        if settings.min_new_tokens is not None:
-            settings.min_length = None
-        processors = [recorder]
-        if settings.do_sample:
-            processors += [*sampling_warpers(settings), GumbelMaxSampler(row_keys, prompt_width)]
-            settings = greedy_copy(settings)
-        return settings, processors
+        from ..rollouts.backend import seeded_decoding
+
+        return seeded_decoding(unwrapped, self.generation_config, recorder, row_keys, prompt_width)
 
     def samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
         """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``, from the cache that
         one weak ``generate`` call fills, every ``P + 1`` generation batches, with this batch's completions and the
         next P's. Under several processes the decision to generate is taken together, since ``generate`` is a
-        collective under ZeRO-3."""
+        collective under ZeRO-3. With a weak-rollout pool they are read from it (:meth:`_pool_samples`)."""
         t = self.trainer
         batches = self._generation_batches(inputs)
         key = batches[0][0]
+        if self.pool is not None:
+            return self._pool_samples(inputs, max(key[0], 0))
         if t._max_over_processes(int(key not in self._cache)):  # some process lacks them: all generate
             prompt_ids, row_keys, spans = [], [], []
             for batch_key, batch in batches:
@@ -189,6 +197,16 @@ class WeakSampler:
             ids, logps = self.generate(prompt_ids, row_keys)
             self._cache = {k: (ids[a:b], logps[a:b]) for k, a, b in spans}
         return self._cache.pop(key)
+
+    def _pool_samples(self, inputs: list[dict], epoch: int):
+        """This process's weak completions from the pool: the weak row with global index ``j = rank * n_w + l`` is
+        draw ``j mod K`` of its prompt in epoch ``epoch`` (the K weak rows of a group are the draws 0..K-1)."""
+        from ..rollouts import prompt_id
+
+        prompts = self._prompts(inputs)
+        first, k = self.trainer.accelerator.process_index * len(prompts), self.trainer.num_weak_generations
+        draws = [self.pool.draw(prompt_id(p), epoch, (first + row) % k) for row, p in enumerate(prompts)]
+        return [ids for ids, _ in draws], [logps for _, logps in draws]
 
     def _prompts(self, inputs: list[dict]) -> list:
         """The prompts of this process's ``n_w = B * K / G`` weak rows."""

@@ -12,6 +12,9 @@ length or final-answer marker. ``--reward_funcs`` takes names (``numeric_accurac
 ``math_verify_reward``, TRL's ``accuracy_reward``) or dotted import paths, like ``trl grpo``. Writes
 ``OUTPUT/dataset`` (``save_to_disk``; pass it to ``wmss dpo --dataset_name``), ``OUTPUT/summary.json`` and the chunks;
 re-running with the same ``--output_dir`` resumes. Under ``accelerate launch`` every process generates a share.
+``--pool DIR`` takes the samples from a weak-rollout pool (``wmss weak-rollouts``, the same sampling flags) instead of
+sampling: one pool serves GRPO's weak negatives and DPO's rejected answers (the weak model is then loaded only for
+``--rank_by weak``).
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     data_args, args, mining = make_parser().parse_args_and_config(args=argv)
-    if not args.weak_model_name_or_path or not args.output_dir:
-        raise SystemExit("wmss mine-negatives needs --weak_model_name_or_path and --output_dir.")
+    if not (args.weak_model_name_or_path or mining.pool) or not args.output_dir:
+        raise SystemExit(
+            "wmss mine-negatives needs --output_dir and --weak_model_name_or_path (or --pool, a weak-rollout pool, "
+            "with --rank_by strong)."
+        )
     require_safetensors(args.weak_model_name_or_path, "weak model")
     require_safetensors(args.strong_model_name_or_path, "strong model")
     # With no GPU the launched processes must join a gloo group (a bare MULTI_GPU state would run them apart)
@@ -91,11 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Models (safetensors, no remote code) and the shared tokenizer, checked before either model loads: the
     # tokenizer used for the weak model must be the strong model's (found in its folder).
-    tokenizer_path = args.tokenizer_name_or_path or args.weak_model_name_or_path
+    tokenizer_path = args.tokenizer_name_or_path or args.weak_model_name_or_path or args.strong_model_name_or_path
     tokenizer = load_tokenizer(tokenizer_path)
-    if args.strong_model_name_or_path:
+    if args.strong_model_name_or_path and args.weak_model_name_or_path:
         check_weak_compatible(args.strong_model_name_or_path, args.weak_model_name_or_path, None, tokenizer_path)
-    weak = _load(args.weak_model_name_or_path, args.dtype, state.device)
+    # with a pool the weak model only ranks (--rank_by weak): not loaded otherwise
+    needs_weak = args.weak_model_name_or_path and not (mining.pool and mining.rank_by == "strong")
+    weak = _load(args.weak_model_name_or_path, args.dtype, state.device) if needs_weak else None
+    if mining.pool and args.weak_model_name_or_path and not needs_weak:  # the pool's weak model, from its files
+        from ..rollouts import WeakRolloutPool, weights_fingerprint
+
+        WeakRolloutPool(mining.pool).check(weak_files=weights_fingerprint(args.weak_model_name_or_path))
     strong = (
         _load(args.strong_model_name_or_path, args.dtype, state.device) if args.strong_model_name_or_path else None
     )
