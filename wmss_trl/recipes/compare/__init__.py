@@ -38,12 +38,22 @@ from __future__ import annotations
 import os
 import sys
 
-from .args import EQUAL_TIME, RESULTS, RUN_FIELDS, VANILLA, WMSS, CompareArguments, check_arms
+from .args import (
+    EQUAL_TIME,
+    RESULTS,
+    RUN_FIELDS,
+    VANILLA,
+    WMSS,
+    CompareArguments,
+    check_arms,
+    valid_fields,
+    wmss_field_defaults,
+)
 from .plan import Plan, parse
 from .plots import plots
-from .records import check_record, digest, read_json, write_json
+from .records import check_record, digest, read_json, versions, write_json
 from .report import markdown, summarize_runs
-from .runs import Evaluator, base_file, run_arm, run_config, run_dir, train
+from .runs import Evaluator, base_file, evaluate_run, run_arm, run_config, run_dir, train
 
 
 __all__ = [
@@ -56,6 +66,9 @@ __all__ = [
     "Evaluator",
     "Plan",
     "check_arms",
+    "check_record",
+    "digest",
+    "evaluate_run",
     "main",
     "markdown",
     "parse",
@@ -64,6 +77,9 @@ __all__ = [
     "run_dir",
     "summarize_runs",
     "train",
+    "valid_fields",
+    "versions",
+    "wmss_field_defaults",
 ]
 
 
