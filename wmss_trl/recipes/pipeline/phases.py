@@ -188,23 +188,7 @@ def phase_wd_ds(run: Run) -> dict:
             for i, a, b, w in zip(idx.tolist(), h0.tolist(), h1.tolist(), weights.tolist())
         ),
     )
-    with open(sources[0] + ".meta.json") as f:
-        dataset_provenance = json.load(f)["provenance"]["dataset"]  # the same in both: merge_entropy_files checked it
-    write_json_atomic(
-        run.merged + ".meta.json",
-        {
-            "format": "wmss-entropy/2",
-            "complete": True,
-            "num_rows": int(len(idx)),
-            "num_done": int(len(idx)),
-            "entropy_column": ["entropy_0", "entropy_1", "wd_ds_weight"],
-            "idx_column": "idx",
-            "provenance": {
-                "dataset": dataset_provenance,
-                "sources": run.fingerprints(["entropy_weak", "entropy_strong"]),
-            },
-        },
-    )
+    _write_merged_meta(run, int(len(idx)))
     dh = (h1 - h0)[valid]
     draw = resample_indices(weights, sel.get("selection_multiplier", 1.0), sel.get("selection_seed", 42))
     summary = {
@@ -220,6 +204,30 @@ def phase_wd_ds(run: Run) -> dict:
     write_json_atomic(run.dir / "wd_ds" / "summary.json", summary)
     log("WD-DS: " + json.dumps(summary))
     return {"output": run.merged, **summary}
+
+
+def _write_merged_meta(run: Run, num_rows: int) -> None:
+    """The sidecar of the WD-DS file, in ``wmss entropy``'s format: complete, its three columns, the dataset's
+    provenance and the fingerprints of the two entropy files it was merged from."""
+    from ..entropy import META_FORMAT, META_SUFFIX
+
+    with open(run.entropy("weak") + META_SUFFIX) as f:
+        dataset_provenance = json.load(f)["provenance"]["dataset"]  # the same in both: merge_entropy_files checked it
+    write_json_atomic(
+        run.merged + META_SUFFIX,
+        {
+            "format": META_FORMAT,
+            "complete": True,
+            "num_rows": num_rows,
+            "num_done": num_rows,
+            "entropy_column": ["entropy_0", "entropy_1", "wd_ds_weight"],
+            "idx_column": "idx",
+            "provenance": {
+                "dataset": dataset_provenance,
+                "sources": run.fingerprints(["entropy_weak", "entropy_strong"]),
+            },
+        },
+    )
 
 
 def phase_wdjt(run: Run) -> dict:
