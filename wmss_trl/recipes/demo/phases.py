@@ -159,6 +159,7 @@ def entropy_phase(run: DemoRun) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     from ...entropy import score_entropies
+    from ...io import write_jsonl_atomic
 
     run.pace.start(
         f"[3/4] WD-DS entropies: mean token entropy of the weak (H0) and strong (H1) model on the "
@@ -170,10 +171,8 @@ def entropy_phase(run: DemoRun) -> list[str]:
         file = os.path.join(run.run_dir, f"{name}.jsonl")
         if not os.path.isfile(file):
             scores = score_entropies(AutoModelForCausalLM.from_pretrained(path), run.data["train"], run.tokenizer)
-            with open(file + ".tmp", "w") as f:
-                for i, h in zip(scores["idx"], scores["entropy"]):
-                    f.write(json.dumps({"idx": int(i), column: float(h)}) + "\n")
-            os.replace(file + ".tmp", file)
+            rows = ({"idx": int(i), column: float(h)} for i, h in zip(scores["idx"], scores["entropy"]))
+            write_jsonl_atomic(file, rows)
         entropy_files.append(file)
     print(f"entropies: {', '.join(entropy_files)}  ({run.pace.stop():.0f} s)", flush=True)
     return entropy_files
