@@ -55,12 +55,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # prepare_smollm2.py lives next to this file
 sys.path.insert(0, os.path.dirname(HERE))  # wmss_trl from the repository when not installed
+
+from run_log import StepLogger, log, read_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -107,52 +108,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-class StepLogger(TrainerCallback):
-    """One line per optimizer step (reward, KL, WMSS metrics) with its wall time: readable in a log file."""
-
-    def __init__(self, name):
-        self.name, self.t0, self.step_times = name, None, []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_times.append(time.perf_counter() - self.t0)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:
-            return
-        # `kl` is TRL's KL to a copy of the initial policy (vanilla); `wmss/kl_weak_ref` the KL to the weak reference
-        keys = [
-            "reward",
-            "reward_std",
-            "kl",
-            "wmss/kl_weak_ref",
-            "entropy",
-            "wmss/weak_accuracy",
-            "wmss/weak_negatives_per_group",
-            "wmss/is_weight_mean",
-            "wmss/adv_weight_std",
-            "completions/mean_length",
-        ]
-        shown = " ".join(f"{k}={logs[k]:.3g}" for k in keys if isinstance(logs.get(k), (int, float)))
-        last = self.step_times[-1] if self.step_times else float("nan")
-        log(f"{self.name} step {state.global_step}/{state.max_steps} ({last:.0f}s): {shown}")
+# `kl` is TRL's KL to a copy of the initial policy (vanilla); `wmss/kl_weak_ref` the KL to the weak reference
+STEP_KEYS = (
+    "reward",
+    "reward_std",
+    "kl",
+    "wmss/kl_weak_ref",
+    "entropy",
+    "wmss/weak_accuracy",
+    "wmss/weak_negatives_per_group",
+    "wmss/is_weight_mean",
+    "wmss/adv_weight_std",
+    "completions/mean_length",
+)
 
 
 def evaluate(model_or_dir, tokenizer, test, args, name):
@@ -323,7 +297,7 @@ def main(argv=None):
         if not os.path.isfile(done):
             log(f"--- arm {arm}, seed {seed}: {args.steps} GRPO steps from M_s")
             torch.manual_seed(seed)
-            timer = StepLogger(name)
+            timer = StepLogger(name, STEP_KEYS, trigger="reward", digits=3, time_digits=0)
             common.update(seed=seed, data_seed=seed)
             if arm == "vanilla":
                 cfg = GRPOConfig(output_dir=arm_dir + ".tmp", **common)

@@ -67,6 +67,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # prepare_smollm2.py lives next to this file
 sys.path.insert(0, os.path.dirname(HERE))  # wmss_trl from the repository when not installed
 
+from run_log import StepLogger, log, read_json  # noqa: E402
+
 from wmss_trl.io import WriterLock, check_provenance, jsonable, model_fingerprint, write_json_atomic  # noqa: E402
 
 
@@ -120,17 +122,6 @@ def parse_args(argv=None):
     if args.train_seed == args.eval_seed:
         p.error("--train-seed and --eval-seed must differ (the held-out split is drawn from its own seed)")
     return args
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def read_json(path):
-    import json
-
-    with open(path) as f:
-        return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -206,26 +197,6 @@ class PlateauStop(TrainerCallback):
             control.should_training_stop = True
 
 
-class StepLogger(TrainerCallback):
-    """One log line per optimizer step with its wall time and the saturation metrics."""
-
-    def __init__(self, name):
-        self.name, self.t0, self.step_times = name, None, []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_times.append(time.perf_counter() - self.t0)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        shown = " ".join(f"{k.removeprefix('wmss/')}={logs[k]:.4g}" for k in METRICS if k in logs)
-        last = self.step_times[-1] if self.step_times else float("nan")
-        log(f"{self.name} step {state.global_step}/{state.max_steps} ({last:.1f}s): {shown}")
-
-
 # ------------------------------------------------------------------------------------------------- stages
 def train_stage(name, model_dir, out_dir, dataset, tokenizer, args, max_steps, weak_dir=None, plateau=False):
     """One training stage with WMSSSFTTrainer, resumable: Trainer checkpoints in ``<out_dir>.run`` (resumed when
@@ -266,7 +237,7 @@ def train_stage(name, model_dir, out_dir, dataset, tokenizer, args, max_steps, w
         saturation_metrics=True,
         **options,
     )
-    timer = StepLogger(name)
+    timer = StepLogger(name, METRICS, trigger="loss", digits=4, time_digits=1, strip="wmss/")
     callbacks = [timer]
     if plateau:
         callbacks.append(PlateauStop(args.plateau_window, args.plateau_tol, args.warmup_steps))

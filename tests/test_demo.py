@@ -86,7 +86,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
     out = proc.stdout
 
     seen = json.loads(proc.stderr.split("ENV_AT_TORCH_IMPORT ", 1)[1].splitlines()[0])
-    pinned = "avx2" if demo._has_avx2() else None
+    pinned = "avx2" if demo.numerics._has_avx2() else None
     assert seen == {
         "MKL_CBWR": "AVX2,STRICT",
         "ATEN_CPU_CAPABILITY": pinned,
@@ -177,7 +177,7 @@ def test_pin_numerics_keeps_the_users_values_and_warns_when_torch_chose_its_kern
     messages = " | ".join(str(w.message) for w in caught)
     assert os.environ["OMP_NUM_THREADS"] == "2" and state["OMP_NUM_THREADS"] == "2 (yours)"
     assert "OMP_NUM_THREADS=2 (the demo's: 1)" in messages
-    if demo._has_avx2():
+    if demo.numerics._has_avx2():
         assert os.environ["MKL_CBWR"] == "AVX2" and state["MKL_CBWR"] == "AVX2 (pinned by the demo)"
         assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
         native = torch.backends.cpu.get_cpu_capability()

@@ -63,3 +63,21 @@ def test_plateau_rule(rs):
     assert rs.plateau_step(flat, window=2, tol=0.05, start=5) == 9
     # a loss that halves every step never plateaus
     assert rs.plateau_step([2.0**-i for i in range(30)], window=3, tol=0.05, start=0) is None
+
+
+def test_step_logger_writes_one_line_per_logged_step(rs, capsys):
+    """The shared StepLogger (scripts/run_log.py) as real_saturation.py configures it: a line only when the trainer
+    logs the loss, the numeric METRICS among the logs (4 significant digits, `wmss/` dropped), the step's time."""
+    from types import SimpleNamespace
+
+    logger = rs.StepLogger("wdjt", rs.METRICS, trigger="loss", digits=4, time_digits=1, strip="wmss/")
+    state = SimpleNamespace(global_step=3, max_steps=40)
+    logger.on_step_begin(None, state, None)
+    logger.on_step_end(None, state, None)
+    logger.on_log(None, state, None, logs={"eval_loss": 1.0})  # no training loss: no line
+    logs = {"loss": 0.123456, "wmss/logit_margin": 12.3456, "grad_norm": 2.0, "learning_rate": 1e-5}
+    logger.on_log(None, state, None, logs=logs)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and len(logger.step_times) == 1
+    expected = f"wdjt step 3/40 ({logger.step_times[0]:.1f}s): loss=0.1235 logit_margin=12.35 grad_norm=2"
+    assert lines[0].endswith(expected), lines[0]

@@ -32,6 +32,7 @@ Statistics over seeds (:func:`mean_ci`): mean and the 95% Student-t half-width `
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -194,7 +195,6 @@ def evaluate_model(
     from tqdm.auto import tqdm
     from transformers import TrainerState
 
-    template_kwargs = args.chat_template_kwargs or {}
     state = TrainerState(global_step=step)
     was_training = model.training
     model.eval()
@@ -206,31 +206,30 @@ def evaluate_model(
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = dataset[start : start + batch_size]
-            prompts = rows["prompt"]
-            columns = {k: v for k, v in rows.items() if k not in ("prompt", "completion", "completion_ids")}
-            for kwargs, n in ((greedy, 1), (sampled, num_samples)):
-                completions, ids = _generate(model, tokenizer, prompts, kwargs, n, template_kwargs)
-                repeated = {k: [v for v in values for _ in range(n)] for k, values in columns.items()}
-                _, total = call_reward_funcs(
-                    reward_funcs,
-                    [p for p in prompts for _ in range(n)],
-                    completions,
-                    ids,
-                    repeated,
-                    args.reward_weights,
-                    state,
-                )
-                for i in range(len(prompts)):
-                    rewards = total[i * n : (i + 1) * n]
-                    if kwargs is greedy:
-                        result["greedy_pass"].append(int(rewards[0] >= pass_threshold))
-                        result["greedy_reward"].append(rewards[0])
-                    else:
-                        result["passed"].append(sum(r >= pass_threshold for r in rewards))
-                        result["sample_reward"].append(sum(rewards) / n)
+            generate = functools.partial(_scored_completions, model, tokenizer, rows, reward_funcs, args, state)
+            for rewards in generate(greedy, 1):
+                result["greedy_pass"].append(int(rewards[0] >= pass_threshold))
+                result["greedy_reward"].append(rewards[0])
+            for rewards in generate(sampled, num_samples):
+                result["passed"].append(sum(r >= pass_threshold for r in rewards))
+                result["sample_reward"].append(sum(rewards) / num_samples)
     finally:
         model.train(was_training)
     return result
+
+
+def _scored_completions(model, tokenizer, rows: dict, reward_funcs, args, state, kwargs: dict, n: int) -> list:
+    """``n`` completions of each prompt of the batch ``rows`` (generated with ``kwargs``), scored: per prompt the list
+    of its ``n`` total rewards. The reward functions get the batch's other columns, repeated per completion."""
+    prompts = rows["prompt"]
+    columns = {k: v for k, v in rows.items() if k not in ("prompt", "completion", "completion_ids")}
+    template_kwargs = args.chat_template_kwargs or {}
+    completions, ids = _generate(model, tokenizer, prompts, kwargs, n, template_kwargs)
+    repeated = {k: [v for v in values for _ in range(n)] for k, values in columns.items()}
+    _, total = call_reward_funcs(
+        reward_funcs, [p for p in prompts for _ in range(n)], completions, ids, repeated, args.reward_weights, state
+    )
+    return [total[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:

@@ -239,11 +239,9 @@ def _open_output(output: str, expected: dict, keys) -> list[int]:
     return sorted(done)
 
 
-def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
-    """Score ``ent.model`` on ``ent.dataset`` into ``ent.output``; returns the final meta. All processes call it."""
-    from accelerate.utils import broadcast_object_list
-
-    from ..entropy import EntropyScorer
+def _check_arguments(ent: EntropyArguments) -> str:
+    """The output name, the model (a local safetensors folder), ``write_every`` and ``lock_timeout``, checked before
+    anything loads; returns the output's absolute path."""
     from ..weak import require_safetensors
 
     if not ent.output.endswith((".jsonl", ".json")):
@@ -260,7 +258,16 @@ def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
         ent.lock_timeout = check_float("--lock_timeout", ent.lock_timeout, low=0)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    output = os.path.abspath(ent.output)
+    return os.path.abspath(ent.output)
+
+
+def run(ent: EntropyArguments, sft_args: SFTConfig) -> dict:
+    """Score ``ent.model`` on ``ent.dataset`` into ``ent.output``; returns the final meta. All processes call it."""
+    from accelerate.utils import broadcast_object_list
+
+    from ..entropy import EntropyScorer
+
+    output = _check_arguments(ent)
     if sft_args.output_dir in (None, "", "trainer_output"):
         sft_args.output_dir = os.path.dirname(output)
 
