@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trainer = WMSSGRPOTrainer(model_args.model_name_or_path, **common)
         where = {None: "none (WMSS inactive: TRL's GRPO)", "peft_base": "peft-base"}.get(trainer.weak_source)
-        if where is None:
+        if training_args.weak_rollouts_path and trainer.weak_model is None:
+            where = f"not loaded (weak negatives from the pool {training_args.weak_rollouts_path})"
+        elif where is None:
             where = "zero3-sharded" if is_zero3_partitioned(trainer.weak_model) else "replicated"
         what = (
             f"WMSS-GRPO: weak model {where}, beta={trainer.beta}, num_weak_generations="
