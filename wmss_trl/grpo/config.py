@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..advantages import IS_MODES
 from ..checks import check_float, check_int, check_order, check_shares
 from ..config import WeakModelArgs
 
@@ -39,8 +41,23 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             A weak completion is wrong when its reward is below this (0/1 rewards: reward 0).
         weak_correctness_reward (`str`, *optional*):
             Name of the reward function that decides wrongness (default: the weighted sum of all reward functions).
-        weak_is_clip (`float`, defaults to `2.0`):
-            c: truncation of the per-token importance weight min(pi_old / pi_weak, c) of weak negatives.
+        weak_is_mode (`str`, defaults to `"token_truncate"`):
+            How the importance weight pi_old / pi_weak of the weak negatives is computed and bounded, with the names
+            and rules of TRL's `vllm_importance_sampling_mode`: `"token_truncate"` (per-token ratio clipped to
+            [C_min, C_max]), `"token_mask"` (per-token ratio, 0 outside [C_min, C_max]), `"sequence_truncate"` (the
+            product of the token ratios, clipped, for every token of the completion) or `"sequence_mask"` (the
+            sequence ratio, 0 outside the bounds).
+        weak_is_clip_max (`float`, *optional*, defaults to `2.0`):
+            C_max of `weak_is_mode`, like TRL's `vllm_importance_sampling_clip_max`. `None`: no upper bound.
+        weak_is_clip_min (`float`, *optional*):
+            C_min of `weak_is_mode`, like TRL's `vllm_importance_sampling_clip_min`. `None`: no lower bound.
+        weak_is_clip:
+
+            <Deprecated>
+
+            Use `weak_is_clip_max` instead (the value is copied there, with a warning).
+
+            </Deprecated>
         weak_rollout_prefetch (`int`, defaults to `3`):
             P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
             the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
@@ -91,9 +108,34 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             "the weighted sum of all reward functions)."
         },
     )
-    weak_is_clip: float = field(
+    weak_is_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "Importance sampling of the weak negatives, with the modes of TRL's "
+            "vllm_importance_sampling_mode: 'token_truncate' (per-token ratio pi_old / pi_weak clipped to "
+            "[C_min, C_max]), 'token_mask' (per-token ratio set to 0 outside the bounds), 'sequence_truncate' (the "
+            "product of the token ratios, clipped, applied to every token) or 'sequence_mask' (the sequence ratio, "
+            "0 outside the bounds).",
+            "choices": list(IS_MODES),
+        },
+    )
+    weak_is_clip_max: float | None = field(
         default=2.0,
-        metadata={"help": "c: the per-token importance weight of weak negatives is min(pi_old / pi_weak, c)."},
+        metadata={
+            "help": "C_max of weak_is_mode (like TRL's vllm_importance_sampling_clip_max): '*_truncate' clips the "
+            "ratio from above at it, '*_mask' sets larger ratios to 0. None: no upper bound."
+        },
+    )
+    weak_is_clip_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "C_min of weak_is_mode (like TRL's vllm_importance_sampling_clip_min): '*_truncate' clips the "
+            "ratio from below at it, '*_mask' sets smaller ratios to 0. None: no lower bound."
+        },
+    )
+    weak_is_clip: float | None = field(
+        default=None,
+        metadata={"help": "Deprecated, use weak_is_clip_max instead (the value is copied there)."},
     )
     weak_rollout_prefetch: int = field(
         default=3,
@@ -159,13 +201,7 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             self.weak_negative_threshold,
             hint="A weak completion is wrong when its reward is below it (0.5 for 0/1 rewards).",
         )
-        self.weak_is_clip = check_float(
-            "weak_is_clip",
-            self.weak_is_clip,
-            low=0.0,
-            low_open=True,
-            hint="It truncates the importance weight min(pi_old / pi_weak, c).",
-        )
+        self._check_importance_sampling()
         self.weak_rollout_prefetch = check_int(
             "weak_rollout_prefetch",
             self.weak_rollout_prefetch,
@@ -193,6 +229,43 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             hint="It is the upper clip of the token weights (mean 1); a weight <= 0 would flip or erase advantages.",
         )
         check_order("entropy_weight_min", self.entropy_weight_min, "entropy_weight_max", self.entropy_weight_max)
+
+    def _check_importance_sampling(self):
+        """``weak_is_mode`` and its bounds, with TRL's rules for ``vllm_importance_sampling_*`` (a ``*_truncate`` mode
+        needs a bound, ``C_min < C_max``); the deprecated ``weak_is_clip`` is copied to ``weak_is_clip_max`` as TRL
+        copies ``vllm_importance_sampling_cap``."""
+        if self.weak_is_mode not in IS_MODES:
+            raise ValueError(
+                f"weak_is_mode must be one of {', '.join(repr(m) for m in IS_MODES)} (the modes of TRL's "
+                f"vllm_importance_sampling_mode), got {self.weak_is_mode!r}."
+            )
+        bound = "It bounds the importance weight pi_old / pi_weak of the weak negatives."
+        self.weak_is_clip = check_float("weak_is_clip", self.weak_is_clip, low=0.0, low_open=True, optional=True)
+        if self.weak_is_clip is not None:
+            warnings.warn(
+                f"weak_is_clip is deprecated: use weak_is_clip_max (the bound of weak_is_mode, like TRL's "
+                f"vllm_importance_sampling_clip_max). weak_is_clip_max is set to weak_is_clip={self.weak_is_clip}.",
+                FutureWarning,
+                stacklevel=5,
+            )
+            self.weak_is_clip_max = self.weak_is_clip
+        self.weak_is_clip_max = check_float(
+            "weak_is_clip_max", self.weak_is_clip_max, low=0.0, low_open=True, optional=True, hint=bound
+        )
+        self.weak_is_clip_min = check_float(
+            "weak_is_clip_min", self.weak_is_clip_min, low=0.0, optional=True, hint=bound
+        )
+        if self.weak_is_clip_min is not None and self.weak_is_clip_max is not None:
+            if self.weak_is_clip_min >= self.weak_is_clip_max:
+                raise ValueError(
+                    f"weak_is_clip_min ({self.weak_is_clip_min}) must be less than weak_is_clip_max "
+                    f"({self.weak_is_clip_max})."
+                )
+        if self.weak_is_mode.endswith("_truncate") and self.weak_is_clip_min is None and self.weak_is_clip_max is None:
+            raise ValueError(
+                f"weak_is_mode={self.weak_is_mode!r} truncates the importance weight, so it needs a bound: set "
+                "weak_is_clip_max (e.g. 2.0) or weak_is_clip_min, or use a '*_mask' mode."
+            )
 
     def _check_weak_negatives(self):
         """The batch layout of weak negatives (see the module docstring of :mod:`wmss_trl.grpo`) and their defaults."""
