@@ -65,6 +65,17 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             0 = sample each batch's weak completions when it is used. Either way the weak completion of a row is drawn
             from noise seeded by (seed, epoch, generation batch, global row, token), never from the training RNG, so
             it is the same whatever P, the resume point or the process count.
+        weak_use_vllm (`bool`, *optional*):
+            Sample the weak negatives with a vLLM engine of the weak checkpoint (its own `vllm.LLM` in this process,
+            loaded once, never synced since the weak model is frozen). `None` (default): when `use_vllm=True`.
+            `False`: the weak model decodes with transformers even when the policy uses vLLM.
+        weak_vllm_server_base_url (`str`, *optional*):
+            URL of a vLLM server of the weak checkpoint (`vllm serve WEAK --logprobs-mode processed_logprobs`), a
+            second server next to the policy's; the weak negatives are sampled there, by every process for its own
+            rows. Needs no weight sync, so any vLLM server works (also without GPUs).
+        weak_vllm_gpu_memory_utilization (`float`, defaults to `0.2`):
+            `gpu_memory_utilization` of the colocated weak engine (TRL's `vllm_gpu_memory_utilization` is the
+            policy engine's).
         entropy_weighted_advantages (`bool`, defaults to `False`):
             Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
         entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
@@ -146,6 +157,24 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             "amortises the decode. 0: sample per batch."
         },
     )
+    weak_use_vllm: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Sample the weak negatives with the weak checkpoint's own vLLM engine in this process (loaded once, "
+            "never synced). None: when use_vllm=True. False: decode the weak model with transformers."
+        },
+    )
+    weak_vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "URL of a vLLM server of the weak checkpoint (vllm serve WEAK --logprobs-mode "
+            "processed_logprobs) that samples the weak negatives; no weight sync is needed."
+        },
+    )
+    weak_vllm_gpu_memory_utilization: float = field(
+        default=0.2,
+        metadata={"help": "gpu_memory_utilization of the colocated weak vLLM engine."},
+    )
     entropy_weighted_advantages: bool = field(
         default=False,
         metadata={
@@ -202,6 +231,9 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             hint="A weak completion is wrong when its reward is below it (0.5 for 0/1 rewards).",
         )
         self._check_importance_sampling()
+        self.weak_vllm_gpu_memory_utilization = check_float(
+            "weak_vllm_gpu_memory_utilization", self.weak_vllm_gpu_memory_utilization, low=0.0, low_open=True, high=1.0
+        )
         self.weak_rollout_prefetch = check_int(
             "weak_rollout_prefetch",
             self.weak_rollout_prefetch,
@@ -293,6 +325,16 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
                     f"(got {self.multi_objective_aggregation!r}): the negatives are scored by the weighted sum of the "
                     "rewards."
                 )
+
+    @property
+    def weak_vllm_backend(self) -> str | None:
+        """How the weak negatives are decoded with vLLM: ``"server"`` (``weak_vllm_server_base_url``), ``"colocate"``
+        (``weak_use_vllm``, by default with ``use_vllm``), or ``None`` (transformers' ``generate``)."""
+        if self.num_weak_generations == 0:
+            return None
+        if self.weak_vllm_server_base_url:
+            return "server"
+        return "colocate" if (self.use_vllm if self.weak_use_vllm is None else self.weak_use_vllm) else None
 
     @property
     def needs_weak_model(self) -> bool:
