@@ -18,7 +18,7 @@ import torch
 
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process (5-7 s start vs ~50 s)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
 pytest.importorskip("vllm", reason="vllm is not installed (pip install '.[vllm]'); CI runs these in its vllm step")
 
 from wmss_trl.grpo.vllm_engine import SamplingSettings, WeakVLLMEngine, WeakVLLMServer  # noqa: E402

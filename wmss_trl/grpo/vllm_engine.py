@@ -97,8 +97,8 @@ class WeakVLLMEngine:
         max_model_len, gpu_memory_utilization, max_num_seqs, dtype: passed to ``vllm.LLM``.
         external_launcher: run under the training processes' ``torch.distributed`` launch, as TRL's colocated engine
             (``distributed_executor_backend="external_launcher"``); ``False`` for a standalone process, where the
-            engine core runs in-process too (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set: a 5-7 s start instead of
-            ~50 s, and no ``__main__`` guard needed for the engine's own workers).
+            engine core runs in-process too (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set: a faster start, and no
+            engine subprocess).
     """
 
     def __init__(
