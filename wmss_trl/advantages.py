@@ -29,16 +29,26 @@ Three pieces, each with its equation:
    rewards (the negatives only move their group's mean), ``"none"`` does not divide. Groups without a selected
    negative keep TRL's advantages exactly.
 
-3. **Truncated importance weights** (:func:`truncated_importance_weights`) for the off-policy negatives, sampled
-   by the weak model pi_w, trained on with the policy's loss::
+3. **Importance weights** (:func:`importance_weights`) for the off-policy negatives, sampled by the weak model
+   pi_w, trained on with the policy's loss. With the masked token log-ratio (NaN, e.g. a log-prob the sampler did
+   not return, counts as 0, as in TRL)::
 
-       rho_t = min(pi_old(y_t | y_<t) / pi_w(y_t | y_<t), c)  in [0, c]
+       d_t = (log pi_old(y_t | y_<t) - log pi_w(y_t | y_<t)) * m_t
 
-   computed once at generation time (pi_old = the policy that generated the batch, detached) and folded into the
-   token advantage ``A^w_t = A^w * rho_t``. TRL's clipped ratio pi_theta / pi_old then applies as for on-policy
-   samples. Because ``rho_t >= 0`` and the per-token GRPO/DAPO loss is ``-min(r A, clip(r) A)``, multiplying A by
-   rho is the same as multiplying the token's policy loss by rho: the estimator is token-level truncated importance
-   sampling (TIS), the correction TRL applies to vLLM samples, with the weak model as the sampler.
+   the four modes of TRL's ``vllm_importance_sampling_mode`` (``weak_is_mode``), with the bounds C_min, C_max
+   (``weak_is_clip_min``, ``weak_is_clip_max``; a missing bound is 0 resp. +inf)::
+
+       token_truncate:    rho_t = clamp(exp(d_t), C_min, C_max)                       (TIS, the default)
+       token_mask:        rho_t = exp(d_t) if C_min <= exp(d_t) <= C_max else 0      (MIS per token)
+       sequence_truncate: rho_t = clamp(exp(sum_s d_s), C_min, C_max)   for every t   (sequence TIS)
+       sequence_mask:     rho_t = exp(sum_s d_s) if C_min <= exp(sum_s d_s) <= C_max else 0   (sequence MIS)
+
+   The sequence ratio is the product of the token ratios (their log-ratios summed, as TRL does), not a geometric
+   mean. rho is computed once at generation time (pi_old = the policy that generated the batch, detached), is 0 where
+   ``m_t`` is 0, and is folded into the token advantage ``A^w_t = A^w * rho_t``. TRL's clipped ratio pi_theta / pi_old
+   then applies as for on-policy samples. Because ``rho_t >= 0`` and the per-token GRPO/DAPO loss is
+   ``-min(r A, clip(r) A)``, multiplying A by rho is the same as multiplying the token's policy loss by rho, which is
+   where TRL applies its vLLM correction: the estimators are TRL's, with the weak model as the sampler.
 """
 
 from __future__ import annotations
@@ -179,19 +189,83 @@ def advantages_with_weak_negatives(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def truncated_importance_weights(
-    policy_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, clip: float
-) -> torch.Tensor:
-    """rho_t = min(exp(log pi_old - log pi_w), clip) per token, in ``[0, clip]``; 0 where ``mask`` is 0.
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
-    Computed as ``exp(min(log ratio, log clip))``, which never overflows. No gradient.
-    """
-    if clip <= 0:
-        raise ValueError(f"the importance-weight clip must be > 0, got {clip}.")
+
+def importance_log_ratios(
+    policy_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, sequence: bool = False
+) -> torch.Tensor:
+    """``d_t = (log pi_old - log pi_w) * m_t`` per token, NaN -> 0 (TRL's rule for a log-prob the sampler did not
+    return), as ``(B, T)``; with ``sequence`` the sum over the sequence, ``sum_t d_t``, as ``(B, 1)`` (the log of the
+    product of the token ratios). fp32, no gradient."""
     with torch.no_grad():
-        log_ratio = (policy_logps.float() - behaviour_logps.float()).clamp(max=math.log(clip))
-        rho = torch.exp(log_ratio)
-        return torch.nan_to_num(rho, nan=0.0) * mask.to(rho.dtype)
+        diff = torch.nan_to_num((policy_logps.float() - behaviour_logps.float()) * mask.float(), nan=0.0)
+        return diff.sum(dim=-1, keepdim=True) if sequence else diff
+
+
+def _log_bounds(clip: float | None, clip_min: float | None) -> tuple[float, float]:
+    """``(log C_min, log C_max)`` with a missing bound at -inf / +inf; refuses C_max <= 0, C_min < 0, C_min >= C_max."""
+    if clip is not None and clip <= 0:
+        raise ValueError(f"the importance-weight clip must be > 0, got {clip}.")
+    if clip_min is not None and clip_min < 0:
+        raise ValueError(f"the importance-weight lower bound must be >= 0, got {clip_min}.")
+    if clip is not None and clip_min is not None and clip_min >= clip:
+        raise ValueError(f"the importance-weight lower bound ({clip_min}) must be below the clip ({clip}).")
+    low = math.log(clip_min) if clip_min else -math.inf
+    return low, (math.log(clip) if clip is not None else math.inf)
+
+
+def truncated_importance_weights(
+    policy_logps: torch.Tensor,
+    behaviour_logps: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    clip_min: float | None = None,
+    sequence: bool = False,
+) -> torch.Tensor:
+    """Truncated IS: ``rho = clamp(exp(d), C_min, C_max)`` with ``C_max = clip`` and ``d`` the token log-ratio
+    ``d_t``, or with ``sequence`` the sequence log-ratio ``sum_t d_t`` given to every token of the row
+    (:func:`importance_log_ratios`). ``(B, T)``; 0 where ``mask`` is 0. Clamped in log space, so it never overflows
+    when ``C_max`` is set. No gradient."""
+    low, high = _log_bounds(clip, clip_min)
+    with torch.no_grad():
+        log_ratio = importance_log_ratios(policy_logps, behaviour_logps, mask, sequence).clamp(min=low, max=high)
+        return torch.exp(log_ratio).expand(mask.shape) * mask.float()
+
+
+def masked_importance_weights(
+    policy_logps: torch.Tensor,
+    behaviour_logps: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    clip_min: float | None = None,
+    sequence: bool = False,
+) -> torch.Tensor:
+    """Masked IS: ``rho = exp(d)`` where ``C_min <= exp(d) <= C_max``, else 0, with ``d`` the token or (``sequence``)
+    the sequence log-ratio as in :func:`truncated_importance_weights`. ``(B, T)``; 0 where ``mask`` is 0. The bounds
+    are compared in log space. No gradient."""
+    low, high = _log_bounds(clip, clip_min)
+    with torch.no_grad():
+        log_ratio = importance_log_ratios(policy_logps, behaviour_logps, mask, sequence)
+        rho = torch.exp(log_ratio).masked_fill((log_ratio < low) | (log_ratio > high), 0.0)
+        return rho.expand(mask.shape) * mask.float()
+
+
+def importance_weights(
+    policy_logps: torch.Tensor,
+    behaviour_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip: float | None,
+    clip_min: float | None = None,
+) -> torch.Tensor:
+    """The importance weights of ``mode`` (one of :data:`IS_MODES`, TRL's ``vllm_importance_sampling_mode`` names;
+    equations in the module docstring), ``(B, T)``, 0 where ``mask`` is 0."""
+    if mode not in IS_MODES:
+        raise ValueError(f"the importance-sampling mode must be one of {', '.join(IS_MODES)}, got {mode!r}.")
+    level, kind = mode.split("_")
+    weights = truncated_importance_weights if kind == "truncate" else masked_importance_weights
+    return weights(policy_logps, behaviour_logps, mask, clip, clip_min, sequence=level == "sequence")
 
 
 def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

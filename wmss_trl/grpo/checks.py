@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -48,6 +49,7 @@ def check_request(model, args: WMSSGRPOConfig, weak_model, peft_config, train_da
             require_safetensors(weak, "weak model")
     if args.weak_rollouts_path is not None:
         check_weak_rollouts(args, weak_model, train_dataset)
+    check_weak_vllm(args, weak_model)
     if (
         train_dataset is not None
         and not isinstance(train_dataset, IterableDataset)
@@ -94,6 +96,12 @@ def check_weak_rollouts(args: WMSSGRPOConfig, weak_model, train_dataset) -> None
             "weak_rollouts_path holds weak completions for the weak negatives, but num_weak_generations=0. Set "
             "num_weak_generations > 0 (at most the pool's completions per prompt), or unset weak_rollouts_path."
         )
+    if args.weak_use_vllm or args.weak_vllm_server_base_url:
+        raise ValueError(
+            "weak_rollouts_path serves the weak negatives from a pool, so the weak model does not decode; "
+            "weak_use_vllm / weak_vllm_server_base_url would not be used. Unset them (build the pool with vLLM "
+            "instead), or unset weak_rollouts_path to sample online."
+        )
     if args.peft_base_as_weak:
         raise ValueError(
             "weak_rollouts_path needs a separate weak model (weak_model_name_or_path or weak_model=), the one the pool "
@@ -120,6 +128,43 @@ def check_weak_rollouts(args: WMSSGRPOConfig, weak_model, train_dataset) -> None
         weak_files=weights_fingerprint(path) if path is not None else None,
         weak_loaded=loaded,
     )
+
+
+def check_weak_vllm(args: WMSSGRPOConfig, weak_model) -> None:
+    """Refuse a weak vLLM backend (``args.weak_vllm_backend``) that cannot run: vLLM not installed, the adapter-disabled
+    base as weak model (vLLM serves a checkpoint folder), or, for the colocated engine, a weak model that is not a
+    local folder of safetensors (the folder ``weak_model`` names or was loaded from, else ``weak_model_name_or_path``)."""
+    backend = args.weak_vllm_backend
+    if backend is None:
+        return
+    off = "or set weak_use_vllm=False to decode the weak model with transformers"
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            f"the weak negatives are sampled with vLLM ({_why_vllm(args)}), but vllm is not installed. Install it "
+            f"(pip install 'wmss_trl[vllm]'), {off}."
+        )
+    if args.peft_base_as_weak:
+        raise ValueError(
+            f"the weak model on vLLM ({_why_vllm(args)}) must be a checkpoint folder, but peft_base_as_weak=True "
+            f"makes it the policy's adapter-disabled base. Give the base checkpoint folder as weak_model_name_or_path "
+            f"(and peft_base_as_weak=False), {off}."
+        )
+    if backend == "colocate":
+        folder = weak_model if weak_model is not None else args.weak_model_name_or_path
+        folder = folder if isinstance(folder, (str, os.PathLike)) else getattr(folder, "name_or_path", None)
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(
+                f"the colocated weak vLLM engine ({_why_vllm(args)}) loads the weak checkpoint from a local folder, "
+                f"but the weak model is not one (got {folder!r}). Save it with save_pretrained and pass the folder "
+                f"(weak_model= or weak_model_name_or_path), use a weak server (weak_vllm_server_base_url), {off}."
+            )
+        require_safetensors(folder, "weak model")
+
+
+def _why_vllm(args: WMSSGRPOConfig) -> str:
+    if args.weak_vllm_backend == "server":
+        return f"weak_vllm_server_base_url={args.weak_vllm_server_base_url!r}"
+    return "weak_use_vllm=True" if args.weak_use_vllm else "use_vllm=True, so weak_use_vllm defaults to True"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..advantages import IS_MODES
 from ..checks import check_float, check_int, check_order, check_shares
 from ..config import WeakModelArgs
 
@@ -39,8 +41,23 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             A weak completion is wrong when its reward is below this (0/1 rewards: reward 0).
         weak_correctness_reward (`str`, *optional*):
             Name of the reward function that decides wrongness (default: the weighted sum of all reward functions).
-        weak_is_clip (`float`, defaults to `2.0`):
-            c: truncation of the per-token importance weight min(pi_old / pi_weak, c) of weak negatives.
+        weak_is_mode (`str`, defaults to `"token_truncate"`):
+            How the importance weight pi_old / pi_weak of the weak negatives is computed and bounded, with the names
+            and rules of TRL's `vllm_importance_sampling_mode`: `"token_truncate"` (per-token ratio clipped to
+            [C_min, C_max]), `"token_mask"` (per-token ratio, 0 outside [C_min, C_max]), `"sequence_truncate"` (the
+            product of the token ratios, clipped, for every token of the completion) or `"sequence_mask"` (the
+            sequence ratio, 0 outside the bounds).
+        weak_is_clip_max (`float`, *optional*, defaults to `2.0`):
+            C_max of `weak_is_mode`, like TRL's `vllm_importance_sampling_clip_max`. `None`: no upper bound.
+        weak_is_clip_min (`float`, *optional*):
+            C_min of `weak_is_mode`, like TRL's `vllm_importance_sampling_clip_min`. `None`: no lower bound.
+        weak_is_clip:
+
+            <Deprecated>
+
+            Use `weak_is_clip_max` instead (the value is copied there, with a warning).
+
+            </Deprecated>
         weak_rollout_prefetch (`int`, defaults to `3`):
             P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
             the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
@@ -55,6 +72,17 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             `entropy_weighted_advantages` or `mixing_lambda < 1` needs it. Refused at construction, naming what
             differs, unless the pool was built from the same weak model and tokenizer with the same sampling settings,
             holds every training prompt, at least `num_weak_generations` completions per prompt and enough epochs.
+        weak_use_vllm (`bool`, *optional*):
+            Sample the weak negatives with a vLLM engine of the weak checkpoint (its own `vllm.LLM` in this process,
+            loaded once, never synced since the weak model is frozen). `None` (default): when `use_vllm=True`.
+            `False`: the weak model decodes with transformers even when the policy uses vLLM.
+        weak_vllm_server_base_url (`str`, *optional*):
+            URL of a vLLM server of the weak checkpoint (`vllm serve WEAK --logprobs-mode processed_logprobs`), a
+            second server next to the policy's; the weak negatives are sampled there, by every process for its own
+            rows. Needs no weight sync, so any vLLM server works (also without GPUs).
+        weak_vllm_gpu_memory_utilization (`float`, defaults to `0.2`):
+            `gpu_memory_utilization` of the colocated weak engine (TRL's `vllm_gpu_memory_utilization` is the
+            policy engine's).
         entropy_weighted_advantages (`bool`, defaults to `False`):
             Multiply each token's advantage by the WD-DS entropy weight (mean 1 over the global batch).
         entropy_weight_alpha, entropy_weight_beta, entropy_weight_gamma (`float`, defaults to `0.1, 0.8, 0.1`):
@@ -98,9 +126,34 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             "the weighted sum of all reward functions)."
         },
     )
-    weak_is_clip: float = field(
+    weak_is_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "Importance sampling of the weak negatives, with the modes of TRL's "
+            "vllm_importance_sampling_mode: 'token_truncate' (per-token ratio pi_old / pi_weak clipped to "
+            "[C_min, C_max]), 'token_mask' (per-token ratio set to 0 outside the bounds), 'sequence_truncate' (the "
+            "product of the token ratios, clipped, applied to every token) or 'sequence_mask' (the sequence ratio, "
+            "0 outside the bounds).",
+            "choices": list(IS_MODES),
+        },
+    )
+    weak_is_clip_max: float | None = field(
         default=2.0,
-        metadata={"help": "c: the per-token importance weight of weak negatives is min(pi_old / pi_weak, c)."},
+        metadata={
+            "help": "C_max of weak_is_mode (like TRL's vllm_importance_sampling_clip_max): '*_truncate' clips the "
+            "ratio from above at it, '*_mask' sets larger ratios to 0. None: no upper bound."
+        },
+    )
+    weak_is_clip_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "C_min of weak_is_mode (like TRL's vllm_importance_sampling_clip_min): '*_truncate' clips the "
+            "ratio from below at it, '*_mask' sets smaller ratios to 0. None: no lower bound."
+        },
+    )
+    weak_is_clip: float | None = field(
+        default=None,
+        metadata={"help": "Deprecated, use weak_is_clip_max instead (the value is copied there)."},
     )
     weak_rollout_prefetch: int = field(
         default=3,
@@ -119,6 +172,24 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             "behaviour log-probs) instead of being sampled, and the weak model is loaded only if beta > 0, "
             "entropy_weighted_advantages or mixing_lambda < 1 needs it. A pool that does not match is refused."
         },
+    )
+    weak_use_vllm: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Sample the weak negatives with the weak checkpoint's own vLLM engine in this process (loaded once, "
+            "never synced). None: when use_vllm=True. False: decode the weak model with transformers."
+        },
+    )
+    weak_vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "URL of a vLLM server of the weak checkpoint (vllm serve WEAK --logprobs-mode "
+            "processed_logprobs) that samples the weak negatives; no weight sync is needed."
+        },
+    )
+    weak_vllm_gpu_memory_utilization: float = field(
+        default=0.2,
+        metadata={"help": "gpu_memory_utilization of the colocated weak vLLM engine."},
     )
     entropy_weighted_advantages: bool = field(
         default=False,
@@ -175,12 +246,9 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             self.weak_negative_threshold,
             hint="A weak completion is wrong when its reward is below it (0.5 for 0/1 rewards).",
         )
-        self.weak_is_clip = check_float(
-            "weak_is_clip",
-            self.weak_is_clip,
-            low=0.0,
-            low_open=True,
-            hint="It truncates the importance weight min(pi_old / pi_weak, c).",
+        self._check_importance_sampling()
+        self.weak_vllm_gpu_memory_utilization = check_float(
+            "weak_vllm_gpu_memory_utilization", self.weak_vllm_gpu_memory_utilization, low=0.0, low_open=True, high=1.0
         )
         self.weak_rollout_prefetch = check_int(
             "weak_rollout_prefetch",
@@ -209,6 +277,43 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             hint="It is the upper clip of the token weights (mean 1); a weight <= 0 would flip or erase advantages.",
         )
         check_order("entropy_weight_min", self.entropy_weight_min, "entropy_weight_max", self.entropy_weight_max)
+
+    def _check_importance_sampling(self):
+        """``weak_is_mode`` and its bounds, with TRL's rules for ``vllm_importance_sampling_*`` (a ``*_truncate`` mode
+        needs a bound, ``C_min < C_max``); the deprecated ``weak_is_clip`` is copied to ``weak_is_clip_max`` as TRL
+        copies ``vllm_importance_sampling_cap``."""
+        if self.weak_is_mode not in IS_MODES:
+            raise ValueError(
+                f"weak_is_mode must be one of {', '.join(repr(m) for m in IS_MODES)} (the modes of TRL's "
+                f"vllm_importance_sampling_mode), got {self.weak_is_mode!r}."
+            )
+        bound = "It bounds the importance weight pi_old / pi_weak of the weak negatives."
+        self.weak_is_clip = check_float("weak_is_clip", self.weak_is_clip, low=0.0, low_open=True, optional=True)
+        if self.weak_is_clip is not None:
+            warnings.warn(
+                f"weak_is_clip is deprecated: use weak_is_clip_max (the bound of weak_is_mode, like TRL's "
+                f"vllm_importance_sampling_clip_max). weak_is_clip_max is set to weak_is_clip={self.weak_is_clip}.",
+                FutureWarning,
+                stacklevel=5,
+            )
+            self.weak_is_clip_max = self.weak_is_clip
+        self.weak_is_clip_max = check_float(
+            "weak_is_clip_max", self.weak_is_clip_max, low=0.0, low_open=True, optional=True, hint=bound
+        )
+        self.weak_is_clip_min = check_float(
+            "weak_is_clip_min", self.weak_is_clip_min, low=0.0, optional=True, hint=bound
+        )
+        if self.weak_is_clip_min is not None and self.weak_is_clip_max is not None:
+            if self.weak_is_clip_min >= self.weak_is_clip_max:
+                raise ValueError(
+                    f"weak_is_clip_min ({self.weak_is_clip_min}) must be less than weak_is_clip_max "
+                    f"({self.weak_is_clip_max})."
+                )
+        if self.weak_is_mode.endswith("_truncate") and self.weak_is_clip_min is None and self.weak_is_clip_max is None:
+            raise ValueError(
+                f"weak_is_mode={self.weak_is_mode!r} truncates the importance weight, so it needs a bound: set "
+                "weak_is_clip_max (e.g. 2.0) or weak_is_clip_min, or use a '*_mask' mode."
+            )
 
     def _check_weak_negatives(self):
         """The batch layout of weak negatives (see the module docstring of :mod:`wmss_trl.grpo`) and their defaults."""
@@ -242,6 +347,15 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
         """False when a weak-rollout pool serves the weak negatives and nothing else reads the weak model."""
         pool_only = self.weak_rollouts_path is not None and self.beta == 0.0
         return not (pool_only and not self.entropy_weighted_advantages and self.mixing_lambda == 1.0)
+
+    def weak_vllm_backend(self) -> str | None:
+        """How the weak negatives are decoded with vLLM: ``"server"`` (``weak_vllm_server_base_url``), ``"colocate"``
+        (``weak_use_vllm``, by default with ``use_vllm``), or ``None`` (transformers' ``generate``)."""
+        if self.num_weak_generations == 0 or self.weak_rollouts_path is not None:
+            return None  # no weak decoding: no weak negatives, or a pool serves them
+        if self.weak_vllm_server_base_url:
+            return "server"
+        return "colocate" if (self.use_vllm if self.weak_use_vllm is None else self.weak_use_vllm) else None
 
     @property
     def needs_weak_model(self) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..advantages import entropy_advantage_weights, sequence_mean, truncated_importance_weights
+from ..advantages import entropy_advantage_weights, importance_weights, sequence_mean
 from . import metrics
 from .batch import SOURCE_POLICY, SOURCE_WEAK_NEGATIVE
 
@@ -35,8 +35,8 @@ class StepStats:
 
 def apply_token_weights(trainer, batch: dict, logps: torch.Tensor, entropies: torch.Tensor | None) -> None:
     """Fold the token weights into ``batch["advantages"]`` (in place), from the policy log-probs / entropies of the
-    batch's rows: the negatives' truncated importance weights ``min(pi_old / pi_weak, c)`` (their KL reference
-    becomes these log-probs) and the entropy weights. One path for both timings: at generation time, or inside
+    batch's rows: the negatives' importance weights of ``weak_is_mode`` (default ``min(pi_old / pi_weak, c)``; their
+    KL reference becomes these log-probs) and the entropy weights. One path for both timings: at generation time, or inside
     TRL's loss from its own forward (one micro-batch per generation batch, one iteration)."""
     weak_h, weak_lp = batch.pop("wmss_weak_entropy", None), batch.pop("wmss_weak_logps", None)
     behaviour = batch.pop("wmss_behaviour_logps", None)
@@ -45,7 +45,8 @@ def apply_token_weights(trainer, batch: dict, logps: torch.Tensor, entropies: to
     factor = torch.ones_like(logps)
     if behaviour is not None:
         neg = source == SOURCE_WEAK_NEGATIVE
-        factor[neg] = truncated_importance_weights(logps[neg], behaviour[neg], mask[neg], trainer.args.weak_is_clip)
+        mode, clip, clip_min = trainer.args.weak_is_mode, trainer.args.weak_is_clip_max, trainer.args.weak_is_clip_min
+        factor[neg] = importance_weights(logps[neg], behaviour[neg], mask[neg], mode, clip, clip_min)
         plausibility = sequence_mean(logps[neg], mask[neg])
         metrics.log_is_weights(train_metrics, trainer.accelerator, factor[neg], mask[neg], plausibility)
         if batch.get("ref_per_token_logps") is not None:

@@ -24,7 +24,12 @@ from trl.trainer.utils import RepeatSampler, pad
 
 from ..core import cut_at_eos
 from .batch import weak_row_parents
-from .sampling import EpochOrderedSampler, SampledTokenLogProbs
+from .sampling import (
+    EpochOrderedSampler,
+    SampledTokenLogProbs,
+    stream_seed,
+)
+from .vllm_engine import SamplingSettings, weak_engine
 
 
 class WeakSampler:
@@ -46,6 +51,8 @@ class WeakSampler:
                 "weak negatives sample the weak model token by token with the policy's sampling settings; beam "
                 "search (num_beams > 1) and watermarking in generation_kwargs are not supported with them."
             )
+        self.vllm = weak_engine(trainer)  # None: transformers' generate
+        self.vllm_settings = SamplingSettings.from_trainer(trainer) if self.vllm is not None else None
         self._source, self._ahead, self._returned = None, deque(), []
         self._epoch_start, self._epoch, self._next_position = (0, 0), 0, 0
         self._cache: dict[tuple[int, int], tuple[list, list]] = {}
@@ -134,8 +141,14 @@ class WeakSampler:
         """One completion per prompt from the weak model, on every process in lockstep (ZeRO-3 gathers the weak shards
         in ``unwrap_model_for_generation``): completion ids cut after the first EOS, like TRL, and the weak model's
         log-prob ``log softmax(z / T)`` of each sampled token, recorded while sampling (the behaviour log-probs of the
-        importance weights, without a second forward)."""
+        importance weights, without a second forward). With a vLLM backend (:mod:`~wmss_trl.grpo.vllm_engine`) the
+        row's seed is ``stream_seed(*row key)`` and the log-probs are vLLM's."""
         t = self.trainer
+        if self.vllm is not None:
+            seeds = [stream_seed(*key) for key in row_keys]
+            ids, logps = self.vllm.sample(prompt_ids_list, 1, self.vllm_settings, seeds)
+            ids = [cut_at_eos(row, set(t.eos_token_ids))[0] for row in ids]
+            return ids, [lp[: len(row)] for lp, row in zip(logps, ids, strict=True)]
         prompts = [torch.tensor(ids) for ids in prompt_ids_list]
         padded = {
             "padding_side": "left",
