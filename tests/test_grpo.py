@@ -446,6 +446,39 @@ def test_groups_without_wrong_weak_answers_are_untouched(tiny, tmp_path):
     assert out["num_items_in_batch"] == ref["num_items_in_batch"]
 
 
+def test_policy_sample_logp_is_the_naive_mean_over_the_policy_rows(tiny, tmp_path):
+    """``wmss/policy_sample_logp`` (next to ``wmss/weak_negative_logp``) = mean over the policy's own rows of their mean
+    token log-prob under the policy, from a plain loop over the batch."""
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.grpo import SOURCE_POLICY
+
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path / "plain", weak_model=tiny["weak"], num_weak_generations=2)
+    wmss.stats_from_loss = False  # eager without entropy weights: no policy forward over its own rows, no metric
+    generate(wmss, 2)
+    assert "wmss/weak_negative_logp" in wmss._metrics["train"]
+    assert "wmss/policy_sample_logp" not in wmss._metrics["train"]  # never a placeholder value
+    wmss = make(
+        WMSSGRPOTrainer,
+        tiny,
+        tmp_path,
+        weak_model=tiny["weak"],
+        num_weak_generations=2,
+        entropy_weighted_advantages=True,
+    )
+    wmss.stats_from_loss = False  # eager with entropy weights: the policy log-probs of every row are in wmss_stats
+    out = generate(wmss, 2)
+    logps, mask, source = wmss.wmss_stats.policy_logps, out["completion_mask"], out["wmss_source"]
+    per_row = []
+    for i in range(logps.size(0)):
+        if source[i] == SOURCE_POLICY and mask[i].sum() > 0:
+            tokens = [logps[i, t].item() for t in range(logps.size(1)) if mask[i, t] > 0]
+            per_row.append(sum(tokens) / len(tokens))
+    assert len(per_row) == (source == SOURCE_POLICY).sum().item() > 0
+    expected = sum(per_row) / len(per_row)
+    assert wmss._metrics["train"]["wmss/policy_sample_logp"][-1] == pytest.approx(expected, rel=1e-5)
+    assert wmss._metrics["train"]["wmss/weak_negative_logp"][-1] != pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, beta):
     """One micro-batch per generation and every wrong answer kept (M = K): the negatives' importance weights (and

@@ -169,7 +169,7 @@ def test_trainer_applies_the_mode(tiny, tmp_path, mode):
 
     args = grpo_args(
         tmp_path,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=16,  # one generation batch of 32 rows = 8 prompts x 4, as TRL hands it over
         gradient_accumulation_steps=2,
         num_weak_generations=2,
         weak_is_mode=mode,

@@ -23,16 +23,21 @@ def log_negatives(metrics, stats: dict, threshold: float) -> None:
     )
 
 
-def log_is_weights(metrics, accelerator, rho, mask, plausibility) -> None:
+def log_is_weights(metrics, accelerator, rho, mask, plausibility, own_plausibility) -> None:
     """Metrics of this process's selected negatives (reduced over processes): their importance weights
-    ``rho`` and mask ``(n, T)``, and their plausibility ``(n,)`` (mean token log-prob under the policy)."""
+    ``rho`` and mask ``(n, T)``, and their plausibility ``(n,)`` (mean token log-prob under the policy), next to
+    the same for the policy's own samples, ``own_plausibility`` ``(m,)`` (or ``None``: not logged): ``wmss/weak_negative_logp`` and
+    ``wmss/policy_sample_logp`` are ``mean_i (1/|y_i|) sum_t log pi(y_it | x, y_i<t)`` over the two sets of rows, so
+    their gap says how far off the policy's support the weak negatives are."""
     m = mask.float()
-    sums = torch.stack(
-        [(rho * m).sum(), m.sum(), plausibility.sum(), torch.tensor(float(plausibility.numel()), device=m.device)]
-    )
+    count = lambda t: torch.tensor(float(t.numel()), device=m.device)  # noqa: E731
+    own = own_plausibility if own_plausibility is not None else torch.zeros(0, device=m.device)
+    sums = torch.stack([(rho * m).sum(), m.sum(), plausibility.sum(), count(plausibility), own.sum(), count(own)])
     sums = accelerator.reduce(sums.double(), reduction="sum")
     local_max = (rho * m).max() if m.numel() else torch.zeros((), device=m.device)
     metrics["wmss/weak_negative_logp"].append((sums[2] / sums[3]).item() if sums[3] > 0 else float("nan"))
+    if own_plausibility is not None:  # None: the policy's own rows had no forward (eager, no entropy weights)
+        metrics["wmss/policy_sample_logp"].append((sums[4] / sums[5]).item() if sums[5] > 0 else float("nan"))
     metrics["wmss/is_weight_mean"].append((sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"))
     metrics["wmss/is_weight_max"].append(
         accelerator.gather(local_max.reshape(1).float()).max().item() if sums[1] > 0 else float("nan")

@@ -33,11 +33,15 @@ class StepStats:
     entropy_weight: torch.Tensor | None = None
 
 
-def apply_token_weights(trainer, batch: dict, logps: torch.Tensor, entropies: torch.Tensor | None) -> None:
+def apply_token_weights(
+    trainer, batch: dict, logps: torch.Tensor, entropies: torch.Tensor | None, own_rows: bool = True
+) -> None:
     """Fold the token weights into ``batch["advantages"]`` (in place), from the policy log-probs / entropies of the
     batch's rows: the negatives' importance weights of ``weak_is_mode`` (default ``min(pi_old / pi_weak, c)``; their
     KL reference becomes these log-probs) and the entropy weights. One path for both timings: at generation time, or inside
-    TRL's loss from its own forward (one micro-batch per generation batch, one iteration)."""
+    TRL's loss from its own forward (one micro-batch per generation batch, one iteration). ``own_rows``: ``logps`` holds
+    the policy's own rows too (always inside the loss; at generation time only when the entropy weights needed them),
+    so their plausibility is logged next to the negatives'."""
     weak_h, weak_lp = batch.pop("wmss_weak_entropy", None), batch.pop("wmss_weak_logps", None)
     behaviour = batch.pop("wmss_behaviour_logps", None)
     mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
@@ -48,7 +52,11 @@ def apply_token_weights(trainer, batch: dict, logps: torch.Tensor, entropies: to
         mode, clip, clip_min = trainer.args.weak_is_mode, trainer.args.weak_is_clip_max, trainer.args.weak_is_clip_min
         factor[neg] = importance_weights(logps[neg], behaviour[neg], mask[neg], mode, clip, clip_min)
         plausibility = sequence_mean(logps[neg], mask[neg])
-        metrics.log_is_weights(train_metrics, trainer.accelerator, factor[neg], mask[neg], plausibility)
+        own = (source == SOURCE_POLICY) & (mask.sum(-1) > 0)
+        own_plausibility = sequence_mean(logps[own], mask[own]) if own_rows else None
+        metrics.log_is_weights(
+            train_metrics, trainer.accelerator, factor[neg], mask[neg], plausibility, own_plausibility
+        )
         if batch.get("ref_per_token_logps") is not None:
             batch["ref_per_token_logps"] = torch.where(neg.unsqueeze(1), logps, batch["ref_per_token_logps"])
         stats.is_weight = factor.clone()

@@ -317,7 +317,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
             out["ref_per_token_logps"] = ref
         if eager:
             out.update(eager)
-            apply_token_weights(self, out, stats.policy_logps, stats.policy_entropy)
+            apply_token_weights(self, out, stats.policy_logps, stats.policy_entropy, own_rows=eager_ent)
         out.update(deferred)
         metrics.log_table_rows(self._logs, self.accelerator, self.reward_func_names, weak, stats.negatives, n_pol)
         return out
