@@ -162,3 +162,22 @@ def test_runs_under_accelerate_with_accelerate_config(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "wmss grpo: 2 process(es)" in (out / "runs/wmss/seed0/train.log").read_text()
     assert json.loads((out / "compare.json").read_text())["summary"]["arms"]["wmss"]["seeds"] == [0]
+
+
+def test_equal_time_steps_follow_cpu_time_not_wall_time():
+    """The equal-time vanilla arm gets vanilla's steps scaled by the CPU-time ratio of the two runs, whatever their
+    wall times say (here the WMSS run's wall time is the smaller one, as load from other jobs can make it); records
+    without CPU time fall back to the wall-time rule."""
+    from types import SimpleNamespace
+
+    from wmss_trl.recipes.compare.runs import equal_time_steps
+
+    plan = SimpleNamespace(arms=["vanilla", "wmss", "vanilla_equal_time"])
+    vanilla = {"steps": 300, "start_step": 0, "train_runtime": 600.0, "step_seconds": 2.0, "cpu_seconds": 300.0}
+    wmss = {"steps": 300, "start_step": 0, "train_runtime": 450.0, "step_seconds": 1.5, "cpu_seconds": 390.0}
+    runs = {"vanilla": {0: {"train": vanilla}}, "wmss": {0: {"train": wmss}}}
+    assert equal_time_steps(plan, runs, 0) == 390  # 300 * 390 / 300, not 450 / 2.0 = 225
+    old = {k: v for k, v in wmss.items() if k != "cpu_seconds"}
+    assert equal_time_steps(plan, {**runs, "wmss": {0: {"train": old}}}, 0) == 225
+    with pytest.raises(RuntimeError, match="needs the vanilla and wmss runs of seed 1"):
+        equal_time_steps(plan, runs, 1)

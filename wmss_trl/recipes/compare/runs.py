@@ -87,6 +87,9 @@ def train(plan: Plan, arm: str, seed: int, config: dict, flags: list[str], out: 
         "step_seconds": runtime / max(steps - start_step, 1),
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
         "wall_seconds": wall,
+        # CPU time of the run's processes (the child and every process it reaped): the work done, which other jobs
+        # on a shared machine do not inflate the way they inflate wall time
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
     }
 
 
@@ -158,15 +161,21 @@ def evaluate_run(plan: Plan, evaluator: Evaluator, out: str, seed: int, arm: str
 
 
 def equal_time_steps(plan: Plan, runs: dict, seed: int) -> int:
-    """The steps of :data:`EQUAL_TIME` for ``seed``: the reference arm's (``wmss``, or the first non-vanilla arm)
-    training time in vanilla's seconds per step; ``RuntimeError`` when one of the two runs is missing."""
+    """The steps of :data:`EQUAL_TIME` for ``seed``: vanilla's steps scaled by the reference arm's (``wmss``, or the
+    first non-vanilla arm) compute over vanilla's, ``round(steps_vanilla * cpu_ref / cpu_vanilla)``, measured in CPU
+    time (wall time follows the load of other jobs on a shared machine); from wall time, ``train_runtime_ref /
+    step_seconds_vanilla``, for runs recorded before CPU time was. ``RuntimeError`` when one of the two runs is
+    missing."""
     ref = WMSS if WMSS in plan.arms else next(a for a in plan.arms if a not in (VANILLA, EQUAL_TIME))
     if seed not in runs.get(VANILLA, {}) or seed not in runs.get(ref, {}):
         raise RuntimeError(
             f"arm {EQUAL_TIME!r} (seed {seed}) skipped: it needs the {VANILLA} and {ref} runs of seed {seed}."
         )
-    vanilla_train = runs[VANILLA][seed]["train"]
-    return max(1, round(runs[ref][seed]["train"]["train_runtime"] / vanilla_train["step_seconds"]))
+    vanilla_train, ref_train = runs[VANILLA][seed]["train"], runs[ref][seed]["train"]
+    if "cpu_seconds" in vanilla_train and "cpu_seconds" in ref_train:
+        steps = vanilla_train["steps"] - vanilla_train["start_step"]
+        return max(1, round(steps * ref_train["cpu_seconds"] / vanilla_train["cpu_seconds"]))
+    return max(1, round(ref_train["train_runtime"] / vanilla_train["step_seconds"]))
 
 
 def base_file(plan: Plan, seed: int) -> str:
