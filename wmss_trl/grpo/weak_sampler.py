@@ -17,16 +17,16 @@ from collections import deque
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig
 from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, pad
 
 from ..core import cut_at_eos
+from ..rollouts.backend import seeded_generate
 from .batch import weak_row_parents
 from .sampling import (
     EpochOrderedSampler,
-    SampledTokenLogProbs,
     stream_seed,
 )
 from .vllm_engine import SamplingSettings, weak_engine
@@ -167,28 +167,17 @@ class WeakSampler:
             ) as unwrapped,
             torch.no_grad(),
         ):
-            recorder = SampledTokenLogProbs(t.temperature)
-            settings, processors = self._decoding(unwrapped, recorder, row_keys, input_ids.size(1))
             adapters_off = unwrapped.disable_adapter() if t.weak_source == "peft_base" else contextlib.nullcontext()
             with adapters_off:
-                out = unwrapped.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=settings,
-                    logits_processor=LogitsProcessorList(processors),
+                return seeded_generate(
+                    unwrapped,
+                    self.generation_config,
+                    t.temperature,
+                    input_ids,
+                    attention_mask,
+                    row_keys,
+                    t.eos_token_ids,
                 )
-        completion_ids = out[:, input_ids.size(1) :]
-        logps = recorder.finish(completion_ids)
-        ids = [cut_at_eos(row, set(t.eos_token_ids))[0] for row in completion_ids.tolist()]
-        return ids, [lp[: len(row)] for lp, row in zip(logps.tolist(), ids, strict=True)]
-
-    def _decoding(self, unwrapped, recorder, row_keys, prompt_width: int):
-        """The generation config and logits processors of a weak ``generate`` call: the settings ``generate`` would
-        use (ours over the model's generation_config over transformers' defaults), decoded greedily with the sampling
-        warpers and the seeded Gumbel-max draw as processors."""
-        from ..rollouts.backend import seeded_decoding
-
-        return seeded_decoding(unwrapped, self.generation_config, recorder, row_keys, prompt_width)
 
     def samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
         """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``, from the cache that

@@ -36,6 +36,25 @@ def seeded_decoding(model, generation_config: GenerationConfig, recorder, row_ke
     return settings, processors
 
 
+def seeded_generate(model, generation_config, temperature: float, input_ids, attention_mask, row_keys, eos_ids):
+    """One seeded completion per row of the left-padded ``input_ids`` ``(n, P)``: the ids cut after the first EOS
+    (like TRL) and the behaviour log-probs ``log softmax(z / T)`` of the sampled tokens, recorded while sampling."""
+    from ..grpo.sampling import SampledTokenLogProbs
+
+    recorder = SampledTokenLogProbs(temperature)
+    settings, processors = seeded_decoding(model, generation_config, recorder, row_keys, input_ids.size(1))
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=settings,
+        logits_processor=LogitsProcessorList(processors),
+    )
+    completion_ids = out[:, input_ids.size(1) :]  # (n, T)
+    logps = recorder.finish(completion_ids)
+    ids = [cut_at_eos(row, set(eos_ids))[0] for row in completion_ids.tolist()]
+    return ids, [lp[: len(row)] for lp, row in zip(logps.tolist(), ids, strict=True)]
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """TRL GRPO's rule: every EOS id the model's generation config declares, and the tokenizer's first."""
     ids = model.generation_config.eos_token_id
@@ -72,12 +91,9 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model, tokenizer, settings):
-        from ..grpo.sampling import SampledTokenLogProbs
-
         self.model, self.tokenizer, self.temperature = model, tokenizer, settings.temperature
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.generation_config = generation_config(settings, tokenizer, self.eos_ids)
-        self._recorder = SampledTokenLogProbs
         if self.generation_config.num_beams not in (None, 1):
             raise NotImplementedError("weak rollouts sample token by token; num_beams > 1 is not supported.")
 
@@ -89,20 +105,9 @@ class TransformersBackend:
         pad_id = self.generation_config.pad_token_id
         input_ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
-        recorder = self._recorder(self.temperature)
-        settings, processors = seeded_decoding(
-            self.model, self.generation_config, recorder, row_keys, input_ids.size(1)
+        return seeded_generate(
+            self.model, self.generation_config, self.temperature, input_ids, attention_mask, row_keys, self.eos_ids
         )
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=settings,
-            logits_processor=LogitsProcessorList(processors),
-        )
-        completion_ids = out[:, input_ids.size(1) :]
-        logps = recorder.finish(completion_ids)
-        ids = [cut_at_eos(row, set(self.eos_ids))[0] for row in completion_ids.tolist()]
-        return ids, [lp[: len(row)] for lp, row in zip(logps.tolist(), ids, strict=True)]
 
 
 BACKENDS = {"transformers": TransformersBackend}  # --backend NAME: the class, built as BACKENDS[NAME](model, tok, s)
