@@ -348,6 +348,7 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
         pool_only = self.weak_rollouts_path is not None and self.beta == 0.0
         return not (pool_only and not self.entropy_weighted_advantages and self.mixing_lambda == 1.0)
 
+    @property
     def weak_vllm_backend(self) -> str | None:
         """How the weak negatives are decoded with vLLM: ``"server"`` (``weak_vllm_server_base_url``), ``"colocate"``
         (``weak_use_vllm``, by default with ``use_vllm``), or ``None`` (transformers' ``generate``)."""
