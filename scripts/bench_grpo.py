@@ -20,6 +20,14 @@ Compared pairs (``num_weak_generations = num_generations / 4``):
 * ``negatives``: WMSS with weak negatives only vs vanilla, both ``beta = 0``;
 * ``full``: WMSS with weak negatives + entropy-weighted advantages + KL to the weak model (``beta = 0.04``) vs
   vanilla with ``beta = 0.04`` (KL to TRL's copy of the policy). This is the headline ratio (target <= 1.35x).
+* ``pool``: WMSS with weak negatives read from a precomputed weak-rollout pool (``weak_rollouts_path``, built once
+  with ``build_pool`` before the timed rounds, with the run's sampling settings; the weak model is not loaded, beta =
+  0) vs vanilla, beta = 0 (target <= 1.15x: the floor is the extra training rows). The one-off build cost (wall and
+  CPU time per prompt, transformers backend, model load excluded) is printed.
+* ``vllm`` (only where vllm is importable): both arms with ``use_vllm=True, vllm_mode="colocate"`` (TRL's engine
+  for the policy), WMSS with the weak model's own colocated engine too, beta = 0 (target <= 1.25x). On vLLM's CPU
+  build the linear-weight packing is switched off (:func:`keep_vllm_cpu_weights`, as tests/dist/vllm_grpo_run.py
+  does) so that TRL's weight sync into its engine works; ``min_new_tokens`` becomes vLLM's ``min_tokens``.
 
 Completions are forced to ``max_completion_length`` tokens (``min_new_tokens``) unless ``--free_length``: after the
 first step the two arms sample different completions, and with free lengths the step time follows the sampled
@@ -99,11 +107,19 @@ def dataset(n):
     return Dataset.from_list(rows)
 
 
-def make_trainer(kind, strong, weak, out, a, beta, timer):
-    from trl import GRPOTrainer
+def keep_vllm_cpu_weights() -> None:
+    """vLLM's CPU build packs every linear layer's weight and drops the original Parameter, so TRL's colocate weight
+    sync fails ("'Parameter' object has no attribute 'weight_loader'"); with the packing off vLLM keeps the weights
+    and uses ``torch.nn.functional.linear`` (the same switch as tests/dist/vllm_grpo_run.py; CPU only)."""
+    import vllm._custom_ops
+    import vllm.model_executor.layers.utils
 
-    from wmss_trl import WMSSGRPOConfig, WMSSGRPOTrainer
-    from wmss_trl.recipes.common import load_tokenizer
+    vllm._custom_ops._supports_onednn = False
+    vllm.model_executor.layers.utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
+
+
+def make_args(kind, out, a, beta):
+    from wmss_trl import WMSSGRPOConfig
 
     g = a.num_generations
     kw = dict(
@@ -123,20 +139,75 @@ def make_trainer(kind, strong, weak, out, a, beta, timer):
         disable_tqdm=True,
         beta=beta,
     )
+    on_vllm = kind.endswith("_vllm")
     if not a.free_length:  # every completion (policy and weak) decodes max_completion_length tokens
-        kw["generation_kwargs"] = {"min_new_tokens": a.completion_length}
+        kw["generation_kwargs"] = {("min_tokens" if on_vllm else "min_new_tokens"): a.completion_length}
+    if on_vllm:
+        kw.update(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128 + a.completion_length)
     if kind.startswith("wmss"):
         kw.update(num_weak_generations=g // 4, weak_rollout_prefetch=a.weak_rollout_prefetch)
         if kind == "wmss_full":
             kw.update(entropy_weighted_advantages=True)
-    args = WMSSGRPOConfig(**kw)
+        if kind == "wmss_pool":
+            kw.update(weak_rollouts_path=a.pool)
+    return WMSSGRPOConfig(**kw)
+
+
+def make_trainer(kind, strong, weak, out, a, beta, timer):
+    from trl import GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.recipes.common import load_tokenizer
+
+    args = make_args(kind, out, a, beta)
     common = dict(args=args, train_dataset=dataset(4096), processing_class=load_tokenizer(strong), callbacks=[timer])
     if kind.startswith("wmss"):
         return WMSSGRPOTrainer(strong, digit_fraction, weak_model=weak, **common)
     return GRPOTrainer(strong, digit_fraction, **common)
 
 
-PAIRS = {"negatives": ("vanilla_b0", "wmss_neg", 0.0), "full": ("vanilla_kl", "wmss_full", 0.04)}
+PAIRS = {
+    "negatives": ("vanilla_b0", "wmss_neg", 0.0),
+    "full": ("vanilla_kl", "wmss_full", 0.04),
+    "pool": ("vanilla_b0", "wmss_pool", 0.0),
+    "vllm": ("vanilla_vllm", "wmss_vllm", 0.0),
+}
+TARGETS = {"negatives": 1.35, "full": 1.35, "pool": 1.15, "vllm": 1.25}
+
+
+def build_bench_pool(weak, root, a) -> dict:
+    """Build the weak-rollout pool of the ``pool`` arm once (the weak model's folder, the run's sampling settings, as
+    many epochs as the run needs) and time it: wall and CPU seconds per distinct prompt, weak model load excluded."""
+    from transformers import AutoModelForCausalLM
+
+    from wmss_trl.grpo.checks import pool_epochs_needed
+    from wmss_trl.recipes.common import load_tokenizer
+    from wmss_trl.rollouts import RolloutConfig, build_pool
+    from wmss_trl.rollouts.config import sampling_settings
+
+    args = make_args("wmss_pool", root, a, 0.0)
+    data = dataset(4096)
+    cfg = RolloutConfig(
+        **sampling_settings(args),
+        num_generations=args.num_weak_generations,
+        epochs=pool_epochs_needed(args, len(data)),
+        seed=args.seed,
+        progress=False,
+    )
+    model, tok = AutoModelForCausalLM.from_pretrained(weak).eval(), load_tokenizer(weak)
+    start = (time.perf_counter(), time.process_time())
+    manifest = build_pool(data, model, tok, a.pool, cfg, model_path=weak)
+    wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+    n = len(manifest["prompt_ids"])
+    out = {"prompts": n, "rows": manifest["num_rows"], "wall_s": wall, "cpu_s": cpu}
+    out |= {"wall_s_per_prompt": wall / n, "cpu_s_per_prompt": cpu / n, "batch_size": cfg.batch_size}
+    print(
+        f"pool build (one-off, transformers backend, batch_size {cfg.batch_size}): {n} distinct prompts x "
+        f"{cfg.epochs} epoch(s) x {cfg.num_generations} completions = {manifest['num_rows']} rows in wall {wall:.2f} s"
+        f" / cpu {cpu:.2f} s: {wall / n:.3f} s wall, {cpu / n:.3f} s cpu per prompt",
+        flush=True,
+    )
+    return out
 
 
 def run_child(kind, strong, weak, a):
@@ -145,6 +216,8 @@ def run_child(kind, strong, weak, a):
 
     base = rss_mb()  # after imports (torch, transformers, trl, wmss_trl are imported by now)
     beta = next(b for vk, wk, b in PAIRS.values() if kind in (vk, wk))
+    if kind.endswith("_vllm"):
+        keep_vllm_cpu_weights()
     a.steps = a.memory_steps - 1  # make_trainer adds a warm-up step (and P steps, so a full prefetch call happens)
     trainer = make_trainer(kind, strong, weak, tempfile.mkdtemp(prefix="bench_grpo_mem_"), a, beta, StepTimer())
     trainer.remove_callback(PrinterCallback)
@@ -157,7 +230,8 @@ def measure_memory(strong, weak, a, kinds, argv):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     results = {}
     for kind in kinds:
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", kind, "--paths", f"{strong},{weak}"]
+        paths = f"{strong},{weak},{a.pool or ''}"
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", kind, "--paths", paths]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"memory run of {kind} failed:\n{proc.stderr[-4000:]}")
@@ -197,6 +271,7 @@ def main(argv=None):
     )
     p.add_argument("--memory_steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--pool", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
@@ -208,8 +283,19 @@ def main(argv=None):
             f"--steps must be a multiple of weak_rollout_prefetch + 1 = {a.weak_rollout_prefetch + 1}, "
             "so that every round times whole prefetch cycles."
         )
+    names = a.pairs.split(",")
+    unknown = [name for name in names if name not in PAIRS]
+    if unknown:
+        raise SystemExit(f"--pairs: unknown pair(s) {unknown}; choose from {sorted(PAIRS)}.")
+    if "vllm" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SystemExit("--pairs vllm needs vllm (pip install '.[vllm]'); it is not importable here.")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if a.child:
-        print("RESULT " + json.dumps(run_child(a.child, *a.paths.split(","), a)), flush=True)
+        strong, weak, a.pool = a.paths.split(",")
+        print("RESULT " + json.dumps(run_child(a.child, strong, weak, a)), flush=True)
         return 0
 
     from wmss_trl.machine import describe_machine, machine_info
@@ -219,7 +305,16 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix="bench_grpo_")
     # without --weak, a real model is its own weak model: the weights do not change the cost, only the numbers
     strong, weak = (a.model, a.weak or a.model) if a.model else build_models(root, a.hidden, a.layers)
-    chosen = [PAIRS[name] for name in a.pairs.split(",")]
+    chosen = [PAIRS[name] for name in names]
+    pool_build = None
+    if "pool" in names:
+        a.pool = os.path.join(root, "pool")
+        pool_build = build_bench_pool(weak, root, a)
+    if "vllm" in names:
+        keep_vllm_cpu_weights()
+        print(
+            "vllm arms: vLLM's CPU linear-weight packing is off (keep_vllm_cpu_weights), as in the tests", flush=True
+        )
     times = {kind: [] for vk, wk, _ in chosen for kind in (vk, wk)}
     cpu_times = {kind: [] for kind in times}
     for r in range(a.rounds):
@@ -251,18 +346,24 @@ def main(argv=None):
         f"torch threads={torch.get_num_threads()}"
     )
     summary = {}
-    for name, (vk, wk, beta) in zip(a.pairs.split(","), chosen):
+    if pool_build is not None:
+        summary["pool_build"] = pool_build
+        print(
+            f"pool build (one-off): {pool_build['wall_s_per_prompt']:.3f} s wall, {pool_build['cpu_s_per_prompt']:.3f} "
+            f"s cpu per prompt ({pool_build['rows'] // pool_build['prompts']} completions each)"
+        )
+    for name, (vk, wk, beta) in zip(names, chosen):
         summary[name] = {"beta": beta, "n": len(times[vk])}
         for clock, data in (("wall", times), ("cpu", cpu_times)):
             v, w = statistics.mean(data[vk]), statistics.mean(data[wk])
             summary[name].update({f"vanilla_{clock}_s": v, f"wmss_{clock}_s": w, f"ratio_{clock}": w / v})
             print(
                 f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (mean of "
-                f"{len(data[vk])}), ratio {w / v:.2f}x (target <= 1.35x)"
+                f"{len(data[vk])}), ratio {w / v:.2f}x (target <= {TARGETS[name]:.2f}x)"
             )
     if a.memory_steps > 0:
         memory = measure_memory(strong, weak, a, list(times), argv)
-        for name, (vk, wk, _beta) in zip(a.pairs.split(","), chosen):
+        for name, (vk, wk, _beta) in zip(names, chosen):
             v, w = memory[vk]["train_mb"], memory[wk]["train_mb"]
             summary[name].update(
                 {

@@ -3,10 +3,17 @@
 Every backend returns, per prompt, one completion (cut after the first EOS, like TRL) and the weak model's log-prob
 ``log softmax(z / T)`` of each sampled token (the behaviour policy), with the draw of a row depending only on its key
 (``row_keys``), so that the samples do not depend on the batch a row is decoded in nor on the process count.
-:class:`TransformersBackend` is the default; another engine (e.g. vLLM) plugs in as another entry of :data:`BACKENDS`.
+:class:`TransformersBackend` is the default; :class:`VLLMBackend` (``--backend vllm``) samples with the weak model's
+own colocated vLLM engine (:class:`~wmss_trl.grpo.vllm_engine.WeakVLLMEngine`), row ``key`` seeded by
+``stream_seed(*key)`` as the GRPO trainer's online vLLM path. Both draw exactly from the configured sampling
+distribution; their behaviour log-probs agree when top-k / top-p / min-p are off (``log softmax(z / T)``), and with them
+on vLLM's are those of the renormalised truncated distribution it sampled from (see
+:mod:`~wmss_trl.grpo.vllm_engine`), as in a GRPO run with ``weak_use_vllm``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -110,4 +117,56 @@ class TransformersBackend:
         )
 
 
-BACKENDS = {"transformers": TransformersBackend}  # --backend NAME: the class, built as BACKENDS[NAME](model, tok, s)
+class VLLMBackend:
+    """Samples with a colocated vLLM engine of the weak checkpoint's folder (``model.name_or_path``: the folder the
+    pool's weak model was loaded from), one request per row seeded by ``stream_seed(*row key)``, recording vLLM's
+    log-probs of the sampled tokens as the behaviour log-probs. One process only (each process would start its own
+    engine outside the launch); the engine is loaded once, in the weak model's dtype."""
+
+    name = "vllm"
+
+    def __init__(self, model, tokenizer, settings):
+        from accelerate import PartialState
+
+        from ..grpo.vllm_engine import SamplingSettings, WeakVLLMEngine
+
+        folder = getattr(model, "name_or_path", None)
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(
+                f"--backend vllm loads the weak checkpoint from its local folder, but the weak model was not loaded "
+                f"from one (name_or_path={folder!r}). Save it with save_pretrained and pass the folder (--model), or "
+                "use --backend transformers."
+            )
+        if PartialState().num_processes > 1:
+            raise ValueError(
+                "--backend vllm samples in one process (vLLM batches the rows itself); run `wmss weak-rollouts "
+                "--backend vllm` without accelerate launch, or use --backend transformers across processes."
+            )
+        if (settings.generation_kwargs or {}).get("num_beams", 1) != 1:
+            raise NotImplementedError("weak rollouts sample token by token; num_beams > 1 is not supported.")
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.settings = SamplingSettings(
+            max_tokens=settings.max_completion_length,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k or 0,
+            min_p=settings.min_p,
+            repetition_penalty=settings.repetition_penalty,
+            stop_token_ids=tuple(self.eos_ids),
+            extra=dict(settings.generation_kwargs or {}),
+        )
+        self.engine = WeakVLLMEngine(folder, seed=settings.seed, dtype=str(model.dtype).removeprefix("torch."))
+
+    def sample(self, prompt_ids_list: list[list[int]], row_keys: list[tuple[int, ...]]):
+        """One completion per prompt: ``(completion ids cut after the first EOS, vLLM's behaviour log-probs)``."""
+        from ..grpo.sampling import stream_seed
+
+        ids, logps = self.engine.sample(prompt_ids_list, 1, self.settings, [stream_seed(*key) for key in row_keys])
+        ids = [cut_at_eos(row, set(self.eos_ids))[0] for row in ids]
+        return ids, [lp[: len(row)] for lp, row in zip(logps, ids, strict=True)]
+
+
+BACKENDS = {
+    "transformers": TransformersBackend,
+    "vllm": VLLMBackend,
+}  # --backend NAME: the class, built as BACKENDS[NAME](model, tok, s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,8 @@ class RolloutConfig:
             chat_template_kwargs: as in [`~trl.GRPOConfig`].
         seed (`int`, defaults to `0`): Completion k of epoch e of a prompt is drawn from noise seeded by
             (seed, prompt id, e, k), whatever the batch or the process count.
-        backend (`str`, defaults to `"transformers"`): The sampling engine.
+        backend (`str`, defaults to `"transformers"`): The sampling engine: `"transformers"` (``generate``) or
+            `"vllm"` (a colocated vLLM engine of the weak model's folder; needs ``pip install 'wmss_trl[vllm]'``).
         batch_size (`int`, defaults to `16`): Completions per generate call (does not change the samples).
         shard_size (`int`, defaults to `64`): Prompts per written shard (the unit of resume).
         progress (`bool`, defaults to `True`): Show a progress bar on the main process.
@@ -62,7 +64,14 @@ class RolloutConfig:
     seed: int = field(
         default=0, metadata={"help": "Completion k of epoch e of a prompt is seeded by (seed, prompt id, e, k)."}
     )
-    backend: str = field(default="transformers", metadata={"help": "Sampling engine.", "choices": ["transformers"]})
+    backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "Sampling engine: transformers (generate) or vllm (a colocated vLLM engine of the weak model's "
+            "folder, one process; pip install 'wmss_trl[vllm]').",
+            "choices": ["transformers", "vllm"],
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Completions per generate call (samples unchanged)."})
     shard_size: int = field(default=64, metadata={"help": "Prompts per written shard (the unit of resume)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on the main process."})
@@ -91,6 +100,11 @@ class RolloutConfig:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}.")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "backend='vllm' samples with vLLM, but vllm is not installed. Install it (pip install "
+                "'wmss_trl[vllm]'), or use backend='transformers' (the same distribution, decoded by generate)."
+            )
 
     def sampling(self) -> dict:
         """The settings that change what is sampled (:data:`SAMPLING_FIELDS`), as recorded in the pool."""
