@@ -83,3 +83,13 @@ def permuted_weak(tiny):
     assert len(tok) == len(tiny["tokenizer"]) and tok.get_vocab() != tiny["tokenizer"].get_vocab()
     path = save_model_and_tokenizer(build_tiny_model(tok, seed=5), tok, str(tiny["root"] / "permuted_weak"))
     return {"path": path, "tokenizer": tok}
+
+
+@pytest.fixture(scope="module")
+def needs_vllm():
+    """For the tests marked ``vllm``: vLLM's CPU settings (1 GiB of KV cache per engine, the engine in this process),
+    and a skip with the reason only when vllm is not importable. The core run deselects those tests (-m "not vllm")
+    before this runs, so there they are neither run nor skipped."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install '.[vllm]'); CI runs these in its vllm step")

@@ -6,30 +6,16 @@ the vLLM-built pool.
 Run with vllm installed (CI's vllm step): ``pytest -m vllm``. Skipped only when vllm is not importable.
 """
 
-import os
-
 import pytest
 import torch
 from datasets import Dataset
-
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
-
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from wmss_trl.rollouts import RolloutConfig, WeakRolloutPool, build_pool  # noqa: E402
 from wmss_trl.rollouts.pool import read_jsonl  # noqa: E402
 
 
-pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _needs_vllm():
-    """Skip (with the reason) only when vllm is not importable; the core run deselects these tests (-m "not vllm")
-    before this runs, so there they are neither run nor skipped."""
-    pytest.importorskip("vllm", reason="vllm is not installed (pip install '.[vllm]'); CI runs these in its vllm step")
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("needs_vllm")]
 
 
 PROMPTS = ["1+2=", "7+5=", "Hello", "9-3=", "4*4="]

@@ -16,21 +16,10 @@ import time
 import pytest
 import torch
 
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
-
 from wmss_trl.grpo.vllm_engine import SamplingSettings, WeakVLLMEngine, WeakVLLMServer  # noqa: E402
 
 
-pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _needs_vllm():
-    """Skip (with the reason) only when vllm is not importable; the core run deselects these tests (-m "not vllm")
-    before this runs, so there they are neither run nor skipped."""
-    pytest.importorskip("vllm", reason="vllm is not installed (pip install '.[vllm]'); CI runs these in its vllm step")
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("needs_vllm")]
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
