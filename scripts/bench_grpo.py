@@ -243,17 +243,22 @@ def measure_memory(strong, weak, a, kinds, argv):
     return results
 
 
-def main(argv=None):
-    from wmss_trl import WMSSGRPOConfig
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_flags(p: argparse.ArgumentParser, completion_length: int) -> None:
+    """The model and batch flags shared by the GRPO benchmarks (this script and ``scripts/scaling.py``)."""
     p.add_argument("--model", help="strong model folder (default: a toy model built from --hidden/--layers)")
-    p.add_argument("--weak", help="weak model folder (default: another initialisation of the toy model)")
+    p.add_argument("--weak", help="weak model folder (default: another initialisation of the toy model / --model)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
-    p.add_argument("--completion_length", type=int, default=32)
+    p.add_argument("--completion_length", type=int, default=completion_length)
+
+
+def main(argv=None):
+    from wmss_trl import WMSSGRPOConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_flags(p, completion_length=32)
     p.add_argument(
         "--free_length",
         action="store_true",

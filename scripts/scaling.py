@@ -66,7 +66,7 @@ def optimizer_bytes(optimizer) -> int:
 
 def run_rank(kind: str, strong: str, weak: str, a) -> dict:
     """Inside ``accelerate launch``: build one arm, train ``a.steps + 1`` steps, report this rank's numbers."""
-    from bench_grpo import StepTimer, dataset, digit_fraction
+    from bench_grpo import StepTimer, dataset, digit_fraction, make_args
     from bench_sft import PeakRSS, rss_mb
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
@@ -75,32 +75,18 @@ def run_rank(kind: str, strong: str, weak: str, a) -> dict:
     from wmss_trl.recipes.common import load_tokenizer
 
     base = rss_mb()
-    g = a.num_generations
-    kw = dict(
-        output_dir=tempfile.mkdtemp(prefix=f"scaling_{kind}_"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        activation_checkpointing=False,
-        logging_steps=10_000,
-        per_device_train_batch_size=a.batch,
-        num_generations=g,
-        max_completion_length=a.completion_length,
-        generation_kwargs={"min_new_tokens": a.completion_length},
-        max_steps=a.steps + 1,
-        learning_rate=1e-5,
-        seed=0,
-        disable_tqdm=True,
-        beta=0.0 if kind == "vanilla_b0" else 0.04,
-    )
+    # bench_grpo's settings of the same arm (completions forced to full length, 2 weak rows per group of 8), with
+    # its read-ahead at the config default and exactly ``a.steps + 1`` steps
+    bench_kind = {"vanilla_b0": "vanilla_b0", "vanilla_kl": "vanilla_kl", "wmss": "wmss_full"}[kind]
+    a.weak_rollout_prefetch, a.free_length, a.pool = WMSSGRPOConfig.weak_rollout_prefetch, False, None
+    args = make_args(bench_kind, tempfile.mkdtemp(prefix=f"scaling_{kind}_"), a, 0.0 if kind == "vanilla_b0" else 0.04)
+    args.max_steps = a.steps + 1
     timer = StepTimer()
-    common = dict(train_dataset=dataset(4096), processing_class=load_tokenizer(strong), callbacks=[timer])
+    common = dict(args=args, train_dataset=dataset(4096), processing_class=load_tokenizer(strong), callbacks=[timer])
     if kind == "wmss":
-        args = WMSSGRPOConfig(**kw, num_weak_generations=g // 4, entropy_weighted_advantages=True)
-        trainer = WMSSGRPOTrainer(strong, digit_fraction, args=args, weak_model=weak, **common)
+        trainer = WMSSGRPOTrainer(strong, digit_fraction, weak_model=weak, **common)
     else:
-        trainer = GRPOTrainer(strong, digit_fraction, args=WMSSGRPOConfig(**kw), **common)
+        trainer = GRPOTrainer(strong, digit_fraction, **common)
     trainer.remove_callback(PrinterCallback)
     with PeakRSS() as memory:
         trainer.train()
@@ -218,14 +204,10 @@ def print_paper_model() -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
+    from bench_grpo import add_model_flags
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="strong model folder (default: a toy model built from --hidden/--layers)")
-    p.add_argument("--weak", help="weak model folder (default: another initialisation / a copy of --model)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
-    p.add_argument("--completion_length", type=int, default=16)
+    add_model_flags(p, completion_length=16)
     p.add_argument("--steps", type=int, default=3, help="timed steps (plus one warm-up step)")
     p.add_argument("--processes", default="1,2")
     p.add_argument("--arms", default=",".join(ARMS))
