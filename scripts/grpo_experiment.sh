@@ -7,8 +7,8 @@
 #   bash scripts/grpo_experiment.sh [ARMS] [SEEDS]      # default: vanilla,wmss  0,1,2,3,4
 #
 # Every run uses the code of one commit (CODE_COMMIT, checked out in a worktree), so that changes to main cannot
-# change an experiment halfway. The SFT checkpoints (weak = step 250, strong = step 400 of `wmss demo`) are rebuilt
-# when missing; their sha256 is stored with the results and a rebuilt model that differs is refused.
+# change an experiment halfway. The SFT checkpoints (weak = step 250, strong = step 400 of `wmss demo`, 2 MB each)
+# are stored with the results and restored from there; their sha256 is checked against the stored one.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ARMS=${1:-vanilla,wmss}
@@ -26,21 +26,26 @@ cd "$ROOT"
 [ "$(git -C "$SNAP" rev-parse --short=7 HEAD)" = "$CODE_COMMIT" ] || { echo "$SNAP is not at $CODE_COMMIT" >&2; exit 1; }
 mkdir -p "$EXP" "$STORE"
 
-# 1. the SFT checkpoints and the held-out prompts, the two control weak models
+# 1. the SFT checkpoints (stored with the results: `wmss demo` is not bit-reproducible across CPUs), the held-out
+#    prompts, the two control weak models
+if [ -f "$STORE/models/strong/model.safetensors" ] && [ ! -f "$RUN/strong/model.safetensors" ]; then
+  mkdir -p "$RUN" && cp -r "$STORE/models/weak" "$STORE/models/strong" "$RUN/"
+fi
 if [ ! -f "$RUN/strong/model.safetensors" ]; then
   "$PY" -m wmss_trl.cli demo --output_dir "$EXP/demo" --arms sft --arm_steps 1
 fi
 (cd "$RUN" && sha256sum weak/model.safetensors strong/model.safetensors) > "$EXP/models.sha256"
 if [ -f "$STORE/models.sha256" ]; then
   cmp -s "$EXP/models.sha256" "$STORE/models.sha256" || {
-    echo "the rebuilt SFT checkpoints in $RUN differ from the ones the stored results were made with:" >&2
+    echo "the SFT checkpoints in $RUN differ from the ones the stored results were made with:" >&2
     diff "$STORE/models.sha256" "$EXP/models.sha256" >&2
-    echo "fix: build them with the code and settings of $CODE_COMMIT, or move $STORE away and start over." >&2
+    echo "fix: delete $RUN (the stored ones in $STORE/models are then used), or move $STORE away and start over." >&2
     exit 1
   }
 else
   cp "$EXP/models.sha256" "$STORE/models.sha256"
 fi
+[ -d "$STORE/models/strong" ] || { mkdir -p "$STORE/models" && cp -r "$RUN/weak" "$RUN/strong" "$STORE/models/"; }
 if [ ! -f "$EXP/weak_uniform/model.safetensors" ]; then
   "$PY" - <<EOF
 from transformers import AutoTokenizer
