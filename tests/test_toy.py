@@ -115,3 +115,31 @@ def test_demo_weak_and_strong_folders_load_with_auto_classes(tmp_path):
         assert_same_tokenizer(AutoTokenizer.from_pretrained(path), tok, CHARSET)
         _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
         assert not any(info.values()), info
+
+
+def test_greedy_completions_match_one_prompt_at_a_time_and_restore_padding(tiny):
+    """The batched, left-padded greedy loop of the evaluations gives each prompt the completion that decoding it alone
+    (no padding) gives, and leaves the tokenizer's padding side as it found it, also when the loop stops early."""
+    from datasets import Dataset
+
+    from wmss_trl.tasks import greedy_completions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["strong"])
+    tok = AutoTokenizer.from_pretrained(tiny["strong"])
+    tok.padding_side = "right"
+    prompts = [[{"role": "user", "content": q}] for q in ("1+2=", "13+15=", "7*8-3=", "2=")]
+    data = Dataset.from_list([{"prompt": p, "answer": str(i)} for i, p in enumerate(prompts)])
+    batched = [t for _, texts in greedy_completions(model, tok, data, batch_size=3, max_new_tokens=8) for t in texts]
+    assert tok.padding_side == "right"
+    alone = []
+    for p in prompts:
+        ids = tok.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)  # fmt: skip
+        alone.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert batched == alone
+    loop = greedy_completions(model, tok, data, batch_size=2, max_new_tokens=4)
+    next(loop)
+    assert tok.padding_side == "left"
+    loop.close()  # an evaluation that stops early (an exception in the caller closes it the same way)
+    assert tok.padding_side == "right"

@@ -236,44 +236,20 @@ def greedy_accuracy(
 ) -> dict:
     """Greedy held-out evaluation: the fraction of problems whose completion gets full credit, the mean reward, and
     the completions (for inspection). Prompts are rendered with the tokenizer's chat template, left-padded."""
-    import torch
-    from tqdm.auto import tqdm
+    from .tasks import greedy_completions
 
     reward_func = reward_func or reasoning_gym_reward
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     texts, rewards = [], []
-    try:
-        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-            rows = dataset[start : start + batch_size]
-            prompts = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                if isinstance(p, list)
-                else p
-                for p in rows["prompt"]
-            ]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            batch_texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            texts += batch_texts
-            rewards += reward_func(
-                prompts=rows["prompt"],
-                completions=batch_texts,
-                answer=rows["answer"],
-                rg_dataset=rows["rg_dataset"],
-                rg_entry=rows["rg_entry"],
-                question=rows["question"],
-            )
-    finally:
-        tokenizer.padding_side = side
+    for rows, batch_texts in greedy_completions(model, tokenizer, dataset, batch_size, max_new_tokens, desc):
+        texts += batch_texts
+        rewards += reward_func(
+            prompts=rows["prompt"],
+            completions=batch_texts,
+            answer=rows["answer"],
+            rg_dataset=rows["rg_dataset"],
+            rg_entry=rows["rg_entry"],
+            question=rows["question"],
+        )
     n = max(len(rewards), 1)
     return {
         "accuracy": sum(exact_correct(r) for r in rewards) / n,

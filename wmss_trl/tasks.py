@@ -123,17 +123,16 @@ def correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
     return [1.0 if final_answer(_text(c)) == str(a) else 0.0 for c, a in zip(completions, answer)]
 
 
-def greedy_correct(
-    model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: int = 64, desc: str = "eval"
-) -> list[bool]:
-    """Greedy decoding of every problem of a split: per problem, whether its ``#### N`` equals ``answer``."""
+def greedy_completions(model, tokenizer, dataset, batch_size: int, max_new_tokens: int, desc: str = "eval"):
+    """Greedy decoding of a split in batches: yields ``(rows, texts)``, the batch's columns and its completions.
+    Prompts are rendered with the tokenizer's chat template (conversational ones), left-padded; the tokenizer's
+    padding side is restored when the loop ends, however it ends."""
     import torch
     from tqdm.auto import tqdm
 
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    correct = []
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
             rows = dataset[start : start + batch_size]
@@ -152,10 +151,18 @@ def greedy_correct(
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += [final_answer(t) == str(a) for t, a in zip(texts, rows["answer"])]
+            yield rows, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+
+
+def greedy_correct(
+    model, tokenizer, dataset, batch_size: int = 64, max_new_tokens: int = 64, desc: str = "eval"
+) -> list[bool]:
+    """Greedy decoding of every problem of a split: per problem, whether its ``#### N`` equals ``answer``."""
+    correct = []
+    for rows, texts in greedy_completions(model, tokenizer, dataset, batch_size, max_new_tokens, desc):
+        correct += [final_answer(t) == str(a) for t, a in zip(texts, rows["answer"])]
     return correct
 
 
