@@ -347,7 +347,22 @@ def test_co_trained_weak_changes_is_not_saved_and_has_its_learning_rate(tiny, sf
         save_strategy="steps",
         save_steps=2,
     )
-    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    from transformers import TrainerCallback
+
+    weak_at_2 = {}
+
+    class WeakAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                weak_at_2.update({k: v.clone() for k, v in trainer.weak_model.state_dict().items()})
+
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+        callbacks=[WeakAt2()],
+    )
     weak_before = {k: v.clone() for k, v in trainer.weak_model.state_dict().items()}
     trainer.train()
     assert trainer.weak_model.training and all(p.requires_grad for p in trainer.weak_model.parameters())
@@ -372,9 +387,13 @@ def test_co_trained_weak_changes_is_not_saved_and_has_its_learning_rate(tiny, sf
     assert set(loaded.state_dict()) == set(strong_state)
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, strong_state[name], rtol=0, atol=0, msg=name)
-    assert not (tmp_path / "final" / "weak_model").exists()
-    # the checkpoint keeps the weak model's state for resuming
-    assert set(load_file(str(out / "checkpoint-2" / "weak_model" / "model.safetensors"))) <= set(weak_before)
+    assert not [name for name in os.listdir(tmp_path / "final") if "weak" in name]
+    # the checkpoint keeps the weak model's weights at its step for resuming, with the optimizer's state
+    optimizer_state = torch.load(str(out / "checkpoint-2" / "optimizer.pt"), weights_only=True)
+    assert optimizer_state["wmss_weak_model"].keys() == weak_at_2.keys()
+    for name, value in optimizer_state["wmss_weak_model"].items():
+        torch.testing.assert_close(value, weak_at_2[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(v, weak_before[k]) for k, v in weak_at_2.items())
 
 
 def test_co_trained_weak_is_the_policys_submodule_only_while_training(tiny, sft_dataset, tmp_path):
@@ -487,10 +506,9 @@ def test_co_training_refusals_and_resume_mismatch(tiny, sft_dataset, tmp_path):
     checkpoint = str(tmp_path / "run" / "checkpoint-1")
     with pytest.raises(ValueError, match=r"co-trained its weak model .* but this run freezes it"):
         build(**{**save, "max_steps": 2}).train(resume_from_checkpoint=checkpoint)
-    import shutil
-
-    shutil.rmtree(os.path.join(checkpoint, "weak_model"))
-    with pytest.raises(
-        ValueError, match=r"has no weak_model/model.safetensors: it was written by a run with a frozen"
-    ):
+    build(**save).train()  # the same checkpoint, written by a run with a frozen weak model
+    with pytest.raises(ValueError, match=r"holds no co-trained weak model .* written by a run with a frozen"):
         build(train_weak_model=True, **{**save, "max_steps": 2}).train(resume_from_checkpoint=checkpoint)
+    # the weak model's weights live with the training state, which save_only_model=True skips
+    with pytest.raises(ValueError, match=r"train_weak_model=True with save_only_model=True"):
+        cpu_args(WMSSSFTConfig, tmp_path, train_weak_model=True, save_only_model=True)

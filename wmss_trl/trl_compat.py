@@ -221,12 +221,45 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ),
     ),
     Contact(_TRAINER, "_get_num_items_in_batch", "method", ("grpo",), ("batch_samples", "device")),
-    # the co-trained weak model of WD-JT (sft/cotrain.py): kept out of the saved weights, saved and restored beside them
-    Contact(_TRAINER, "_save", "method", ("sft",), ("output_dir", "state_dict")),
-    Contact(_TRAINER, "_save_checkpoint", "method", ("sft",), ("model", "trial")),
-    Contact(_TRAINER, "_load_from_checkpoint", "method", ("sft",), ("resume_from_checkpoint", "model")),
-    Contact(_TRAINER, "_issue_warnings_after_load", "method", ("sft",), ("load_result",)),
-    Contact(_TRAINER, "_get_output_dir", "method", ("sft",), ("trial",)),
+    # the co-trained weak model of WD-JT (sft/cotrain.py): its keys in the policy's `_keys_to_ignore_on_save` keep it
+    # out of the saved weights (and out of the missing keys when they are loaded back); its weights ride in the
+    # optimizer's state dict, which every checkpoint writes before trainer_state.json and a resume loads
+    Contact("transformers:PreTrainedModel", "_keys_to_ignore_on_save", "class_attribute", ("sft.cotrain",)),
+    Contact(
+        "transformers:PreTrainedModel",
+        "save_pretrained",
+        "source",
+        ("sft.cotrain",),
+        ("for ignore_key in self._keys_to_ignore_on_save:", "del state_dict[ignore_key]"),
+    ),
+    Contact(
+        _TRAINER,
+        "_issue_warnings_after_load",
+        "source",
+        ("sft.cotrain",),
+        ("set(load_result.missing_keys) == set(self.model._keys_to_ignore_on_save)",),
+    ),
+    Contact(
+        _TRAINER,
+        "_save_checkpoint",
+        "sequence",
+        ("sft.cotrain",),
+        ("self._save_optimizer_and_scheduler(output_dir)", "self.state.save_to_json("),
+    ),
+    Contact(
+        _TRAINER,
+        "_save_optimizer_and_scheduler",
+        "source",
+        ("sft.cotrain",),
+        ("torch.save(self.optimizer.state_dict(), os.path.join(output_dir, OPTIMIZER_NAME))",),
+    ),
+    Contact(
+        _TRAINER,
+        "_load_optimizer_and_scheduler",
+        "source",
+        ("sft.cotrain",),
+        ("self.optimizer.load_state_dict(", "os.path.join(checkpoint, OPTIMIZER_NAME)"),
+    ),
     Contact("transformers:GenerationMixin", "_prepare_generation_config", "method", ("grpo",), ("generation_config",)),
     Contact("transformers.generation.logits_process", "TopHLogitsWarper", "import", ("grpo",)),
 )
