@@ -142,6 +142,7 @@ class CoTrainedWeak:
         state_dict[WEAK_STATE_KEY] = self.weak.state_dict()
 
     def _restore_weights(self, optimizer, state_dict: dict) -> None:
+        # also runs once when accelerate wraps the optimizer (it round-trips the state dict to place it): a no-op
         if WEAK_STATE_KEY not in state_dict:  # `check_resume_matches` refuses such a checkpoint before this
             raise ValueError(f"The optimizer state has no {WEAK_STATE_KEY!r} entry: no co-trained weak model to load.")
         self.weak.load_state_dict(state_dict.pop(WEAK_STATE_KEY))
