@@ -347,7 +347,22 @@ def test_co_trained_weak_changes_is_not_saved_and_has_its_learning_rate(tiny, sf
         save_strategy="steps",
         save_steps=2,
     )
-    trainer = WMSSSFTTrainer(tiny["strong"], args=args, train_dataset=sft_dataset, processing_class=tiny["tokenizer"])
+    from transformers import TrainerCallback
+
+    weak_at_2 = {}
+
+    class WeakAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                weak_at_2.update({k: v.clone() for k, v in trainer.weak_model.state_dict().items()})
+
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+        callbacks=[WeakAt2()],
+    )
     weak_before = {k: v.clone() for k, v in trainer.weak_model.state_dict().items()}
     trainer.train()
     assert trainer.weak_model.training and all(p.requires_grad for p in trainer.weak_model.parameters())
@@ -372,9 +387,13 @@ def test_co_trained_weak_changes_is_not_saved_and_has_its_learning_rate(tiny, sf
     assert set(loaded.state_dict()) == set(strong_state)
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, strong_state[name], rtol=0, atol=0, msg=name)
-    assert not (tmp_path / "final" / "weak_model").exists()
-    # the checkpoint keeps the weak model's state for resuming
-    assert set(load_file(str(out / "checkpoint-2" / "weak_model" / "model.safetensors"))) <= set(weak_before)
+    assert not [name for name in os.listdir(tmp_path / "final") if "weak" in name]
+    # the checkpoint keeps the weak model's weights at its step for resuming, with the optimizer's state
+    optimizer_state = torch.load(str(out / "checkpoint-2" / "optimizer.pt"), weights_only=True)
+    assert optimizer_state["wmss_weak_model"].keys() == weak_at_2.keys()
+    for name, value in optimizer_state["wmss_weak_model"].items():
+        torch.testing.assert_close(value, weak_at_2[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(v, weak_before[k]) for k, v in weak_at_2.items())
 
 
 def test_co_trained_weak_is_the_policys_submodule_only_while_training(tiny, sft_dataset, tmp_path):
@@ -405,12 +424,87 @@ def test_co_trained_weak_is_the_policys_submodule_only_while_training(tiny, sft_
         trainer.train()
         assert seen == [True, True] * (run + 1)
         assert trainer.model is model and not hasattr(model, "wmss_weak_model")
+        assert model._keys_to_ignore_on_save == set()  # the policy's own again (Qwen2: none)
         assert not any(name.startswith("wmss_weak_model") for name, _ in model.named_parameters())
         assert any(not torch.equal(v, weak_before[k]) for k, v in trainer.weak_model.state_dict().items())
         model.save_pretrained(str(tmp_path / f"direct{run}"))
         saved = load_file(str(tmp_path / f"direct{run}" / "model.safetensors"))
         assert set(saved) == set(AutoModelForCausalLM.from_pretrained(tiny["strong"]).state_dict()) & set(saved)
         assert not any(k.startswith("wmss_weak_model") for k in saved)
+
+
+def test_co_trained_weak_is_not_missing_when_the_strong_weights_load_back(tiny, sft_dataset, tmp_path, monkeypatch):
+    """The Trainer loads a checkpoint's model weights (the strong model alone) back into the policy, the weak model
+    attached, for `load_best_model_at_end` and on resume: the weak keys are not reported missing, the strong model
+    is the checkpoint's, and on resume the weak model is the checkpoint's (from its optimizer state)."""
+    import transformers.trainer
+
+    warned = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
+
+    from transformers import TrainerCallback
+
+    at_begin = {}
+
+    class WeakAtBegin(TrainerCallback):  # after the Trainer has loaded the checkpoint
+        def on_train_begin(self, args, state, control, **kwargs):
+            at_begin.update({k: v.clone() for k, v in resumed.weak_model.state_dict().items()})
+
+    def build(callbacks=None, **kw):
+        args = cpu_args(
+            WMSSSFTConfig,
+            tmp_path / "run",
+            weak_model_name_or_path=tiny["weak"],
+            train_weak_model=True,
+            learning_rate=1e-2,
+            save_strategy="steps",
+            save_steps=1,
+            **kw,
+        )
+        return WMSSSFTTrainer(
+            tiny["strong"],
+            args=args,
+            train_dataset=sft_dataset,
+            eval_dataset=sft_dataset.select(range(4)),
+            processing_class=tiny["tokenizer"],
+            callbacks=callbacks,
+        )
+
+    trainer = build(eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not hasattr(trainer.model, "wmss_weak_model")
+    for name, value in load_file(os.path.join(best, "model.safetensors")).items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+    checkpoint = str(tmp_path / "run" / "checkpoint-1")
+    resumed = build(callbacks=[WeakAtBegin()])
+    initial_weak = {k: v.clone() for k, v in resumed.weak_model.state_dict().items()}
+    resumed.train(resume_from_checkpoint=checkpoint)
+    saved_weak = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)["wmss_weak_model"]
+    assert at_begin.keys() == saved_weak.keys()
+    for name, value in at_begin.items():
+        torch.testing.assert_close(value, saved_weak[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(v, initial_weak[k]) for k, v in saved_weak.items())
+    assert not [w for w in warned if "missing keys" in w], warned
+
+
+def test_co_training_refuses_an_optimizer_that_may_skip_the_state_dict_hooks(tiny, sft_dataset, tmp_path):
+    class OwnLoad(torch.optim.AdamW):
+        def load_state_dict(self, state_dict):
+            pass
+
+    args = cpu_args(WMSSSFTConfig, tmp_path, weak_model_name_or_path=tiny["weak"], train_weak_model=True)
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=sft_dataset,
+        processing_class=tiny["tokenizer"],
+        optimizer_cls_and_kwargs=(OwnLoad, {"lr": 1e-3}),
+    )
+    with pytest.raises(ValueError, match=r"OwnLoad has its own load_state_dict, which may skip them"):
+        trainer.train()
+    assert not hasattr(trainer.model, "wmss_weak_model")  # detached, also on error
 
 
 COTRAIN = os.path.join(os.path.dirname(__file__), "dist", "sft_cotrain_run.py")
@@ -487,10 +581,9 @@ def test_co_training_refusals_and_resume_mismatch(tiny, sft_dataset, tmp_path):
     checkpoint = str(tmp_path / "run" / "checkpoint-1")
     with pytest.raises(ValueError, match=r"co-trained its weak model .* but this run freezes it"):
         build(**{**save, "max_steps": 2}).train(resume_from_checkpoint=checkpoint)
-    import shutil
-
-    shutil.rmtree(os.path.join(checkpoint, "weak_model"))
-    with pytest.raises(
-        ValueError, match=r"has no weak_model/model.safetensors: it was written by a run with a frozen"
-    ):
+    build(**save).train()  # the same checkpoint, written by a run with a frozen weak model
+    with pytest.raises(ValueError, match=r"holds no co-trained weak model .* written by a run with a frozen"):
         build(train_weak_model=True, **{**save, "max_steps": 2}).train(resume_from_checkpoint=checkpoint)
+    # the weak model's weights live with the training state, which save_only_model=True skips
+    with pytest.raises(ValueError, match=r"train_weak_model=True with save_only_model=True"):
+        cpu_args(WMSSSFTConfig, tmp_path, train_weak_model=True, save_only_model=True)

@@ -351,11 +351,18 @@ class CompleteCheckpointResume:
 
     ``True`` resolves to :func:`last_complete_checkpoint` (torn newer folders skipped, with a warning); a path must be
     complete (:func:`resolve_resume_from_checkpoint`). With no checkpoint folder at all, ``True`` is passed on
-    unchanged, so transformers' own error ("No valid checkpoint found") stays what a TRL user knows.
+    unchanged, so transformers' own error ("No valid checkpoint found") stays what a TRL user knows. A trainer that
+    cannot resume some complete checkpoints refuses them in :meth:`check_resume_checkpoint`.
     """
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         value = resume_from_checkpoint
         if isinstance(value, str) or (value is True and checkpoint_folders(self.args.output_dir)):
             value = resolve_resume_from_checkpoint(value, self.args.output_dir)
+        if isinstance(value, str):
+            self.check_resume_checkpoint(value)
         return super().train(value, *args, **kwargs)
+
+    def check_resume_checkpoint(self, checkpoint: str) -> None:
+        """Raise a ValueError naming the fix when this trainer cannot resume the complete ``checkpoint`` (called
+        before transformers reads it); accepts every complete checkpoint unless a trainer says otherwise."""

@@ -26,6 +26,10 @@ documented helper, instead of being spread over the trainers:
   ``inputs["ref_chosen_logps"]`` / ``inputs["ref_rejected_logps"]`` instead of running the reference model exactly
   when ``self.precompute_ref_logps`` is true; WMSS-DPO hands it the weak model's log-probs that way (one weak forward,
   which also gives the logits / entropies WD-JT and the pair weights need).
+* WD-JT's co-trained weak model (``sft/cotrain.py``) relies on ``save_pretrained`` dropping the policy's
+  ``_keys_to_ignore_on_save`` from the saved weights (``Trainer._issue_warnings_after_load`` then does not report them
+  missing), and on ``Trainer._save_checkpoint`` writing ``self.optimizer.state_dict()`` before ``trainer_state.json``
+  (``_load_optimizer_and_scheduler`` loads it on resume): the weak model's weights ride in that state dict.
 * :func:`fused_lm_head_output`: the ``FusedCausalLMOutput`` TRL's fused LM head returns (``fused_lm_head=True``),
   built with every field of the installed TRL (those we do not compute are None).
 """
@@ -61,6 +65,7 @@ class Contact:
 
 _GRPO, _DPO, _SFT = "trl:GRPOTrainer", "trl:DPOTrainer", "trl:SFTTrainer"
 _TRAINER, _BASE = "transformers:Trainer", "trl.trainer.base_trainer:_BaseTrainer"
+_MODEL, _COTRAIN = "transformers:PreTrainedModel", ("sft.cotrain",)
 
 CONTACT_POINTS: tuple[Contact, ...] = (
     # ---- GRPOTrainer (wmss_trl.grpo)
@@ -221,12 +226,19 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ),
     ),
     Contact(_TRAINER, "_get_num_items_in_batch", "method", ("grpo",), ("batch_samples", "device")),
-    # the co-trained weak model of WD-JT (sft/cotrain.py): kept out of the saved weights, saved and restored beside them
-    Contact(_TRAINER, "_save", "method", ("sft",), ("output_dir", "state_dict")),
-    Contact(_TRAINER, "_save_checkpoint", "method", ("sft",), ("model", "trial")),
-    Contact(_TRAINER, "_load_from_checkpoint", "method", ("sft",), ("resume_from_checkpoint", "model")),
-    Contact(_TRAINER, "_issue_warnings_after_load", "method", ("sft",), ("load_result",)),
-    Contact(_TRAINER, "_get_output_dir", "method", ("sft",), ("trial",)),
+    # the co-trained weak model of WD-JT (sft/cotrain.py): its keys in the policy's `_keys_to_ignore_on_save` keep it
+    # out of the saved weights (and out of the missing keys when they are loaded back); its weights ride in the
+    # optimizer's state dict, which every checkpoint writes before trainer_state.json and a resume loads
+    Contact(_MODEL, "_keys_to_ignore_on_save", "class_attribute", _COTRAIN),
+    Contact(_MODEL, "save_pretrained", "source", _COTRAIN, ("in self._keys_to_ignore_on_save:", "del state_dict[")),
+    Contact(
+        _TRAINER, "_issue_warnings_after_load", "source", _COTRAIN, ("== set(self.model._keys_to_ignore_on_save)",)
+    ),
+    Contact(
+        _TRAINER, "_save_checkpoint", "sequence", _COTRAIN, ("self._save_optimizer_and_scheduler(", "save_to_json(")
+    ),
+    Contact(_TRAINER, "_save_optimizer_and_scheduler", "source", _COTRAIN, ("torch.save(self.optimizer.state_dict(",)),
+    Contact(_TRAINER, "_load_optimizer_and_scheduler", "source", _COTRAIN, ("self.optimizer.load_state_dict(",)),
     Contact("transformers:GenerationMixin", "_prepare_generation_config", "method", ("grpo",), ("generation_config",)),
     Contact("transformers.generation.logits_process", "TopHLogitsWarper", "import", ("grpo",)),
 )

@@ -42,21 +42,18 @@ OVERRIDES: dict[str, tuple[Override, ...]] = {
     "WMSSSFTTrainer": (
         Override("compute_loss", "WMSSSFTTrainer", "the WD-JT loss (TRL's, untouched, without a weak model)"),
         Override("_get_train_sampler", "WMSSSFTTrainer", "WD-DS `weighted_sampler`: no public sampler seam"),
-        Override("train", "WMSSSFTTrainer", "the co-trained weak model is the policy's submodule only while it runs"),
-        _RESUME,
-        Override("create_optimizer", "WMSSSFTTrainer", "the co-trained weak model's own parameter groups"),
-        Override("_save", "WMSSSFTTrainer", "keeps the co-trained weak model out of the saved weights"),
         Override(
-            "_save_checkpoint",
+            "train",
             "WMSSSFTTrainer",
-            "the co-trained weak model's weights, written before trainer_state.json (which ends a complete "
-            "checkpoint, so `on_save` is too late)",
+            "the co-trained weak model is the policy's submodule (its keys in `_keys_to_ignore_on_save`) only while "
+            "it runs",
         ),
-        Override("_load_from_checkpoint", "WMSSSFTTrainer", "restores the co-trained weak model on resume"),
+        _RESUME,
         Override(
-            "_issue_warnings_after_load",
+            "create_optimizer",
             "WMSSSFTTrainer",
-            "the co-trained weak model's keys are not missing from the policy's weights (also for the best model)",
+            "the co-trained weak model's own parameter groups, and its weights in the optimizer's state dict (so a "
+            "checkpoint's optimizer.pt holds them and resuming restores them: torch's optimizer state-dict hooks)",
         ),
         *_CARD_OVERRIDES,
     ),

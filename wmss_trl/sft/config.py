@@ -41,9 +41,9 @@ class WMSSSFTConfig(WeakModelArgs, SFTConfig):
             the gradient (1 - lambda) * (p_mix - onehot(y)) on its logits, in the same optimizer (its own parameter
             group, learning rate `weak_learning_rate`) and sharded like the policy under DeepSpeed ZeRO. Only the
             strong model is saved by `save_model` and as a checkpoint's model weights; a checkpoint keeps the weak
-            model's state for resuming (`checkpoint-N/weak_model/model.safetensors`, or DeepSpeed's own states).
-            Needs a separate weak model (not `peft_base_as_weak`) and `mixing_lambda < 1`. Off: the weak model is
-            frozen (the paper's v2 text).
+            model's weights for resuming with the training state (in `optimizer.pt`, or DeepSpeed's own states).
+            Needs a separate weak model (not `peft_base_as_weak`), `mixing_lambda < 1` and `save_only_model=False`.
+            Off: the weak model is frozen (the paper's v2 text).
         weak_learning_rate (`float`, *optional*):
             Learning rate of the co-trained weak model (same schedule as the policy's). Defaults to `learning_rate`.
         saturation_metrics (`bool`, *optional*):
@@ -90,7 +90,7 @@ class WMSSSFTConfig(WeakModelArgs, SFTConfig):
             "help": "Co-train the weak model (the official code's freeze=false): the same mixed loss trains it "
             "(gradient (1-lambda)*(p_mix - onehot) on its logits), in the same optimizer with its own learning rate "
             "(weak_learning_rate), sharded like the policy under ZeRO. Only the strong model is saved; checkpoints "
-            "keep the weak one for resuming. Needs a separate weak model and mixing_lambda < 1."
+            "keep the weak one for resuming. Needs a separate weak model, mixing_lambda < 1 and save_only_model=False."
         },
     )
     weak_learning_rate: float | None = field(
@@ -193,6 +193,13 @@ class WMSSSFTConfig(WeakModelArgs, SFTConfig):
                     "train_weak_model=True with mixing_lambda=1.0: the loss is then plain SFT, the weak model gets "
                     "no gradient ((1 - lambda) = 0) and is not even loaded. Set mixing_lambda < 1 (the official code "
                     "uses 0.5), or train_weak_model=False."
+                )
+            if self.save_only_model:
+                raise ValueError(
+                    "train_weak_model=True with save_only_model=True: a checkpoint keeps the co-trained weak model's "
+                    "weights only with the training state (the optimizer's, or DeepSpeed's engine states), which "
+                    "save_only_model=True skips, so a resumed run would lose them. Set save_only_model=False, or "
+                    "train_weak_model=False."
                 )
 
     def _check_selection_fields(self):

@@ -3,10 +3,16 @@
 While the trainer trains, the weak model is the submodule `WEAK_MODULE` of the policy, so that the Trainer's one model
 holds both: one optimizer (the weak parameters in groups of their own, learning rate ``weak_learning_rate``), one
 gradient clipping, one DDP wrapper and one DeepSpeed engine (ZeRO shards the weak model like the policy). The mixed
-loss gives its logits the gradient (1 - lam) * (p_mix - onehot(y)). Only the strong model is saved (`save_model`, a
-checkpoint's model weights); a checkpoint keeps the weak model's weights in `WEAK_CHECKPOINT_FOLDER` (or DeepSpeed's
-own states) for resuming. When ``train()`` returns the weak model is detached again, so the model object the user
-holds is the strong model alone (its ``save_pretrained`` saves only it).
+loss gives its logits the gradient (1 - lam) * (p_mix - onehot(y)).
+
+Only the strong model is saved: while the weak model is attached, its keys are in the policy's
+``_keys_to_ignore_on_save``, which ``save_pretrained`` leaves out of the weights (so ``save_model`` and a checkpoint's
+model weights are the strong model alone) and which the Trainer does not report missing when it loads those weights
+back (resume, ``load_best_model_at_end``). A checkpoint keeps the weak model's weights with the training state: in
+the optimizer's state dict (``optimizer.pt``, entry `WEAK_STATE_KEY`, added and restored by torch's optimizer
+state-dict hooks), which the Trainer writes before ``trainer_state.json`` and loads when it resumes; under DeepSpeed in
+the engine's own states. When ``train()`` returns the weak model is detached again, so the model object the user holds
+is the strong model alone (its ``save_pretrained`` saves only it).
 """
 
 from __future__ import annotations
@@ -14,35 +20,35 @@ from __future__ import annotations
 import contextlib
 import os
 
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
-from transformers.utils import SAFE_WEIGHTS_NAME
+import torch
+from transformers.trainer import OPTIMIZER_NAME
+from transformers.trainer_pt_utils import safe_globals
 
 
-# the co-trained weak model: its name as a submodule of the policy, and its folder in a checkpoint
+# the co-trained weak model: its name as a submodule of the policy, and its weights' entry in the optimizer state dict
 WEAK_MODULE = "wmss_weak_model"
-WEAK_CHECKPOINT_FOLDER = "weak_model"
-
-
-def weak_checkpoint_file(checkpoint: str) -> str:
-    return os.path.join(checkpoint, WEAK_CHECKPOINT_FOLDER, SAFE_WEIGHTS_NAME)
+WEAK_STATE_KEY = "wmss_weak_model"
 
 
 def check_resume_matches(checkpoint: str, train_weak_model: bool) -> None:
-    """Refuse a checkpoint written with the other ``train_weak_model`` setting (a co-trained weak model's weights
-    would be missing, or silently replaced by the original weak model)."""
-    exists = os.path.exists(weak_checkpoint_file(checkpoint))
-    if train_weak_model and not exists:
+    """Refuse a checkpoint (not DeepSpeed's) written with the other ``train_weak_model`` setting: a co-trained weak
+    model's weights would be missing, or silently replaced by the original weak model."""
+    file = os.path.join(checkpoint, OPTIMIZER_NAME)
+    written = False
+    if os.path.isfile(file):
+        with safe_globals():  # the index and the pickle only, not the tensors (as checkpoints.py checks it)
+            written = WEAK_STATE_KEY in torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    if train_weak_model and not written:
         raise ValueError(
-            f"{checkpoint} has no {WEAK_CHECKPOINT_FOLDER}/{SAFE_WEIGHTS_NAME}: it was written by a "
-            "run with a frozen weak model (train_weak_model=False), so it holds no co-trained weak model to "
-            "resume. Resume it with train_weak_model=False, or start this co-trained run from scratch."
+            f"{checkpoint} holds no co-trained weak model (its {OPTIMIZER_NAME} has no {WEAK_STATE_KEY!r} entry, or "
+            "there is none): it was written by a run with a frozen weak model (train_weak_model=False), or with "
+            "save_only_model=True. Resume it with train_weak_model=False, or start this co-trained run from scratch."
         )
-    if not train_weak_model and exists:
+    if not train_weak_model and written:
         raise ValueError(
-            f"{checkpoint} was written by a run that co-trained its weak model (it holds "
-            f"{WEAK_CHECKPOINT_FOLDER}/), but this run freezes it: it would continue with the original weak model. "
-            "Resume it with train_weak_model=True, or start this run from scratch."
+            f"{checkpoint} was written by a run that co-trained its weak model (its {OPTIMIZER_NAME} holds the weak "
+            "model's weights), but this run freezes it: it would continue with the original weak model. Resume it "
+            "with train_weak_model=True, or start this run from scratch."
         )
 
 
@@ -51,11 +57,6 @@ def check_attachable(trainer, weak) -> None:
     args = trainer.args
     engine = " and DeepSpeed engine" if trainer.is_deepspeed_enabled else ""
     what = f"train_weak_model=True puts the weak model in the policy's optimizer{engine}"
-    if trainer.is_deepspeed_enabled and args.save_only_model:
-        raise ValueError(
-            f"{what}, whose checkpoint states are then its only copy, but save_only_model=True skips them. Set "
-            "save_only_model=False, or train_weak_model=False."
-        )
     ds_config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else {}
     if "optimizer" in ds_config and args.weak_learning_rate not in (None, args.learning_rate):
         raise ValueError(
@@ -82,17 +83,34 @@ class CoTrainedWeak:
         weak.requires_grad_(True)
         weak.train(policy.training)
         weak.to(next(policy.parameters()).device)
-        policy.add_module(WEAK_MODULE, weak)
+        self._ignored_before = None  # the policy's own `_keys_to_ignore_on_save`, while the weak model is attached
+        self.attached = False
+        self._attach()
+
+    def _attach(self) -> None:
+        """The weak model becomes the policy's submodule, its keys left out of the policy's saved weights."""
+        if self.attached:
+            return
+        self.policy.add_module(WEAK_MODULE, self.weak)
+        self._ignored_before = self.policy._keys_to_ignore_on_save
+        weak_keys = {f"{WEAK_MODULE}.{key}" for key in self.weak.state_dict()}
+        self.policy._keys_to_ignore_on_save = set(self._ignored_before or ()) | weak_keys
+        self.attached = True
+
+    def _detach(self) -> None:
+        delattr(self.policy, WEAK_MODULE)
+        self.policy._keys_to_ignore_on_save = self._ignored_before
+        self.attached = False
 
     @contextlib.contextmanager
     def attached_while_training(self):
         """The weak model is the policy's submodule inside the block (attached again for a second ``train()``), and
         detached when it ends, however it ends."""
-        self.policy.add_module(WEAK_MODULE, self.weak)
+        self._attach()
         try:
             yield
         finally:
-            delattr(self.policy, WEAK_MODULE)
+            self._detach()
 
     def split_param_groups(self, optimizer) -> None:
         """Move the weak parameters of each of the optimizer's groups to a group of their own (same settings,
@@ -104,22 +122,27 @@ class CoTrainedWeak:
                 group["params"] = [p for p in group["params"] if id(p) not in weak]
                 optimizer.add_param_group({**group, "params": moved, "lr": self.learning_rate})
 
-    @staticmethod
-    def strong_state_dict(state_dict: dict) -> dict:
-        """``state_dict`` of the policy without the weak model's entries: the strong model alone."""
-        return {k: v for k, v in state_dict.items() if not k.startswith(f"{WEAK_MODULE}.")}
+    def keep_in_optimizer_state(self, optimizer) -> None:
+        """The weak model's weights ride in ``optimizer``'s state dict (entry `WEAK_STATE_KEY`): added by
+        ``state_dict()``, restored into the weak model by ``load_state_dict()`` (torch's optimizer state-dict hooks),
+        so a checkpoint's ``optimizer.pt`` holds them and resuming restores them. An optimizer whose own
+        ``state_dict`` / ``load_state_dict`` skip torch's hooks is refused."""
+        for method in ("state_dict", "load_state_dict"):
+            if getattr(type(optimizer), method) is not getattr(torch.optim.Optimizer, method):
+                raise ValueError(
+                    f"train_weak_model=True keeps the weak model's weights in the optimizer's checkpoint state through "
+                    f"torch's optimizer state-dict hooks, but {type(optimizer).__name__} has its own {method}, which "
+                    "may skip them (a resumed run would then continue with the original weak model). Use a "
+                    "torch.optim optimizer (`optim`), or set train_weak_model=False."
+                )
+        optimizer.register_state_dict_post_hook(self._add_weights)
+        optimizer.register_load_state_dict_pre_hook(self._restore_weights)
 
-    @staticmethod
-    def without_weak_missing_keys(load_result):
-        """A policy load result without the weak model's keys among the missing ones (they are not in the policy's
-        saved weights, `strong_state_dict`; the weak model is loaded on its own, `load`)."""
-        missing = [k for k in load_result.missing_keys if not k.startswith(f"{WEAK_MODULE}.")]
-        return load_result._replace(missing_keys=missing)
+    def _add_weights(self, optimizer, state_dict: dict) -> None:
+        state_dict[WEAK_STATE_KEY] = self.weak.state_dict()
 
-    def save(self, checkpoint: str) -> None:
-        """The weak model's weights in ``checkpoint/weak_model/model.safetensors``."""
-        os.makedirs(os.path.join(checkpoint, WEAK_CHECKPOINT_FOLDER), exist_ok=True)
-        save_safetensors_model(self.weak, weak_checkpoint_file(checkpoint))
-
-    def load(self, checkpoint: str) -> None:
-        load_safetensors_model(self.weak, weak_checkpoint_file(checkpoint))
+    def _restore_weights(self, optimizer, state_dict: dict) -> None:
+        # also runs once when accelerate wraps the optimizer (it round-trips the state dict to place it): a no-op
+        if WEAK_STATE_KEY not in state_dict:  # `check_resume_matches` refuses such a checkpoint before this
+            raise ValueError(f"The optimizer state has no {WEAK_STATE_KEY!r} entry: no co-trained weak model to load.")
+        self.weak.load_state_dict(state_dict.pop(WEAK_STATE_KEY))

@@ -9,7 +9,6 @@ import logging
 import os
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection
 
@@ -165,43 +164,23 @@ class WMSSSFTTrainer(CompleteCheckpointResume, WMSSModelCard, SFTTrainer):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer; a co-trained weak model's parameters in groups of their own (`cotrain`)."""
+        """Trainer's optimizer; a co-trained weak model's parameters in groups of their own, and its weights in the
+        optimizer's state dict, so that checkpoints hold them (outside DeepSpeed, whose engine states do; `cotrain`)."""
         built = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if built and self._co_trained is not None:
             self._co_trained.split_param_groups(optimizer)
+            if not self.is_deepspeed_enabled:
+                self._co_trained.keep_in_optimizer_state(optimizer)
         return optimizer
 
-    def _save(self, output_dir=None, state_dict=None):
-        """Trainer's save of the policy alone: a co-trained weak model is left out of the weights, so the folder is
-        loadable by `AutoModelForCausalLM.from_pretrained`."""
-        if self._co_trained is not None:
-            if state_dict is None:
-                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-            state_dict = self._co_trained.strong_state_dict(state_dict)
-        super()._save(output_dir, state_dict=state_dict)
+    # ---- `CompleteCheckpointResume`'s hook (ours, not TRL's) -------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        """Trainer's checkpoint; first a co-trained weak model's weights (not under DeepSpeed, whose states hold it),
-        before `trainer_state.json`, which a complete checkpoint ends with."""
-        if self._co_trained is not None and not self.is_deepspeed_enabled and self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            self._co_trained.save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Trainer's resume of the policy's weights, then a co-trained weak model's; a checkpoint written with the
-        other `train_weak_model` setting is refused."""
-        check_resume_matches(resume_from_checkpoint, self.args.train_weak_model)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self._co_trained is not None:
-            self._co_trained.load(resume_from_checkpoint)
-
-    def _issue_warnings_after_load(self, load_result):
-        # the co-trained weak model is not in the policy's saved weights (`_save`); it is loaded on its own
-        if self._co_trained is not None:
-            load_result = self._co_trained.without_weak_missing_keys(load_result)
-        super()._issue_warnings_after_load(load_result)
+    def check_resume_checkpoint(self, checkpoint: str) -> None:
+        """`CompleteCheckpointResume`'s check: a checkpoint written with the other `train_weak_model` setting is
+        refused (under DeepSpeed the engine's strict load refuses it)."""
+        if not self.is_deepspeed_enabled:
+            check_resume_matches(checkpoint, self.args.train_weak_model)
 
     # ---- the log lines ---------------------------------------------------------------------------------------
 
