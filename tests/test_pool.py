@@ -221,7 +221,7 @@ def test_each_epoch_takes_its_own_draws(tiny, weak, tmp_path):
 
     def spy(inputs):
         out = rollouts(inputs)
-        seen.append((t.weak_sampler._epoch, [prompt_id(p) for p in out["prompts"]], out["completion_ids"]))
+        seen.append((t.generation_clock.epoch, [prompt_id(p) for p in out["prompts"]], out["completion_ids"]))
         return out
 
     t.weak_sampler.rollouts = spy
