@@ -117,7 +117,14 @@ def write_prompts(path, n):
     return path
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# this tree's wmss_trl in the child (not an installed copy of another checkout)
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+}
 
 
 def test_killed_build_resumes_with_nothing_duplicated(tiny, tmp_path):

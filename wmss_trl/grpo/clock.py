@@ -54,7 +54,9 @@ class GenerationClock(TrainerCallback):
         per_epoch = _update_steps_per_epoch(train_dataloader, args, state)
         if self.epoch is None:  # the first epoch of this train(): where a resumed run starts
             self.epoch = state.global_step // per_epoch
-            skipped = 0 if args.ignore_data_skip else (state.global_step % per_epoch) * args.gradient_accumulation_steps
+            skipped = (
+                0 if args.ignore_data_skip else (state.global_step % per_epoch) * args.gradient_accumulation_steps
+            )
         else:
             self.epoch, skipped = self.epoch + 1, 0
         self._epoch_start = self.trainer._step - skipped

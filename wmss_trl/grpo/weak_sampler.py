@@ -132,8 +132,8 @@ class WeakSampler:
 
     def samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
         """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``: every weak row of
-        the generation batch TRL hands over (``steps_per_generation`` optimizer steps' worth with
-        ``steps_per_generation > gradient_accumulation_steps``) in one weak ``generate`` call, keyed by the batch's
+        the generation batch TRL hands over (``steps_per_generation`` micro-batches: several optimizer steps' worth
+        when that exceeds ``gradient_accumulation_steps``) in one weak ``generate`` call, keyed by the batch's
         :meth:`~wmss_trl.grpo.clock.GenerationClock.generation_key`. With a weak-rollout pool they are read from it
         (:meth:`_pool_samples`), epoch e's draws in epoch e."""
         key = self.trainer.generation_clock.generation_key()
