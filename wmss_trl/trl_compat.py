@@ -28,6 +28,10 @@ documented helper, instead of being spread over the trainers:
   which also gives the logits / entropies WD-JT and the pair weights need).
 * :func:`fused_lm_head_output`: the ``FusedCausalLMOutput`` TRL's fused LM head returns (``fused_lm_head=True``),
   built with every field of the installed TRL (those we do not compute are None).
+* :class:`wmss_trl.grpo.clock.GenerationClock` (a ``TrainerCallback``, no override) relies on transformers resuming
+  in epoch ``global_step // U`` after skipping ``(global_step % U) * gradient_accumulation_steps`` batches and calling
+  ``on_epoch_begin`` before ``_run_epoch`` iterates the dataloader, and on TRL generating at the micro-steps where
+  ``self._step % (steps_per_generation * num_iterations) == 0`` (``_step`` counts the micro-steps trained).
 """
 
 from __future__ import annotations
