@@ -1,17 +1,19 @@
 """Step time of WMSS-GRPO vs vanilla TRL GRPO in the same run (a benchmark, not a test).
 
     OMP_NUM_THREADS=1 python scripts/bench_grpo.py [--hidden 256 --layers 4] [--steps 4 --rounds 3]
-                                                   [--model STRONG_DIR --weak WEAK_DIR]
+                                                   [--steps_per_generation 1] [--model STRONG_DIR --weak WEAK_DIR]
 
 Both trainers live in one process, on the same prompts, models and sampling settings, and train in alternating
 rounds (vanilla, WMSS, vanilla, WMSS, ...) so that load from other processes on the machine hits both alike. The
 time of an optimizer step is measured by a callback from ``on_step_begin`` to ``on_step_end`` (generation,
-scoring, weak rollouts, forwards, backward and optimizer step); the first step of every round is dropped (warm-up).
-The step time reported is the **mean** over the timed steps: with ``weak_rollout_prefetch = P`` the weak model samples
-for P + 1 generation batches every P + 1 steps, so one step in P + 1 carries the whole weak decode, and ``--steps``
-must be a multiple of P + 1 (each round then times whole cycles; a median would hide the expensive step). Every
-round trains P more steps after the timed ones (untimed), so that the read-ahead is never cut short by
-``max_steps`` inside the window: each weak call in it samples a full P + 1 batches, as in a long run.
+scoring, weak rollouts, forwards, backward and optimizer step); the first generation cycle of every round is dropped
+(warm-up). ``--steps_per_generation S`` is TRL's ``steps_per_generation`` for BOTH arms of a pair (so the ratio
+compares equal configs): one generation batch of S optimizer steps' rows, policy and weak rows each sampled in one
+call, every S steps, so one step in S carries the whole decode. The step time reported is the **mean** over the
+timed steps, and ``--steps`` must be a multiple of S (each round then times whole cycles; a median would hide the
+expensive step). (This flag replaces ``--weak_rollout_prefetch P``, removed with the weak read-ahead, which sampled
+only the weak rows of P + 1 steps in one call and kept the policy's generation per step; the logs in
+docs/results/ from before the change were measured with it.)
 Two clocks are reported: wall time, and the CPU time of this process. With one torch thread the CPU time is the
 work done, unaffected by other processes competing for the cores, so on a shared machine it is the reliable one.
 
@@ -133,7 +135,8 @@ def make_args(kind, out, a, beta):
         per_device_train_batch_size=a.batch,
         num_generations=g,
         max_completion_length=a.completion_length,
-        max_steps=a.steps + 1 + a.weak_rollout_prefetch,
+        steps_per_generation=a.steps_per_generation,
+        max_steps=a.steps_per_generation + a.steps,  # one warm-up generation cycle, then the timed steps
         learning_rate=1e-5,
         seed=0,
         disable_tqdm=True,
@@ -145,7 +148,7 @@ def make_args(kind, out, a, beta):
     if on_vllm:
         kw.update(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128 + a.completion_length)
     if kind.startswith("wmss"):
-        kw.update(num_weak_generations=g // 4, weak_rollout_prefetch=a.weak_rollout_prefetch)
+        kw.update(num_weak_generations=g // 4)
         if kind == "wmss_full":
             kw.update(entropy_weighted_advantages=True)
         if kind == "wmss_pool":
@@ -218,7 +221,7 @@ def run_child(kind, strong, weak, a):
     beta = next(b for vk, wk, b in PAIRS.values() if kind in (vk, wk))
     if kind.endswith("_vllm"):
         keep_vllm_cpu_weights()
-    a.steps = a.memory_steps - 1  # make_trainer adds a warm-up step (and P steps, so a full prefetch call happens)
+    a.steps = max(a.memory_steps - a.steps_per_generation, 0)  # make_args adds a warm-up generation cycle
     trainer = make_trainer(kind, strong, weak, tempfile.mkdtemp(prefix="bench_grpo_mem_"), a, beta, StepTimer())
     trainer.remove_callback(PrinterCallback)
     with PeakRSS() as memory:
@@ -255,8 +258,6 @@ def add_model_flags(p: argparse.ArgumentParser, completion_length: int) -> None:
 
 
 def main(argv=None):
-    from wmss_trl import WMSSGRPOConfig
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_flags(p, completion_length=32)
     p.add_argument(
@@ -265,14 +266,14 @@ def main(argv=None):
         help="let completions stop at EOS (default: force max_completion_length tokens, so both arms decode "
         "the same number of tokens and the comparison is not blurred by sampled lengths)",
     )
-    p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up generation cycle)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pairs", default="negatives,full")
     p.add_argument(
-        "--weak_rollout_prefetch",
+        "--steps_per_generation",
         type=int,
-        default=WMSSGRPOConfig.weak_rollout_prefetch,
-        help="WMSS arms: generation batches whose weak completions are sampled ahead (default: the config's)",
+        default=1,
+        help="TRL's steps_per_generation, for both arms: S steps' rows generated (policy and weak) in one call",
     )
     p.add_argument("--memory_steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -283,10 +284,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     if a.num_generations % 4:
         raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
-    if a.steps % (a.weak_rollout_prefetch + 1) and not a.child:
+    if a.steps_per_generation < 1 or (a.steps % a.steps_per_generation and not a.child):
         raise SystemExit(
-            f"--steps must be a multiple of weak_rollout_prefetch + 1 = {a.weak_rollout_prefetch + 1}, "
-            "so that every round times whole prefetch cycles."
+            f"--steps must be a multiple of --steps_per_generation = {a.steps_per_generation} (>= 1), "
+            "so that every round times whole generation cycles."
         )
     names = a.pairs.split(",")
     unknown = [name for name in names if name not in PAIRS]
@@ -329,7 +330,7 @@ def main(argv=None):
                 trainer = make_trainer(kind, strong, weak, root, a, beta, timer)
                 trainer.remove_callback(PrinterCallback)
                 trainer.train()
-                timed = slice(1, a.steps + 1)  # drop the warm-up step and the P steps after the window
+                timed = slice(a.steps_per_generation, None)  # drop the warm-up generation cycle
                 times[kind] += timer.times[timed]
                 cpu_times[kind] += timer.cpu_times[timed]
                 print(
@@ -346,7 +347,7 @@ def main(argv=None):
         f"\nmodel: {f'toy hidden={a.hidden} layers={a.layers}' if not a.model else a.model}; "
         f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
         f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
-        f"weak_rollout_prefetch={a.weak_rollout_prefetch} "
+        f"steps_per_generation={a.steps_per_generation} (both arms) "
         f"({'sampled lengths' if a.free_length else 'every completion at full length'}), "
         f"torch threads={torch.get_num_threads()}"
     )

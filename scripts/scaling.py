@@ -15,9 +15,9 @@ ZeRO-3 config (``num_processes`` set to 1 or 2):
 Each rank reports what it holds: bytes of the policy's parameters (its ZeRO-3 partition, ``ds_tensor``), of the
 weak / reference model's, of the optimizer's fp32 partition and Adam states, its peak resident set during
 ``train()`` minus the resident set before the trainer was built ("train memory", the CPU analogue of allocated GPU
-memory), and the mean wall / CPU time of an optimizer step (the first step dropped). With 1 torch thread per rank
-the CPU time is the work done, unaffected by other load; wall time at 2 processes on 2 cores also pays for the
-collectives.
+memory), and the mean wall / CPU time of an optimizer step (the first generation cycle dropped: the first step at the
+default ``--steps_per_generation 1``, which every arm shares). With 1 torch thread per rank the CPU time is the work
+done, unaffected by other load; wall time at 2 processes on 2 cores also pays for the collectives.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,22 +66,22 @@ def optimizer_bytes(optimizer) -> int:
 
 
 def run_rank(kind: str, strong: str, weak: str, a) -> dict:
-    """Inside ``accelerate launch``: build one arm, train ``a.steps + 1`` steps, report this rank's numbers."""
+    """Inside ``accelerate launch``: build one arm, train ``S + a.steps`` steps (S = ``--steps_per_generation``),
+    report this rank's numbers."""
     from bench_grpo import StepTimer, dataset, digit_fraction, make_args
     from bench_sft import PeakRSS, rss_mb
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
-    from wmss_trl import WMSSGRPOConfig, WMSSGRPOTrainer
+    from wmss_trl import WMSSGRPOTrainer
     from wmss_trl.recipes.common import load_tokenizer
 
     base = rss_mb()
-    # bench_grpo's settings of the same arm (completions forced to full length, 2 weak rows per group of 8), with
-    # its read-ahead at the config default and exactly ``a.steps + 1`` steps
+    # bench_grpo's settings of the same arm (completions forced to full length, 2 weak rows per group of 8, the same
+    # steps_per_generation S for every arm): one warm-up generation cycle of S steps, then ``a.steps`` timed steps
     bench_kind = {"vanilla_b0": "vanilla_b0", "vanilla_kl": "vanilla_kl", "wmss": "wmss_full"}[kind]
-    a.weak_rollout_prefetch, a.free_length, a.pool = WMSSGRPOConfig.weak_rollout_prefetch, False, None
+    a.free_length, a.pool = False, None
     args = make_args(bench_kind, tempfile.mkdtemp(prefix=f"scaling_{kind}_"), a, 0.0 if kind == "vanilla_b0" else 0.04)
-    args.max_steps = a.steps + 1
     timer = StepTimer()
     common = dict(args=args, train_dataset=dataset(4096), processing_class=load_tokenizer(strong), callbacks=[timer])
     if kind == "wmss":
@@ -101,8 +102,8 @@ def run_rank(kind: str, strong: str, weak: str, a) -> dict:
         "optimizer_mb": optimizer_bytes(trainer.optimizer) / MB,
         "train_mb": memory.peak - base,
         "peak_mb": memory.peak,
-        "step_s": sum(timer.times[1:]) / max(1, len(timer.times) - 1),
-        "step_cpu_s": sum(timer.cpu_times[1:]) / max(1, len(timer.cpu_times) - 1),
+        "step_s": statistics.fmean(timer.times[a.steps_per_generation :]),
+        "step_cpu_s": statistics.fmean(timer.cpu_times[a.steps_per_generation :]),
     }
 
 
@@ -208,7 +209,13 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_flags(p, completion_length=16)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (plus one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (plus one warm-up generation cycle)")
+    p.add_argument(
+        "--steps_per_generation",
+        type=int,
+        default=1,
+        help="TRL's steps_per_generation, the same for every arm (--steps must be a multiple of it)",
+    )
     p.add_argument("--processes", default="1,2")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--output", help="append the results to this JSON file (a list of runs)")
@@ -217,6 +224,8 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.steps_per_generation < 1 or a.steps < 1 or a.steps % a.steps_per_generation:
+        raise SystemExit(f"--steps ({a.steps}) must be a positive multiple of --steps_per_generation.")
     if a.extrapolate or a.table:
         print_table(a.table) if a.table else print_paper_model()
         return
@@ -234,6 +243,7 @@ def main(argv=None):
         strong, weak = build_models(tempfile.mkdtemp(prefix="scaling_models_"), a.hidden, a.layers)
     raw = sys.argv[1:] if argv is None else list(argv)
     child_argv = [f"--num_generations={a.num_generations}", f"--batch={a.batch}", f"--steps={a.steps}"]
+    child_argv.append(f"--steps_per_generation={a.steps_per_generation}")
     child_argv.append(f"--completion_length={a.completion_length}")
     print(f"scaling: {strong} (weak {weak}); {describe_machine()}", flush=True)
     rows = []

@@ -14,7 +14,14 @@ CONFIGS = ROOT / "wmss_trl" / "accelerate_configs"
 def accelerate_launch(config: str, script: str, *args: str, timeout: int = 600) -> list[dict]:
     """``accelerate launch --config_file <config>.yaml script args``; returns every stdout line starting with
     ``RESULT `` parsed as JSON. Fails the test with the full log when the launch fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # this tree's wmss_trl in the child (not an installed copy of another checkout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     cmd = [
         sys.executable,
         "-m",

@@ -204,7 +204,6 @@ NUMERIC_FIELDS = {
     "max_weak_negatives": ([0, 3, 1.5, "one"], ("1", 1), {"num_weak_generations": 2}),
     "weak_negative_threshold": ([float("nan"), float("inf"), "low"], ("0.25", 0.25), {}),
     "weak_is_clip": ([0.0, -1.0, float("nan"), float("inf")], ("1.5", 1.5), {}),
-    "weak_rollout_prefetch": ([-1, 0.5, "x"], ("2", 2), {}),
     "entropy_weight_alpha": ([-0.1, float("nan"), "a"], ("0.2", 0.2), {}),
     "entropy_weight_beta": ([-0.1, float("inf")], ("0.7", 0.7), {}),
     "entropy_weight_gamma": ([-1.0, float("nan")], ("0.3", 0.3), {}),
@@ -526,11 +525,11 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# weak completions sampled ahead (weak_rollout_prefetch)
+# when the weak model samples: one call per generation batch, keyed by (seed, epoch, generation batch, global row)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
+def run_with_fake_weak_sampler(tiny, tmp_path, name, resume=None, **kw):
     """Train with a weak sampler that answers each prompt with a completion unique to that prompt and draws no random
     numbers; record its calls and, at every generation, the batch's prompts and weak rows."""
     from wmss_trl import WMSSGRPOTrainer
@@ -538,10 +537,9 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
     trainer = make(
         WMSSGRPOTrainer,
         tiny,
-        tmp_path / f"p{prefetch}",
+        tmp_path / name,
         weak_model=tiny["weak"],
         num_weak_generations=2,
-        weak_rollout_prefetch=prefetch,
         logging_steps=100,
         per_device_train_batch_size=4,
         **kw,
@@ -582,55 +580,77 @@ def run_with_fake_weak_sampler(tiny, tmp_path, prefetch, resume=None, **kw):
     return trainer, answers, calls, seen
 
 
-@pytest.mark.parametrize("ga", [1, 2])
-def test_weak_rollout_prefetch_changes_when_not_what(tiny, tmp_path, ga):
-    """Sampling the weak completions of the next P generation batches ahead gives every batch its own prompts'
-    completions, in the same batch order, and (with a sampler that draws no random numbers) the very same training
-    run as sampling them on use; it calls the weak sampler once every P + 1 generation batches, with P + 1 times the
-    rows."""
-    kw = dict(max_steps=8, gradient_accumulation_steps=ga)
-    eager, _, eager_calls, eager_seen = run_with_fake_weak_sampler(tiny, tmp_path, 0, **kw)
-    ahead, answers, ahead_calls, ahead_seen = run_with_fake_weak_sampler(tiny, tmp_path, 3, **kw)
-    n_w = 2 * ga  # weak rows per generation batch: per_device_train_batch_size * ga * K / G = 4 * ga * 2 / 4
-    assert eager_calls == [n_w] * 8 and ahead_calls == [4 * n_w] * 2
-    # the same noise keys (seed, epoch, generation batch, global row) for the same rows, in the same order
-    assert ahead.row_keys == eager.row_keys
-    assert eager.row_keys == [(0, 0, b, j) for b in range(8) for j in range(n_w)]
-    assert [s[0] for s in ahead_seen] == [s[0] for s in eager_seen] and len(ahead_seen) == 8
-    for _, rows in ahead_seen:  # each weak row holds the answer to its own prompt (or is an unused padding row)
-        assert len(rows) == n_w and all(c is None or list(c) == answers[p][: len(c)] for p, c in rows)
-    assert sum(c is not None for _, rows in ahead_seen for _, c in rows) > 0
-    for (name, p_eager), p_ahead in zip(eager.model.named_parameters(), ahead.model.parameters()):
-        assert torch.equal(p_eager, p_ahead), name
+def own_answers(seen, answers) -> bool:
+    """Each weak row holds the answer to its own prompt (or is an unused padding row), and some are used."""
+    rows = [(p, c) for _, batch in seen for p, c in batch]
+    return all(c is None or list(c) == answers[p][: len(c)] for p, c in rows) and any(c is not None for _, c in rows)
 
 
-def test_weak_rollout_prefetch_across_epochs(tiny, tmp_path):
-    """The read-ahead stops at the end of an epoch's data and starts again with the next epoch's iterator."""
-    trainer, _, calls, seen = run_with_fake_weak_sampler(
-        tiny, tmp_path, 3, max_steps=8, train_dataset=prompt_dataset(6)
+@pytest.mark.parametrize("ga, spg", [(1, 1), (2, 2), (1, 4), (2, 4)])
+def test_one_weak_call_per_generation_batch(tiny, tmp_path, ga, spg):
+    """The weak model samples every weak row of the generation batch TRL hands over in one call: with
+    ``steps_per_generation = spg`` one call every spg micro-steps (spg / ga optimizer steps) with spg times the rows of
+    one micro-batch, keyed (seed, epoch, generation batch, global row); each weak row answers its own prompt."""
+    steps = 8
+    trainer, answers, calls, seen = run_with_fake_weak_sampler(
+        tiny, tmp_path, "run", max_steps=steps, gradient_accumulation_steps=ga, steps_per_generation=spg
     )
-    # epoch 1: batches 0-3, then 4-5 (the data ends); epoch 2: batches 6-7 (training ends: max_steps)
-    assert calls == [8, 4, 4] and len(seen) == 8
-    # the noise keys number the generation batches per epoch: (seed, epoch, batch, global row)
+    n_w = spg * 4 * 2 // 4  # weak rows per generation batch: per_device_train_batch_size * spg * K / G
+    batches = steps * ga // spg
+    assert calls == [n_w] * batches and len(seen) == batches
+    assert trainer.row_keys == [(0, 0, b, j) for b in range(batches) for j in range(n_w)]
+    assert own_answers(seen, answers)
+
+
+def test_weak_keys_number_the_generation_batches_per_epoch(tiny, tmp_path):
+    """Over an epoch boundary the generation batches are numbered per epoch (6 prompts: 6 batches in epoch 0)."""
+    trainer, answers, calls, seen = run_with_fake_weak_sampler(
+        tiny, tmp_path, "run", max_steps=8, train_dataset=prompt_dataset(6)
+    )
+    assert calls == [2] * 8
     assert trainer.row_keys == [(0, e, b, j) for e, n in ((0, 6), (1, 2)) for b in range(n) for j in range(2)]
+    assert trainer.generation_clock.epoch is None  # training ended: a direct call is keyed (-1, micro-step // spg)
+    assert own_answers(seen, answers)
 
 
-def test_weak_rollout_prefetch_resumes_from_a_checkpoint(tiny, tmp_path):
-    """A run resumed from a checkpoint (nothing read ahead is saved) trains on the same batches as the uninterrupted
-    run, each weak row still answering its own prompt."""
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
-    uninterrupted, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", 3, **kw)
-    checkpoint = tmp_path / "full" / "p3" / "WMSSGRPOTrainer" / "checkpoint-3"
+@pytest.mark.parametrize(
+    "ga, spg, save_steps, max_steps",
+    [(2, 2, 3, 6), (2, 4, 2, 6), (1, 2, 6, 10)],  # the last: 6 prompts, 3 generation batches x 2 steps per epoch
+)
+def test_weak_keys_resume_from_a_checkpoint(tiny, tmp_path, ga, spg, save_steps, max_steps):
+    """A run resumed from a checkpoint (at a generation boundary) keys its weak rows like the uninterrupted run: the
+    clock counts the batches the resumed run skipped, from the restored ``global_step``, also with
+    steps_per_generation > gradient_accumulation_steps and when it resumes at the start of a later epoch."""
+    kw = dict(
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        gradient_accumulation_steps=ga,
+        steps_per_generation=spg,
+        train_dataset=prompt_dataset(6 if ga == 1 else 16),
+    )
+    uninterrupted, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", "run", **kw)
+    checkpoint = tmp_path / "full" / "run" / "WMSSGRPOTrainer" / f"checkpoint-{save_steps}"
     assert checkpoint.is_dir()
     resumed, answers, calls, seen = run_with_fake_weak_sampler(
-        tiny, tmp_path / "resumed", 3, resume=str(checkpoint), **kw
+        tiny, tmp_path / "resumed", "run", resume=str(checkpoint), **kw
     )
-    assert resumed.state.global_step == 6 and calls == [12]  # steps 4-6: one call, for the three batches left
-    assert [s[0] for s in seen] == [s[0] for s in full[3:]]
-    # the resumed run numbers the batches it skipped: the same noise keys as the uninterrupted run's last 3 batches
-    assert resumed.row_keys == [key for key in uninterrupted.row_keys if key[2] >= 3]
-    assert resumed.row_keys == [(0, 0, b, j) for b in (3, 4, 5) for j in range(4)]
-    assert all(c is None or list(c) == answers[p][: len(c)] for _, rows in seen for p, c in rows)
+    done = save_steps * ga // spg  # generation batches before the checkpoint
+    assert resumed.state.global_step == max_steps and calls == [spg * 2] * (len(full) - done)
+    assert [s[0] for s in seen] == [s[0] for s in full[done:]]
+    n_w = spg * 2
+    assert resumed.row_keys == uninterrupted.row_keys[done * n_w :]
+    assert own_answers(seen, answers)
+
+
+def test_weak_rollout_prefetch_is_refused_naming_the_fix(tmp_path):
+    """The removed read-ahead option is refused at construction, naming TRL's steps_per_generation."""
+    for p, example in ((3, "(3 + 1) x 2 = 8"), (0, "(0 + 1) x 2 = 2")):
+        with pytest.raises(ValueError, match="weak_rollout_prefetch") as error:
+            grpo_args(tmp_path, weak_rollout_prefetch=p, gradient_accumulation_steps=2)
+        assert "removed" in str(error.value) and "steps_per_generation, e.g. (P + 1) x " in str(error.value)
+        assert example in str(error.value)
+    assert grpo_args(tmp_path).weak_rollout_prefetch is None
 
 
 @pytest.mark.parametrize("peft", [False, True])
@@ -1008,10 +1028,10 @@ def test_evaluate_with_wmss_options(tiny, tmp_path):
     assert not any(k.startswith("eval_wmss/") for k in metrics if k != "eval_wmss/kl_weak_ref")
 
 
-def test_epoch_ordered_sampler_is_trls_order_and_resumes_in_any_epoch():
+def test_seed_epoch_order_is_trls_order_in_any_epoch():
     from trl.trainer.utils import RepeatSampler
 
-    from wmss_trl.grpo import EpochOrderedSampler
+    from wmss_trl.grpo import seed_epoch_order
 
     def trl(seed=3):
         return RepeatSampler(list(range(10)), mini_repeat_count=2, batch_size=3, repeat_count=2, seed=seed)
@@ -1019,20 +1039,49 @@ def test_epoch_ordered_sampler_is_trls_order_and_resumes_in_any_epoch():
     reference = trl()
     epochs = [list(reference) for _ in range(4)]  # TRL's sampler, uninterrupted: one permutation per epoch
     assert len({tuple(e) for e in epochs}) == 4
-    ours = EpochOrderedSampler(trl())
-    uninterrupted = []
+    ours, uninterrupted = trl(), []
     for epoch in range(4):
-        ours.set_epoch(epoch)
+        seed_epoch_order(ours, epoch)
         uninterrupted.append(list(ours))
-    assert uninterrupted == epochs and len(ours) == len(reference)
+    assert uninterrupted == epochs
     fresh = trl()  # a resumed process: TRL's sampler replays epoch 0's order in epoch 2
     assert list(fresh) == epochs[0] != epochs[2]
-    resumed = EpochOrderedSampler(trl())
-    resumed.set_epoch(2)
+    resumed = trl()
+    seed_epoch_order(resumed, 2)
     assert list(resumed) == epochs[2]
-    unshuffled = EpochOrderedSampler(RepeatSampler(list(range(4)), mini_repeat_count=1, shuffle=False))
-    unshuffled.set_epoch(5)
-    assert list(unshuffled) == [0, 1, 2, 3] and not hasattr(unshuffled, "generator")
+    unshuffled = RepeatSampler(list(range(4)), mini_repeat_count=1, shuffle=False)
+    seed_epoch_order(unshuffled, 5)
+    assert list(unshuffled) == [0, 1, 2, 3]
+
+
+def test_generation_clock_finds_trls_sampler_through_the_dataloader(tiny, tmp_path):
+    """The callback reaches TRL's sampler through the (accelerate-prepared) train dataloader transformers hands the
+    callbacks, re-seeds it at on_epoch_begin to the epoch a resumed run starts in (global_step // update steps per
+    epoch), and numbers the generation batches from the batches that run skips."""
+    from accelerate.data_loader import get_sampler
+    from transformers import TrainerControl, TrainerState
+    from trl.trainer.utils import RepeatSampler
+
+    from wmss_trl import WMSSGRPOTrainer
+
+    trainer = make(WMSSGRPOTrainer, tiny, tmp_path, per_device_train_batch_size=4, seed=5)
+    clock, dataloader = trainer.generation_clock, trainer.get_train_dataloader()
+    sampler = get_sampler(dataloader)
+    assert isinstance(sampler, RepeatSampler) and clock in trainer.callback_handler.callbacks
+    reference = RepeatSampler(trainer.train_dataset, mini_repeat_count=4, batch_size=1, seed=5)
+    epochs = [list(reference) for _ in range(3)]
+    assert epochs[2][0] != epochs[0][0]  # a fresh sampler's first prompt is not epoch 2's
+    per_epoch = len(dataloader)  # 16 prompts, 1 per generation batch, gradient_accumulation_steps = 1
+    state, control = TrainerState(global_step=2 * per_epoch + 5), TrainerControl()
+    clock.on_train_begin(trainer.args, state, control)
+    clock.on_epoch_begin(trainer.args, state, control, train_dataloader=dataloader)
+    first = next(iter(dataloader))
+    assert [x["prompt"] for x in first] == [trainer.train_dataset[i]["prompt"] for i in epochs[2][:4]]
+    assert clock.epoch == 2 and clock.generation_key() == (2, 5)  # 5 skipped batches: this is batch 5 of epoch 2
+    trainer._step += 3
+    assert clock.generation_key() == (2, 8)
+    clock.on_train_end(trainer.args, state, control)
+    assert clock.generation_key() == (-1, 3)  # outside training: TRL's micro-step // steps_per_generation
 
 
 def test_trl_grpo_config_is_accepted(tiny, tmp_path):

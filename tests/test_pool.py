@@ -117,7 +117,14 @@ def write_prompts(path, n):
     return path
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# this tree's wmss_trl in the child (not an installed copy of another checkout)
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+}
 
 
 def test_killed_build_resumes_with_nothing_duplicated(tiny, tmp_path):
@@ -221,7 +228,7 @@ def test_each_epoch_takes_its_own_draws(tiny, weak, tmp_path):
 
     def spy(inputs):
         out = rollouts(inputs)
-        seen.append((t.weak_sampler._epoch, [prompt_id(p) for p in out["prompts"]], out["completion_ids"]))
+        seen.append((t.generation_clock.epoch, [prompt_id(p) for p in out["prompts"]], out["completion_ids"]))
         return out
 
     t.weak_sampler.rollouts = spy

@@ -32,6 +32,10 @@ documented helper, instead of being spread over the trainers:
   (``_load_optimizer_and_scheduler`` loads it on resume): the weak model's weights ride in that state dict.
 * :func:`fused_lm_head_output`: the ``FusedCausalLMOutput`` TRL's fused LM head returns (``fused_lm_head=True``),
   built with every field of the installed TRL (those we do not compute are None).
+* :class:`wmss_trl.grpo.clock.GenerationClock` (a ``TrainerCallback``, no override) relies on transformers resuming
+  in epoch ``global_step // U`` after skipping ``(global_step % U) * gradient_accumulation_steps`` batches and calling
+  ``on_epoch_begin`` before ``_run_epoch`` iterates the dataloader, and on TRL generating at the micro-steps where
+  ``self._step % (steps_per_generation * num_iterations) == 0`` (``_step`` counts the micro-steps trained).
 """
 
 from __future__ import annotations
@@ -89,7 +93,6 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ),
     ),
     Contact(_GRPO, "_compute_loss", "method", ("grpo",), ("model", "inputs")),
-    Contact(_GRPO, "_get_train_sampler", "method", ("grpo",), ("dataset",)),
     Contact(_GRPO, "_tokenize_prompts", "method", ("grpo",), ("prompts",)),
     Contact(_GRPO, "_metrics", "attribute", ("grpo", "dpo", "sft")),
     Contact(_GRPO, "_logs", "attribute", ("grpo",)),
@@ -98,6 +101,19 @@ CONTACT_POINTS: tuple[Contact, ...] = (
     Contact(_GRPO, "_tokenizer", "attribute", ("grpo",)),
     Contact(_GRPO, "_is_vlm", "attribute", ("grpo", "sft")),
     Contact(_GRPO, "_step", "attribute", ("grpo",)),
+    # grpo/clock.py: TRL generates at the first of the `steps_per_generation * num_iterations` micro-steps that share
+    # a generation batch, and `_step` counts the micro-steps trained
+    Contact(
+        _GRPO,
+        "_prepare_inputs",
+        "source",
+        ("grpo.clock",),
+        (
+            "generate_every = self.args.steps_per_generation * self.num_iterations",
+            "if self._step % generate_every == 0 or self._buffered_inputs is None:",
+        ),
+    ),
+    Contact(_GRPO, "training_step", "sequence", ("grpo.clock",), ("super().training_step(", "self._step += 1")),
     Contact(_GRPO, "_entropy_bonus_enabled", "attribute", ("grpo",)),
     Contact(
         _GRPO,
@@ -206,26 +222,21 @@ CONTACT_POINTS: tuple[Contact, ...] = (
         ("Some specified arguments are not used by the HfArgumentParser",),
     ),
     # ---- transformers
+    # the generation clock (grpo/clock.py): where a resumed run starts, and that callbacks see each epoch begin
+    # before its batches are drawn
     Contact(
         _TRAINER,
-        "_run_epoch",
-        "method",
-        ("grpo",),
+        "_init_training_state",
+        "source",
+        ("grpo.clock",),
         (
-            "model",
-            "epoch",
-            "train_dataloader",
-            "steps_in_epoch",
-            "num_update_steps_per_epoch",
-            "trial",
-            "ignore_keys_for_eval",
-            "start_time",
-            "resume_from_checkpoint",
-            "epochs_trained",
-            "steps_trained_in_current_epoch",
+            "epochs_trained = int(self.state.global_step // num_update_steps_per_epoch)",
+            "steps_trained_in_current_epoch = self.state.global_step % num_update_steps_per_epoch",
+            "steps_trained_in_current_epoch *= self.args.gradient_accumulation_steps",
         ),
     ),
-    Contact(_TRAINER, "_get_num_items_in_batch", "method", ("grpo",), ("batch_samples", "device")),
+    Contact(_TRAINER, "_inner_training_loop", "sequence", ("grpo.clock",), ("on_epoch_begin(", "self._run_epoch(")),
+    Contact(_TRAINER, "_run_epoch", "source", ("grpo.clock",), ("epoch_iterator = iter(train_dataloader)",)),
     # the co-trained weak model of WD-JT (sft/cotrain.py): its keys in the policy's `_keys_to_ignore_on_save` keep it
     # out of the saved weights (and out of the missing keys when they are loaded back); its weights ride in the
     # optimizer's state dict, which every checkpoint writes before trainer_state.json and a resume loads

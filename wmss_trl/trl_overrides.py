@@ -84,13 +84,6 @@ OVERRIDES: dict[str, tuple[Override, ...]] = {
             "WD-JT mixed log-probs for the policy; the token weights taken from the loss's own forward",
         ),
         Override("_compute_loss", "WMSSGRPOTrainer", "drops the zero-weight padding rows before TRL's loss"),
-        Override(
-            "_run_epoch",
-            "WeakReadAhead",
-            "the epoch and the batches a resumed run skips, which key the seeded weak samples (no callback gets them)",
-        ),
-        Override("_get_train_sampler", "WeakReadAhead", "TRL's prompt order, resumable in any epoch"),
-        Override("get_batch_samples", "WeakReadAhead", "reads `weak_rollout_prefetch` generation batches ahead"),
         _RESUME,
         *_CARD_OVERRIDES,
     ),

@@ -43,7 +43,7 @@ def main():
 
     def recording(inputs):
         result = rollouts(inputs)
-        epoch = trainer.weak_sampler._epoch
+        epoch = trainer.generation_clock.epoch
         local = [(epoch, prompt_id(p), ids) for p, ids in zip(result["prompts"], result["completion_ids"])]
         batches.append([row for rows in gather_object([local]) for row in rows])
         return result

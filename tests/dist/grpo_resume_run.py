@@ -1,15 +1,17 @@
 """WMSS-GRPO with weak negatives and the weak reference, 8 steps over 6 prompts (2 epochs), a checkpoint every 3; for
 the kill/resume tests.
 
-    python tests/dist/grpo_resume_run.py STRONG WEAK OUT --prefetch P [--resume CHECKPOINT] [--hold_after K]
-                                         [--ga 1] [--processes_batch 4] [--max_steps 8]
+    python tests/dist/grpo_resume_run.py STRONG WEAK OUT [--resume CHECKPOINT] [--hold_after K] [--ga 1]
+                                         [--spg GA] [--processes_batch 4] [--max_steps 8] [--save_steps 3]
 
+``--spg``: TRL's ``steps_per_generation`` (default: ``--ga``); the weak model samples a generation batch's weak rows
+in one call.
 ``--hold_after K``: after checkpoint-K is written and step K + 1 has trained, write ``OUT/holding`` and wait (the
 test SIGKILLs the process there). ``--resume``: resume from that checkpoint. At the end the policy is saved to
 ``OUT/final`` and ``RESULT {json}`` is printed (main process): the per-step losses, rewards and weak-negative
-metrics of ``trainer_state`` (the log history, loaded from the checkpoint for the steps before a resume) and, per
-generation batch and global weak row, the completion sampled for it and its behaviour log-probs (``weak``,
-``weak_logps``: ``"epoch/batch/row" -> list``).
+metrics of ``trainer_state`` (the log history, loaded from the checkpoint for the steps before a resume), per
+generation batch and global weak row the completion sampled for it and its behaviour log-probs (``weak``,
+``weak_logps``: ``"epoch/batch/row" -> list``), and the rows of each weak sampling call of this process (``calls``).
 Runs under ``accelerate launch`` too (``--processes_batch``: the per-device batch; the global batch is the same).
 """
 
@@ -48,18 +50,18 @@ def main():
     def flag(name, default, cast=int):
         return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
 
-    per_device = flag("--processes_batch", 4)
+    per_device, ga = flag("--processes_batch", 4), flag("--ga", 1)
     args = grpo_args(
         out,
         per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=flag("--ga", 1),
+        gradient_accumulation_steps=ga,
+        steps_per_generation=flag("--spg", ga),
         num_generations=4,
         max_steps=flag("--max_steps", 8),
         save_strategy="steps",
-        save_steps=3,
+        save_steps=flag("--save_steps", 3),
         beta=0.04,
         num_weak_generations=2,
-        weak_rollout_prefetch=flag("--prefetch", 3),
         seed=7,
     )
     trainer = WMSSGRPOTrainer(strong, has_digit, args=args, train_dataset=prompt_dataset(6),
@@ -67,10 +69,11 @@ def main():
     hold = flag("--hold_after", None)
     if hold is not None:
         trainer.add_callback(HoldAfter(hold, os.path.join(out, "holding")))
-    weak_rows, weak_logps = {}, {}
+    weak_rows, weak_logps, calls = {}, {}, []
     generate = trainer.weak_sampler.generate
 
     def recording(prompt_ids_list, row_keys):  # what the weak model sampled for each (batch, global row)
+        calls.append(len(prompt_ids_list))
         ids, logps = generate(prompt_ids_list, row_keys)
         for (_, epoch, batch, row), completion, lp in zip(row_keys, ids, logps, strict=True):
             weak_rows[f"{epoch}/{batch}/{row}"], weak_logps[f"{epoch}/{batch}/{row}"] = completion, lp
@@ -89,10 +92,12 @@ def main():
             "world_size": trainer.accelerator.num_processes,
             "steps": [h["step"] for h in logs],
             "loss": [h["loss"] for h in logs],
-            "reward": [h["reward"] for h in logs],
-            "weak_negatives": [h["wmss/weak_negatives_per_group"] for h in logs],
+            # None at a step that generated nothing (steps_per_generation > gradient_accumulation_steps)
+            "reward": [h.get("reward") for h in logs],
+            "weak_negatives": [h.get("wmss/weak_negatives_per_group") for h in logs],
             "weak": weak_all,
             "weak_logps": {k: v for part in gathered_logps for k, v in part.items()},
+            "calls": calls,
         }
         print("RESULT " + json.dumps(result), flush=True)
     teardown()

@@ -12,8 +12,8 @@ switched on alone; with all of them off this is ``GRPOTrainer`` too):
   policy's sampling settings; TRL's reward functions score them; the wrong ones that the current policy finds most
   plausible (at most ``max_weak_negatives = M`` per group) join the group, count in its mean/std and only ever get a
   non-positive advantage. A weak row's sample is drawn from noise seeded by (seed, epoch, generation batch, global
-  row, token), not from the training RNG (:class:`GumbelMaxSampler`), so resume, read-ahead and process count do not
-  change it. They are off-policy, so their token advantages carry a truncated importance weight
+  row, token), not from the training RNG (:class:`GumbelMaxSampler`), so resume and process count do not change
+  it. They are off-policy, so their token advantages carry a truncated importance weight
   ``rho_t = min(pi_old / pi_weak, c)``; see :mod:`wmss_trl.advantages` for the estimator.
 * **Entropy-weighted advantages** (``entropy_weighted_advantages=True``): token advantage = sequence advantage x a
   weight from the weak/policy entropy dynamics (WD-DS's three signals, :func:`wmss_trl.core.three_signal_weights`),
@@ -21,9 +21,10 @@ switched on alone; with all of them off this is ``GRPOTrainer`` too):
 * **WD-JT in RL** (``mixing_lambda < 1``): the policy's log-probs in the loss (and in the old-policy term) are those
   of the mixed logits ``lambda * z_policy + (1 - lambda) * z_weak``; generation stays with the pure policy.
 
-The parts: ``config.py`` (the config), ``checks.py`` (input checks), ``weak_sampler.py`` (weak rollouts and their
-read-ahead cache), ``sampling.py`` (the seeded sampler), ``batch.py`` (pure batch assembly), ``negatives.py``
-(selection and advantages), ``forward.py`` (WD-JT log-probs), ``metrics.py``, ``trainer.py`` (the overrides).
+The parts: ``config.py`` (the config), ``checks.py`` (input checks), ``weak_sampler.py`` (weak rollouts),
+``clock.py`` (a callback: the epoch and generation batch that key the weak samples, TRL's prompt order on resume),
+``sampling.py`` (the seeded sampler), ``batch.py`` (pure batch assembly), ``negatives.py`` (selection and
+advantages), ``forward.py`` (WD-JT log-probs), ``metrics.py``, ``trainer.py`` (the overrides).
 
 How weak negatives fit TRL's batch shapes
 -----------------------------------------
@@ -47,9 +48,9 @@ add nothing to the loss, and row-averaged losses are rescaled to their mean over
 """
 
 from .batch import ROW_AVERAGED_LOSSES, SOURCE_NAMES, SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
+from .clock import GenerationClock, seed_epoch_order
 from .config import WMSSGRPOConfig
 from .sampling import (
-    EpochOrderedSampler,
     GumbelMaxSampler,
     SampledTokenLogProbs,
     greedy_copy,
@@ -66,7 +67,7 @@ __all__ = [
     "SOURCE_POLICY",
     "SOURCE_WEAK_NEGATIVE",
     "SOURCE_WEAK_UNUSED",
-    "EpochOrderedSampler",
+    "GenerationClock",
     "GumbelMaxSampler",
     "SampledTokenLogProbs",
     "StepStats",
@@ -75,5 +76,6 @@ __all__ = [
     "WeakSampler",
     "greedy_copy",
     "sampling_warpers",
+    "seed_epoch_order",
     "stream_seed",
 ]

@@ -58,13 +58,15 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             Use `weak_is_clip_max` instead (the value is copied there, with a warning).
 
             </Deprecated>
-        weak_rollout_prefetch (`int`, defaults to `3`):
-            P: the weak completions of the next P generation batches are sampled in the same weak `generate` call as
-            the current batch's (one call every P + 1 generation batches, P + 1 times the rows). The weak model is
-            frozen, so sampling early draws from the same distribution; rewards are computed when a batch is used.
-            0 = sample each batch's weak completions when it is used. Either way the weak completion of a row is drawn
-            from noise seeded by (seed, epoch, generation batch, global row, token), never from the training RNG, so
-            it is the same whatever P, the resume point or the process count.
+        weak_rollout_prefetch:
+
+            <Deprecated>
+
+            Removed (the weak read-ahead is gone): setting it raises a `ValueError`. The weak model samples all weak
+            rows of a generation batch in one call; to sample several optimizer steps' rows in one call, set TRL's
+            `steps_per_generation` (e.g. `(P + 1) * gradient_accumulation_steps`).
+
+            </Deprecated>
         weak_rollouts_path (`str`, *optional*):
             Folder of a weak-rollout pool (`wmss weak-rollouts`): the weak negatives of epoch e are the pool's
             completions of epoch e (draw k of a prompt for its k-th weak row) instead of being sampled, with their
@@ -155,13 +157,11 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
         default=None,
         metadata={"help": "Deprecated, use weak_is_clip_max instead (the value is copied there)."},
     )
-    weak_rollout_prefetch: int = field(
-        default=3,
+    weak_rollout_prefetch: int | None = field(
+        default=None,
         metadata={
-            "help": "P: sample the weak completions of the next P generation batches in the same weak generate "
-            "call as the current batch's (one call every P + 1 generation batches). Each weak row's sample is "
-            "seeded by (seed, epoch, generation batch, global row), so this gives the same samples and only "
-            "amortises the decode. 0: sample per batch."
+            "help": "Removed: setting it is an error. Set TRL's steps_per_generation instead (e.g. (P + 1) x "
+            "gradient_accumulation_steps) to sample several steps' weak rows in one call."
         },
     )
     weak_rollouts_path: str | None = field(
@@ -250,12 +250,8 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
         self.weak_vllm_gpu_memory_utilization = check_float(
             "weak_vllm_gpu_memory_utilization", self.weak_vllm_gpu_memory_utilization, low=0.0, low_open=True, high=1.0
         )
-        self.weak_rollout_prefetch = check_int(
-            "weak_rollout_prefetch",
-            self.weak_rollout_prefetch,
-            low=0,
-            hint="0 samples each batch's weak completions when it is used.",
-        )
+        if self.weak_rollout_prefetch is not None:
+            self._refuse_prefetch()
         self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma = check_shares(
             ("entropy_weight_alpha", "entropy_weight_beta", "entropy_weight_gamma"),
             (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma),
@@ -314,6 +310,18 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
                 f"weak_is_mode={self.weak_is_mode!r} truncates the importance weight, so it needs a bound: set "
                 "weak_is_clip_max (e.g. 2.0) or weak_is_clip_min, or use a '*_mask' mode."
             )
+
+    def _refuse_prefetch(self):
+        """``weak_rollout_prefetch`` was removed with the weak read-ahead: name what replaces it."""
+        p, ga = self.weak_rollout_prefetch, self.gradient_accumulation_steps
+        known = isinstance(p, int) and p >= 0
+        example = f"(P + 1) x gradient_accumulation_steps = ({p} + 1) x {ga} = {(p + 1) * ga}" if known else ""
+        raise ValueError(
+            f"weak_rollout_prefetch={p!r}: this option was removed (the weak read-ahead is gone). Unset it. The weak "
+            "model samples all weak rows of the generation batch TRL hands over in one generate call; to sample "
+            "several optimizer steps' weak rows in one call (what the read-ahead amortised), set TRL's "
+            f"steps_per_generation{', e.g. ' + example if example else ''} (instead of generation_batch_size)."
+        )
 
     def _check_weak_negatives(self):
         """The batch layout of weak negatives (see the module docstring of :mod:`wmss_trl.grpo`) and their defaults."""

@@ -1,6 +1,5 @@
 """Sampling pieces of the weak rollouts that do not need a trainer: the seeded Gumbel-max sampler (a row's draw
-depends on its key only), the warpers ``generate`` would apply, the recorder of the sampled tokens' log-probs, and the
-epoch-ordered prompt sampler."""
+depends on its key only), the warpers ``generate`` would apply and the recorder of the sampled tokens' log-probs."""
 
 from __future__ import annotations
 
@@ -21,41 +20,8 @@ from transformers import (
     TypicalLogitsWarper,
 )
 from transformers.generation.logits_process import TopHLogitsWarper
-from trl.trainer.utils import RepeatSampler
 
 from .batch import pad_to
-
-
-class EpochOrderedSampler(torch.utils.data.Sampler):
-    """TRL's ``RepeatSampler`` plus ``set_epoch``, so that resuming in epoch e >= 1 keeps epoch e's prompt order.
-
-    The order of epoch e is the (e + 1)-th ``randperm`` of a generator seeded once with ``seed``, which is what an
-    uninterrupted run draws. TRL's sampler has no ``set_epoch``, so a new process resumed in epoch e draws the first
-    permutation again and replays epoch 0's order. transformers / accelerate call ``set_epoch(e)`` before every
-    epoch: it re-seeds the generator and draws the e earlier permutations (one ``randperm(len(dataset))`` each), so
-    the order is the uninterrupted run's whether or not the process started in that epoch.
-    """
-
-    def __init__(self, sampler: RepeatSampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        return iter(self.sampler)
-
-    def __len__(self):
-        return len(self.sampler)
-
-    @property
-    def generator(self) -> torch.Generator:  # accelerate synchronises a sampler's `generator` across processes
-        return self.sampler.generator
-
-    def set_epoch(self, epoch: int) -> None:
-        sampler = self.sampler
-        if not sampler.shuffle or sampler.seed is None:
-            return
-        sampler.generator.manual_seed(sampler.seed)
-        for _ in range(epoch):
-            torch.randperm(sampler.num_samples, generator=sampler.generator)
 
 
 class SampledTokenLogProbs(LogitsProcessor):
@@ -151,9 +117,9 @@ class GumbelMaxSampler(LogitsProcessor):
     Floating point: a row's logits can still differ in the last bits with the batch it is decoded in (another batch
     size or padding width changes how the matrix products and the attention softmax are blocked and summed), and a
     near-tie of ``scores + g`` (the two best within such a last-bit difference) can then flip a token, after which
-    the completion diverges. The tests measure it: no row flipped (16 weak rows between read-ahead 0 and 3 and
-    between 1 and 2 processes, 8 rows decoded alone and together), while the log-probs recorded with them moved by up
-    to 4.8e-7. The noise is fp64 and finite (``u`` clamped away from 0), so a filtered token (-inf) is never drawn.
+    the completion diverges. The tests measure it: no row flipped (16 weak rows between 1 and 2 processes, 8 rows
+    decoded alone and together; and, with the since-removed read-ahead, 16 rows decoded 4 batches at a time), while
+    the log-probs recorded with them moved by up to 4.8e-7. The noise is fp64 and finite (``u`` clamped away from 0), so a filtered token (-inf) is never drawn.
     """
 
     def __init__(self, row_keys: list[tuple[int, ...]], prompt_width: int):

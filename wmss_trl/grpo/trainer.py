@@ -28,11 +28,12 @@ from .batch import (
     select_rows,
 )
 from .checks import check_request, correctness_index
+from .clock import GenerationClock
 from .config import WMSSGRPOConfig
 from .forward import mixed_policy_logps
 from .negatives import add_negatives
 from .stats import StepStats, apply_token_weights
-from .weak_sampler import WeakReadAhead, WeakSampler
+from .weak_sampler import WeakSampler
 
 
 logger = logging.getLogger(__package__)  # "wmss_trl.grpo", as before the split
@@ -41,7 +42,7 @@ logger = logging.getLogger(__package__)  # "wmss_trl.grpo", as before the split
 DEFERRED_FIELDS = ("wmss_weak_entropy", "wmss_weak_logps", "wmss_behaviour_logps")
 
 
-class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GRPOTrainer):
+class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with a weak checkpoint as reference, source of negatives and entropy anchor.
 
     Args:
@@ -54,8 +55,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
     Overridden TRL hooks (the reviewed list: `trl_overrides.OVERRIDES`): `_generate_and_score_completions` (calls TRL's,
     then adds weak rows, reference log-probs and token advantages), `_get_per_token_logps_and_entropies`
     (mixed log-probs for the policy when `mixing_lambda < 1`; applies deferred token weights in the loss) and
-    `_compute_loss` (drops the zero-weight padding rows, then calls TRL's). With weak negatives, :class:`WeakReadAhead`
-    adds transformers' `get_batch_samples` (read-ahead) and `_run_epoch` (batch positions).
+    `_compute_loss` (drops the zero-weight padding rows, then calls TRL's), and `train` (a complete checkpoint to
+    resume from). A callback, :class:`~wmss_trl.grpo.clock.GenerationClock` (`generation_clock`), keeps TRL's prompt
+    order when a run resumes in a later epoch and numbers the generation batches the weak samples are keyed by.
 
     Logged metrics (namespace `wmss/`): `weak_accuracy`, `weak_reward`, `weak_negatives_per_group`,
     `frac_groups_with_weak_negative`, `weak_negative_logp` (policy's mean token log-prob of the selected negatives),
@@ -67,6 +69,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
     """
 
     _wmss_name = "WMSS-GRPO"
+    weak_sampler: WeakSampler | None = None  # the weak negatives' sampler (None: no weak negatives)
     _loss_batch = None  # the batch TRL's loss is computing, while its token weights wait for the policy forward
 
     def __init__(
@@ -98,6 +101,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
         # batch with the parameters of generation time: the token statistics are taken from it (no extra forward)
         self.stats_from_loss = args.steps_per_generation == 1 and args.num_iterations == 1
         self.wmss_stats: StepStats | None = None
+        self.generation_clock = GenerationClock(self)  # TRL's prompt order on resume, the weak samples' keys
+        self.add_callback(self.generation_clock)
         self.weak_model = None
         self.weak_source = None  # "model": a separate frozen model; "peft_base": the policy with adapters disabled
         self.wmss_enabled = separate_weak or args.peft_base_as_weak  # a weak model is in use
@@ -115,7 +120,7 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WeakReadAhead, WMSSModelCard, GR
                 "this run is vanilla GRPO."
             )
         if args.num_weak_generations > 0:
-            self.weak_sampler = WeakSampler(self, args.weak_rollout_prefetch)
+            self.weak_sampler = WeakSampler(self)
             # the completions table holds the weak rows too: widen TRL's log buffers
             size = (
                 args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations

@@ -1,50 +1,42 @@
-"""The weak rollouts of WMSS-GRPO: one object that samples the weak completions, reads training batches ahead so that
-the completions of several generation batches come from one ``generate`` call, and scores them with TRL's rewards.
+"""The weak rollouts of WMSS-GRPO: one object that samples the weak completions of each generation batch TRL hands
+over (all its weak rows in one ``generate`` call) and scores them with TRL's rewards.
 
 A weak row's tokens are drawn by :class:`~wmss_trl.grpo.sampling.GumbelMaxSampler` from noise keyed by
-``(seed, epoch, generation batch, global row)`` (:meth:`WeakSampler.row_keys`), never from torch's global RNG, so the
-training RNG stream (the policy's samples, TRL's shuffle) is the same whether and when the weak model samples, and a
-row's completion does not depend on the read-ahead, the resume point or the process count. With
-``weak_rollouts_path`` the completions are read from a weak-rollout pool instead (:mod:`wmss_trl.rollouts`): weak row
-``j`` of a batch of epoch e is draw ``j mod K`` of its prompt in epoch e.
+``(seed, epoch, generation batch, global row)`` (:meth:`WeakSampler.row_keys`; the epoch and batch come from
+:class:`~wmss_trl.grpo.clock.GenerationClock`, which reads them from state a resumed run restores), never from torch's
+global RNG, so the training RNG stream (the policy's samples, TRL's shuffle) is the same whether and when the weak
+model samples, and a row's completion does not depend on the resume point or the process count. To sample several
+optimizer steps' weak rows in one call, raise TRL's ``steps_per_generation``. With ``weak_rollouts_path`` the
+completions are read from a weak-rollout pool instead (:mod:`wmss_trl.rollouts`): weak row ``j`` of a batch of epoch
+e is draw ``j mod K`` of its prompt in epoch e.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections import deque
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
 from trl.data_utils import is_conversational
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import RepeatSampler, pad
+from trl.trainer.utils import pad
 
 from ..core import cut_at_eos
 from ..rollouts.backend import seeded_generate
 from .batch import weak_row_parents
-from .sampling import (
-    EpochOrderedSampler,
-    stream_seed,
-)
+from .sampling import stream_seed
 from .vllm_engine import SamplingSettings, weak_engine
 
 
 class WeakSampler:
-    """Weak completions for a trainer's generation batches, with a read-ahead cache.
+    """Weak completions for a trainer's generation batches: one ``generate`` call per generation batch, with all of
+    its weak rows (``per_device_train_batch_size * steps_per_generation * K / G`` per process). On small batches a
+    decode step costs about the same for 2 rows as for 8, so ``steps_per_generation > gradient_accumulation_steps``
+    amortises the weak decode over several optimizer steps (as it does TRL's own generation)."""
 
-    ``prefetch = P``: the weak completions of the next P generation batches (already read by :meth:`read`) are
-    sampled in the same weak ``generate`` call as the current batch's, one call every ``P + 1`` generation batches
-    with ``P + 1`` times the rows. The weak model is frozen, so sampling early draws from the same distribution; the
-    rewards are computed when a batch is used. On small per-device batches a decode step costs about the same for 2
-    rows as for 8, which this amortises.
-    """
-
-    def __init__(self, trainer, prefetch: int):
+    def __init__(self, trainer):
         self.trainer = trainer
-        self.prefetch = prefetch
         self.generation_config = self._generation_config()
         if self.generation_config.num_beams not in (None, 1) or self.generation_config.watermarking_config is not None:
             raise NotImplementedError(
@@ -53,9 +45,6 @@ class WeakSampler:
             )
         self.vllm = weak_engine(trainer)  # None: transformers' generate
         self.vllm_settings = SamplingSettings.from_trainer(trainer) if self.vllm is not None else None
-        self._source, self._ahead, self._returned = None, deque(), []
-        self._epoch_start, self._epoch, self._next_position = (0, 0), 0, 0
-        self._cache: dict[tuple[int, int], tuple[list, list]] = {}
         self.pool = self._open_pool(trainer.args.weak_rollouts_path)
 
     def _open_pool(self, path: str | None):
@@ -88,44 +77,6 @@ class WeakSampler:
             repetition_penalty=t.repetition_penalty,
             disable_compile=True,
         )
-
-    @property
-    def _every(self) -> int:
-        """Micro-steps per generation batch: TRL's dataloader yields each generation batch this many times."""
-        return self.trainer.args.steps_per_generation * self.trainer.num_iterations
-
-    # ---- batch positions -----------------------------------------------------------------------------------------
-
-    def start_epoch(self, epoch: int, skipped: int) -> None:
-        """The epoch transformers' loop starts, and how many of its batches a resumed run skips."""
-        self._epoch_start = (epoch, skipped)
-
-    def read(self, epoch_iterator, num_batches: int, left: int) -> list:
-        """The next ``num_batches`` batches of ``epoch_iterator``, reading up to ``P`` generation batches ahead (but
-        no batch beyond the ``left`` that training will reach) and numbering the batches of the epoch as they come."""
-        if epoch_iterator is not self._source:  # a new epoch (or a resumed run): nothing read ahead yet
-            self._source, self._ahead, self._cache = epoch_iterator, deque(), {}
-            self._epoch, self._next_position = self._epoch_start
-        while len(self._ahead) < max(num_batches, min(num_batches + self.prefetch * self._every, left)):
-            try:
-                self._ahead.append((self._next_position, next(epoch_iterator)))
-            except StopIteration:
-                break
-            self._next_position += 1
-        self._returned = [self._ahead.popleft() for _ in range(min(num_batches, len(self._ahead)))]
-        return [batch for _, batch in self._returned]
-
-    def _generation_batches(self, current) -> list[tuple[tuple[int, int], list[dict] | None]]:
-        """``(key, batch)`` of the current generation batch, then of the next (at most P) ones already read.
-        ``key = (epoch, index of the generation batch in the epoch)``; a batch that did not come from the training loop
-        (a direct call) gets ``(-1, TRL's micro-step // micro-steps per generation)``."""
-        every = self._every
-        window = [*self._returned, *self._ahead]
-        here = next((i for i, (_, batch) in enumerate(window) if batch is current), None)
-        if here is None:
-            return [((-1, self.trainer._step // every), current)]
-        ahead = window[here::every][: 1 + self.prefetch]
-        return [((self._epoch, position // every), batch) for position, batch in ahead]
 
     def row_keys(self, key: tuple[int, int], n_rows: int) -> list[tuple[int, ...]]:
         """The noise keys of this process's ``n_rows`` weak rows of the generation batch ``key = (epoch, index)``:
@@ -180,25 +131,15 @@ class WeakSampler:
                 )
 
     def samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
-        """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``, from the cache that
-        one weak ``generate`` call fills, every ``P + 1`` generation batches, with this batch's completions and the
-        next P's. Under several processes the decision to generate is taken together, since ``generate`` is a
-        collective under ZeRO-3. With a weak-rollout pool they are read from it (:meth:`_pool_samples`)."""
-        t = self.trainer
-        batches = self._generation_batches(inputs)
-        key = batches[0][0]
+        """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``: every weak row of
+        the generation batch TRL hands over (``steps_per_generation`` micro-batches: several optimizer steps' worth
+        when that exceeds ``gradient_accumulation_steps``) in one weak ``generate`` call, keyed by the batch's
+        :meth:`~wmss_trl.grpo.clock.GenerationClock.generation_key`. With a weak-rollout pool they are read from it
+        (:meth:`_pool_samples`), epoch e's draws in epoch e."""
+        key = self.trainer.generation_clock.generation_key()
         if self.pool is not None:
             return self._pool_samples(inputs, max(key[0], 0))
-        if t._max_over_processes(int(key not in self._cache)):  # some process lacks them: all generate
-            prompt_ids, row_keys, spans = [], [], []
-            for batch_key, batch in batches:
-                ids = prompt_ids_list if batch is inputs else t._tokenize_prompts(self._prompts(batch))[0]
-                spans.append((batch_key, len(prompt_ids), len(prompt_ids) + len(ids)))
-                prompt_ids += ids
-                row_keys += self.row_keys(batch_key, len(ids))
-            ids, logps = self.generate(prompt_ids, row_keys)
-            self._cache = {k: (ids[a:b], logps[a:b]) for k, a, b in spans}
-        return self._cache.pop(key)
+        return self.generate(prompt_ids_list, self.row_keys(key, len(prompt_ids_list)))
 
     def _pool_samples(self, inputs: list[dict], epoch: int):
         """This process's weak completions from the pool: the weak row with global index ``j = rank * n_w + l`` is
@@ -258,35 +199,3 @@ class WeakSampler:
         t._pending_extra_logs.update(pending_extra)
         t._pending_metrics.update(pending_metrics)
         return rewards_per_func, weak_extra
-
-
-class WeakReadAhead:
-    """Trainer mixin: the batch positions the :class:`WeakSampler` keys its samples by, and the resume-safe prompt
-    order. ``weak_sampler`` is None without weak negatives, and then these are transformers' / TRL's methods."""
-
-    weak_sampler: WeakSampler | None = None
-
-    def _run_epoch(self, *args, **kwargs):
-        """Transformers' epoch loop; records the epoch and how many of its batches a resumed run skips."""
-        if self.weak_sampler is not None:
-            given = inspect.signature(super()._run_epoch).bind(*args, **kwargs).arguments
-            resumed = given["resume_from_checkpoint"] is not None and given["epoch"] == given["epochs_trained"]
-            skipped = given["steps_trained_in_current_epoch"] if resumed and not self.args.ignore_data_skip else 0
-            self.weak_sampler.start_epoch(given["epoch"], skipped)
-        return super()._run_epoch(*args, **kwargs)
-
-    def _get_train_sampler(self, dataset=None):
-        """TRL's sampler, wrapped so that a run resumed in a later epoch gets that epoch's prompt order
-        (:class:`EpochOrderedSampler`); an uninterrupted run gets exactly TRL's order."""
-        sampler = super()._get_train_sampler(dataset)
-        return EpochOrderedSampler(sampler) if isinstance(sampler, RepeatSampler) else sampler
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Transformers' method, reading ``weak_rollout_prefetch`` generation batches ahead (:meth:`WeakSampler.read`).
-        Training gets the same batches in the same order."""
-        if self.weak_sampler is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        # read no batch that training will not reach (max_steps), so no weak completion is sampled in vain
-        left = (self.state.max_steps - self.state.global_step) * self.args.gradient_accumulation_steps
-        batches = self.weak_sampler.read(epoch_iterator, num_batches, left)
-        return batches, self._get_num_items_in_batch(batches, device)
