@@ -54,6 +54,7 @@ second random initialisation of it. With ``--model DIR`` (e.g. SmolLM2-135M-Inst
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -371,6 +372,7 @@ def main(argv=None):
                     flush=True,
                 )
                 del trainer
+                gc.collect()  # free what can be freed (vLLM's engines of earlier trainers stay: ~1.5 GB each)
 
     print(
         f"\nmodel: {f'toy hidden={a.hidden} layers={a.layers}' if not a.model else a.model}; "
