@@ -30,7 +30,9 @@ Compared pairs (``num_weak_generations = num_generations / 4``):
   does) so that TRL's weight sync into its engine works; ``min_new_tokens`` becomes vLLM's ``min_tokens``. The
   colocated engines leave ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` in the environment, which would make every later
   trainer of the process wrap its model in a one-process ``DistributedDataParallel``; they are cleared before each
-  trainer, so that every arm runs as a single-process run does (no DDP).
+  trainer, so that every arm runs as a single-process run does (no DDP). Each trainer's engines stay in the process
+  (about 1.5 GB each here): ``--pairs vllm,floor_vllm`` at 64 rows ran out of 23 GB after 7 trainers, so run it with
+  ``--rounds 1`` or 2 on such a machine.
 * ``floor`` / ``floor_vllm`` (references, no target): vanilla GRPO vs vanilla GRPO that trains on the same number of
   extra rows as WMSS appends (``B * K / G`` per process: copies of policy rows, :class:`ExtraRowsGRPOTrainer`), no
   weak model (``floor_vllm``: both on vLLM). Its ratio is the floor of the WMSS ratios: the cost of the extra
