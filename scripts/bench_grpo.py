@@ -29,7 +29,16 @@ Compared pairs (``num_weak_generations = num_generations / 4``):
 * ``vllm`` (only where vllm is importable): both arms with ``use_vllm=True, vllm_mode="colocate"`` (TRL's engine
   for the policy), WMSS with the weak model's own colocated engine too, beta = 0 (target <= 1.25x). On vLLM's CPU
   build the linear-weight packing is switched off (:func:`keep_vllm_cpu_weights`, as tests/dist/vllm_grpo_run.py
-  does) so that TRL's weight sync into its engine works; ``min_new_tokens`` becomes vLLM's ``min_tokens``.
+  does) so that TRL's weight sync into its engine works; ``min_new_tokens`` becomes vLLM's ``min_tokens``. The
+  colocated engines leave ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` in the environment, which would make every later
+  trainer of the process wrap its model in a one-process ``DistributedDataParallel``; they are cleared before each
+  trainer, so that every arm runs as a single-process run does (no DDP). Each trainer's engines stay in the process
+  (about 1.5 GB each here): ``--pairs vllm,floor_vllm`` at 64 rows ran out of 23 GB after 7 trainers, so run it with
+  ``--rounds 1`` or 2 on such a machine.
+* ``floor`` / ``floor_vllm`` (references, no target): vanilla GRPO vs vanilla GRPO that trains on the same number of
+  extra rows as WMSS appends (``B * K / G`` per process: copies of policy rows, :class:`ExtraRowsGRPOTrainer`), no
+  weak model (``floor_vllm``: both on vLLM). Its ratio is the floor of the WMSS ratios: the cost of the extra
+  training rows alone, with every weak row selected as a negative (as nearly all are here).
 
 Completions are forced to ``max_completion_length`` tokens (``min_new_tokens``) unless ``--free_length``: after the
 first step the two arms sample different completions, and with free lengths the step time follows the sampled
@@ -49,6 +58,7 @@ second random initialisation of it. With ``--model DIR`` (e.g. SmolLM2-135M-Inst
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -66,6 +76,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -80,6 +91,24 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start[0])
         self.cpu_times.append(time.process_time() - self._start[1])
+
+
+class ExtraRowsGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer training on ``B * K / G`` more rows per process (``K = G / 4``), as WMSS-GRPO appends weak
+    rows: row ``l`` of the extra rows is a copy of policy row ``l * G // K`` (the parent of WMSS's weak row ``l``),
+    same prompt, completion and advantage. The floor arm: the extra training rows without any weak model."""
+
+    def _generate_and_score_completions(self, inputs):
+        from wmss_trl.grpo.batch import weak_row_parents
+
+        out = super()._generate_and_score_completions(inputs)
+        n = out["prompt_ids"].size(0)
+        parents = torch.tensor(weak_row_parents(n, self.num_generations, self.num_generations // 4))
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == n:
+                out[key] = torch.cat([value, value[parents.to(value.device)]])
+        out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
+        return out
 
 
 def digit_fraction(prompts, completions, **kwargs):
@@ -157,16 +186,18 @@ def make_args(kind, out, a, beta):
 
 
 def make_trainer(kind, strong, weak, out, a, beta, timer):
-    from trl import GRPOTrainer
-
     from wmss_trl import WMSSGRPOTrainer
     from wmss_trl.recipes.common import load_tokenizer
 
+    if kind.endswith("_vllm"):  # left by an earlier trainer's colocated engines: they would make this one use DDP
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(name, None)
     args = make_args(kind, out, a, beta)
     common = dict(args=args, train_dataset=dataset(4096), processing_class=load_tokenizer(strong), callbacks=[timer])
     if kind.startswith("wmss"):
         return WMSSGRPOTrainer(strong, digit_fraction, weak_model=weak, **common)
-    return GRPOTrainer(strong, digit_fraction, **common)
+    trainer_class = ExtraRowsGRPOTrainer if kind.startswith("vanilla_rows") else GRPOTrainer
+    return trainer_class(strong, digit_fraction, **common)
 
 
 PAIRS = {
@@ -174,8 +205,10 @@ PAIRS = {
     "full": ("vanilla_kl", "wmss_full", 0.04),
     "pool": ("vanilla_b0", "wmss_pool", 0.0),
     "vllm": ("vanilla_vllm", "wmss_vllm", 0.0),
+    "floor": ("vanilla_b0", "vanilla_rows", 0.0),
+    "floor_vllm": ("vanilla_vllm", "vanilla_rows_vllm", 0.0),
 }
-TARGETS = {"negatives": 1.35, "full": 1.35, "pool": 1.15, "vllm": 1.25}
+TARGETS = {"negatives": 1.35, "full": 1.35, "pool": 1.15, "vllm": 1.25, "floor": None, "floor_vllm": None}
 
 
 def build_bench_pool(weak, root, a) -> dict:
@@ -293,7 +326,7 @@ def main(argv=None):
     unknown = [name for name in names if name not in PAIRS]
     if unknown:
         raise SystemExit(f"--pairs: unknown pair(s) {unknown}; choose from {sorted(PAIRS)}.")
-    if "vllm" in names:
+    if any(name.endswith("vllm") for name in names):
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
@@ -316,7 +349,7 @@ def main(argv=None):
     if "pool" in names:
         a.pool = os.path.join(root, "pool")
         pool_build = build_bench_pool(weak, root, a)
-    if "vllm" in names:
+    if any(name.endswith("vllm") for name in names):
         keep_vllm_cpu_weights()
         print(
             "vllm arms: vLLM's CPU linear-weight packing is off (keep_vllm_cpu_weights), as in the tests", flush=True
@@ -342,6 +375,7 @@ def main(argv=None):
                     flush=True,
                 )
                 del trainer
+                gc.collect()  # free what can be freed (vLLM's engines of earlier trainers stay: ~1.5 GB each)
 
     print(
         f"\nmodel: {f'toy hidden={a.hidden} layers={a.layers}' if not a.model else a.model}; "
@@ -365,7 +399,8 @@ def main(argv=None):
             summary[name].update({f"vanilla_{clock}_s": v, f"wmss_{clock}_s": w, f"ratio_{clock}": w / v})
             print(
                 f"{name:>10} ({clock:>4}): vanilla {v:.3f} s/step, WMSS {w:.3f} s/step (mean of "
-                f"{len(data[vk])}), ratio {w / v:.2f}x (target <= {TARGETS[name]:.2f}x)"
+                f"{len(data[vk])}), ratio {w / v:.2f}x "
+                + (f"(target <= {TARGETS[name]:.2f}x)" if TARGETS[name] else "(reference: the extra rows alone)")
             )
     if a.memory_steps > 0:
         memory = measure_memory(strong, weak, a, list(times), argv)

@@ -524,6 +524,72 @@ def test_importance_weights_from_the_loss_forward_match_eager(tiny, tmp_path, be
         assert wmss._metrics["train"][k][-1] == pytest.approx(eager_metrics[k], rel=1e-5, abs=1e-6), k
 
 
+def test_weak_rows_old_logps_from_the_loss_forward_match_eager(tiny, tmp_path, monkeypatch):
+    """With old log-probs in TRL's batch (as TRL keeps under vLLM for its importance correction), the deferred path
+    still runs no policy forward over the weak rows at generation time: the weak rows' old log-probs come from the
+    loss's forward (one iteration: the same parameters). Same old log-probs, loss and gradients as the eager path,
+    whose generation-time forward over the weak rows supplies them."""
+    from trl import GRPOTrainer
+
+    from wmss_trl import WMSSGRPOTrainer
+    from wmss_trl.grpo import SOURCE_POLICY, SOURCE_WEAK_UNUSED
+
+    trl_generate = GRPOTrainer._generate_and_score_completions
+
+    def with_old_logps(self, inputs):  # TRL's vLLM path: a no-grad policy forward over its own rows
+        out = trl_generate(self, inputs)
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        with torch.no_grad():
+            out["old_per_token_logps"] = GRPOTrainer._get_per_token_logps_and_entropies(
+                self, self.model, ids, mask, out["completion_ids"].size(1)
+            )[0]
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_old_logps)
+    wmss = make(WMSSGRPOTrainer, tiny, tmp_path, weak_model=tiny["weak"], num_weak_generations=2, weak_is_clip_max=1.5)
+    assert wmss.stats_from_loss and wmss.max_weak_negatives == 2
+    rows = []
+    forward = WMSSGRPOTrainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(
+        WMSSGRPOTrainer,
+        "_get_per_token_logps_and_entropies",
+        lambda self, model, ids, *a, **k: rows.append(ids.size(0)) or forward(self, model, ids, *a, **k),
+    )
+
+    wmss.stats_from_loss = False  # 1. eager: the weak rows' old log-probs from a forward at generation time
+    out = generate(wmss, 2)
+    n_pol, n_rows = 8, out["completion_ids"].size(0)
+    assert rows == [n_rows - n_pol]  # (TRL's old log-probs above call the base method directly)
+    old_eager = out["old_per_token_logps"].clone()
+    weak = (out["wmss_source"] != SOURCE_POLICY).unsqueeze(1) & out["completion_mask"].bool()
+    assert weak.any() and (old_eager[weak] != 0).all()
+    loss_eager, grads_eager = loss_and_grads(wmss, out)
+
+    rows.clear()
+    wmss.stats_from_loss = True  # 2. deferred: no forward at generation time
+    out_d = generate(wmss, 2)
+    assert rows == [] and torch.equal(out_d["completion_ids"], out["completion_ids"])
+    assert (out_d["old_per_token_logps"][n_pol:] == 0).all()  # not known yet
+    seen = {}
+    trl_loss = GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        loss = trl_loss(self, model, inputs)
+        seen["old"] = inputs["old_per_token_logps"].clone()
+        return loss
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
+    loss_d, grads_d = loss_and_grads(wmss, out_d)
+    keep = out["wmss_source"] != SOURCE_WEAK_UNUSED  # the rows the loss sees, in order
+    mask = out["completion_mask"][keep].bool()
+    torch.testing.assert_close(seen["old"][mask], old_eager[keep][mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_d, loss_eager, rtol=1e-5, atol=1e-7)
+    assert grads_d.keys() == grads_eager.keys()
+    for name in grads_eager:
+        torch.testing.assert_close(grads_d[name], grads_eager[name], rtol=1e-4, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # when the weak model samples: one call per generation batch, keyed by (seed, epoch, generation batch, global row)
 # ------------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def apply_token_weights(
 ) -> None:
     """Fold the token weights into ``batch["advantages"]`` (in place), from the policy log-probs / entropies of the
     batch's rows: the negatives' importance weights of ``weak_is_mode`` (default ``min(pi_old / pi_weak, c)``; their
-    KL reference becomes these log-probs) and the entropy weights. One path for both timings: at generation time, or inside
+    KL reference, and the weak rows' old log-probs when TRL keeps old log-probs, become these log-probs) and the
+    entropy weights. One path for both timings: at generation time, or inside
     TRL's loss from its own forward (one micro-batch per generation batch, one iteration). ``own_rows``: ``logps`` holds
     the policy's own rows too (always inside the loss; at generation time only when the entropy weights needed them),
     so their plausibility is logged next to the negatives'."""
@@ -59,6 +60,9 @@ def apply_token_weights(
         )
         if batch.get("ref_per_token_logps") is not None:
             batch["ref_per_token_logps"] = torch.where(neg.unsqueeze(1), logps, batch["ref_per_token_logps"])
+        if batch.get("old_per_token_logps") is not None:  # the weak rows' old policy is the policy of ``logps``
+            weak_rows = (source != SOURCE_POLICY).unsqueeze(1)
+            batch["old_per_token_logps"] = torch.where(weak_rows, logps, batch["old_per_token_logps"])
         stats.is_weight = factor.clone()
     if weak_h is not None:
         args = trainer.args

@@ -290,9 +290,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         weak = self._append_weak_rows(inputs, out) if use_neg else None
         defer_ent = use_ent and self.stats_from_loss  # the policy entropies come from the loss's forward
         # so do the importance weights, when the selection needs no plausibility ranking (every wrong answer is kept,
-        # M = K) and TRL keeps no old log-probs: then the weak rows need no policy forward here
+        # M = K): then the weak rows need no policy forward here. Their old log-probs (TRL keeps old log-probs under
+        # vLLM, for its importance correction) are the loss forward's too: one iteration, the same parameters
         defer_is = use_neg and self.stats_from_loss and self.max_weak_negatives >= self.num_weak_generations
-        defer_is = defer_is and out.get("old_per_token_logps") is None
         eager_ent = use_ent and not defer_ent
         stats = self._no_grad_forwards(
             out,

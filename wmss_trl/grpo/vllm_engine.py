@@ -161,12 +161,16 @@ class WeakVLLMEngine:
     ) -> tuple[list[list[int]], list[list[float]]]:
         """``n`` completions per prompt, prompt-major (the ``n`` of prompt 0 first): token ids (a completion that
         stopped at a stop token ends with it) and the sampled tokens' log-probs (see the module docstring). Seeds by
-        :func:`completion_seeds`."""
+        :func:`completion_seeds`. vLLM does not detokenize (``detokenize=False``; the ids and log-probs are the same,
+        it saves about a tenth of the call), unless ``stop`` strings are given."""
         from vllm import SamplingParams
 
         seeds = completion_seeds(seed, len(prompt_ids_list), n)
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids_list for _ in range(n)]
-        params = [SamplingParams(**settings.request(), seed=s) for s in seeds]
+        request = settings.request()
+        if not request.get("stop"):  # only ids and log-probs are read: no text (stop strings need it)
+            request.setdefault("detokenize", False)
+        params = [SamplingParams(**request, seed=s) for s in seeds]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         completions = [out.outputs[0] for out in outputs]
         return [list(c.token_ids) for c in completions], [_sampled_logps(c.logprobs) for c in completions]
