@@ -101,9 +101,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench_grpo.add_model_flags(p, completion_length=32)
     p.add_argument("--kinds", default="vanilla_b0,wmss_pool,vanilla_rows", help="arms of bench_grpo (first: base)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up generation cycle)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--weak_rollout_prefetch", type=int, default=3)
+    p.add_argument(
+        "--steps_per_generation", type=int, default=1, help="TRL's steps_per_generation, both arms (as bench_grpo)"
+    )
     p.add_argument("--free_length", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -126,11 +128,12 @@ def main() -> int:
             trainer = bench_grpo.make_trainer(kind, strong, weak, root, a, 0.0, timer)
             trainer.remove_callback(PrinterCallback)
             trainer.train()
-            for i in range(1, a.steps + 1):
+            timed = range(a.steps_per_generation, a.steps_per_generation + a.steps)  # after one generation cycle
+            for i in timed:
                 results[kind]["step"].append(timer.cpu_times[i])
                 for key, value in timer.sections[i].items():
                     results[kind][key].append(value)
-            print(f"round {r} {kind}: cpu " + ", ".join(f"{t:.3f}" for t in timer.cpu_times[1 : a.steps + 1]))
+            print(f"round {r} {kind}: cpu " + ", ".join(f"{t:.3f}" for t in (timer.cpu_times[i] for i in timed)))
             del trainer
     base = statistics.mean(results[kinds[0]]["step"])
     print(f"\n{a.batch} rows per process; mean CPU s per timed step ({a.rounds} rounds x {a.steps} steps per arm)")
