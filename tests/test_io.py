@@ -198,3 +198,27 @@ def test_write_jsonl_atomic_replaces_whole_files(tmp_path):
     write_jsonl_atomic(path, ({"i": i} for i in range(3)))  # a generator, and a second write over the first
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no .tmp left behind
+
+
+def test_locked_on_main_returns_the_result_and_holds_the_lock(tmp_path):
+    """One process: ``open_output``'s result and the held lock (a second writer is refused until released); an error
+    in ``open_output`` becomes a ValueError naming it, with the lock released."""
+    from types import SimpleNamespace
+
+    from wmss_trl.io import locked_on_main
+
+    state = SimpleNamespace(is_main_process=True, num_processes=1)
+    lock_file = str(tmp_path / "out" / "run.lock")
+    lock, result = locked_on_main(state, lock_file, "the output", lambda: {"done": [1, 2]})
+    assert result == {"done": [1, 2]}
+    with pytest.raises(ValueError, match="the output"):
+        locked_on_main(state, lock_file, "the output", lambda: None)
+    lock.release()
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(ValueError, match="OSError: disk full"):
+        locked_on_main(state, lock_file, "the output", broken)
+    lock, _ = locked_on_main(state, lock_file, "the output", lambda: None)  # released after the failure
+    lock.release()

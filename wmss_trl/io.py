@@ -377,3 +377,29 @@ def die_with_parent() -> None:
     set_parent_death_signal(signal.SIGTERM)
     if not _pid_alive(driver):
         raise SystemExit(f"the wmss pipeline driver (pid {driver}) that started this phase is gone; stopping.")
+
+
+def locked_on_main(state, lock_file: str, what: str, open_output):
+    """The main process takes the writer lock ``lock_file`` (for ``what``; the caller releases it once its output is
+    written) and runs ``open_output()`` (check the folder's provenance, read what is finished); every process gets
+    that result by broadcast, or the error as a ``ValueError`` (the lock released), so no process waits forever for
+    a failed main. Returns ``(lock, result)``; ``lock`` is None on the other processes."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, payload = None, [None]
+    if state.is_main_process:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
+            lock = WriterLock(lock_file, what).acquire()
+            payload = [{"ok": open_output()}]
+        except (LockedError, ProvenanceError) as e:
+            payload = [{"error": str(e)}]
+        except Exception as e:  # noqa: BLE001 - re-raised on every process below
+            payload = [{"error": f"{type(e).__name__}: {e}"}]
+    if state.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    if "error" in payload[0]:
+        if lock is not None:
+            lock.release()
+        raise ValueError(payload[0]["error"])
+    return lock, payload[0]["ok"]

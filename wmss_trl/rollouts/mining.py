@@ -15,12 +15,11 @@ import os
 from dataclasses import asdict
 
 from ..io import (
-    LockedError,
     ProvenanceError,
-    WriterLock,
     check_provenance,
     dataset_fingerprint,
     loaded_model_fingerprint,
+    locked_on_main,
     sha256_json,
     tokenizer_fingerprint,
     write_json_atomic,
@@ -134,27 +133,17 @@ def _model_id(model) -> str | None:
 def take_output_dir(state, output_dir, provenance, prompts_dataset, weak_model, strong_model, cfg):
     """Rank 0 takes the output's lock (held until the dataset is saved), validates the folder and reads the finished
     chunks; everyone gets them by broadcast, or the error."""
-    from accelerate.utils import broadcast_object_list
-
-    n, lock, payload = len(prompts_dataset), None, [None]
-    if state.is_main_process:
-        try:
-            lock = WriterLock(os.path.join(output_dir, LOCK_FILE), f"the mining output {output_dir}").acquire()
-            info = {"num_prompts": n, "weak_model": _model_id(weak_model), "strong_model": _model_id(strong_model)}
-            size = cfg.chunk_size
-            chunk_prompts = [range(c * size, min((c + 1) * size, n)) for c in range(math.ceil(n / size))]
-            payload = [{"ok": _open_output_dir(output_dir, provenance, info, chunk_prompts)}]
-        except (LockedError, ProvenanceError) as e:
-            payload = [{"error": str(e)}]
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            payload = [{"error": f"{type(e).__name__}: {e}"}]
-    if state.num_processes > 1:
-        broadcast_object_list(payload, from_process=0)
-    if "error" in payload[0]:
-        if lock is not None:
-            lock.release()
-        raise ValueError(payload[0]["error"])
-    return {int(k): v for k, v in payload[0]["ok"].items()}, lock
+    n = len(prompts_dataset)
+    info = {"num_prompts": n, "weak_model": _model_id(weak_model), "strong_model": _model_id(strong_model)}
+    size = cfg.chunk_size
+    chunk_prompts = [range(c * size, min((c + 1) * size, n)) for c in range(math.ceil(n / size))]
+    lock, done = locked_on_main(
+        state,
+        os.path.join(output_dir, LOCK_FILE),
+        f"the mining output {output_dir}",
+        lambda: _open_output_dir(output_dir, provenance, info, chunk_prompts),
+    )
+    return {int(k): v for k, v in done.items()}, lock
 
 
 def _read_chunk(path: str) -> list[dict]:

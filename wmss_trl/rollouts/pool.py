@@ -27,14 +27,13 @@ from trl.data_utils import is_conversational
 
 from ..core import cut_at_eos
 from ..io import (
-    LockedError,
     ProvenanceError,
-    WriterLock,
     check_provenance,
     dataset_fingerprint,
     file_sample_sha256,
     file_sha256,
     loaded_model_fingerprint,
+    locked_on_main,
     safetensors_header_sha256,
     tokenizer_fingerprint,
     write_json_atomic,
@@ -248,24 +247,13 @@ def build_pool(
 
 def _take_pool_dir(state, output_dir, provenance, shards):
     """Main process: the output's lock and the shards already written; every process gets them, or the error."""
-    from accelerate.utils import broadcast_object_list
-
-    lock, payload = None, [None]
-    if state.is_main_process:
-        try:
-            lock = WriterLock(os.path.join(output_dir, LOCK_FILE), f"the weak-rollout pool {output_dir}")
-            os.makedirs(output_dir, exist_ok=True)
-            lock.acquire()
-            payload = [{"done": _open_pool_dir(output_dir, provenance, shards)}]
-        except (LockedError, ProvenanceError) as e:
-            payload = [{"error": str(e)}]
-    if state.num_processes > 1:
-        broadcast_object_list(payload, from_process=0)
-    if "error" in payload[0]:
-        if lock is not None:
-            lock.release()
-        raise ValueError(payload[0]["error"])
-    return lock, set(payload[0]["done"])
+    lock, done = locked_on_main(
+        state,
+        os.path.join(output_dir, LOCK_FILE),
+        f"the weak-rollout pool {output_dir}",
+        lambda: _open_pool_dir(output_dir, provenance, shards),
+    )
+    return lock, set(done)
 
 
 def _sample_shards(state, sampler: PoolSampler, prompts, shards, done, output_dir) -> None:
