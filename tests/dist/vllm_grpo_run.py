@@ -35,7 +35,7 @@ def main(workdir: str) -> None:
 
     from wmss_trl import WMSSGRPOConfig, WMSSGRPOTrainer
     from wmss_trl.grpo import SOURCE_WEAK_NEGATIVE
-    from wmss_trl.grpo.vllm_engine import WeakVLLMEngine
+    from wmss_trl.rollouts.vllm_engine import WeakVLLMEngine
     from wmss_trl.toy import build_char_tokenizer, build_tiny_model, load_tokenizer, save_model_and_tokenizer
 
     keep_vllm_cpu_weights()

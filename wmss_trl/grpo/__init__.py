@@ -47,16 +47,16 @@ add nothing to the loss, and row-averaged losses are rescaled to their mean over
 ``num_items_in_batch`` is recomputed with the negatives' tokens.
 """
 
-from .batch import ROW_AVERAGED_LOSSES, SOURCE_NAMES, SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
-from .clock import GenerationClock, seed_epoch_order
-from .config import WMSSGRPOConfig
-from .sampling import (
+from ..rollouts.sampling import (
     GumbelMaxSampler,
     SampledTokenLogProbs,
     greedy_copy,
     sampling_warpers,
     stream_seed,
 )
+from .batch import ROW_AVERAGED_LOSSES, SOURCE_NAMES, SOURCE_POLICY, SOURCE_WEAK_NEGATIVE, SOURCE_WEAK_UNUSED
+from .clock import GenerationClock, seed_epoch_order
+from .config import WMSSGRPOConfig
 from .trainer import StepStats, WMSSGRPOTrainer
 from .weak_sampler import WeakSampler
 

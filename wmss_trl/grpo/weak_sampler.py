@@ -1,7 +1,7 @@
 """The weak rollouts of WMSS-GRPO: one object that samples the weak completions of each generation batch TRL hands
 over (all its weak rows in one ``generate`` call) and scores them with TRL's rewards.
 
-A weak row's tokens are drawn by :class:`~wmss_trl.grpo.sampling.GumbelMaxSampler` from noise keyed by
+A weak row's tokens are drawn by :class:`~wmss_trl.rollouts.sampling.GumbelMaxSampler` from noise keyed by
 ``(seed, epoch, generation batch, global row)`` (:meth:`WeakSampler.row_keys`; the epoch and batch come from
 :class:`~wmss_trl.grpo.clock.GenerationClock`, which reads them from state a resumed run restores), never from torch's
 global RNG, so the training RNG stream (the policy's samples, TRL's shuffle) is the same whether and when the weak
@@ -24,9 +24,9 @@ from trl.trainer.utils import pad
 
 from ..core import cut_at_eos
 from ..rollouts.backend import seeded_generate
+from ..rollouts.sampling import stream_seed
+from ..rollouts.vllm_engine import SamplingSettings, weak_engine
 from .batch import weak_row_parents
-from .sampling import stream_seed
-from .vllm_engine import SamplingSettings, weak_engine
 
 
 class WeakSampler:
@@ -92,7 +92,7 @@ class WeakSampler:
         """One completion per prompt from the weak model, on every process in lockstep (ZeRO-3 gathers the weak shards
         in ``unwrap_model_for_generation``): completion ids cut after the first EOS, like TRL, and the weak model's
         log-prob ``log softmax(z / T)`` of each sampled token, recorded while sampling (the behaviour log-probs of the
-        importance weights, without a second forward). With a vLLM backend (:mod:`~wmss_trl.grpo.vllm_engine`) the
+        importance weights, without a second forward). With a vLLM backend (:mod:`~wmss_trl.rollouts.vllm_engine`) the
         row's seed is ``stream_seed(*row key)`` and the log-probs are vLLM's."""
         t = self.trainer
         if self.vllm is not None:

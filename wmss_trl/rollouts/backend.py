@@ -4,11 +4,11 @@ Every backend returns, per prompt, one completion (cut after the first EOS, like
 ``log softmax(z / T)`` of each sampled token (the behaviour policy), with the draw of a row depending only on its key
 (``row_keys``), so that the samples do not depend on the batch a row is decoded in nor on the process count.
 :class:`TransformersBackend` is the default; :class:`VLLMBackend` (``--backend vllm``) samples with the weak model's
-own colocated vLLM engine (:class:`~wmss_trl.grpo.vllm_engine.WeakVLLMEngine`), row ``key`` seeded by
+own colocated vLLM engine (:class:`~wmss_trl.rollouts.vllm_engine.WeakVLLMEngine`), row ``key`` seeded by
 ``stream_seed(*key)`` as the GRPO trainer's online vLLM path. Both draw exactly from the configured sampling
 distribution; their behaviour log-probs agree when top-k / top-p / min-p are off (``log softmax(z / T)``), and with them
 on vLLM's are those of the renormalised truncated distribution it sampled from (see
-:mod:`~wmss_trl.grpo.vllm_engine`), as in a GRPO run with ``weak_use_vllm``.
+:mod:`~wmss_trl.rollouts.vllm_engine`), as in a GRPO run with ``weak_use_vllm``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from ..core import cut_at_eos
 def seeded_decoding(model, generation_config: GenerationConfig, recorder, row_keys, prompt_width: int):
     """The generation config and logits processors of a seeded ``generate`` call: the settings ``generate`` would use
     (ours over the model's generation_config over transformers' defaults), decoded greedily with the sampling warpers
-    and the seeded Gumbel-max draw (:class:`~wmss_trl.grpo.sampling.GumbelMaxSampler`) as processors, after the
+    and the seeded Gumbel-max draw (:class:`~wmss_trl.rollouts.sampling.GumbelMaxSampler`) as processors, after the
     ``recorder`` of the sampled tokens' log-probs."""
-    from ..grpo.sampling import GumbelMaxSampler, greedy_copy, sampling_warpers
+    from .sampling import GumbelMaxSampler, greedy_copy, sampling_warpers
 
     settings = model._prepare_generation_config(generation_config)[0]
     # it filled in transformers' default max_length (20) / min_length (0): unset those, as generate would, or
@@ -46,7 +46,7 @@ def seeded_decoding(model, generation_config: GenerationConfig, recorder, row_ke
 def seeded_generate(model, generation_config, temperature: float, input_ids, attention_mask, row_keys, eos_ids):
     """One seeded completion per row of the left-padded ``input_ids`` ``(n, P)``: the ids cut after the first EOS
     (like TRL) and the behaviour log-probs ``log softmax(z / T)`` of the sampled tokens, recorded while sampling."""
-    from ..grpo.sampling import SampledTokenLogProbs
+    from .sampling import SampledTokenLogProbs
 
     recorder = SampledTokenLogProbs(temperature)
     settings, processors = seeded_decoding(model, generation_config, recorder, row_keys, input_ids.size(1))
@@ -128,7 +128,7 @@ class VLLMBackend:
     def __init__(self, model, tokenizer, settings):
         from accelerate import PartialState
 
-        from ..grpo.vllm_engine import SamplingSettings, WeakVLLMEngine
+        from .vllm_engine import SamplingSettings, WeakVLLMEngine
 
         folder = getattr(model, "name_or_path", None)
         if not folder or not os.path.isdir(folder):
@@ -159,7 +159,7 @@ class VLLMBackend:
 
     def sample(self, prompt_ids_list: list[list[int]], row_keys: list[tuple[int, ...]]):
         """One completion per prompt: ``(completion ids cut after the first EOS, vLLM's behaviour log-probs)``."""
-        from ..grpo.sampling import stream_seed
+        from .sampling import stream_seed
 
         ids, logps = self.engine.sample(prompt_ids_list, 1, self.settings, [stream_seed(*key) for key in row_keys])
         ids = [cut_at_eos(row, set(self.eos_ids))[0] for row in ids]

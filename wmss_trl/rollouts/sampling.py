@@ -21,8 +21,6 @@ from transformers import (
 )
 from transformers.generation.logits_process import TopHLogitsWarper
 
-from .batch import pad_to
-
 
 class SampledTokenLogProbs(LogitsProcessor):
     """Records ``log softmax(scores / T)[sampled token]`` for every generated token, keeping one step's distribution.
@@ -54,7 +52,8 @@ class SampledTokenLogProbs(LogitsProcessor):
         if not self.logps:
             return torch.zeros(completion_ids.shape, device=completion_ids.device)
         out = torch.stack(self.logps, dim=1)
-        return pad_to(out, completion_ids.size(1), 0.0)[:, : completion_ids.size(1)]
+        width = completion_ids.size(1)
+        return torch.nn.functional.pad(out, (0, max(0, width - out.size(1))))[:, :width]  # zeros after the last token
 
 
 def stream_seed(*parts: int) -> int:
