@@ -145,16 +145,7 @@ class VLLMBackend:
         if (settings.generation_kwargs or {}).get("num_beams", 1) != 1:
             raise NotImplementedError("weak rollouts sample token by token; num_beams > 1 is not supported.")
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.settings = SamplingSettings(
-            max_tokens=settings.max_completion_length,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k or 0,
-            min_p=settings.min_p,
-            repetition_penalty=settings.repetition_penalty,
-            stop_token_ids=tuple(self.eos_ids),
-            extra=dict(settings.generation_kwargs or {}),
-        )
+        self.settings = SamplingSettings.of(settings, self.eos_ids, settings.generation_kwargs)
         self.engine = WeakVLLMEngine(folder, seed=settings.seed, dtype=str(model.dtype).removeprefix("torch."))
 
     def sample(self, prompt_ids_list: list[list[int]], row_keys: list[tuple[int, ...]]):

@@ -48,15 +48,22 @@ class SamplingSettings:
     def from_trainer(cls, trainer) -> SamplingSettings:
         """The policy's sampling settings in a GRPO trainer (what TRL passes to its own vLLM engine), stopping at the
         trainer's EOS tokens like the transformers backend."""
+        return cls.of(trainer, trainer.eos_token_ids, trainer.args.generation_kwargs)
+
+    @classmethod
+    def of(cls, source, stop_token_ids, generation_kwargs) -> SamplingSettings:
+        """The settings of ``source``, anything with TRL's sampling fields (``max_completion_length``,
+        ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``: a GRPO trainer or config, a
+        rollout config), stopping at ``stop_token_ids``; ``generation_kwargs`` go to vLLM as they are."""
         return cls(
-            max_tokens=trainer.max_completion_length,
-            temperature=trainer.temperature,
-            top_p=trainer.top_p,
-            top_k=trainer.top_k or 0,
-            min_p=trainer.min_p,
-            repetition_penalty=trainer.repetition_penalty,
-            stop_token_ids=tuple(trainer.eos_token_ids),
-            extra=dict(trainer.args.generation_kwargs or {}),
+            max_tokens=source.max_completion_length,
+            temperature=source.temperature,
+            top_p=source.top_p,
+            top_k=source.top_k or 0,
+            min_p=source.min_p,
+            repetition_penalty=source.repetition_penalty,
+            stop_token_ids=tuple(stop_token_ids),
+            extra=dict(generation_kwargs or {}),
         )
 
     def request(self) -> dict:
