@@ -69,7 +69,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # wmss_trl from the repository when n
 
 from run_log import StepLogger, log, read_json  # noqa: E402
 
-from wmss_trl.io import WriterLock, check_provenance, jsonable, model_fingerprint, write_json_atomic  # noqa: E402
+from wmss_trl.io import check_provenance, jsonable, model_fingerprint, write_json_atomic  # noqa: E402
+from wmss_trl.locks import WriterLock  # noqa: E402
 
 
 METRICS = (

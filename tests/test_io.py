@@ -1,21 +1,13 @@
-"""wmss_trl.io: the one-writer lock (real processes, real SIGKILL), fingerprints, provenance diffs, atomic JSON, and
-the parent-death signal of the processes the pipeline starts."""
+"""wmss_trl.io: fingerprints, provenance diffs, atomic JSON (the locks: tests/test_locks.py)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from wmss_trl.io import (
-    LockedError,
     ProvenanceError,
-    WriterLock,
     check_provenance,
     dataset_fingerprint,
     loaded_model_fingerprint,
@@ -23,68 +15,6 @@ from wmss_trl.io import (
     provenance_diff,
     write_json_atomic,
 )
-
-
-ROOT = Path(__file__).resolve().parents[1]
-# wmss_trl/io.py loaded on its own (no package import: a subprocess starts in a fraction of a second)
-LOAD_IO = (
-    f"import importlib.util as u; s = u.spec_from_file_location('wio', {str(ROOT / 'wmss_trl' / 'io.py')!r}); "
-    "io = u.module_from_spec(s); s.loader.exec_module(io)"
-)
-HOLDER = (
-    LOAD_IO
-    + """
-import sys, time
-io.WriterLock(sys.argv[1], "test target").acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
-)
-
-
-def hold_lock(lock_path) -> subprocess.Popen:
-    """A real process that takes the writer lock on ``lock_path`` and sleeps; returns once it holds it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_path)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
-def test_lock_refuses_a_live_owner_naming_it_and_takes_over_after_sigkill(tmp_path, capfd):
-    lock_path = tmp_path / "out" / "x.lock"
-    holder = hold_lock(lock_path)
-    try:
-        with pytest.raises(LockedError, match=rf"being written by another process \(pid {holder.pid} on .*command: "):
-            WriterLock(lock_path, "x").acquire()
-        start = time.monotonic()
-        with pytest.raises(LockedError, match=f"kill {holder.pid}"):
-            WriterLock(lock_path, "x").acquire(timeout=1.0)  # waits, then refuses
-        assert time.monotonic() - start >= 1.0
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    # the kernel released the dead holder's lock; its owner record is still there: a stale lock, taken over
-    assert json.loads(lock_path.read_text())["pid"] == holder.pid
-    capfd.readouterr()
-    with WriterLock(lock_path, "x").acquire():
-        assert f"stale lock on x left by pid {holder.pid}" in capfd.readouterr().err
-        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
-        with pytest.raises(LockedError, match=f"pid {os.getpid()}"):  # a second writer in the same process too
-            WriterLock(lock_path, "x").acquire()
-    assert lock_path.read_text() == ""  # a clean release leaves no owner
-    with WriterLock(lock_path, "x").acquire():
-        assert "stale" not in capfd.readouterr().err
-
-
-def test_lock_waits_for_a_dying_owner(tmp_path):
-    lock_path = tmp_path / "x.lock"
-    holder = hold_lock(lock_path)
-    killer = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(1); os.kill({holder.pid}, 9)"])
-    try:
-        WriterLock(lock_path, "x").acquire(timeout=30).release()
-    finally:
-        killer.wait()
-        holder.kill()
-        holder.wait()
 
 
 def test_provenance_diff_names_every_leaf():
@@ -153,43 +83,6 @@ def test_write_json_atomic_never_leaves_a_partial_file(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1}  # the failed write did not touch the file
 
 
-def test_pipeline_children_die_with_the_driver(tmp_path):
-    """A driver that starts a child (and the child a grandchild, like accelerate launch) the way `wmss pipeline`
-    does, then is SIGKILLed: both die."""
-    script = tmp_path / "driver.py"
-    script.write_text(
-        LOAD_IO
-        + f"""
-import os, subprocess, sys, time
-grand = {LOAD_IO!r} + "; io.die_with_parent(); print(io.os.getpid(), flush=True); io.time.sleep(600)"
-child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', sys.argv[1]]); p.wait()"
-env = {{**os.environ, io.PIPELINE_PID_ENV: str(os.getpid())}}
-proc = subprocess.Popen([sys.executable, "-c", child, grand], env=env, preexec_fn=io.child_dies_with(os.getpid()))
-print(proc.pid, flush=True)
-proc.wait()
-"""
-    )
-    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    child_pid, grand_pid = int(driver.stdout.readline()), int(driver.stdout.readline())
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    deadline = time.monotonic() + 20
-    alive = {child_pid, grand_pid}
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)}
-        time.sleep(0.1)
-    for pid in alive:  # do not leave them running when the test fails
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, f"orphans survived the driver: {alive}"
-
-
-def _state(pid) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return "Z"
-
-
 def test_write_jsonl_atomic_replaces_whole_files(tmp_path):
     from wmss_trl.io import write_jsonl_atomic
 
@@ -198,27 +91,3 @@ def test_write_jsonl_atomic_replaces_whole_files(tmp_path):
     write_jsonl_atomic(path, ({"i": i} for i in range(3)))  # a generator, and a second write over the first
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no .tmp left behind
-
-
-def test_locked_on_main_returns_the_result_and_holds_the_lock(tmp_path):
-    """One process: ``open_output``'s result and the held lock (a second writer is refused until released); an error
-    in ``open_output`` becomes a ValueError naming it, with the lock released."""
-    from types import SimpleNamespace
-
-    from wmss_trl.io import locked_on_main
-
-    state = SimpleNamespace(is_main_process=True, num_processes=1)
-    lock_file = str(tmp_path / "out" / "run.lock")
-    lock, result = locked_on_main(state, lock_file, "the output", lambda: {"done": [1, 2]})
-    assert result == {"done": [1, 2]}
-    with pytest.raises(ValueError, match="the output"):
-        locked_on_main(state, lock_file, "the output", lambda: None)
-    lock.release()
-
-    def broken():
-        raise OSError("disk full")
-
-    with pytest.raises(ValueError, match="OSError: disk full"):
-        locked_on_main(state, lock_file, "the output", broken)
-    lock, _ = locked_on_main(state, lock_file, "the output", lambda: None)  # released after the failure
-    lock.release()

@@ -32,13 +32,12 @@ from ..checks import check_float
 from ..data_checks import check_dataset_columns
 from ..io import (
     ProvenanceError,
-    WriterLock,
     check_provenance,
     dataset_fingerprint,
-    die_with_parent,
     model_fingerprint,
     write_json_atomic,
 )
+from ..locks import WriterLock, die_with_parent
 from .common import DataArguments, cpu_default_argv, load_dataset_splits, load_tokenizer, teardown
 
 

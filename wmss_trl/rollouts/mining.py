@@ -19,11 +19,11 @@ from ..io import (
     check_provenance,
     dataset_fingerprint,
     loaded_model_fingerprint,
-    locked_on_main,
     sha256_json,
     tokenizer_fingerprint,
     write_json_atomic,
 )
+from ..locks import locked_on_main
 from ..rewards import reward_func_name
 from .pairs import reference_text
 

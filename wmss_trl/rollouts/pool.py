@@ -33,12 +33,12 @@ from ..io import (
     file_sample_sha256,
     file_sha256,
     loaded_model_fingerprint,
-    locked_on_main,
     safetensors_header_sha256,
     tokenizer_fingerprint,
     write_json_atomic,
     write_jsonl_atomic,
 )
+from ..locks import locked_on_main
 from ..rewards import reward_func_name
 from .backend import BACKENDS
 from .config import RolloutConfig

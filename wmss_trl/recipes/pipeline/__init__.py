@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from ...io import die_with_parent
+from ...locks import die_with_parent
 from .config import CONFIG_HELP, DEFAULT_CONFIG, SECTIONS, flat_targets, load_config, run_fingerprint, sectioned
 from .phases import (
     check_pair,

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from ...io import PIPELINE_PID_ENV, LockedError, WriterLock, child_dies_with
+from ...locks import PIPELINE_PID_ENV, LockedError, WriterLock, child_dies_with
 from .run import Run, log
 
 
@@ -38,8 +38,8 @@ def run_command(run: Run, phase: str, args: list[str]) -> None:
     """Run ``wmss <args>`` (launched as configured); the output goes to the terminal and to logs/<phase>.log.
 
     The child dies with the driver: the kernel sends it SIGTERM when the driver exits, even by SIGKILL
-    (``PR_SET_PDEATHSIG``, see :func:`wmss_trl.io.child_dies_with`), and so do accelerate's workers (they inherit
-    ``WMSS_PIPELINE_PID`` and set the same signal, :func:`wmss_trl.io.die_with_parent`). On any other exit of the
+    (``PR_SET_PDEATHSIG``, see :func:`wmss_trl.locks.child_dies_with`), and so do accelerate's workers (they inherit
+    ``WMSS_PIPELINE_PID`` and set the same signal, :func:`wmss_trl.locks.die_with_parent`). On any other exit of the
     driver (an exception, Ctrl-C) the child is terminated and waited for."""
     cmd = launch_prefix(run.cfg) + args
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), PIPELINE_PID_ENV: str(os.getpid())}

@@ -7,15 +7,14 @@ import json
 from pathlib import Path
 
 from ...io import (
-    LockedError,
     ProvenanceError,
-    WriterLock,
     check_provenance,
     model_fingerprint,
     path_fingerprint,
     sha256_json,
     write_json_atomic,
 )
+from ...locks import LockedError, WriterLock
 from .config import run_fingerprint
 
 
