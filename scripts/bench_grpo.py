@@ -1,19 +1,19 @@
 """Step time of WMSS-GRPO vs vanilla TRL GRPO in the same run (a benchmark, not a test).
 
     OMP_NUM_THREADS=1 python scripts/bench_grpo.py [--hidden 256 --layers 4] [--steps 4 --rounds 3]
-                                                   [--steps_per_generation 1] [--model STRONG_DIR --weak WEAK_DIR]
+                                                   [--steps_per_generation 1] [--weak_rollout_prefetch 3]
+                                                   [--model STRONG_DIR --weak WEAK_DIR]
 
 Both trainers live in one process, on the same prompts, models and sampling settings, and train in alternating
 rounds (vanilla, WMSS, vanilla, WMSS, ...) so that load from other processes on the machine hits both alike. The
 time of an optimizer step is measured by a callback from ``on_step_begin`` to ``on_step_end`` (generation,
-scoring, weak rollouts, forwards, backward and optimizer step); the first generation cycle of every round is dropped
-(warm-up). ``--steps_per_generation S`` is TRL's ``steps_per_generation`` for BOTH arms of a pair (so the ratio
-compares equal configs): one generation batch of S optimizer steps' rows, policy and weak rows each sampled in one
-call, every S steps, so one step in S carries the whole decode. The step time reported is the **mean** over the
-timed steps, and ``--steps`` must be a multiple of S (each round then times whole cycles; a median would hide the
-expensive step). (This flag replaces ``--weak_rollout_prefetch P``, removed with the weak read-ahead, which sampled
-only the weak rows of P + 1 steps in one call and kept the policy's generation per step; the logs in
-docs/results/ from before the change were measured with it.)
+scoring, weak rollouts, forwards, backward and optimizer step). ``--steps_per_generation S`` is TRL's
+``steps_per_generation`` for BOTH arms of a pair (so the ratio compares equal configs): one generation batch of S
+optimizer steps' rows, policy and weak rows each sampled in one call, every S steps. ``--weak_rollout_prefetch P``
+(the config's default, 3) is the WMSS arms' weak read-ahead: the weak rows of P + 1 generation batches in one call,
+while the policy still generates every S steps. A cycle is ``S * (P + 1)`` steps (one weak call); the first cycle of
+every round is dropped (warm-up), and ``--steps`` must be a multiple of the cycle, so each round times whole cycles
+(the step time reported is the **mean** over the timed steps: a median would hide the expensive step).
 Two clocks are reported: wall time, and the CPU time of this process. With one torch thread the CPU time is the
 work done, unaffected by other processes competing for the cores, so on a shared machine it is the reliable one.
 
@@ -149,6 +149,11 @@ def keep_vllm_cpu_weights() -> None:
     vllm.model_executor.layers.utils.check_cpu_sgl_kernel = lambda n, k, dtype: False
 
 
+def cycle(a) -> int:
+    """Optimizer steps per weak call (policy generation every S steps, one weak call every P + 1 generations)."""
+    return a.steps_per_generation * (a.weak_rollout_prefetch + 1)
+
+
 def make_args(kind, out, a, beta):
     from wmss_trl import WMSSGRPOConfig
 
@@ -165,7 +170,7 @@ def make_args(kind, out, a, beta):
         num_generations=g,
         max_completion_length=a.completion_length,
         steps_per_generation=a.steps_per_generation,
-        max_steps=a.steps_per_generation + a.steps,  # one warm-up generation cycle, then the timed steps
+        max_steps=cycle(a) + a.steps,  # one warm-up cycle, then the timed steps
         learning_rate=1e-5,
         seed=0,
         disable_tqdm=True,
@@ -177,7 +182,7 @@ def make_args(kind, out, a, beta):
     if on_vllm:
         kw.update(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128 + a.completion_length)
     if kind.startswith("wmss"):
-        kw.update(num_weak_generations=g // 4)
+        kw.update(num_weak_generations=g // 4, weak_rollout_prefetch=a.weak_rollout_prefetch)
         if kind == "wmss_full":
             kw.update(entropy_weighted_advantages=True)
         if kind == "wmss_pool":
@@ -254,7 +259,7 @@ def run_child(kind, strong, weak, a):
     beta = next(b for vk, wk, b in PAIRS.values() if kind in (vk, wk))
     if kind.endswith("_vllm"):
         keep_vllm_cpu_weights()
-    a.steps = max(a.memory_steps - a.steps_per_generation, 0)  # make_args adds a warm-up generation cycle
+    a.steps = max(a.memory_steps - cycle(a), 0)  # make_args adds a warm-up cycle
     trainer = make_trainer(kind, strong, weak, tempfile.mkdtemp(prefix="bench_grpo_mem_"), a, beta, StepTimer())
     trainer.remove_callback(PrinterCallback)
     with PeakRSS() as memory:
@@ -308,6 +313,12 @@ def main(argv=None):
         default=1,
         help="TRL's steps_per_generation, for both arms: S steps' rows generated (policy and weak) in one call",
     )
+    p.add_argument(
+        "--weak_rollout_prefetch",
+        type=int,
+        default=3,
+        help="the WMSS arms' weak read-ahead P (the config's default): P + 1 generation batches' weak rows per call",
+    )
     p.add_argument("--memory_steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--pool", help=argparse.SUPPRESS)
@@ -317,10 +328,11 @@ def main(argv=None):
     torch.set_num_threads(1)
     if a.num_generations % 4:
         raise SystemExit("--num_generations must be a multiple of 4 (num_weak_generations = num_generations / 4).")
-    if a.steps_per_generation < 1 or (a.steps % a.steps_per_generation and not a.child):
+    if a.steps_per_generation < 1 or a.weak_rollout_prefetch < 0 or (a.steps % cycle(a) and not a.child):
         raise SystemExit(
-            f"--steps must be a multiple of --steps_per_generation = {a.steps_per_generation} (>= 1), "
-            "so that every round times whole generation cycles."
+            f"--steps must be a multiple of --steps_per_generation x (--weak_rollout_prefetch + 1) = "
+            f"{a.steps_per_generation} x ({a.weak_rollout_prefetch} + 1) (S >= 1, P >= 0), so that every round times "
+            "whole cycles (one weak call each)."
         )
     names = a.pairs.split(",")
     unknown = [name for name in names if name not in PAIRS]
@@ -363,7 +375,7 @@ def main(argv=None):
                 trainer = make_trainer(kind, strong, weak, root, a, beta, timer)
                 trainer.remove_callback(PrinterCallback)
                 trainer.train()
-                timed = slice(a.steps_per_generation, None)  # drop the warm-up generation cycle
+                timed = slice(cycle(a), None)  # drop the warm-up cycle
                 times[kind] += timer.times[timed]
                 cpu_times[kind] += timer.cpu_times[timed]
                 print(
@@ -381,7 +393,7 @@ def main(argv=None):
         f"\nmodel: {f'toy hidden={a.hidden} layers={a.layers}' if not a.model else a.model}; "
         f"num_generations={a.num_generations}, num_weak_generations={a.num_generations // 4}, "
         f"per_device_train_batch_size={a.batch}, max_completion_length={a.completion_length}, "
-        f"steps_per_generation={a.steps_per_generation} (both arms) "
+        f"steps_per_generation={a.steps_per_generation} (both arms), weak_rollout_prefetch={a.weak_rollout_prefetch} "
         f"({'sampled lengths' if a.free_length else 'every completion at full length'}), "
         f"torch threads={torch.get_num_threads()}"
     )

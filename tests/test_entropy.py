@@ -311,7 +311,7 @@ def test_cli_verifies_a_complete_file_and_refuses_duplicated_rows(tiny, tmp_path
 
 
 def test_cli_one_writer_per_output(tiny, tmp_path, data_file):
-    from test_io import hold_lock
+    from test_locks import hold_lock
 
     out = tmp_path / "h.jsonl"
     holder = hold_lock(f"{out}.lock")

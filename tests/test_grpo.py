@@ -209,6 +209,7 @@ NUMERIC_FIELDS = {
     "entropy_weight_gamma": ([-1.0, float("nan")], ("0.3", 0.3), {}),
     "entropy_weight_min": ([-0.1, float("nan"), "low"], ("0.5", 0.5), {}),
     "entropy_weight_max": ([-1.0, 0.0, float("nan"), float("inf")], ("2", 2.0), {}),
+    "weak_rollout_prefetch": ([-1, 0.5, "x"], ("2", 2), {}),
 }
 
 
@@ -591,7 +592,8 @@ def test_weak_rows_old_logps_from_the_loss_forward_match_eager(tiny, tmp_path, m
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# when the weak model samples: one call per generation batch, keyed by (seed, epoch, generation batch, global row)
+# when the weak model samples: one call per window of P + 1 generation batches (weak_rollout_prefetch = P), keyed by
+# (seed, epoch, generation batch, global row)
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -652,41 +654,57 @@ def own_answers(seen, answers) -> bool:
     return all(c is None or list(c) == answers[p][: len(c)] for p, c in rows) and any(c is not None for _, c in rows)
 
 
+def final_weights(trainer) -> dict:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
 @pytest.mark.parametrize("ga, spg", [(1, 1), (2, 2), (1, 4), (2, 4)])
-def test_one_weak_call_per_generation_batch(tiny, tmp_path, ga, spg):
-    """The weak model samples every weak row of the generation batch TRL hands over in one call: with
-    ``steps_per_generation = spg`` one call every spg micro-steps (spg / ga optimizer steps) with spg times the rows of
-    one micro-batch, keyed (seed, epoch, generation batch, global row); each weak row answers its own prompt."""
+def test_weak_calls_per_window_of_generation_batches(tiny, tmp_path, ga, spg):
+    """Without read-ahead (P = 0) the weak model samples every weak row of the generation batch TRL hands over in one
+    call: with ``steps_per_generation = spg`` one call every spg micro-steps with spg times the rows of one micro-batch,
+    keyed (seed, epoch, generation batch, global row). With P = 3 the rows of 4 consecutive generation batches come
+    from one call, with the same keys in the same order, each weak row answering its own prompt; with a sampler that
+    draws no random numbers the two runs are the same run, weight for weight."""
     steps = 8
-    trainer, answers, calls, seen = run_with_fake_weak_sampler(
-        tiny, tmp_path, "run", max_steps=steps, gradient_accumulation_steps=ga, steps_per_generation=spg
-    )
+    kw = dict(max_steps=steps, gradient_accumulation_steps=ga, steps_per_generation=spg)
+    per_batch, answers, calls, seen = run_with_fake_weak_sampler(tiny, tmp_path, "p0", weak_rollout_prefetch=0, **kw)
     n_w = spg * 4 * 2 // 4  # weak rows per generation batch: per_device_train_batch_size * spg * K / G
     batches = steps * ga // spg
     assert calls == [n_w] * batches and len(seen) == batches
-    assert trainer.row_keys == [(0, 0, b, j) for b in range(batches) for j in range(n_w)]
+    assert per_batch.row_keys == [(0, 0, b, j) for b in range(batches) for j in range(n_w)]
     assert own_answers(seen, answers)
+    ahead, answers, calls, seen_ahead = run_with_fake_weak_sampler(tiny, tmp_path, "p3", weak_rollout_prefetch=3, **kw)
+    assert calls == [n_w * min(4, batches - first) for first in range(0, batches, 4)]
+    assert ahead.row_keys == per_batch.row_keys
+    assert [s[0] for s in seen_ahead] == [s[0] for s in seen] and own_answers(seen_ahead, answers)
+    w0, w3 = final_weights(per_batch), final_weights(ahead)
+    assert all(torch.equal(w0[name], w3[name]) for name in w0)
 
 
-def test_weak_keys_number_the_generation_batches_per_epoch(tiny, tmp_path):
-    """Over an epoch boundary the generation batches are numbered per epoch (6 prompts: 6 batches in epoch 0)."""
-    trainer, answers, calls, seen = run_with_fake_weak_sampler(
-        tiny, tmp_path, "run", max_steps=8, train_dataset=prompt_dataset(6)
+@pytest.mark.parametrize("prefetch, calls", [(0, [2] * 8), (3, [8, 4, 4])])
+def test_weak_keys_number_the_generation_batches_per_epoch(tiny, tmp_path, prefetch, calls):
+    """Over an epoch boundary the generation batches are numbered per epoch (6 prompts: 6 batches in epoch 0); the
+    read-ahead's windows are the epoch's (batches 0-3, 4-5) and stop where training stops (epoch 1: batches 0-1)."""
+    trainer, answers, made, seen = run_with_fake_weak_sampler(
+        tiny, tmp_path, "run", max_steps=8, train_dataset=prompt_dataset(6), weak_rollout_prefetch=prefetch
     )
-    assert calls == [2] * 8
+    assert made == calls
     assert trainer.row_keys == [(0, e, b, j) for e, n in ((0, 6), (1, 2)) for b in range(n) for j in range(2)]
     assert trainer.generation_clock.epoch is None  # training ended: a direct call is keyed (-1, micro-step // spg)
     assert own_answers(seen, answers)
 
 
+@pytest.mark.parametrize("prefetch", [0, 3])
 @pytest.mark.parametrize(
     "ga, spg, save_steps, max_steps",
     [(2, 2, 3, 6), (2, 4, 2, 6), (1, 2, 6, 10)],  # the last: 6 prompts, 3 generation batches x 2 steps per epoch
 )
-def test_weak_keys_resume_from_a_checkpoint(tiny, tmp_path, ga, spg, save_steps, max_steps):
+def test_weak_keys_resume_from_a_checkpoint(tiny, tmp_path, ga, spg, save_steps, max_steps, prefetch):
     """A run resumed from a checkpoint (at a generation boundary) keys its weak rows like the uninterrupted run: the
     clock counts the batches the resumed run skipped, from the restored ``global_step``, also with
-    steps_per_generation > gradient_accumulation_steps and when it resumes at the start of a later epoch."""
+    steps_per_generation > gradient_accumulation_steps and when it resumes at the start of a later epoch. With
+    read-ahead a run resumed inside a window samples that whole window again, so its calls are exactly the
+    uninterrupted run's calls from that window on (same rows, same keys)."""
     kw = dict(
         max_steps=max_steps,
         save_strategy="steps",
@@ -694,29 +712,80 @@ def test_weak_keys_resume_from_a_checkpoint(tiny, tmp_path, ga, spg, save_steps,
         gradient_accumulation_steps=ga,
         steps_per_generation=spg,
         train_dataset=prompt_dataset(6 if ga == 1 else 16),
+        weak_rollout_prefetch=prefetch,
     )
-    uninterrupted, _, _, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", "run", **kw)
+    uninterrupted, _, full_calls, full = run_with_fake_weak_sampler(tiny, tmp_path / "full", "run", **kw)
     checkpoint = tmp_path / "full" / "run" / "WMSSGRPOTrainer" / f"checkpoint-{save_steps}"
     assert checkpoint.is_dir()
     resumed, answers, calls, seen = run_with_fake_weak_sampler(
         tiny, tmp_path / "resumed", "run", resume=str(checkpoint), **kw
     )
     done = save_steps * ga // spg  # generation batches before the checkpoint
-    assert resumed.state.global_step == max_steps and calls == [spg * 2] * (len(full) - done)
+    assert resumed.state.global_step == max_steps
     assert [s[0] for s in seen] == [s[0] for s in full[done:]]
     n_w = spg * 2
-    assert resumed.row_keys == uninterrupted.row_keys[done * n_w :]
+    keys = uninterrupted.row_keys
+    if prefetch == 0:
+        assert calls == [n_w] * (len(full) - done) and resumed.row_keys == keys[done * n_w :]
+    else:  # the uninterrupted run's calls from the one that sampled batch `done` (the window it is in)
+        ends = [sum(full_calls[: i + 1]) for i in range(len(full_calls))]
+        first_call = next(i for i, end in enumerate(ends) if keys[end - 1][1:3] >= keys[done * n_w][1:3])
+        assert calls == full_calls[first_call:]
+        assert resumed.row_keys == keys[ends[first_call] - full_calls[first_call] :]
     assert own_answers(seen, answers)
 
 
-def test_weak_rollout_prefetch_is_refused_naming_the_fix(tmp_path):
-    """The removed read-ahead option is refused at construction, naming TRL's steps_per_generation."""
-    for p, example in ((3, "(3 + 1) x 2 = 8"), (0, "(0 + 1) x 2 = 2")):
-        with pytest.raises(ValueError, match="weak_rollout_prefetch") as error:
-            grpo_args(tmp_path, weak_rollout_prefetch=p, gradient_accumulation_steps=2)
-        assert "removed" in str(error.value) and "steps_per_generation, e.g. (P + 1) x " in str(error.value)
-        assert example in str(error.value)
-    assert grpo_args(tmp_path).weak_rollout_prefetch is None
+def test_read_ahead_falls_back_when_the_plan_is_wrong(tiny, tmp_path, monkeypatch, caplog):
+    """A planned batch that is not the one TRL hands over (here: the plan's batches reversed, as a custom dataloader
+    could make them) is never used: the batch is sampled on its own, with a warning, and so is every later one; each
+    weak row still answers its own prompt."""
+    from wmss_trl.grpo.clock import EpochPlan
+
+    planned = EpochPlan.batches
+    monkeypatch.setattr(EpochPlan, "batches", lambda self, first, end: planned(self, first, end)[::-1])
+    with caplog.at_level("WARNING", logger="wmss_trl.grpo"):
+        trainer, answers, calls, seen = run_with_fake_weak_sampler(
+            tiny, tmp_path, "run", max_steps=6, weak_rollout_prefetch=3
+        )
+    assert calls == [2] * 6 and trainer.weak_sampler.prefetch == 0
+    assert "weak read-ahead: the planned generation batch (0, 0) differs" in caplog.text
+    assert trainer.row_keys == [(0, 0, b, j) for b in range(6) for j in range(2)]
+    assert own_answers(seen, answers)
+
+
+def test_read_ahead_with_the_real_weak_model_samples_what_per_batch_sampling_samples(tiny, tmp_path):
+    """The real weak model, P = 3 vs P = 0: the weak completions of every row are the same tokens (a row's draw depends
+    on its key; the other rows of the call change only the padding), their behaviour log-probs equal up to float
+    rounding."""
+    from wmss_trl import WMSSGRPOTrainer
+
+    out = {}
+    for p in (0, 3):
+        trainer = make(
+            WMSSGRPOTrainer,
+            tiny,
+            tmp_path / f"p{p}",
+            weak_model=tiny["weak"],
+            num_weak_generations=2,
+            max_steps=8,
+            per_device_train_batch_size=4,
+            weak_rollout_prefetch=p,
+        )
+        rows, generate = {}, trainer.weak_sampler.generate
+
+        def recording(prompt_ids_list, row_keys, rows=rows, generate=generate):
+            ids, logps = generate(prompt_ids_list, row_keys)
+            rows.update({key: (i, lp) for key, i, lp in zip(row_keys, ids, logps, strict=True)})
+            return ids, logps
+
+        trainer.weak_sampler.generate = recording
+        torch.manual_seed(0)
+        trainer.train()
+        out[p] = rows
+    assert out[0].keys() == out[3].keys() and len(out[0]) == 16
+    for key, (ids, logps) in out[0].items():
+        assert out[3][key][0] == ids, key
+        assert out[3][key][1] == pytest.approx(logps, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("peft", [False, True])

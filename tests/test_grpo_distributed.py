@@ -77,7 +77,8 @@ def test_wmss_grpo_two_processes_lora_weak_base(tiny, tmp_path):
 def test_two_processes_sample_the_weak_completions_of_one(tiny, tmp_path):
     """The same global generation batches on 1 process (4 rows) and on 2 (2 rows each): every weak row of every
     batch, keyed by (epoch, batch, global row), gets the same completion token for token, since its noise comes from
-    that key and not from the process's RNG or its share of the batch."""
+    that key and not from the process's RNG or its share of the batch; the 2 processes also read ahead (windows of 4
+    generation batches, one weak call each, decided together) while the one process samples per batch."""
     script = DIST / "grpo_resume_run.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(DIST.parent.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -91,9 +92,10 @@ def test_two_processes_sample_the_weak_completions_of_one(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     (one,) = [json.loads(x[len("RESULT ") :]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     (two,) = accelerate_launch(
-        "ddp", script, tiny["strong"], tiny["weak"], str(tmp_path / "two"), "--processes_batch", "2"
+        "ddp", script, tiny["strong"], tiny["weak"], str(tmp_path / "two"), "--processes_batch", "2", "--prefetch", "3"
     )
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert len(one["weak"]) == 16 and two["weak"] == one["weak"]  # 8 batches x 2 weak rows
+    assert one["calls"] == [2] * 8 and two["calls"] == [4, 2, 2]  # (rank 0's) windows 0/0-0/3, 0/4-0/5, 1/0-1/1
     for key, logps in one["weak_logps"].items():  # same behaviour log-probs, up to the last bits
         assert two["weak_logps"][key] == pytest.approx(logps, rel=1e-5, abs=1e-6), key

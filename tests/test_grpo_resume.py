@@ -3,9 +3,12 @@
 A child trains (6 prompts: the run crosses an epoch) with periodic checkpoints; it is SIGKILLed after a checkpoint is
 written and one more step has trained, and a new process resumes from that checkpoint. Its per-step losses (the log
 history of trainer_state), rewards, weak samples and final weights are compared, bit for bit, with an uninterrupted
-run. Two settings: one generation batch per optimizer step (8 steps, checkpoint-3, resumed in epoch 0), and
+run. Three settings: one generation batch per optimizer step (8 steps, checkpoint-3, resumed in epoch 0),
 ``steps_per_generation = 4 > gradient_accumulation_steps = 2`` (12 steps, 6 per epoch, a generation batch spanning
-2 optimizer steps whose weak rows are sampled in one call; checkpoint-8, resumed in the middle of epoch 1). A third
+2 optimizer steps whose weak rows are sampled in one call; checkpoint-8, resumed in the middle of epoch 1), and the
+weak read-ahead (``weak_rollout_prefetch = 3``: the weak rows of 4 generation batches in one call; checkpoint-3,
+resumed inside the first window, which the resumed run samples whole again, so every call has the uninterrupted
+run's rows and gives its bits). A third
 run resumes at the start of epoch 1 (checkpoint-6), where TRL's own sampler would replay epoch 0's prompt order.
 
 Every random draw is either from the training RNG (restored from the checkpoint, never touched by the weak sampler)
@@ -86,6 +89,8 @@ def weights(out):
 SETTINGS = {
     "spg1": ((), 3, 3),
     "spg4": (("--ga", "2", "--spg", "4", "--processes_batch", "2", "--max_steps", "12", "--save_steps", "4"), 8, 4),
+    # the weak read-ahead (windows of 4 generation batches): killed inside the window of batches 0-3 of epoch 0
+    "ahead": (("--prefetch", "3"), 3, 3),
 }
 
 
@@ -114,7 +119,12 @@ def assert_same_run(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, sampled_after", [("spg1", ("0/3", "0/4", "0/5", "1/0", "1/1")), ("spg4", ("1/1", "1/2"))]
+    "name, sampled_after",
+    [
+        ("spg1", ("0/3", "0/4", "0/5", "1/0", "1/1")),
+        ("spg4", ("1/1", "1/2")),
+        ("ahead", ("0/0", "0/1", "0/2", "0/3", "0/4", "0/5", "1/0", "1/1")),  # batches 0-2 again, for the grouping
+    ],
 )
 def test_kill_and_resume_gives_the_uninterrupted_run(runs, name, sampled_after):
     full, resumed = runs[f"full_{name}"], runs[f"resumed_{name}"]
@@ -134,6 +144,9 @@ def test_steps_per_generation_samples_several_steps_weak_rows_in_one_call(runs):
     assert runs["full_spg1"][0]["calls"] == [2] * 8  # one call per step, 2 weak rows
     assert runs["full_spg4"][0]["calls"] == [4] * 6  # 12 steps, 6 generation batches
     assert runs["resumed_spg4"][0]["calls"] == [4] * 2  # steps 9-12 after checkpoint-8: generation batches 1/1, 1/2
+    # read-ahead: windows 0/0-0/3, 0/4-0/5 (the epoch ends), 1/0-1/1 (training ends); the resumed run (checkpoint-3,
+    # inside the first window) samples the same three calls
+    assert runs["full_ahead"][0]["calls"] == runs["resumed_ahead"][0]["calls"] == [8, 4, 4]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import accelerate_launch  # noqa: E402
 from mine_common import VERIFIER, mining_prompts, parity_verifier  # noqa: E402
-from test_io import hold_lock  # noqa: E402
+from test_locks import hold_lock  # noqa: E402
 
 from wmss_trl.negatives import MiningConfig, combine_rewards, cut_at_eos, mine_negatives  # noqa: E402
 from wmss_trl.rewards import (  # noqa: E402

@@ -3,9 +3,10 @@ the kill/resume tests.
 
     python tests/dist/grpo_resume_run.py STRONG WEAK OUT [--resume CHECKPOINT] [--hold_after K] [--ga 1]
                                          [--spg GA] [--processes_batch 4] [--max_steps 8] [--save_steps 3]
+                                         [--prefetch 0]
 
 ``--spg``: TRL's ``steps_per_generation`` (default: ``--ga``); the weak model samples a generation batch's weak rows
-in one call.
+in one call. ``--prefetch P``: ``weak_rollout_prefetch`` (default 0: one weak call per generation batch).
 ``--hold_after K``: after checkpoint-K is written and step K + 1 has trained, write ``OUT/holding`` and wait (the
 test SIGKILLs the process there). ``--resume``: resume from that checkpoint. At the end the policy is saved to
 ``OUT/final`` and ``RESULT {json}`` is printed (main process): the per-step losses, rewards and weak-negative
@@ -56,6 +57,7 @@ def main():
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=ga,
         steps_per_generation=flag("--spg", ga),
+        weak_rollout_prefetch=flag("--prefetch", 0),
         num_generations=4,
         max_steps=flag("--max_steps", 8),
         save_strategy="steps",

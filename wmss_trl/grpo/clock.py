@@ -9,10 +9,15 @@ per epoch) and skips the ``(global_step % U) * gradient_accumulation_steps`` bat
 (TRL's micro-step counter ``_step`` counts the micro-steps this process trained). So the generation batch a call of
 ``_generate_and_score_completions`` scores is ``(epoch, (batches of the epoch before it) // that count)``, the same
 numbers in an uninterrupted and in a resumed run.
+
+For the weak read-ahead the clock also knows where training *will* be: :class:`EpochPlan`, this process's generation
+batches of the epoch, read from a copy of the dataloader's batch sampler taken when the epoch begins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
 import torch
@@ -33,6 +38,54 @@ def seed_epoch_order(sampler: RepeatSampler, epoch: int) -> None:
         torch.randperm(sampler.num_samples, generator=sampler.generator)
 
 
+class EpochPlan:
+    """This process's generation batches of one epoch, known before the training loop reads them.
+
+    A copy of the train dataloader's batch sampler, taken at ``on_epoch_begin`` once TRL's sampler is seeded for the
+    epoch (the dataset shared, not copied), is iterated on its own: the loop's sampler and RNG are untouched.
+    Generation batch ``b`` is the dataloader's batch ``b * every`` (TRL's dataloader yields each generation batch
+    ``every = steps_per_generation * num_iterations`` times in a row), collated by the dataloader's ``collate_fn``.
+    Batches at or beyond ``num_batches`` (the generation batches training reaches in this epoch) are not planned. The
+    plan of a custom dataloader may be wrong: its user (the weak read-ahead) checks each planned batch against the one
+    TRL hands over.
+    """
+
+    def __init__(self, dataloader, every: int, num_batches: int):
+        self.dataset, self.collate, self.every, self.num_batches = (
+            dataloader.dataset,
+            dataloader.collate_fn,
+            every,
+            num_batches,
+        )
+        shared = {id(self.dataset): self.dataset}
+        sampler = get_sampler(dataloader)
+        if hasattr(sampler, "data_source"):
+            shared[id(sampler.data_source)] = sampler.data_source
+        self._sampler = iter(copy.deepcopy(dataloader.batch_sampler, shared))
+        self._indices: dict[int, list[int]] = {}  # generation batch -> dataset indices (read, not yet forgotten)
+        self._read = 0  # dataloader batches read from the copy
+
+    def batches(self, first: int, end: int) -> list[list]:
+        """The collated generation batches ``first .. end - 1`` (fewer at the end of the epoch or of training);
+        earlier batches are forgotten."""
+        for b in [b for b in self._indices if b < first]:
+            del self._indices[b]
+        out = []
+        for b in range(first, min(end, self.num_batches)):
+            while b not in self._indices and self._read <= b * self.every:
+                try:
+                    indices = next(self._sampler)
+                except StopIteration:
+                    return out
+                if self._read % self.every == 0:
+                    self._indices[self._read // self.every] = list(indices)
+                self._read += 1
+            if b not in self._indices:
+                return out
+            out.append(self.collate([self.dataset[i] for i in self._indices[b]]))
+        return out
+
+
 class GenerationClock(TrainerCallback):
     """The epoch and generation batch of WMSS-GRPO's training, and TRL's prompt order resumable in any epoch.
 
@@ -42,10 +95,12 @@ class GenerationClock(TrainerCallback):
     direct call), ``(-1, TRL's micro-step // micro-steps per generation batch)``.
     """
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, plan_ahead: bool = False):
         self.trainer = trainer
+        self.plan_ahead = plan_ahead  # build each epoch's EpochPlan (for the weak read-ahead)
         self.epoch: int | None = None  # the epoch training is in (None: not training)
         self._epoch_start = 0  # TRL's ``_step`` at the epoch's first batch (a resumed run's skipped batches included)
+        self.plan: EpochPlan | None = None  # the epoch's generation batches (None: not planned)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.epoch = None
@@ -63,9 +118,17 @@ class GenerationClock(TrainerCallback):
         sampler = get_sampler(train_dataloader) if train_dataloader is not None else None
         if isinstance(sampler, RepeatSampler):
             seed_epoch_order(sampler, self.epoch)
+        self.plan = None
+        if self.plan_ahead and train_dataloader is not None and getattr(train_dataloader, "batch_sampler", None):
+            # the generation batches training reaches in this epoch: its batches, or fewer where max_steps ends it
+            left = max(state.max_steps - self.epoch * per_epoch, 0) * args.gradient_accumulation_steps
+            with contextlib.suppress(TypeError):
+                left = min(left, len(train_dataloader))
+            every = self.micro_steps_per_generation
+            self.plan = EpochPlan(train_dataloader, every, math.ceil(left / every))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.epoch = None
+        self.epoch, self.plan = None, None
 
     @property
     def micro_steps_per_generation(self) -> int:

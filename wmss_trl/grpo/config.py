@@ -58,15 +58,14 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
             Use `weak_is_clip_max` instead (the value is copied there, with a warning).
 
             </Deprecated>
-        weak_rollout_prefetch:
-
-            <Deprecated>
-
-            Removed (the weak read-ahead is gone): setting it raises a `ValueError`. The weak model samples all weak
-            rows of a generation batch in one call; to sample several optimizer steps' rows in one call, set TRL's
-            `steps_per_generation` (e.g. `(P + 1) * gradient_accumulation_steps`).
-
-            </Deprecated>
+        weak_rollout_prefetch (`int`, defaults to `3`):
+            P: the weak completions of P + 1 consecutive generation batches are sampled in one weak `generate` call
+            (fixed windows: batches 0..P of an epoch, then P+1..2P+1, ...; their prompts read ahead from a copy of
+            the train dataloader's sampler, see `wmss_trl.grpo.clock.EpochPlan`). On small batches a decode step
+            costs about the same for 2 rows as for 8, which this amortises. Each weak row's sample is drawn from
+            noise seeded by (seed, epoch, generation batch, global row), and a window is always the same batches, so
+            the samples are those of an uninterrupted run whatever the resume point. 0: one call per generation
+            batch. Combines with TRL's `steps_per_generation` (which batches the policy's rows too).
         weak_rollouts_path (`str`, *optional*):
             Folder of a weak-rollout pool (`wmss weak-rollouts`): the weak negatives of epoch e are the pool's
             completions of epoch e (draw k of a prompt for its k-th weak row) instead of being sampled, with their
@@ -157,11 +156,13 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
         default=None,
         metadata={"help": "Deprecated, use weak_is_clip_max instead (the value is copied there)."},
     )
-    weak_rollout_prefetch: int | None = field(
-        default=None,
+    weak_rollout_prefetch: int = field(
+        default=3,
         metadata={
-            "help": "Removed: setting it is an error. Set TRL's steps_per_generation instead (e.g. (P + 1) x "
-            "gradient_accumulation_steps) to sample several steps' weak rows in one call."
+            "help": "P: sample the weak completions of P + 1 consecutive generation batches in one weak generate call "
+            "(fixed windows of the epoch, prompts read ahead from a copy of the dataloader's sampler). Each weak "
+            "row's sample is seeded by (seed, epoch, generation batch, global row), so this gives the same samples "
+            "and only amortises the decode. 0: one call per generation batch."
         },
     )
     weak_rollouts_path: str | None = field(
@@ -250,8 +251,12 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
         self.weak_vllm_gpu_memory_utilization = check_float(
             "weak_vllm_gpu_memory_utilization", self.weak_vllm_gpu_memory_utilization, low=0.0, low_open=True, high=1.0
         )
-        if self.weak_rollout_prefetch is not None:
-            self._refuse_prefetch()
+        self.weak_rollout_prefetch = check_int(
+            "weak_rollout_prefetch",
+            self.weak_rollout_prefetch,
+            low=0,
+            hint="0 samples each generation batch's weak completions in its own call.",
+        )
         self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma = check_shares(
             ("entropy_weight_alpha", "entropy_weight_beta", "entropy_weight_gamma"),
             (self.entropy_weight_alpha, self.entropy_weight_beta, self.entropy_weight_gamma),
@@ -310,18 +315,6 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
                 f"weak_is_mode={self.weak_is_mode!r} truncates the importance weight, so it needs a bound: set "
                 "weak_is_clip_max (e.g. 2.0) or weak_is_clip_min, or use a '*_mask' mode."
             )
-
-    def _refuse_prefetch(self):
-        """``weak_rollout_prefetch`` was removed with the weak read-ahead: name what replaces it."""
-        p, ga = self.weak_rollout_prefetch, self.gradient_accumulation_steps
-        known = isinstance(p, int) and p >= 0
-        example = f"(P + 1) x gradient_accumulation_steps = ({p} + 1) x {ga} = {(p + 1) * ga}" if known else ""
-        raise ValueError(
-            f"weak_rollout_prefetch={p!r}: this option was removed (the weak read-ahead is gone). Unset it. The weak "
-            "model samples all weak rows of the generation batch TRL hands over in one generate call; to sample "
-            "several optimizer steps' weak rows in one call (what the read-ahead amortised), set TRL's "
-            f"steps_per_generation{', e.g. ' + example if example else ''} (instead of generation_batch_size)."
-        )
 
     def _check_weak_negatives(self):
         """The batch layout of weak negatives (see the module docstring of :mod:`wmss_trl.grpo`) and their defaults."""

@@ -1,12 +1,20 @@
 """The weak rollouts of WMSS-GRPO: one object that samples the weak completions of each generation batch TRL hands
-over (all its weak rows in one ``generate`` call) and scores them with TRL's rewards.
+over, reading ahead so that the weak rows of several generation batches come from one ``generate`` call, and scores
+them with TRL's rewards.
 
 A weak row's tokens are drawn by :class:`~wmss_trl.rollouts.sampling.GumbelMaxSampler` from noise keyed by
 ``(seed, epoch, generation batch, global row)`` (:meth:`WeakSampler.row_keys`; the epoch and batch come from
 :class:`~wmss_trl.grpo.clock.GenerationClock`, which reads them from state a resumed run restores), never from torch's
 global RNG, so the training RNG stream (the policy's samples, TRL's shuffle) is the same whether and when the weak
-model samples, and a row's completion does not depend on the resume point or the process count. To sample several
-optimizer steps' weak rows in one call, raise TRL's ``steps_per_generation``. With ``weak_rollouts_path`` the
+model samples, and a row's completion does not depend on the resume point or the process count.
+
+Read-ahead (``weak_rollout_prefetch = P``): the generation batches of an epoch are sampled in fixed windows of
+``P + 1`` (batches ``w(P+1) .. w(P+1) + P``), all their weak rows in one call, at the window's first batch; the next
+batches' prompts come from the clock's :class:`~wmss_trl.grpo.clock.EpochPlan`. A run resumed inside a window samples
+the whole window again (the batches before the resume point included), so every call has the same rows as in the
+uninterrupted run and gives the same bits. A planned batch is used only if its prompts are the ones TRL hands over;
+otherwise (a custom dataloader) the batch is sampled on its own and the read-ahead is switched off, with a warning.
+With ``weak_rollouts_path`` the
 completions are read from a weak-rollout pool instead (:mod:`wmss_trl.rollouts`): weak row ``j`` of a batch of epoch
 e is draw ``j mod K`` of its prompt in epoch e.
 """
@@ -14,6 +22,7 @@ e is draw ``j mod K`` of its prompt in epoch e.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -29,14 +38,19 @@ from ..rollouts.vllm_engine import SamplingSettings, weak_engine
 from .batch import weak_row_parents
 
 
-class WeakSampler:
-    """Weak completions for a trainer's generation batches: one ``generate`` call per generation batch, with all of
-    its weak rows (``per_device_train_batch_size * steps_per_generation * K / G`` per process). On small batches a
-    decode step costs about the same for 2 rows as for 8, so ``steps_per_generation > gradient_accumulation_steps``
-    amortises the weak decode over several optimizer steps (as it does TRL's own generation)."""
+logger = logging.getLogger(__package__)
 
-    def __init__(self, trainer):
+
+class WeakSampler:
+    """Weak completions for a trainer's generation batches: one ``generate`` call per window of ``prefetch + 1``
+    generation batches, with all of their weak rows (``per_device_train_batch_size * steps_per_generation * K / G``
+    per process and batch). On small batches a decode step costs about the same for 2 rows as for 8, which this
+    amortises (and so does ``steps_per_generation > gradient_accumulation_steps``, for the policy's rows too)."""
+
+    def __init__(self, trainer, prefetch: int = 0):
         self.trainer = trainer
+        self.prefetch = prefetch
+        self._ahead: dict[tuple[int, int], tuple] = {}  # key -> (prompt ids, completion ids, log-probs), read ahead
         self.generation_config = self._generation_config()
         if self.generation_config.num_beams not in (None, 1) or self.generation_config.watermarking_config is not None:
             raise NotImplementedError(
@@ -131,15 +145,60 @@ class WeakSampler:
                 )
 
     def samples(self, inputs: list[dict], prompt_ids_list: list[list[int]]):
-        """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list``: every weak row of
-        the generation batch TRL hands over (``steps_per_generation`` micro-batches: several optimizer steps' worth
-        when that exceeds ``gradient_accumulation_steps``) in one weak ``generate`` call, keyed by the batch's
-        :meth:`~wmss_trl.grpo.clock.GenerationClock.generation_key`. With a weak-rollout pool they are read from it
+        """One fresh weak completion (ids, behaviour log-probs) per prompt of ``prompt_ids_list`` (the weak rows of the
+        generation batch TRL hands over), keyed by the batch's
+        :meth:`~wmss_trl.grpo.clock.GenerationClock.generation_key`: read ahead by an earlier call of its window, or
+        sampled now with the rest of its window. Under several processes the decision to sample is taken together,
+        since ``generate`` is a collective under ZeRO-3. With a weak-rollout pool they are read from it
         (:meth:`_pool_samples`), epoch e's draws in epoch e."""
         key = self.trainer.generation_clock.generation_key()
         if self.pool is not None:
             return self._pool_samples(inputs, max(key[0], 0))
-        return self.generate(prompt_ids_list, self.row_keys(key, len(prompt_ids_list)))
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None and ahead[0] != prompt_ids_list:
+            self._plan_failed(key)
+            ahead = None
+        if not self.trainer._max_over_processes(int(ahead is None)):
+            return ahead[1], ahead[2]
+        window = self._window(key, prompt_ids_list)
+        row_keys = [row for k, ids in window for row in self.row_keys(k, len(ids))]
+        ids, logps = self.generate([p for _, ids in window for p in ids], row_keys)
+        self._ahead, start = {}, 0
+        for k, prompts in window:  # the batches before `key` (a resumed run's) were sampled only for the grouping
+            part = (prompts, ids[start : start + len(prompts)], logps[start : start + len(prompts)])
+            start += len(prompts)
+            if k == key:
+                mine = part
+            elif k > key:
+                self._ahead[k] = part
+        return mine[1], mine[2]
+
+    def _window(self, key: tuple[int, int], prompt_ids_list: list[list[int]]) -> list[tuple[tuple[int, int], list]]:
+        """``(key, weak rows' prompt ids)`` of every generation batch of ``key``'s window (just ``key``'s batch without
+        read-ahead, outside training, or when the plan's batch ``key`` is not the one TRL hands over)."""
+        epoch, index = key
+        plan = self.trainer.generation_clock.plan
+        if self.prefetch == 0 or epoch < 0 or plan is None:
+            return [(key, prompt_ids_list)]
+        first = index - index % (self.prefetch + 1)
+        planned = [self._prompt_ids(batch) for batch in plan.batches(first, first + self.prefetch + 1)]
+        if index - first >= len(planned) or planned[index - first] != prompt_ids_list:
+            self._plan_failed(key)
+            return [(key, prompt_ids_list)]
+        return [((epoch, first + i), prompts) for i, prompts in enumerate(planned)]
+
+    def _prompt_ids(self, batch: list[dict]) -> list[list[int]]:
+        """The weak rows' prompt token ids of a generation batch (TRL's tokenization)."""
+        return self.trainer._tokenize_prompts(self._prompts(batch))[0]
+
+    def _plan_failed(self, key) -> None:
+        """The planned batch ``key`` is not the one TRL hands over: no more read-ahead in this run."""
+        logger.warning(
+            f"weak read-ahead: the planned generation batch {key} differs from the one the trainer received (a custom "
+            "train dataloader or sampler?); the weak completions are sampled per batch from now on. Set "
+            "weak_rollout_prefetch=0 to silence this."
+        )
+        self.prefetch, self._ahead = 0, {}
 
     def _pool_samples(self, inputs: list[dict], epoch: int):
         """This process's weak completions from the pool: the weak row with global index ``j = rank * n_w + l`` is
