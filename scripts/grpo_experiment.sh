@@ -19,7 +19,9 @@ PY=${PY:-$ROOT/.venv/bin/python}
 STORE=docs/results/grpo_experiment
 EXP=runs/grpo_exp
 RUN=$EXP/demo/seed0-w250-s150-h128x3-b32-lr0.003
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$SNAP
+# PYTHONSAFEPATH: `python -m` (this script's and every `wmss grpo` child's) must not put the working directory (this
+# checkout, whose code changes) ahead of PYTHONPATH; without it the runs of 2026-12-02 imported main's wmss_trl
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$SNAP PYTHONSAFEPATH=1
 cd "$ROOT"
 
 [ -d "$SNAP" ] || git worktree add --detach "$SNAP" "$CODE_COMMIT"
