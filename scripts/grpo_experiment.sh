@@ -13,8 +13,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ARMS=${1:-vanilla,wmss}
 SEEDS=${2:-0,1,2,3,4}
-CODE_COMMIT=655f3ff
-SNAP=${SNAP:-/tmp/wmss_grpo_experiment_code}
+CODE_COMMIT=1958cb0
+SNAP=${SNAP:-/tmp/wmss_grpo_experiment_$CODE_COMMIT}
 PY=${PY:-$ROOT/.venv/bin/python}
 STORE=docs/results/grpo_experiment
 EXP=runs/grpo_exp
