@@ -51,12 +51,8 @@ class EpochPlan:
     """
 
     def __init__(self, dataloader, every: int, num_batches: int):
-        self.dataset, self.collate, self.every, self.num_batches = (
-            dataloader.dataset,
-            dataloader.collate_fn,
-            every,
-            num_batches,
-        )
+        self.dataset, self.collate = dataloader.dataset, dataloader.collate_fn
+        self.every, self.num_batches = every, num_batches
         shared = {id(self.dataset): self.dataset}
         sampler = get_sampler(dataloader)
         if hasattr(sampler, "data_source"):
@@ -95,9 +91,8 @@ class GenerationClock(TrainerCallback):
     direct call), ``(-1, TRL's micro-step // micro-steps per generation batch)``.
     """
 
-    def __init__(self, trainer, plan_ahead: bool = False):
+    def __init__(self, trainer):
         self.trainer = trainer
-        self.plan_ahead = plan_ahead  # build each epoch's EpochPlan (for the weak read-ahead)
         self.epoch: int | None = None  # the epoch training is in (None: not training)
         self._epoch_start = 0  # TRL's ``_step`` at the epoch's first batch (a resumed run's skipped batches included)
         self.plan: EpochPlan | None = None  # the epoch's generation batches (None: not planned)
@@ -119,7 +114,9 @@ class GenerationClock(TrainerCallback):
         if isinstance(sampler, RepeatSampler):
             seed_epoch_order(sampler, self.epoch)
         self.plan = None
-        if self.plan_ahead and train_dataloader is not None and getattr(train_dataloader, "batch_sampler", None):
+        weak = getattr(self.trainer, "weak_sampler", None)  # the weak read-ahead is the plan's only user
+        reads_ahead = weak is not None and weak.prefetch > 0
+        if reads_ahead and train_dataloader is not None and getattr(train_dataloader, "batch_sampler", None):
             # the generation batches training reaches in this epoch: its batches, or fewer where max_steps ends it
             left = max(state.max_steps - self.epoch * per_epoch, 0) * args.gradient_accumulation_steps
             with contextlib.suppress(TypeError):

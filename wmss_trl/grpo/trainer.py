@@ -121,7 +121,6 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             )
         if args.num_weak_generations > 0:
             self.weak_sampler = WeakSampler(self, args.weak_rollout_prefetch if args.weak_rollouts_path is None else 0)
-            self.generation_clock.plan_ahead = self.weak_sampler.prefetch > 0  # the read-ahead needs each epoch's plan
             # the completions table holds the weak rows too: widen TRL's log buffers
             size = (
                 args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations
