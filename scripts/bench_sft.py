@@ -3,12 +3,15 @@
     python scripts/bench_sft.py                 # default: hidden 512, 6 layers, vocab 32000, batch 8 x 256 tokens
     python scripts/bench_sft.py --steps 8 --hidden 256 --layers 4
 
-Four configurations, each in its own fresh subprocess (so peak memory is not polluted by the others), on the
+The configurations, each in its own fresh subprocess (so peak memory is not polluted by the others), on the
 same model, data, seed and batch:
 
     sft          plain TRL SFT, full fine-tuning (TRL 1.16's fused LM head: on CPU a chunked pure-torch fallback)
     sft_hf       plain SFT through transformers' Trainer and the model's own loss (full logits), same data
-    wdjt         WD-JT with a separate frozen weak model (fp32, and bf16 as `wdjt_bf16weak`)
+    wdjt         WD-JT with a separate frozen weak model (fp32, and bf16 as `wdjt_bf16weak`); with `logging_steps=1`
+                 every step is a logged one, so it also computes the saturation metrics every step (their default,
+                 `saturation_metrics=None`, computes them on logged steps only): `wdjt_nodiag` is the same run with
+                 `saturation_metrics=False`, i.e. the WD-JT loss alone, the cost of a step that logs nothing
     sft_lora     plain TRL SFT with LoRA (and `sft_hf_lora`, the transformers-Trainer version)
     wdjt_lora    WD-JT with LoRA, the weak model being the adapter-disabled base (no second copy)
 
@@ -33,7 +36,7 @@ import threading
 import time
 
 
-CONFIGS = ["sft", "sft_hf", "wdjt", "wdjt_bf16weak", "sft_lora", "sft_hf_lora", "wdjt_lora"]
+CONFIGS = ["sft", "sft_hf", "wdjt", "wdjt_nodiag", "wdjt_bf16weak", "sft_lora", "sft_hf_lora", "wdjt_lora"]
 
 
 def rss_mb() -> float:
@@ -145,8 +148,10 @@ def run_one(config: str, strong: str, weak: str, steps: int, batch: int, seq: in
             )
     else:
         kw = dict(mixing_lambda=0.5, mixing_chunk_size=chunk)
-        if config in ("wdjt", "wdjt_bf16weak"):
+        if config in ("wdjt", "wdjt_nodiag", "wdjt_bf16weak"):
             kw["weak_model_name_or_path"] = weak
+        if config == "wdjt_nodiag":
+            kw["saturation_metrics"] = False
         if config == "wdjt_bf16weak":
             kw["weak_model_init_kwargs"] = {"dtype": "bfloat16"}
         if config == "wdjt_lora":
@@ -240,6 +245,7 @@ def main():
     pairs = [
         ("wdjt", "sft", "<=1.45x, <=1.3x"),
         ("wdjt", "sft_hf", "<=1.45x, <=1.3x"),
+        ("wdjt_nodiag", "sft_hf", "<=1.45x, <=1.3x"),
         ("wdjt_bf16weak", "sft", "<=1.45x, <=1.3x"),
         ("wdjt_bf16weak", "sft_hf", "<=1.45x, <=1.3x"),
         ("wdjt_lora", "sft_lora", "<=1.45x, <=1.1x"),

@@ -233,6 +233,9 @@ def test_wmss_grpo_two_steps_with_vllm_for_policy_and_weak(tmp_path):
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(lines[-1][len("RESULT ") :])
     assert result["policy_vllm"] and result["is_weak_engine"], result
+    # beta = 0, no entropy weights, no mixing: vLLM decodes the negatives, nothing reads a transformers copy of the weak
+    # model, so none is loaded; the engine runs in the dtype it would have been loaded in (TRL's default, float32)
+    assert result["weak_model_loaded"] is False and result["weak_engine_dtype"] == "float32", result
     assert result["steps"] == 2 and len(result["losses"]) == 2
     assert all(math.isfinite(loss) for loss in result["losses"]), result
     assert all(acc is not None and 0.0 <= acc <= 1.0 for acc in result["weak_accuracy"]), result

@@ -34,6 +34,35 @@ def test_backend_choice(tmp_path, kw, backend):
     assert grpo_args(tmp_path, **kw).weak_vllm_backend == backend
 
 
+NEG = dict(num_weak_generations=2)
+
+
+@pytest.mark.parametrize(
+    "kw, loaded",
+    [
+        (dict(NEG), True),  # transformers' generate decodes the negatives
+        (dict(NEG, weak_use_vllm=True), False),  # the weak engine decodes them (and returns the behaviour log-probs)
+        (dict(NEG, weak_vllm_server_base_url="http://127.0.0.1:8001"), False),
+        (dict(NEG, weak_use_vllm=True, beta=0.04), True),  # the KL reference reads it
+        (dict(NEG, weak_use_vllm=True, entropy_weighted_advantages=True), True),  # the weak entropy
+        (dict(NEG, weak_use_vllm=True, mixing_lambda=0.5), True),  # the mixed policy log-probs
+    ],
+)
+def test_weak_model_loaded_only_when_something_reads_it(tmp_path, kw, loaded):
+    assert grpo_args(tmp_path, **kw).weak_model_loaded is loaded
+
+
+def test_weak_folder_and_dtype_of_an_unloaded_weak_model(tiny):
+    from wmss_trl.weak import load_weak_model, weak_dtype, weak_folder
+
+    assert weak_folder(None, tiny["weak"]) == tiny["weak"]
+    assert weak_folder(tiny["weak"], "elsewhere") == tiny["weak"]  # the trainer's argument wins, as when loading
+    model = load_weak_model(tiny["weak"], {"dtype": "bfloat16"})
+    assert weak_folder(model, None) == tiny["weak"] and weak_dtype(model, None) == "bfloat16"
+    assert weak_dtype(None, None) == "float32" == str(load_weak_model(tiny["weak"]).dtype).removeprefix("torch.")
+    assert weak_dtype(None, '{"dtype": "bfloat16"}') == "bfloat16" and weak_dtype(None, {"dtype": "auto"}) == "auto"
+
+
 def test_gpu_memory_utilization_is_checked(tmp_path):
     with pytest.raises(ValueError, match="weak_vllm_gpu_memory_utilization"):
         grpo_args(tmp_path, weak_vllm_gpu_memory_utilization=1.5)

@@ -76,6 +76,23 @@ def require_safetensors(path, role: str = "model") -> None:
         )
 
 
+def weak_folder(weak_model, weak_model_name_or_path: str | None) -> str | None:
+    """The checkpoint folder of a separate weak model: ``weak_model`` when it is a path, the folder a ``weak_model``
+    object was loaded from (``name_or_path``), else ``weak_model_name_or_path``."""
+    if weak_model is None:
+        return weak_model_name_or_path
+    if isinstance(weak_model, (str, os.PathLike)):
+        return str(weak_model)
+    return getattr(weak_model, "name_or_path", None)
+
+
+def weak_dtype(weak_model, init_kwargs: dict | str | None) -> str:
+    """The dtype the weak model has (a model object) or would be loaded in by :func:`load_weak_model` (TRL's
+    ``create_model_from_path``: ``init_kwargs["dtype"]``, default ``float32``), as a string (``"auto"`` included)."""
+    dtype = getattr(weak_model, "dtype", None) or parse_init_kwargs(init_kwargs).get("dtype", "float32")
+    return str(dtype).removeprefix("torch.")
+
+
 def load_weak_model(path: str, init_kwargs: dict | str | None = None) -> PreTrainedModel:
     """Load the weak checkpoint from a local directory (safetensors only, no remote code unless asked).
 

@@ -81,6 +81,8 @@ def main(workdir: str) -> None:
             {
                 "weak_engine": type(trainer.weak_sampler.vllm).__name__,
                 "is_weak_engine": isinstance(trainer.weak_sampler.vllm, WeakVLLMEngine),
+                "weak_model_loaded": trainer.weak_model is not None,  # transformers' copy: only when something reads it
+                "weak_engine_dtype": getattr(trainer.weak_sampler.vllm, "dtype", None),
                 "policy_vllm": trainer.use_vllm and trainer.vllm_mode == "colocate",
                 "steps": trainer.state.global_step,
                 "losses": [h["loss"] for h in history if "loss" in h],

@@ -9,7 +9,7 @@ import os
 import torch
 from datasets import IterableDataset
 
-from ..weak import is_peft_model, require_safetensors
+from ..weak import is_peft_model, require_safetensors, weak_folder
 from .config import WMSSGRPOConfig
 
 
@@ -150,8 +150,7 @@ def check_weak_vllm(args: WMSSGRPOConfig, weak_model) -> None:
             f"(and peft_base_as_weak=False), {off}."
         )
     if backend == "colocate":
-        folder = weak_model if weak_model is not None else args.weak_model_name_or_path
-        folder = folder if isinstance(folder, (str, os.PathLike)) else getattr(folder, "name_or_path", None)
+        folder = weak_folder(weak_model, args.weak_model_name_or_path)
         if not folder or not os.path.isdir(folder):
             raise ValueError(
                 f"the colocated weak vLLM engine ({_why_vllm(args)}) loads the weak checkpoint from a local folder, "

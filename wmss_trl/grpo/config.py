@@ -345,9 +345,12 @@ class WMSSGRPOConfig(WeakModelArgs, GRPOConfig):
 
     @property
     def weak_model_loaded(self) -> bool:
-        """False when a weak-rollout pool serves the weak negatives and nothing else reads the weak model."""
-        pool_only = self.weak_rollouts_path is not None and self.beta == 0.0
-        return not (pool_only and not self.entropy_weighted_advantages and self.mixing_lambda == 1.0)
+        """False when the weak negatives are decoded elsewhere (a weak-rollout pool, or vLLM: the weak model's own engine
+        or server, which return the behaviour log-probs) and nothing else reads the weak model (``beta = 0``, no
+        entropy weights, no mixing): the trainer then does not load it."""
+        decoded_elsewhere = self.weak_rollouts_path is not None or self.weak_vllm_backend is not None
+        reads_weak = self.beta != 0.0 or self.entropy_weighted_advantages or self.mixing_lambda < 1.0
+        return not decoded_elsewhere or reads_weak
 
     @property
     def weak_vllm_backend(self) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 from collections import defaultdict, deque
 
 import torch
@@ -16,7 +17,7 @@ from ..checks import as_wmss_config
 from ..data_checks import check_dataset_columns
 from ..sft import WMSSModelCard
 from ..trl_compat import grpo_batch_rewards, grpo_without_reference_logps, grpo_without_reference_model
-from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model
+from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model, weak_folder
 from . import metrics
 from .batch import (
     KNOWN_FIELDS,
@@ -120,7 +121,8 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
                 "this run is vanilla GRPO."
             )
         if args.num_weak_generations > 0:
-            self.weak_sampler = WeakSampler(self, args.weak_rollout_prefetch if args.weak_rollouts_path is None else 0)
+            prefetch = args.weak_rollout_prefetch if args.weak_rollouts_path is None else 0
+            self.weak_sampler = WeakSampler(self, prefetch, weak_model)
             # the completions table holds the weak rows too: widen TRL's log buffers
             size = (
                 args.generation_batch_size * (self.num_generations + self.num_weak_generations) // self.num_generations
@@ -144,7 +146,10 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
         if args.peft_base_as_weak:
             self.weak_source = "peft_base"
             return
-        if not args.weak_model_loaded:  # the pool holds the weak samples, and nothing else reads the weak model
+        if not args.weak_model_loaded:  # a pool or vLLM decodes the weak negatives; nothing else reads the weak model
+            folder = weak_folder(weak_model, args.weak_model_name_or_path)
+            if args.weak_vllm_backend is not None and folder and os.path.isdir(folder):  # (pools: their fingerprint)
+                check_weak_compatible(self.model, folder, self.processing_class)  # the vocabularies, from the folder
             return
         weak, path = resolve_weak_model(
             weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model, required=True

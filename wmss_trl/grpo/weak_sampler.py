@@ -47,7 +47,7 @@ class WeakSampler:
     per process and batch). On small batches a decode step costs about the same for 2 rows as for 8, which this
     amortises (and so does ``steps_per_generation > gradient_accumulation_steps``, for the policy's rows too)."""
 
-    def __init__(self, trainer, prefetch: int = 0):
+    def __init__(self, trainer, prefetch: int = 0, weak_model=None):
         self.trainer = trainer
         self.prefetch = prefetch
         self._ahead: dict[tuple[int, int], tuple] = {}  # key -> (prompt ids, completion ids, log-probs), read ahead
@@ -57,7 +57,7 @@ class WeakSampler:
                 "weak negatives sample the weak model token by token with the policy's sampling settings; beam "
                 "search (num_beams > 1) and watermarking in generation_kwargs are not supported with them."
             )
-        self.vllm = weak_engine(trainer)  # None: transformers' generate
+        self.vllm = weak_engine(trainer, weak_model)  # None: transformers' generate
         self.vllm_settings = SamplingSettings.from_trainer(trainer) if self.vllm is not None else None
         self.pool = self._open_pool(trainer.args.weak_rollouts_path)
 

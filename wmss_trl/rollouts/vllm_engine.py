@@ -124,6 +124,7 @@ class WeakVLLMEngine:
         from vllm import LLM
 
         kwargs = {"distributed_executor_backend": "external_launcher"} if external_launcher else {}
+        self.dtype = dtype
         self.llm = LLM(
             model=model,
             seed=seed,
@@ -138,9 +139,9 @@ class WeakVLLMEngine:
         )
 
     @classmethod
-    def for_trainer(cls, trainer, model: str) -> WeakVLLMEngine:
+    def for_trainer(cls, trainer, model: str, dtype: str = "auto") -> WeakVLLMEngine:
         """The weak engine of a GRPO trainer, next to TRL's colocated policy engine: the same launch (TRL's
-        environment variables for ``external_launcher``), ``vllm_max_model_length``, dtype of the weak model."""
+        environment variables for ``external_launcher``), ``vllm_max_model_length``; ``dtype``: the weak model's."""
         from trl.trainer.utils import ensure_master_addr_port
 
         acc, args = trainer.accelerator, trainer.args
@@ -153,7 +154,7 @@ class WeakVLLMEngine:
             seed=args.seed + acc.process_index,
             max_model_len=args.vllm_max_model_length,
             gpu_memory_utilization=args.weak_vllm_gpu_memory_utilization,
-            dtype=str(trainer.weak_model.dtype).removeprefix("torch.") if trainer.weak_model is not None else "auto",
+            dtype=dtype,
             external_launcher=True,
         )
         acc.wait_for_everyone()
@@ -220,13 +221,19 @@ class WeakVLLMServer:
         return [ids for ids, _ in results], [logps for _, logps in results]
 
 
-def weak_engine(trainer) -> WeakVLLMEngine | WeakVLLMServer | None:
+def weak_engine(trainer, weak_model=None) -> WeakVLLMEngine | WeakVLLMServer | None:
     """The weak vLLM backend of a GRPO trainer (``args.weak_vllm_backend``), or ``None`` for transformers' ``generate``.
-    The colocated engine loads the weak checkpoint's folder (``weak_model_name_or_path``, or the folder the weak model
-    was loaded from; :func:`wmss_trl.grpo.checks.check_request` refuses anything else before loading)."""
+    The colocated engine loads the weak checkpoint's folder (the loaded weak model's, else that of the trainer's
+    ``weak_model`` argument or ``weak_model_name_or_path``: :func:`~wmss_trl.weak.weak_folder`;
+    :func:`wmss_trl.grpo.checks.check_request` refuses anything but a local folder before loading), in the dtype the
+    weak model has or would be loaded in."""
+    from ..weak import weak_dtype, weak_folder
+
     args = trainer.args
     if args.weak_vllm_backend == "server":
         return WeakVLLMServer(args.weak_vllm_server_base_url, connection_timeout=args.vllm_server_timeout)
     if args.weak_vllm_backend == "colocate":
-        return WeakVLLMEngine.for_trainer(trainer, trainer.weak_model.name_or_path)
+        weak = trainer.weak_model if trainer.weak_model is not None else weak_model
+        folder = weak_folder(weak, args.weak_model_name_or_path)
+        return WeakVLLMEngine.for_trainer(trainer, folder, weak_dtype(weak, args.weak_model_init_kwargs))
     return None
