@@ -253,6 +253,7 @@ def build_bench_pool(weak, root, a) -> dict:
 
 def run_child(kind, strong, weak, a):
     """In a fresh subprocess: train one arm for ``a.memory_steps`` steps, return its peak and train memory (MB)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its neighbours, also under PYTHONSAFEPATH
     from bench_sft import PeakRSS, rss_mb
 
     base = rss_mb()  # after imports (torch, transformers, trl, wmss_trl are imported by now)

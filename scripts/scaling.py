@@ -68,6 +68,7 @@ def optimizer_bytes(optimizer) -> int:
 def run_rank(kind: str, strong: str, weak: str, a) -> dict:
     """Inside ``accelerate launch``: build one arm, train ``S + a.steps`` steps (S = ``--steps_per_generation``),
     report this rank's numbers."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its neighbours, also under PYTHONSAFEPATH
     from bench_grpo import StepTimer, dataset, digit_fraction, make_args
     from bench_sft import PeakRSS, rss_mb
     from transformers.trainer_callback import PrinterCallback
