@@ -1025,26 +1025,58 @@ def plot_arms(rows: dict, seeds: list[int], arms: list[str], path: str) -> None:
         (lambda p: p["heldout_nll"], "held-out NLL (2,000)"),
         (lambda p: 100 * p["heldout_acc"] if "heldout_acc" in p else None, "held-out greedy acc % (2,000)"),
     ]
+    import numpy as np
+
+    # one colour per arm; the line style says the family: WMSS arms solid, SFT-type baselines dashed, controls dotted
+    colours = plt.get_cmap("tab20").colors
+    family = {
+        "sft": "--",
+        "sft_3x": "--",
+        "neftune": "--",
+        "label_smoothing": "--",
+        "sft_eqc": "--",
+        "neftune_eqc": "--",
+    }
+    family.update({arm: ":" for arm in arms if arm.startswith("ctrl_")})
     fig, axes = plt.subplots(2, 3, figsize=(17, 10))
     for ax, (get, label) in zip(axes.flat, panels):
-        for arm in arms:
+        for k, arm in enumerate(arms):
             curves = [rows[f"seed{s}/{arm}"]["curve"] for s in seeds if f"seed{s}/{arm}" in rows]
-            steps = sorted({p["step"] for c in curves for p in c})
-            xs, ys = [], []
-            for st in steps:
-                vals = [get(p) for c in curves for p in c if p["step"] == st and get(p) is not None]
-                if vals:
-                    xs.append(st)
-                    ys.append(sum(vals) / len(vals))
-            ax.plot(xs, ys, marker="o", ms=2, lw=1, label=arm)
+            # each seed's curve on a common grid of steps, averaged where every seed has a value (the equal-compute
+            # arms end at a different step per seed: a plain mean per step would jump where seeds drop out)
+            points = [[(p["step"], get(p)) for p in c if get(p) is not None] for c in curves]
+            points = [pts for pts in points if pts]
+            if not points:
+                continue
+            start, end = max(pts[0][0] for pts in points), min(pts[-1][0] for pts in points)
+            grid = np.unique(np.concatenate([[x for x, _ in pts if start <= x <= end] for pts in points]))
+            ys = np.mean([np.interp(grid, [x for x, _ in pts], [y for _, y in pts]) for pts in points], axis=0)
+            style = family.get(arm, "-")
+            ax.plot(
+                grid,
+                ys,
+                ls=style,
+                marker="o",
+                ms=2.5,
+                lw=1.6 if style == "-" else 1.2,
+                color=colours[k % 20],
+                label=arm,
+            )
         ax.axvline(0, color="black", ls="--", lw=0.8, label="strong (saturated)")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("steps from strong")
-        ax.set_ylabel(label.split(" (")[0], fontsize=8)
+        ax.set_ylabel(label.split(" (")[0], fontsize=9)
+        if label.startswith("amplification"):  # ratios from ~0.1 to ~16: a log axis keeps them all readable
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Arms from the saturated strong checkpoint, mean over {len(seeds)} seed(s)")
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=8, fontsize=9, frameon=False)
+    fig.suptitle(
+        f"Arms from the saturated strong checkpoint, mean over {len(seeds)} seed(s) (solid: WMSS arms, dashed: SFT-type "
+        "baselines, dotted: weak-model controls)"
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -182,3 +182,16 @@ def test_results_add_keeps_rows_written_by_another_sitting(sat, tmp_path):
     first.add(0, "sft", {"v": 1})
     second.add(1, "sft", {"v": 2})
     assert set(sat.Results(path, made).rows) == {"seed0/sft", "seed1/sft"}
+
+
+def test_report_of_the_committed_results(sat, tmp_path):
+    """The report (tables + both PNGs) runs on the committed results: 5 seeds, every arm, one row per arm and seed."""
+    path = os.path.join(os.path.dirname(SCRIPT), "..", "docs", "results", "saturation.json")
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    text = sat.report(rows, str(tmp_path), None, "saturation.json")
+    assert "seeds with phase A: [0, 1, 2, 3, 4]" in text
+    for arm in sat.ARMS:
+        assert f"| {arm} | 5 |" in text, arm
+    for png in ("saturation_phase_a.png", "saturation_arms.png"):
+        assert os.path.getsize(tmp_path / png) > 10_000
