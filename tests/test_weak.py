@@ -269,3 +269,29 @@ def test_same_tokenizer_passes_silently(tiny, tmp_path):
     path = save_model_and_tokenizer(load(tiny["weak"]), other_bos, str(tmp_path / "bos"))
     with pytest.raises(ValueError, match=r"different bos_token ids \(2 in the strong tokenizer, 1 in the weak one\)"):
         check_weak_compatible(tiny["strong"], load(path))
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("needs_vllm")
+@pytest.mark.parametrize("backend", ["colocate", "server"])
+def test_grpo_refuses_a_permuted_weak_folder_it_does_not_load(tiny, permuted_weak, tmp_path, backend, monkeypatch):
+    """With vLLM decoding the weak negatives and nothing else reading the weak model, the trainer does not load it,
+    but still compares its folder's vocabulary and tokenizer with the policy's, before any engine starts."""
+    from grpo_common import grpo_args, has_digit, prompt_dataset
+
+    import wmss_trl.grpo.trainer as grpo_trainer
+    from wmss_trl import WMSSGRPOTrainer
+
+    monkeypatch.setattr(grpo_trainer, "resolve_weak_model", lambda *a, **k: pytest.fail("the weak model was loaded"))
+    vllm = {"colocate": dict(weak_use_vllm=True), "server": dict(weak_vllm_server_base_url="http://127.0.0.1:9")}
+    args = grpo_args(tmp_path, num_weak_generations=2, **vllm[backend])
+    assert not args.weak_model_loaded
+    with pytest.raises(ValueError, match=REFUSED):
+        WMSSGRPOTrainer(
+            tiny["strong"],
+            has_digit,
+            args=args,
+            train_dataset=prompt_dataset(8),
+            processing_class=load_tokenizer(tiny["strong"]),
+            weak_model=permuted_weak["path"],
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 from collections import defaultdict, deque
 
 import torch
@@ -17,7 +16,7 @@ from ..checks import as_wmss_config
 from ..data_checks import check_dataset_columns
 from ..sft import WMSSModelCard
 from ..trl_compat import grpo_batch_rewards, grpo_without_reference_logps, grpo_without_reference_model
-from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model, weak_folder
+from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model
 from . import metrics
 from .batch import (
     KNOWN_FIELDS,
@@ -147,9 +146,9 @@ class WMSSGRPOTrainer(CompleteCheckpointResume, WMSSModelCard, GRPOTrainer):
             self.weak_source = "peft_base"
             return
         if not args.weak_model_loaded:  # a pool or vLLM decodes the weak negatives; nothing else reads the weak model
-            folder = weak_folder(weak_model, args.weak_model_name_or_path)
-            if args.weak_vllm_backend is not None and folder and os.path.isdir(folder):  # (pools: their fingerprint)
-                check_weak_compatible(self.model, folder, self.processing_class)  # the vocabularies, from the folder
+            if args.weak_vllm_backend is not None:  # (a pool: its fingerprint) the vocabularies, without loading it
+                weak = weak_model if weak_model is not None else args.weak_model_name_or_path
+                check_weak_compatible(self.model, weak, self.processing_class)
             return
         weak, path = resolve_weak_model(
             weak_model, args.weak_model_name_or_path, args.weak_model_init_kwargs, self.model, required=True
