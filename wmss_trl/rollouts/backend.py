@@ -128,9 +128,10 @@ class VLLMBackend:
     def __init__(self, model, tokenizer, settings):
         from accelerate import PartialState
 
+        from ..weak import weak_dtype, weak_folder
         from .vllm_engine import SamplingSettings, WeakVLLMEngine
 
-        folder = getattr(model, "name_or_path", None)
+        folder = weak_folder(model, None)
         if not folder or not os.path.isdir(folder):
             raise ValueError(
                 f"--backend vllm loads the weak checkpoint from its local folder, but the weak model was not loaded "
@@ -146,7 +147,7 @@ class VLLMBackend:
             raise NotImplementedError("weak rollouts sample token by token; num_beams > 1 is not supported.")
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.settings = SamplingSettings.of(settings, self.eos_ids, settings.generation_kwargs)
-        self.engine = WeakVLLMEngine(folder, seed=settings.seed, dtype=str(model.dtype).removeprefix("torch."))
+        self.engine = WeakVLLMEngine(folder, seed=settings.seed, dtype=weak_dtype(model, None))
 
     def sample(self, prompt_ids_list: list[list[int]], row_keys: list[tuple[int, ...]]):
         """One completion per prompt: ``(completion ids cut after the first EOS, vLLM's behaviour log-probs)``."""
