@@ -174,6 +174,30 @@ def test_python_sft_card_names_base_and_weak_model(tiny, tmp_path):
     assert "[None]" not in card and f"fine-tuned version of `{tiny['strong']}`" in card
     assert f"- Weak model: `{tiny['weak']}`" in card and "- `mixing_lambda`: `0.45`" in card
     assert f"https://huggingface.co/papers/{PAPER_ID}" in card and "trained with WMSS-SFT" in card
+    assert card.count("### WMSS (Weak-Driven Learning)") == 1
+
+
+def test_card_section_is_written_once(tiny, tmp_path):
+    """`trainer.create_model_card()` (TRL's, not overridden) names the WMSS run through TRL's card attributes;
+    `write_card_section` adds the WMSS section once, however often it is called."""
+    from wmss_trl import WMSSSFTConfig, WMSSSFTTrainer
+    from wmss_trl.card import write_card_section
+
+    args = cpu_args(WMSSSFTConfig, tmp_path / "run", weak_model_name_or_path=tiny["weak"], mixing_lambda=0.5)
+    trainer = WMSSSFTTrainer(
+        tiny["strong"],
+        args=args,
+        train_dataset=arithmetic_prompt_completion(8),
+        processing_class=load_tokenizer(tiny["strong"]),
+    )
+    trainer.create_model_card(model_name="run")
+    trl_card = (tmp_path / "run" / "README.md").read_text()
+    assert "trained with WMSS-SFT" in trl_card and "### WMSS" not in trl_card and "- wmss\n" in trl_card
+    write_card_section(trainer)
+    once = (tmp_path / "run" / "README.md").read_text()
+    write_card_section(trainer)
+    assert (tmp_path / "run" / "README.md").read_text() == once
+    assert once.count("### WMSS (Weak-Driven Learning)") == 1 and "- `mixing_lambda`: `0.5`" in once
 
 
 def test_grpo_kl_names(tiny, tmp_path):

@@ -190,29 +190,40 @@ CONTACT_POINTS: tuple[Contact, ...] = (
     Contact(_SFT, "_metrics", "attribute", ("sft",)),
     Contact("trl:SFTConfig", "_VALID_DICT_FIELDS", "class_attribute", ("sft",)),
     Contact("trl.models.utils", "_ForwardRedirection", "import", ("sft",)),
-    # ---- the model card (wmss_trl.sft.WMSSModelCard, used by every trainer)
-    Contact(_BASE, "_name", "class_attribute", ("sft", "grpo", "dpo")),
-    Contact(_BASE, "_paper", "class_attribute", ("sft", "grpo", "dpo")),
-    Contact(_BASE, "_tag_names", "class_attribute", ("sft", "grpo", "dpo")),
+    # ---- the model card (wmss_trl.card, used by every trainer): TRL writes its card in `_save_checkpoint` before it
+    # saves (so before the `on_save` callback that completes it)
+    Contact(_BASE, "_name", "class_attribute", ("card",)),
+    Contact(_BASE, "_paper", "class_attribute", ("card",)),
+    Contact(_BASE, "_tag_names", "class_attribute", ("card",)),
     Contact(
         "trl.trainer.base_trainer:_BaseTrainer",
         "create_model_card",
         "source",
-        ("sft",),
+        ("card",),
         ("base_model = None", 'os.path.join(self.args.output_dir, "README.md")'),
     ),
     Contact(
         "trl:templates/lm_model_card.md",
         "card template",
         "source",
-        ("sft",),
+        ("card",),
         (
             "[{{ base_model }}](https://huggingface.co/{{ base_model }})",
             'model="{{ hub_model_id }}"',
             "## Quick start",
         ),
     ),
-    Contact("trl:templates/lm_model_card.md", "card anchor", "source", ("sft",), ("### Framework versions",)),
+    Contact("trl:templates/lm_model_card.md", "card anchor", "source", ("card",), ("### Framework versions",)),
+    *(
+        Contact(
+            trainer,
+            "_save_checkpoint",
+            "sequence",
+            ("card",),
+            ("self.create_model_card(", "super()._save_checkpoint("),
+        )
+        for trainer in (_SFT, _DPO, _GRPO)
+    ),
     # ---- TrlParser (wmss_trl.cli): an unknown flag raises this ValueError, which `wmss` turns into a one-line error
     Contact(
         "trl:TrlParser",

@@ -21,13 +21,13 @@ class Override:
 
 
 _CARD = "WMSSModelCard"
-_CARD_REASON = "TRL's card seam (`_name`, `_paper`, `_tag_names`): the card names the WMSS run"
-_CARD_OVERRIDES = (
-    Override("_name", _CARD, _CARD_REASON),
-    Override("_paper", _CARD, _CARD_REASON),
-    Override("_tag_names", _CARD, _CARD_REASON),
-    Override("create_model_card", _CARD, "adds the weak model and the WMSS settings to TRL's card"),
+_CARD_REASON = (
+    "TRL's card seam, class attributes its own trainers set (`_name`, `_paper`, `_tag_names`): the card names the "
+    "WMSS run. Not methods; the card's WMSS section is added by a callback (`wmss_trl.card.CardSection`)"
 )
+#: TRL's card attributes (class attributes in TRL, properties here): not counted as overridden methods
+CARD_ATTRIBUTES = ("_name", "_paper", "_tag_names")
+_CARD_OVERRIDES = tuple(Override(name, _CARD, _CARD_REASON) for name in CARD_ATTRIBUTES)
 _RESUME = Override(
     "train",
     "CompleteCheckpointResume",

@@ -10,10 +10,10 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, hash_module
 
+from ..card import WMSSModelCard
 from ..checkpoints import CompleteCheckpointResume
 from ..checks import as_wmss_config
 from ..entropy import token_entropy, token_nll, trained_positions
-from ..sft import WMSSModelCard
 from ..trl_compat import dpo_reference_from_inputs
 from ..weak import (
     check_weak_compatible,

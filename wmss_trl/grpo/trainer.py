@@ -11,10 +11,10 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from ..card import WMSSModelCard
 from ..checkpoints import CompleteCheckpointResume
 from ..checks import as_wmss_config
 from ..data_checks import check_dataset_columns
-from ..sft import WMSSModelCard
 from ..trl_compat import grpo_batch_rewards, grpo_without_reference_logps, grpo_without_reference_model
 from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model
 from . import metrics

@@ -166,14 +166,17 @@ def run_trainer(trainer, prog: str, details: str, what: str) -> int:
 def finish_run(trainer, what: str) -> None:
     """Write what every command leaves in ``output_dir`` once training ends, the same for each: the final model
     (``trainer.save_model``: weights, config, tokenizer), ``trainer_state.json`` (the log history) and TRL's model
-    card ``README.md`` (``trainer.create_model_card``, named as TRL names it at each checkpoint; for our trainers it
-    names the base and weak model and the WMSS settings, see :class:`wmss_trl.sft.WMSSModelCard`)."""
+    card ``README.md`` (``trainer.create_model_card``, named as TRL names it at each checkpoint, completed by
+    :func:`wmss_trl.card.write_card_section`: the base and weak model and the WMSS settings)."""
+    from ..card import write_card_section
+
     args = trainer.args
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
     name = os.path.basename(os.path.normpath(args.output_dir)) if args.hub_model_id is None else args.hub_model_id
     trainer.create_model_card(model_name=name.split("/")[-1])
+    write_card_section(trainer)
     trainer.accelerator.print(f"{what} saved to {args.output_dir} (model, trainer_state.json, README.md model card)")
 
 

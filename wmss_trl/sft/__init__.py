@@ -16,13 +16,12 @@ Without a weak model, or with ``lam = 1`` (where z_mix = z_strong), the trainer 
 metrics; a weak model is then neither loaded nor run. docs/sft.md lists what ``lam < 1`` supports.
 
 The parts: `config` (`WMSSSFTConfig`), `trainer` (`WMSSSFTTrainer`: the overrides of TRL's trainer), `loss` (the
-mixed loss and its metrics), `cotrain` (the co-trained weak model), `checks` (the refusals), `card` (the model card
-of every wmss_trl trainer, `WMSSModelCard`).
+mixed loss and its metrics), `cotrain` (the co-trained weak model) and `checks` (the refusals); the model card of every
+wmss_trl trainer is :mod:`wmss_trl.card`.
 """
 
-from .card import WMSS_PAPER, WMSSModelCard
 from .config import WMSSSFTConfig
 from .trainer import WMSSSFTTrainer
 
 
-__all__ = ["WMSS_PAPER", "WMSSModelCard", "WMSSSFTConfig", "WMSSSFTTrainer"]
+__all__ = ["WMSSSFTConfig", "WMSSSFTTrainer"]

@@ -1,6 +1,6 @@
 """The WD-JT SFT trainer: TRL's ``SFTTrainer`` with the overrides WD-JT needs, each delegating to one part:
 `checks` (refusals), `loss` (the mixed loss and its metrics), `cotrain` (the co-trained weak model), `selection`
-(WD-DS, the training sampler) and `card` (the model card)."""
+(WD-DS, the training sampler); the model card is :mod:`wmss_trl.card`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import _ForwardRedirection
 
+from ..card import WMSSModelCard
 from ..checkpoints import CompleteCheckpointResume
 from ..checks import as_wmss_config
 from ..data_checks import check_dataset_columns, require_rows
 from ..selection import unique_count
 from ..weak import check_weak_compatible, prepare_weak_model, require_safetensors, resolve_weak_model
-from .card import WMSSModelCard
 from .checks import (
     can_fuse_head,
     check_co_training,
