@@ -145,3 +145,40 @@ def test_vllm_backend_refused_early_without_vllm(monkeypatch):
     with pytest.raises(ValueError, match=r"vllm is not installed.*wmss_trl\[vllm\].*backend='transformers'"):
         RolloutConfig(backend="vllm")
     assert RolloutConfig(backend="transformers").backend == "transformers"
+
+
+@pytest.mark.distributed
+def test_two_processes_build_the_one_process_vllm_pool(weak, tmp_path):
+    """`wmss weak-rollouts --backend vllm` under `accelerate launch` with 2 processes: one engine per process, and the
+    sampled pool (every row: completion, behaviour log-probs) equals the one-process pool."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the external launcher runs the engine in-process itself
+    data = tmp_path / "prompts.jsonl"
+    Dataset.from_dict({"prompt": [*PROMPTS, "2+2=", "8-1="]}).to_json(str(data))
+    args = ["--model", weak["path"], "--dataset", str(data), "--num_generations", "2", "--epochs", "2",
+            "--max_completion_length", "10", "--shard_size", "2", "--batch_size", "3", "--backend", "vllm"]  # fmt: skip
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "wmss_trl.cli", "weak-rollouts", *args, "--output", str(out), *extra]
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        rows = [row for name in manifest["shards"] for row in read_jsonl(out / "shards" / name)]
+        return proc.stdout, {(r["prompt_id"], r["epoch"], r["draw"]): r for r in rows}
+
+    _, one = run(tmp_path / "one")
+    stdout, two = run(tmp_path / "two", "--accelerate_config", "ddp", "--num_processes", "2")
+    assert "2 process(es)" in stdout
+    assert one.keys() == two.keys() and len(one) == 7 * 2 * 2
+    assert len({tuple(r["completion_ids"]) for r in one.values()}) > 7  # sampled, not one answer per prompt
+    for key, row in one.items():
+        assert two[key]["completion_ids"] == row["completion_ids"], key
+        torch.testing.assert_close(two[key]["behaviour_logps"], row["behaviour_logps"], atol=1e-5, rtol=0)

@@ -120,8 +120,9 @@ class TransformersBackend:
 class VLLMBackend:
     """Samples with a colocated vLLM engine of the weak checkpoint's folder (``model.name_or_path``: the folder the
     pool's weak model was loaded from), one request per row seeded by ``stream_seed(*row key)``, recording vLLM's
-    log-probs of the sampled tokens as the behaviour log-probs. One process only (each process would start its own
-    engine outside the launch); the engine is loaded once, in the weak model's dtype."""
+    log-probs of the sampled tokens as the behaviour log-probs. Under ``accelerate launch`` every process has its own
+    engine in the launch's group (as TRL's colocated engine) and samples the rows the pool builder gives it; the rows
+    are seeded by key, so the pool is the one-process pool. The engine is loaded once, in the weak model's dtype."""
 
     name = "vllm"
 
@@ -129,7 +130,7 @@ class VLLMBackend:
         from accelerate import PartialState
 
         from ..weak import weak_dtype, weak_folder
-        from .vllm_engine import SamplingSettings, WeakVLLMEngine
+        from .vllm_engine import SamplingSettings, WeakVLLMEngine, join_launch
 
         folder = weak_folder(model, None)
         if not folder or not os.path.isdir(folder):
@@ -138,16 +139,16 @@ class VLLMBackend:
                 f"from one (name_or_path={folder!r}). Save it with save_pretrained and pass the folder (--model), or "
                 "use --backend transformers."
             )
-        if PartialState().num_processes > 1:
-            raise ValueError(
-                "--backend vllm samples in one process (vLLM batches the rows itself); run `wmss weak-rollouts "
-                "--backend vllm` without accelerate launch, or use --backend transformers across processes."
-            )
         if (settings.generation_kwargs or {}).get("num_beams", 1) != 1:
             raise NotImplementedError("weak rollouts sample token by token; num_beams > 1 is not supported.")
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.settings = SamplingSettings.of(settings, self.eos_ids, settings.generation_kwargs)
-        self.engine = WeakVLLMEngine(folder, seed=settings.seed, dtype=weak_dtype(model, None))
+        state = PartialState()
+        if state.num_processes > 1:  # under accelerate launch: one engine per process, each sampling its own rows
+            join_launch(state)
+        self.engine = WeakVLLMEngine(
+            folder, seed=settings.seed, dtype=weak_dtype(model, None), external_launcher=state.num_processes > 1
+        )
 
     def sample(self, prompt_ids_list: list[list[int]], row_keys: list[tuple[int, ...]]):
         """One completion per prompt: ``(completion ids cut after the first EOS, vLLM's behaviour log-probs)``."""

@@ -68,7 +68,7 @@ class RolloutConfig:
         default="transformers",
         metadata={
             "help": "Sampling engine: transformers (generate) or vllm (a colocated vLLM engine of the weak model's "
-            "folder, one process; pip install 'wmss_trl[vllm]').",
+            "folder; one per process under accelerate launch; pip install 'wmss_trl[vllm]').",
             "choices": ["transformers", "vllm"],
         },
     )

@@ -142,13 +142,8 @@ class WeakVLLMEngine:
     def for_trainer(cls, trainer, model: str, dtype: str = "auto") -> WeakVLLMEngine:
         """The weak engine of a GRPO trainer, next to TRL's colocated policy engine: the same launch (TRL's
         environment variables for ``external_launcher``), ``vllm_max_model_length``; ``dtype``: the weak model's."""
-        from trl.trainer.utils import ensure_master_addr_port
-
         acc, args = trainer.accelerator, trainer.args
-        os.environ.setdefault("RANK", str(acc.process_index))
-        os.environ.setdefault("LOCAL_RANK", str(acc.local_process_index))
-        os.environ.setdefault("WORLD_SIZE", str(acc.num_processes))
-        ensure_master_addr_port()
+        join_launch(acc)
         engine = cls(
             model,
             seed=args.seed + acc.process_index,
@@ -182,6 +177,18 @@ class WeakVLLMEngine:
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         completions = [out.outputs[0] for out in outputs]
         return [list(c.token_ids) for c in completions], [_sampled_logps(c.logprobs) for c in completions]
+
+
+def join_launch(state) -> None:
+    """Set up the environment ``external_launcher`` reads, as TRL's colocated engine does: this process's rank in the
+    launch (``state``: accelerate's ``Accelerator`` or ``PartialState``) and a rendezvous address (TRL's
+    ``ensure_master_addr_port``). Each process then has its own engine (tensor parallel size 1), its requests its own."""
+    from trl.trainer.utils import ensure_master_addr_port
+
+    os.environ.setdefault("RANK", str(state.process_index))
+    os.environ.setdefault("LOCAL_RANK", str(state.local_process_index))
+    os.environ.setdefault("WORLD_SIZE", str(state.num_processes))
+    ensure_master_addr_port()
 
 
 class WeakVLLMServer:
