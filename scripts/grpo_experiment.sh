@@ -85,6 +85,7 @@ logging_steps: 10
 save_strategy: 'no'
 arms:
   negatives_only: {entropy_weighted_advantages: false}
+  wmss_bounded: {entropy_weight_max: 5.0}
   entropy_only: {num_weak_generations: 0}
   entropy_only_bounded: {num_weak_generations: 0, entropy_weight_max: 5.0}
   kl_to_weak_only: {beta: 0.04, num_weak_generations: 0, entropy_weighted_advantages: false}
@@ -93,9 +94,10 @@ arms:
   weak_uniform: {weak_model_name_or_path: $EXP/weak_uniform}
 EOF
 
-# 3. restore the finished runs, keep copying the new ones into the store while compare runs
+# 3. restore the finished runs, keep copying the new ones (and their logged metrics) into the store while compare runs
 store() {
   (cd "$EXP/compare" 2>/dev/null && find . \( -name made_by.json -o -name result.json \
+    -o \( -name trainer_state.json -not -path '*/checkpoint-*' \) \
     -o -path './base/*.json' -o -name 'compare.*' -o -name '*.png' \) -print0 | xargs -0 -r cp --parents -t "$ROOT/$STORE/compare") || true
 }
 mkdir -p "$EXP/compare" "$STORE/compare"
