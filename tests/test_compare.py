@@ -181,3 +181,23 @@ def test_equal_time_steps_follow_cpu_time_not_wall_time():
     assert equal_time_steps(plan, {**runs, "wmss": {0: {"train": old}}}, 0) == 225
     with pytest.raises(RuntimeError, match="needs the vanilla and wmss runs of seed 1"):
         equal_time_steps(plan, runs, 1)
+
+
+def test_cpu_time_per_step_and_its_ratio():
+    """CPU seconds per step are the run's CPU time over the steps it ran (a resumed run: since its start step); the
+    ratio vs vanilla is per seed, skipping records made before CPU time was recorded."""
+    from wmss_trl.recipes.compare.report import _ratios, cpu_step_seconds
+
+    assert cpu_step_seconds({"steps": 300, "start_step": 100, "cpu_seconds": 400.0}) == 2.0
+    assert cpu_step_seconds({"steps": 300, "step_seconds": 1.0}) is None
+    runs = {
+        "vanilla": {
+            0: {"train": {"steps": 10, "cpu_seconds": 10.0}},
+            1: {"train": {"steps": 10, "cpu_seconds": 20.0}},
+        },
+        "wmss": {0: {"train": {"steps": 10, "cpu_seconds": 15.0}}, 1: {"train": {"steps": 10, "cpu_seconds": 30.0}}},
+    }
+    ratio = _ratios(runs, "wmss", [0, 1], cpu_step_seconds)
+    assert ratio["mean"] == 1.5 and ratio["n"] == 2 and ratio["ci"] == 0.0
+    del runs["wmss"][1]["train"]["cpu_seconds"]
+    assert _ratios(runs, "wmss", [0, 1], cpu_step_seconds)["n"] == 1

@@ -1,10 +1,28 @@
 """``wmss compare``'s statistics and table: per arm and step each metric's mean and 95% t CI over seeds, paired
-same-seed differences vs vanilla, step time and peak memory ratios; ``compare.md``."""
+same-seed differences vs vanilla, step time (wall and CPU) and peak memory ratios; ``compare.md``.
+
+CPU time per step is the training process's CPU time (user + system, model loading included) over the steps it ran;
+on a shared machine it follows the work, where wall time also follows the other jobs' load."""
 
 from __future__ import annotations
 
 from .args import VANILLA
 from .plan import Plan
+
+
+def cpu_step_seconds(train: dict) -> float | None:
+    """CPU seconds per step of one training run (None for records made before ``cpu_seconds`` was recorded)."""
+    if "cpu_seconds" not in train:
+        return None
+    return train["cpu_seconds"] / max(1, train["steps"] - train.get("start_step", 0))
+
+
+def _ratios(runs: dict, arm: str, paired: list, of) -> dict:
+    """mean_ci of ``of(arm's train record) / of(vanilla's)`` over the paired seeds where both are known."""
+    from ...evaluation import mean_ci
+
+    pairs = [(of(runs[arm][s]["train"]), of(runs[VANILLA][s]["train"])) for s in paired]
+    return mean_ci([a / v for a, v in pairs if a is not None and v])
 
 
 def summarize_runs(plan: Plan, base: dict, runs: dict) -> dict:
@@ -39,6 +57,9 @@ def summarize_runs(plan: Plan, base: dict, runs: dict) -> dict:
             "curve": curve,
             "final": {m: mean_ci([f[m] for f in final.values()]) for m in names},
             "step_seconds": mean_ci([runs[arm][s]["train"]["step_seconds"] for s in by_seed]),
+            "cpu_step_seconds": mean_ci(
+                [c for c in (cpu_step_seconds(runs[arm][s]["train"]) for s in by_seed) if c is not None]
+            ),
             "peak_rss_mib": mean_ci([runs[arm][s]["train"]["peak_rss_mib"] for s in by_seed]),
             "per_seed": {seed: {m: f[m] for m in names} for seed, f in final.items()},
         }
@@ -49,12 +70,9 @@ def summarize_runs(plan: Plan, base: dict, runs: dict) -> dict:
             entry["vs_vanilla"] = {
                 "seeds": paired,
                 **{m: mean_ci([final[s][m] - vfinal[s][m] for s in paired]) for m in names},
-                "step_time_ratio": mean_ci(
-                    [runs[arm][s]["train"]["step_seconds"] / vanilla[s]["train"]["step_seconds"] for s in paired]
-                ),
-                "peak_memory_ratio": mean_ci(
-                    [runs[arm][s]["train"]["peak_rss_mib"] / vanilla[s]["train"]["peak_rss_mib"] for s in paired]
-                ),
+                "step_time_ratio": _ratios(runs, arm, paired, lambda t: t["step_seconds"]),
+                "cpu_time_ratio": _ratios(runs, arm, paired, cpu_step_seconds),
+                "peak_memory_ratio": _ratios(runs, arm, paired, lambda t: t["peak_rss_mib"]),
             }
         summary["arms"][arm] = entry
     return summary
@@ -82,32 +100,36 @@ def markdown(plan: Plan, summary: dict, failures: list[str]) -> str:
         "`vanilla` = our WMSSGRPOTrainer with no weak model, i.e. TRL's GRPOTrainer (plus the fix of TRL's "
         "RepeatSampler epoch order on resume). Final step of each arm; `base` = the model before training.",
         "",
-        "| arm | seeds | steps | " + " | ".join(names) + " | step s | peak RSS MiB |",
-        "|---|---|---|" + "---|" * len(names) + "---|---|",
+        "| arm | seeds | steps | " + " | ".join(names) + " | step s (wall) | step s (CPU) | peak RSS MiB |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|---|",
         "| base | " + str(len(summary["base"][names[0]]["values"])) + " | 0 | "
-        + " | ".join(_fmt(summary["base"][m]) for m in names) + " | | |",
+        + " | ".join(_fmt(summary["base"][m]) for m in names) + " | | | |",
     ]  # fmt: skip
     for arm, e in summary["arms"].items():
         lines.append(
             f"| {arm} | {len(e['seeds'])} | {e['steps']:.0f} | "
             + " | ".join(_fmt(e["final"][m]) for m in names)
-            + f" | {_fmt(e['step_seconds'], 1, 3)} | {_fmt(e['peak_rss_mib'], 1, 0)} |"
+            + f" | {_fmt(e['step_seconds'], 1, 3)} | {_fmt(e.get('cpu_step_seconds'), 1, 3)}"
+            + f" | {_fmt(e['peak_rss_mib'], 1, 0)} |"
         )
     paired = {arm: e["vs_vanilla"] for arm, e in summary["arms"].items() if "vs_vanilla" in e}
     if paired:
         lines += [
             "",
-            "Paired differences vs vanilla (same seed; points, mean reward x100), with 95% t CIs; step time and "
-            "peak memory as ratios arm / vanilla measured in the same runs.",
+            "Paired differences vs vanilla (same seed; points, mean reward x100), with 95% t CIs; step time (wall and "
+            "CPU) and peak memory as ratios arm / vanilla measured in the same runs.",
             "",
-            "| arm | paired seeds | " + " | ".join(f"Δ {m}" for m in names) + " | step time × | peak memory × |",
-            "|---|---|" + "---|" * len(names) + "---|---|",
+            "| arm | paired seeds | "
+            + " | ".join(f"Δ {m}" for m in names)
+            + " | step time × (wall) | step time × (CPU) | peak memory × |",
+            "|---|---|" + "---|" * len(names) + "---|---|---|",
         ]
         for arm, d in paired.items():
             lines.append(
                 f"| {arm} | {len(d['seeds'])} | "
                 + " | ".join(_fmt(d[m]) for m in names)
-                + f" | {_fmt(d['step_time_ratio'], 1, 2)} | {_fmt(d['peak_memory_ratio'], 1, 2)} |"
+                + f" | {_fmt(d['step_time_ratio'], 1, 2)} | {_fmt(d.get('cpu_time_ratio'), 1, 2)}"
+                + f" | {_fmt(d['peak_memory_ratio'], 1, 2)} |"
             )
     if failures:
         lines += ["", "Failed (not in the table):", "", *(f"- {f.splitlines()[0]}" for f in failures)]
