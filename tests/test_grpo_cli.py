@@ -81,6 +81,9 @@ def test_grpo_vanilla_is_one_switch(tiny, tmp_path):
     history = logged(tmp_path / "v")
     assert len(history) == 2 and not any(k.startswith("wmss/") for h in history for k in h)
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "v"))
+    card = (tmp_path / "v" / "README.md").read_text()  # TRL's own trainer wrote TRL's own card, left as it is
+    assert "This model was trained with GRPO" in card and "WMSS" not in card
+    assert "### WMSS (Weak-Driven Learning)" in (tmp_path / "w" / "README.md").read_text()
 
 
 @pytest.mark.distributed

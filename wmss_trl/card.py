@@ -108,8 +108,10 @@ def write_card_section(trainer) -> None:
     """Complete the card TRL's ``create_model_card`` wrote in ``output_dir/README.md`` (main process only; nothing
     without that file; a card already completed is left as it is). WMSS active: the base model named also when it
     is a local folder, the quick start loading ``output_dir`` when there is no hub id, and the WMSS section before
-    "### Framework versions". WMSS inactive: one line before "## Quick start"."""
+    "### Framework versions". WMSS inactive: one line before "## Quick start". A TRL trainer's card is left as is."""
     path = os.path.join(trainer.args.output_dir, "README.md")
+    if not isinstance(trainer, WMSSModelCard):  # TRL's own trainer (e.g. `wmss grpo --vanilla`): TRL's card, as is
+        return
     if not trainer.is_world_process_zero() or not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
