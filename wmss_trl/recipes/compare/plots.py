@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
+from .args import EQUAL_TIME
 from .plan import Plan
 
 
 def plots(plan: Plan, summary: dict, folder: str) -> list[str]:
     """``metrics_vs_step.png`` (each metric vs step, one line per arm, 95% CI bands over seeds; step 0 = the base
-    model) and ``pass_at_k.png`` (final pass@k vs k per arm, and the base model)."""
+    model; only the steps every seed of the arm was evaluated at, and the final evaluations at the arm's mean final
+    step when its seeds end at different steps, as an equal-time arm's do) and ``pass_at_k.png`` (final pass@k vs k
+    per arm, and the base model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,8 +45,13 @@ def _metrics_vs_step(plt, plan: Plan, summary: dict):
     for ax, m in zip(axes.flat, names):
         for arm, e in summary["arms"].items():
             points = [{"step": 0, m: base[m]}] if base[m]["mean"] is not None else []
-            points += [{"step": p["step"], m: p[m]} for p in e["curve"]]
-            _band(ax, [p["step"] for p in points], [p[m] for p in points], arm)
+            points += [{"step": p["step"], m: p[m]} for p in e["curve"] if p[m]["n"] == len(e["seeds"])]
+            if (
+                not points or points[-1]["step"] != e["steps"]
+            ):  # the seeds end at different steps: their finals, at the mean step
+                points.append({"step": e["steps"], m: e["final"][m]})
+            style = {"linestyle": "--"} if arm == EQUAL_TIME else {}
+            _band(ax, [p["step"] for p in points], [p[m] for p in points], arm, **style)
         unit = "x100" if m == "mean reward" else "%"
         ax.set_title(f"held-out {m} ({unit})")
         ax.set_xlabel("training step (0 = base model)")
