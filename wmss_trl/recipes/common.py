@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +49,13 @@ def check_before_loading(model_args, training_args, role: str = "strong model") 
     * ``model_name_or_path`` is given (without it transformers would look ``None`` up on the hub, for a minute);
     * ``model_name_or_path`` and ``weak_model_name_or_path`` hold safetensors weights (the project's one loading
       policy, :func:`wmss_trl.weak.require_safetensors`);
+    * a warning when ``bf16`` (TRL's default) would run in software on this CPU (:func:`~wmss_trl.machine.slow_bf16_warning`);
     * ``resume_from_checkpoint`` becomes a *complete* checkpoint (:mod:`wmss_trl.checkpoints`): ``true`` -> the last
       complete one in ``output_dir`` (torn ones skipped with a warning; none: from scratch), a path -> that one,
       refused with what is missing unless complete.
     """
     from ..checkpoints import resolve_resume_from_checkpoint
+    from ..machine import slow_bf16_warning
     from ..weak import require_safetensors
 
     if not model_args.model_name_or_path:
@@ -61,6 +67,10 @@ def check_before_loading(model_args, training_args, role: str = "strong model") 
     training_args.resume_from_checkpoint = resolve_resume_from_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir
     )
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    slow = slow_bf16_warning(bool(getattr(training_args, "bf16", False)), on_cpu)
+    if slow and training_args.process_index == 0:
+        logger.warning(slow)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
