@@ -14,7 +14,7 @@
 #    CPUs), so its results go to another folder, keyed by the checkpoints' sha256, and are never mixed with these.
 # The code is pinned (CODE_COMMIT, in a worktree; PYTHONSAFEPATH=1 keeps this checkout's wmss_trl out of the runs).
 # Everything runs in float32: TRL's default bf16=True runs in software on a CPU without bf16 units (200 s per SFT step
-# instead of about 4 s on this project's AMD EPYC).
+# instead of 18 s on this project's AMD EPYC, the other core busy).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ARMS=${1:-vanilla,wmss}
